@@ -1,0 +1,184 @@
+"""Typed run configuration: dataclasses, YAML presets and ``key=value`` overrides.
+
+A run is described by one :class:`Config`; presets under ``hpseg/presets/*.yaml`` hold the
+per-dataset values of the paper (spec §6) and any field can be overridden from the command
+line as ``section.field=value`` (e.g. ``train.batch_size=16``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "dino_vits8"
+    weights: str | None = None  # local file; None = official weights (cache or download)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cocostuff27"  # cocostuff27 | cityscapes27 | potsdam3 | folder
+    root: str = ""
+    prepared_dir: str | None = None  # five-crop cache; default <root>/hpseg_crops_<crop_size>
+    crop_size: int = 224
+    val_size: int = 320
+    num_workers: int = 2
+    skip_bad_images: bool = False  # skip (and report) unreadable images instead of stopping
+
+
+@dataclass
+class MethodConfig:
+    dim: int = 512  # D, segmentation feature width
+    n_classes: int = 27  # K, clusters of the cluster probe and classes of the linear probe
+    dropout: float = 0.1  # channel dropout on the head input
+    ema_momentum: float = 0.99  # m of the EMA head
+    pool_size: int = 2048
+    renew_interval: int = 100  # steps between task-specific pool renewals
+    rho: float = 0.02  # random fraction of the contrast set
+    tau: float = 0.8
+    tau_base: float = 0.07
+    warmup: int = 1000  # steps with lambda = 0
+    alpha: float = 0.05  # consistency loss weight
+    sigma: float = 28.0  # LHP attention scale
+    reweighting: bool = True
+    # [ref quirk] one random (hw x N) pattern shared by the anchors of every image ("shared");
+    # "independent" draws a fresh pattern for every anchor.
+    contrast_draw: Literal["shared", "independent"] = "shared"
+    # [ref quirk] extra channel dropout on f, s' and s^mix as used by the losses; False disables.
+    similarity_dropout: bool = True
+    # [ref quirk] the loss is scaled by tau / tau_base; False drops the factor.
+    temperature_factor: bool = True
+    chunk_size: int = 0  # anchors per chunk in the loss; 0 = choose automatically
+
+
+@dataclass
+class OptimConfig:
+    head_lr: float = 5e-4
+    head_weight_decay: float = 0.1
+    projection_lr: float = 5e-4
+    linear_lr: float = 1e-3
+    cluster_lr: float = 5e-3
+    grad_clip: float = 10.0
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    epochs: int = 3
+    max_steps: int = 0  # > 0 stops after this many steps (overrides epochs)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: Literal["auto", "fp16", "bf16", "none"] = "auto"  # auto = fp16 on CUDA, none on CPU
+    val_interval: int = 100
+    val_max_images: int = 0  # > 0 evaluates on the first images only during training
+    # [ref quirk] "best" keeps the checkpoint with the best sum of the four validation metrics
+    # (labelled data used for model selection); "last" reports the final weights.
+    selection: Literal["best", "last"] = "best"
+    log_interval: int = 10
+    output_dir: str = "runs"
+    run_name: str = ""
+
+
+@dataclass
+class Config:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        config = cls()
+        for section, entries in values.items():
+            if not hasattr(config, section) or not isinstance(entries, dict):
+                raise ValueError(f"unknown config section {section!r}; expected one of {_sections()}")
+            for key, value in entries.items():
+                _set_field(getattr(config, section), f"{section}.{key}", key, value)
+        return config
+
+    def override(self, assignments: list[str]) -> "Config":
+        """Apply ``section.field=value`` strings (values parsed as YAML scalars)."""
+        for assignment in assignments:
+            if "=" not in assignment:
+                raise ValueError(f"override {assignment!r} is not of the form section.field=value")
+            dotted, raw = assignment.split("=", 1)
+            if dotted.count(".") != 1:
+                raise ValueError(f"override key {dotted!r} must be section.field, e.g. train.batch_size")
+            section, key = dotted.split(".")
+            if section not in _sections():
+                raise ValueError(f"unknown config section {section!r}; expected one of {_sections()}")
+            _set_field(getattr(self, section), dotted, key, yaml.safe_load(raw) if raw else None)
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _set_field(obj: Any, dotted: str, key: str, value: Any) -> None:
+    hints = get_type_hints(type(obj))
+    if key not in hints:
+        names = ", ".join(f.name for f in dataclasses.fields(obj))
+        raise ValueError(f"unknown config key {dotted!r}; known keys: {names}")
+    setattr(obj, key, _coerce(dotted, hints[key], value))
+
+
+def _coerce(dotted: str, hint: Any, value: Any) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise ValueError(f"{dotted}={value!r}: expected one of {list(get_args(hint))}")
+        return value
+    args = [a for a in get_args(hint) if a is not type(None)]
+    if value is None:
+        if type(None) in get_args(hint):
+            return None
+        raise ValueError(f"{dotted} may not be empty")
+    target = args[0] if args else hint
+    if target is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{dotted}={value!r}: expected true or false")
+        return value
+    if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if target is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if target is str:
+        return str(value)
+    raise ValueError(f"{dotted}={value!r}: expected a value of type {getattr(target, '__name__', target)}")
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("hpseg") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name_or_path: str) -> Config:
+    """A shipped preset by name (``cocostuff27``) or a YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        text = path.read_text()
+    else:
+        if name_or_path not in preset_names():
+            raise ValueError(f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())}")
+        text = (resources.files("hpseg") / "presets" / f"{name_or_path}.yaml").read_text()
+    values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"preset {name_or_path}: expected a mapping of sections at the top level")
+    return Config.from_dict(values)
