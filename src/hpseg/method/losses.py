@@ -40,15 +40,23 @@ def auto_chunk_size(n_patches: int) -> int:
     return max(1, min(n_patches, _CHUNK_ELEMENTS // max(1, n_patches)))
 
 
-def _positive_weights(masks: PositiveMasks, lmbd: float) -> torch.Tensor:
-    weights = masks.task_agnostic.float()
+def _positive_weights(masks: PositiveMasks, lmbd: float, dtype: torch.dtype) -> torch.Tensor:
+    """(chunk, N) w_ij = 1[j in TA(i)] + lambda 1[j in TS(i)]; TS is not read while lambda = 0."""
+    weights = masks.task_agnostic.to(dtype)
     if lmbd != 0.0:
-        weights = weights + lmbd * masks.task_specific.float()
+        weights = weights + lmbd * masks.task_specific.to(dtype)
     return weights
 
 
-def _masked_logits(embeddings: torch.Tensor, start: int, stop: int, tau: float, dtype: torch.dtype) -> torch.Tensor:
-    return (embeddings[start:stop].to(dtype) @ embeddings.to(dtype).T).float() / tau
+def _accumulation_dtype(matmul_dtype: torch.dtype) -> torch.dtype:
+    # Softmax and sums stay in float32 under half-precision products; float64 (gradcheck) stays float64.
+    return torch.float64 if matmul_dtype == torch.float64 else torch.float32
+
+
+def _logits(embeddings: torch.Tensor, start: int, stop: int, tau: float, dtype: torch.dtype) -> torch.Tensor:
+    """(stop - start, N) <z_i, z_j> / tau for the anchors of the chunk."""
+    product = embeddings[start:stop].to(dtype) @ embeddings.to(dtype).T
+    return product.to(_accumulation_dtype(dtype)) / tau
 
 
 class _HiddenPositiveLoss(torch.autograd.Function):
@@ -69,17 +77,18 @@ class _HiddenPositiveLoss(torch.autograd.Function):
     ) -> torch.Tensor:
         n_patches = z.shape[0]
         hw = inputs.patches_per_image
-        numerators = torch.zeros(n_patches, device=z.device)
-        weight_sums = torch.zeros(n_patches, device=z.device)
+        accumulate = _accumulation_dtype(matmul_dtype)
+        numerators = torch.zeros(n_patches, device=z.device, dtype=accumulate)
+        weight_sums = torch.zeros(n_patches, device=z.device, dtype=accumulate)
         kept = torch.zeros(n_patches, dtype=torch.bool, device=z.device)
         for start in range(0, n_patches, chunk_size):
             stop = min(start + chunk_size, n_patches)
             masks = inputs.masks(start, stop)
-            weights = _positive_weights(masks, lmbd)
+            weights = _positive_weights(masks, lmbd, accumulate)
             weight_sums[start:stop] = weights.sum(1)
             kept[start:stop] = masks.task_agnostic.any(1)
             for embeddings in (z, z_mix):
-                logits = _masked_logits(embeddings, start, stop, tau, matmul_dtype)
+                logits = _logits(embeddings, start, stop, tau, matmul_dtype)
                 log_normaliser = logits.masked_fill(~masks.contrast, float("-inf")).logsumexp(1)
                 value = (weights * logits).sum(1) - weight_sums[start:stop] * log_normaliser
                 numerators[start:stop] += torch.where(kept[start:stop], value, torch.zeros_like(value))
@@ -105,7 +114,8 @@ class _HiddenPositiveLoss(torch.autograd.Function):
         z, z_mix, coefficients, weight_sums, kept = ctx.saved_tensors
         inputs: PositiveInputs = ctx.inputs
         lmbd, tau, chunk_size, matmul_dtype = ctx.settings
-        grads = [torch.zeros(z.shape, device=z.device), torch.zeros(z_mix.shape, device=z.device)]
+        accumulate = _accumulation_dtype(matmul_dtype)
+        grads = [torch.zeros(z.shape, device=z.device, dtype=accumulate) for _ in range(2)]
         n_patches = z.shape[0]
         for start in range(0, n_patches, chunk_size):
             stop = min(start + chunk_size, n_patches)
@@ -113,10 +123,10 @@ class _HiddenPositiveLoss(torch.autograd.Function):
             if not bool(active.any()):
                 continue
             masks = inputs.masks(start, stop)
-            weights = _positive_weights(masks, lmbd)
-            row_coefficient = (-coefficients[start:stop] * grad_output.float())[:, None] / tau
+            weights = _positive_weights(masks, lmbd, accumulate)
+            row_coefficient = (-coefficients[start:stop] * grad_output.to(accumulate))[:, None] / tau
             for embeddings, grad in zip((z, z_mix), grads):
-                logits = _masked_logits(embeddings, start, stop, tau, matmul_dtype)
+                logits = _logits(embeddings, start, stop, tau, matmul_dtype)
                 probabilities = logits.masked_fill(~masks.contrast, float("-inf")).softmax(1)
                 probabilities = torch.where(active[:, None], probabilities, 0.0)
                 # d n_i / d logit_ij = w_ij - W_i p_ij; logit_ij = <z_i, z_j> / tau.
@@ -124,8 +134,8 @@ class _HiddenPositiveLoss(torch.autograd.Function):
                     matmul_dtype
                 )
                 source = embeddings.to(matmul_dtype)
-                grad[start:stop] += (pair_grad @ source).float()
-                grad += (pair_grad.T @ source[start:stop]).float()
+                grad[start:stop] += (pair_grad @ source).to(accumulate)
+                grad += (pair_grad.T @ source[start:stop]).to(accumulate)
         return grads[0].to(z.dtype), grads[1].to(z_mix.dtype), None, None, None, None, None, None, None
 
 
