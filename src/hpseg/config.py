@@ -20,6 +20,7 @@ import yaml
 class BackboneConfig:
     name: str = "dino_vits8"
     weights: str | None = None  # local file; None = official weights (cache or download)
+    pretrained: bool = True  # False: random initialisation (tests, benchmarks, the demo without weights)
 
 
 @dataclass
@@ -31,6 +32,14 @@ class DataConfig:
     val_size: int = 320
     num_workers: int = 2
     skip_bad_images: bool = False  # skip (and report) unreadable images instead of stopping
+
+    def prepared_path(self) -> Path:
+        """Where ``hpseg prepare`` writes the five-crop training set and training reads it."""
+        if self.prepared_dir:
+            return Path(self.prepared_dir)
+        if not self.root:
+            raise ValueError("data.root is not set: pass --data-root DIR (or data.prepared_dir=DIR)")
+        return Path(self.root) / "hpseg_prepared" / f"train_{self.crop_size}"
 
 
 @dataclass
@@ -82,6 +91,7 @@ class TrainConfig:
     # (labelled data used for model selection); "last" reports the final weights.
     selection: Literal["best", "last"] = "best"
     log_interval: int = 10
+    checkpoint_interval: int = 100  # steps between "last" checkpoints (also written at the end)
     output_dir: str = "runs"
     run_name: str = ""
 
