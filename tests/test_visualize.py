@@ -1,0 +1,134 @@
+"""Tests of hpseg.visualize: palette, index PNG round trip, overlay/grid sizes, atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hpseg import visualize
+from hpseg.visualize import (
+    colorize,
+    confusion_image,
+    figure_grid,
+    index_png,
+    overlay,
+    palette,
+    save_image_atomic,
+)
+
+
+def _leftovers(directory):
+    return [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_palette_distinct_deterministic_prefix_stable():
+    p = palette(300)
+    assert p.shape == (300, 3) and p.dtype == np.uint8
+    assert len({tuple(c) for c in p.tolist()}) == 300
+    assert not (p == 0).all(axis=1).any()  # black is reserved for ignore
+    assert np.array_equal(palette(300), p)
+    assert np.array_equal(palette(27), p[:27])
+    assert palette(0).shape == (0, 3)
+
+
+def test_colorize_ignore_black_and_colours():
+    ids = np.array([[0, 1, 2], [-1, 255, 1]])
+    rgb = np.asarray(colorize(ids))
+    assert rgb.shape == (2, 3, 3)
+    p = palette(3)
+    assert (rgb[0] == p[[0, 1, 2]]).all() and (rgb[1, 2] == p[1]).all()
+    assert (rgb[1, :2] == 0).all()
+
+
+def test_index_png_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 27, size=(23, 31))
+    ids[0, :5] = -1  # ignore: stored as 255
+    ids[1, 0] = 254
+    path = tmp_path / "sub" / "pred.png"
+    index_png(ids, path)
+    with Image.open(path) as img:
+        assert img.mode == "P"
+        back = np.array(img)
+        colours = np.array(img.getpalette()[: 256 * 3], dtype=np.uint8).reshape(256, 3)
+    assert np.array_equal(back, np.where(ids < 0, 255, ids))
+    assert np.array_equal(colours[:27], palette(27))
+    assert (colours[255] == 0).all()
+    assert _leftovers(path.parent) == []
+    with pytest.raises(ValueError):
+        index_png(np.array([[256]]), tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_overlay_size_and_blend():
+    image = np.full((20, 30, 3), 100, dtype=np.uint8)
+    label = np.zeros((10, 15), dtype=np.int64)
+    label[:, :5] = -1  # ignored: left third keeps the image
+    out = overlay(image, label, alpha=0.5)
+    assert out.size == (30, 20) and out.mode == "RGB"
+    arr = np.asarray(out).astype(int)
+    assert (arr[:, :10] == 100).all()
+    expected = (100 + palette(1)[0].astype(int)) / 2
+    assert np.abs(arr[:, 10:] - expected).max() <= 1
+    assert np.asarray(overlay(Image.fromarray(image), label, alpha=0.0)).max() == 100
+
+
+def test_figure_grid_size():
+    img = Image.new("RGB", (64, 48), (10, 20, 30))
+    label = np.arange(12).reshape(3, 4)
+    rows = [[img, label, np.zeros((8, 8, 3), dtype=np.uint8)], [img, None]]
+    grid = figure_grid(rows, titles=["image", "ground truth", "HP"], cell=40)
+    pad, title_h = 4, 22
+    assert grid.size == (3 * 40 + 4 * pad, title_h + 2 * 40 + 3 * pad)
+    assert figure_grid(rows, cell=40).size == (3 * 40 + 4 * pad, 2 * 40 + 3 * pad)
+    # a 64x48 image fits the 40px cell as 40x30, centred
+    arr = np.asarray(figure_grid([[img]], cell=40))
+    assert (arr[pad + 5 + 15, pad + 20] == (10, 20, 30)).all()
+    assert (arr[pad + 1, pad + 20] == 255).all()
+
+
+@pytest.mark.parametrize("backend", ["pil", "matplotlib"])
+def test_confusion_image(tmp_path, backend):
+    if backend == "matplotlib":
+        pytest.importorskip("matplotlib")
+    conf = np.array([[5, 1, 0], [0, 3, 0], [2, 0, 9]])
+    path = tmp_path / f"confusion_{backend}.png"
+    confusion_image(conf, ["a", "bb", "ccc"], path, backend=backend, title="t")
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.width > 50 and img.height > 50
+    assert _leftovers(tmp_path) == []
+    with pytest.raises(ValueError):
+        confusion_image(conf, ["a", "b"], tmp_path / "x.png")
+
+
+def test_normalise_true_rows_are_ground_truth():
+    conf = np.array([[2, 1], [2, 3]])  # rows = prediction, columns = truth
+    m = visualize._normalise_confusion(conf.T, "true")
+    assert np.allclose(m.sum(axis=1), 1.0)
+    assert np.allclose(m[0], [0.5, 0.5]) and np.allclose(m[1], [0.25, 0.75])
+
+
+def test_save_image_atomic_no_temp_left(tmp_path, monkeypatch):
+    img = Image.new("RGB", (5, 4), (1, 2, 3))
+    path = tmp_path / "out.png"
+    save_image_atomic(img, path)
+    with Image.open(path) as back:
+        assert back.size == (5, 4) and back.getpixel((0, 0)) == (1, 2, 3)
+    assert _leftovers(tmp_path) == []
+    save_image_atomic(img, tmp_path / "out.jpg")
+    assert (tmp_path / "out.jpg").exists()
+    with pytest.raises(ValueError, match="format"):
+        save_image_atomic(img, tmp_path / "out.unknownext")
+
+    # a failing save leaves the old file untouched and no temp file behind
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Image.Image, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_image_atomic(Image.new("RGB", (9, 9)), path)
+    monkeypatch.undo()
+    with Image.open(path) as back:
+        assert back.size == (5, 4)
+    assert _leftovers(tmp_path) == []
