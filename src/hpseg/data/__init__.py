@@ -1,0 +1,62 @@
+"""Data: raw datasets (COCO-Stuff-27, Cityscapes-27, Potsdam-3, a folder of images), robust image
+reading, the offline five-crop preparation of the training set, the PyTorch datasets of
+training crops and validation views, transforms, and a synthetic dataset generator.
+
+Typical use::
+
+    raw = build_raw_dataset("cocostuff27", "/data/cocostuff", "train")
+    prepare_five_crops(raw, "/data/cocostuff/hpseg_crops_224", crop_size=224)
+    train = TrainCrops("/data/cocostuff/hpseg_crops_224")          # dicts: image, image_aug, label, index
+    val = ValCrops(build_raw_dataset("cocostuff27", "/data/cocostuff", "val"), size=320)
+"""
+
+from .crops import TrainCrops, ValCrops
+from .datasets import (
+    CITYSCAPES27_CLASS_NAMES,
+    DATASETS,
+    POTSDAM3_CLASS_NAMES,
+    Cityscapes27,
+    CocoStuff27,
+    FolderDataset,
+    Potsdam3,
+    RawDataset,
+    RawSample,
+    build_raw_dataset,
+    load_cocostuff27_mapping,
+)
+from .errors import DatasetLayoutError, ImageReadError
+from .images import array_to_rgb, read_image, read_label
+from .prepare import five_crop_boxes, five_crops, load_manifest, prepare_five_crops
+from .synthetic import make_synthetic_dataset
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, photometric_augment, val_view
+
+__all__ = [
+    "CITYSCAPES27_CLASS_NAMES",
+    "DATASETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "POTSDAM3_CLASS_NAMES",
+    "Cityscapes27",
+    "CocoStuff27",
+    "DatasetLayoutError",
+    "FolderDataset",
+    "ImageReadError",
+    "Potsdam3",
+    "RawDataset",
+    "RawSample",
+    "TrainCrops",
+    "ValCrops",
+    "array_to_rgb",
+    "build_raw_dataset",
+    "five_crop_boxes",
+    "five_crops",
+    "load_cocostuff27_mapping",
+    "load_manifest",
+    "make_synthetic_dataset",
+    "normalize",
+    "photometric_augment",
+    "prepare_five_crops",
+    "read_image",
+    "read_label",
+    "val_view",
+]

@@ -1,0 +1,445 @@
+"""Tests of hpseg.data: dataset layouts, image reading, five-crop preparation, crop datasets.
+
+Every dataset is written by the test itself, in the real on-disk layout, with tiny images.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.io import savemat
+
+from hpseg.data import (
+    DATASETS,
+    DatasetLayoutError,
+    ImageReadError,
+    RawSample,
+    TrainCrops,
+    ValCrops,
+    build_raw_dataset,
+    normalize,
+    photometric_augment,
+    prepare_five_crops,
+)
+from hpseg.data.images import read_image, read_label
+
+H, W = 40, 48
+
+
+def _rgb(seed: int, h: int = H, w: int = W) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def _save_png(a: np.ndarray, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path)
+    return path
+
+
+def _stripes(values: list[int], h: int = H, w: int = W) -> np.ndarray:
+    """(h, w) uint8 label with one vertical band per value."""
+    lab = np.zeros((h, w), np.uint8)
+    for j, v in enumerate(np.array_split(np.arange(w), len(values))):
+        lab[:, v] = values[j]
+    return lab
+
+
+# ------------------------------------------------------------------------------------------------
+# COCO-Stuff-27
+
+COCO_IDS = ["000000000009", "000000000025"]
+FINE = [0, 9, 91, 100, 181, 255]  # hand-picked fine ids, 255 = unlabeled
+
+
+def _make_coco(root: Path) -> Path:
+    json_path = Path(__file__).parents[1] / "src/hpseg/data/cocostuff27.json"
+    assert json_path.is_file()
+    for split, sd, lst in [
+        ("train", "train2017", "Coco164kFull_Stuff_Coarse.txt"),
+        ("val", "val2017", "Coco164kFull_Stuff_Coarse_7.txt"),
+    ]:
+        for k, i in enumerate(COCO_IDS):
+            img_path = root / "images" / sd / f"{i}.jpg"
+            img_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(_rgb(k)).save(img_path, quality=90)
+            _save_png(_stripes(FINE), root / "annotations" / sd / f"{i}.png")
+        (root / "curated" / sd).mkdir(parents=True, exist_ok=True)
+        (root / "curated" / sd / lst).write_text("\n".join(COCO_IDS) + "\n")
+    return root
+
+
+def test_cocostuff_fine_to_coarse(tmp_path):
+    root = _make_coco(tmp_path / "cocostuff")
+    spec = json.loads((Path(__file__).parents[1] / "src/hpseg/data/cocostuff27.json").read_text())
+    ds = build_raw_dataset("cocostuff27", root, "train")
+    assert len(ds) == 2 and ds.n_classes == 27 and ds.class_names == spec["coarse_names"]
+    s = ds[1]
+    assert isinstance(s, RawSample) and s.key == COCO_IDS[1] and s.image.mode == "RGB"
+    assert s.label.dtype == np.int64 and s.label.shape == (H, W)
+    # Hand-checked: 0 person -> person, 9 traffic light -> outdoor, 91 banner -> textile,
+    # 100 carpet -> floor, 181 wood -> solid, 255 unlabeled -> -1.
+    by_hand = {0: "person", 9: "outdoor", 91: "textile", 100: "floor", 181: "solid"}
+    bands = np.array_split(np.arange(W), len(FINE))
+    for fine, cols in zip(FINE, bands):
+        expected = -1 if fine == 255 else spec["fine_to_coarse"][str(fine)]
+        assert (s.label[:, cols] == expected).all(), fine
+        if fine in by_hand:
+            assert ds.class_names[expected] == by_hand[fine]
+    # The parent directory (STEGO's pytorch_data_dir) is accepted as well.
+    assert len(build_raw_dataset("cocostuff27", tmp_path, "val")) == 2
+
+
+def test_cocostuff_missing_split_list_and_label(tmp_path):
+    root = _make_coco(tmp_path)
+    lst = root / "curated/val2017/Coco164kFull_Stuff_Coarse_7.txt"
+    lst.unlink()
+    with pytest.raises(DatasetLayoutError) as e:
+        build_raw_dataset("cocostuff27", root, "val")
+    msg = str(e.value)
+    assert str(lst) in msg and "expected layout" in msg and "\n    " in msg
+    lab = root / "annotations/train2017" / f"{COCO_IDS[0]}.png"
+    lab.unlink()
+    with pytest.raises(DatasetLayoutError, match="missing label") as e:
+        build_raw_dataset("cocostuff27", root, "train")
+    assert str(lab) in str(e.value)
+    with pytest.raises(DatasetLayoutError, match="missing directory"):
+        build_raw_dataset("cocostuff27", tmp_path / "nowhere", "train")
+
+
+# ------------------------------------------------------------------------------------------------
+# Cityscapes-27
+
+
+def test_cityscapes_label_ids(tmp_path):
+    ids = [0, 6, 7, 8, 20, 33, 255]
+    for split in ("train", "val"):
+        for city in ("aachen", "bochum"):
+            base = f"{city}_000000_000019"
+            _save_png(_rgb(1), tmp_path / "leftImg8bit" / split / city / f"{base}_leftImg8bit.png")
+            _save_png(_stripes(ids), tmp_path / "gtFine" / split / city / f"{base}_gtFine_labelIds.png")
+            # other gtFine files of the official release must be ignored
+            _save_png(_stripes(ids), tmp_path / "gtFine" / split / city / f"{base}_gtFine_instanceIds.png")
+    ds = build_raw_dataset("cityscapes27", tmp_path, "val")
+    assert (
+        len(ds) == 2
+        and ds.n_classes == 27
+        and ds.class_names[0] == "road"
+        and ds.class_names[-1] == "bicycle"
+    )
+    assert ds.class_names[11] == "polegroup" and len(ds.class_names) == 27
+    s = ds[0]
+    assert s.key == "aachen__aachen_000000_000019"
+    for lid, cols in zip(ids, np.array_split(np.arange(W), len(ids))):
+        expected = lid - 7 if 7 <= lid <= 33 else -1
+        assert (s.label[:, cols] == expected).all(), lid
+    (tmp_path / "gtFine/train/bochum/bochum_000000_000019_gtFine_labelIds.png").unlink()
+    with pytest.raises(DatasetLayoutError, match="bochum_000000_000019_gtFine_labelIds.png"):
+        build_raw_dataset("cityscapes27", tmp_path, "train")
+
+
+# ------------------------------------------------------------------------------------------------
+# Potsdam-3
+
+
+def test_potsdam_mat_and_coarse_map(tmp_path):
+    fine = [0, 1, 2, 3, 4, 5, 255]
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "gt").mkdir()
+    for i, name in enumerate(["a0", "a1", "u0", "t0"]):
+        img = np.random.default_rng(i).integers(0, 256, size=(H, W, 4), dtype=np.uint8)  # R G B IR
+        savemat(tmp_path / "imgs" / f"{name}.mat", {"img": img})
+        if name != "u0":  # an unlabelled training image without a gt file
+            savemat(tmp_path / "gt" / f"{name}.mat", {"gt": _stripes(fine).astype(np.int32)})
+    (tmp_path / "labelled_train.txt").write_text("a0\na1\n")
+    (tmp_path / "unlabelled_train.txt").write_text("u0\n")
+    (tmp_path / "labelled_test.txt").write_text("t0\n")
+    (tmp_path / "all.txt").write_text("a0\na1\nu0\nt0\n")
+
+    train = build_raw_dataset("potsdam3", tmp_path, "train")
+    assert [train.key_of(i) for i in range(len(train))] == ["u0", "a0", "a1"]
+    assert train.n_classes == 3 and train.has_labels
+    assert (train[0].label == -1).all()  # no gt file -> all ignore
+    val = build_raw_dataset("potsdam3", tmp_path, "val")
+    s = val[0]
+    img = np.random.default_rng(3).integers(0, 256, size=(H, W, 4), dtype=np.uint8)
+    np.testing.assert_array_equal(np.asarray(s.image), img[:, :, :3])  # uint8 kept as is
+    coarse = {0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2, 255: -1}
+    for f, cols in zip(fine, np.array_split(np.arange(W), len(fine))):
+        assert (s.label[:, cols] == coarse[f]).all(), f
+
+    # float images in [0, 1] are scaled to 0..255
+    savemat(tmp_path / "imgs" / "t0.mat", {"img": img.astype(np.float32) / 255.0})
+    np.testing.assert_allclose(np.asarray(val[0].image).astype(int), img[:, :, :3].astype(int), atol=1)
+
+    (tmp_path / "gt" / "a1.mat").unlink()
+    with pytest.raises(DatasetLayoutError, match="a1.mat"):
+        build_raw_dataset("potsdam3", tmp_path, "train")
+    (tmp_path / "labelled_test.txt").unlink()
+    with pytest.raises(DatasetLayoutError, match="labelled_test.txt"):
+        build_raw_dataset("potsdam3", tmp_path, "val")
+
+
+# ------------------------------------------------------------------------------------------------
+# Folder
+
+
+def _make_folder(root: Path, labels: bool = True) -> list[str]:
+    rels = ["a/b/img1.JPG", "a/img2.png", "img3.tif", "z/img4.jpeg"]
+    for k, rel in enumerate(rels):
+        p = root / "images" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_rgb(k)).save(p)
+        if labels:
+            lab = _stripes([0, 1, 2, 255]) if k != 3 else _stripes([1])
+            _save_png(lab, (root / "labels" / rel).with_suffix(".png"))
+    (root / "images" / "notes.txt").write_text("not an image")
+    return rels
+
+
+def test_folder_dataset_with_labels(tmp_path):
+    _make_folder(tmp_path)
+    ds = build_raw_dataset("folder", tmp_path, "train")
+    assert len(ds) == 4 and ds.has_labels
+    assert [ds.key_of(i) for i in range(4)] == ["a__b__img1", "a__img2", "img3", "z__img4"]
+    assert ds.n_classes == 3 and ds.class_names == ["class 0", "class 1", "class 2"]  # max label + 1
+    s = ds[0]
+    assert s.image.size == (W, H) and s.image.mode == "RGB"
+    assert sorted(np.unique(s.label).tolist()) == [-1, 0, 1, 2]
+    (tmp_path / "classes.txt").write_text("sky\nroad\ntree\ncar\n")
+    ds = build_raw_dataset("folder", tmp_path, "val")  # no split folders: every split reads root/images
+    assert ds.n_classes == 4 and ds.class_names == ["sky", "road", "tree", "car"]
+    (tmp_path / "labels/z/img4.png").unlink()
+    with pytest.raises(DatasetLayoutError, match="missing label") as e:
+        build_raw_dataset("folder", tmp_path, "train")
+    assert str(tmp_path / "labels/z/img4.png") in str(e.value)
+
+
+def test_folder_dataset_without_labels_and_split_folders(tmp_path):
+    _make_folder(tmp_path / "train", labels=False)
+    _make_folder(tmp_path / "val", labels=True)
+    with pytest.raises(DatasetLayoutError, match="n_classes"):
+        build_raw_dataset("folder", tmp_path, "train")
+    ds = build_raw_dataset("folder", tmp_path, "train", n_classes=5)
+    assert not ds.has_labels and ds.n_classes == 5 and ds[2].label is None and len(ds) == 4
+    val = build_raw_dataset("folder", tmp_path, "val")
+    assert val.has_labels and val.n_classes == 3
+    with pytest.raises(DatasetLayoutError, match="images"):
+        build_raw_dataset("folder", tmp_path / "empty", "train")
+    with pytest.raises(DatasetLayoutError) as e:
+        build_raw_dataset("folder", tmp_path, "test")
+    assert str(tmp_path / "test" / "images") in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Image reading
+
+
+def test_image_modes_become_rgb(tmp_path):
+    g = np.arange(H * W, dtype=np.uint8).reshape(H, W)
+    cases = {
+        "l.png": Image.fromarray(g, "L"),
+        "la.png": Image.fromarray(np.stack([g, g], -1), "LA"),
+        "rgba.png": Image.fromarray(np.dstack([_rgb(0), g]), "RGBA"),
+        "p.png": Image.fromarray(_rgb(0)).convert("P"),
+        "cmyk.tif": Image.fromarray(_rgb(0)).convert("CMYK"),
+        "f.tif": Image.fromarray(g.astype(np.float32) / 255.0, "F"),
+    }
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+        out = read_image(tmp_path / name)
+        assert out.mode == "RGB" and out.size == (W, H), name
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "l.png"))[:, :, 1], g)
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "rgba.png")), _rgb(0))
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "f.tif"))[:, :, 0], g)
+    # 16 bit: scaled by the full range (65535 -> 255), not clipped at 255
+    v16 = (g.astype(np.uint16) * 257).astype(np.uint16)
+    Image.fromarray(v16).save(tmp_path / "i16.png")
+    with Image.open(tmp_path / "i16.png") as im:
+        assert im.mode.startswith("I")
+    out = np.asarray(read_image(tmp_path / "i16.png"))
+    np.testing.assert_array_equal(out[:, :, 0], g)
+
+
+def test_corrupt_image_error_and_skip(tmp_path):
+    _make_folder(tmp_path)
+    bad = tmp_path / "images/a/img2.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(ImageReadError) as e:
+        read_image(bad)
+    assert str(bad) in str(e.value)
+    ds = build_raw_dataset("folder", tmp_path, "train")
+    with pytest.raises(ImageReadError, match="img2.png"):
+        ds[1]
+    ds = build_raw_dataset("folder", tmp_path, "train", skip_bad_images=True)
+    with pytest.warns(RuntimeWarning, match="img2.png"):
+        s = ds[1]
+    assert s.key == "img3" and ds.skipped == [bad]  # the next readable image stands in
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per file only
+        ds[1]
+    out = prepare_five_crops(ds, tmp_path / "crops", crop_size=8, progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["skipped"] == [str(bad)] and len(m["crops"]) == 15
+    with pytest.raises(ImageReadError):
+        read_label(tmp_path / "missing.png")
+
+
+# ------------------------------------------------------------------------------------------------
+# Five-crop preparation
+
+
+def _position_dataset(root: Path, h: int = 8, w: int = 12) -> np.ndarray:
+    """One h x w image whose R = row, G = column; label = row * w + column (< 255)."""
+    rr, cc = np.mgrid[0:h, 0:w]
+    img = np.stack([rr * 10, cc * 10, np.full_like(rr, 7)], -1).astype(np.uint8)
+    _save_png(img, root / "images/pos.png")
+    _save_png((rr * w + cc).astype(np.uint8), root / "labels/pos.png")
+    (root / "classes.txt").write_text("\n".join(f"c{k}" for k in range(h * w)) + "\n")
+    return img
+
+
+def test_five_crop_geometry(tmp_path):
+    _position_dataset(tmp_path / "src")
+    raw = build_raw_dataset("folder", tmp_path / "src", "train")
+    out = prepare_five_crops(raw, tmp_path / "crops", crop_size=8, progress=False)
+    # 8x12 image -> crops of 4x6 at (top, left) = TL (0,0), TR (0,6), BL (4,0), BR (4,6), centre (2,3);
+    # each resized x2 (nearest) to 8x12, centre-cropped to 8x8 -> columns 2..9 of the 8x12.
+    origins = [(0, 0), (0, 6), (4, 0), (4, 6), (2, 3)]
+    for k, (top, left) in enumerate(origins):
+        img = np.asarray(Image.open(out / f"images/pos_{k}.png"))
+        lab = np.asarray(Image.open(out / f"labels/pos_{k}.png"))
+        assert img.shape == (8, 8, 3) and lab.shape == (8, 8)
+        for r in range(8):
+            for c in range(8):
+                sr, sc = top + r // 2, left + (c + 2) // 2
+                assert (img[r, c, 0], img[r, c, 1]) == (sr * 10, sc * 10), (k, r, c)
+                assert lab[r, c] == sr * 12 + sc
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["crops"] == [f"pos_{k}" for k in range(5)] and m["crop_size"] == 8
+    assert m["n_source_images"] == 1 and m["has_labels"] and m["dataset"] == "folder"
+    assert m["n_classes"] == 96 and m["format_version"] == 1
+
+
+def test_prepare_idempotent_and_resumable(tmp_path):
+    _make_folder(tmp_path / "src")
+    raw = build_raw_dataset("folder", tmp_path / "src", "train")
+    out = prepare_five_crops(raw, tmp_path / "crops", crop_size=16, progress=False)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert len(files) == 4 * 5 * 2 + 1
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+    t = time.perf_counter()
+    prepare_five_crops(raw, out, crop_size=16, progress=False)
+    assert time.perf_counter() - t < 0.5
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes  # nothing rewritten
+    # resume after losing some crops: only those are written again
+    lost = [out / "images/a__img2_3.png", out / "labels/img3_0.png"]
+    for p in lost:
+        p.unlink()
+    with pytest.raises(DatasetLayoutError, match="hpseg prepare"):
+        TrainCrops(out)
+    prepare_five_crops(raw, out, crop_size=16, progress=False)
+    for p in files:
+        assert p.exists()
+        if p not in lost and p.name != "manifest.json":
+            assert p.stat().st_mtime_ns == mtimes[p], p
+    assert not [p for p in out.rglob(".*")]  # no temporary files left
+    with pytest.raises(DatasetLayoutError, match="crop_size"):
+        prepare_five_crops(raw, out, crop_size=32, progress=False)
+    # threaded preparation writes the same files
+    out2 = prepare_five_crops(raw, tmp_path / "crops2", crop_size=16, progress=False, num_workers=2)
+    for p in files:
+        if p.suffix == ".png":
+            assert (out2 / p.relative_to(out)).read_bytes() == p.read_bytes()
+    assert (
+        json.loads((out2 / "manifest.json").read_text())["crops"]
+        == json.loads((out / "manifest.json").read_text())["crops"]
+    )
+
+
+def test_train_crops(tmp_path):
+    _make_folder(tmp_path / "src")
+    raw = build_raw_dataset("folder", tmp_path / "src", "train")
+    with pytest.raises(DatasetLayoutError, match="hpseg prepare"):
+        TrainCrops(tmp_path / "crops")
+    out = prepare_five_crops(raw, tmp_path / "crops", crop_size=16, progress=False)
+    ds = TrainCrops(out)
+    assert len(ds) == 20 and ds.n_classes == 3 and ds.crop_size == 16
+    torch.manual_seed(0)
+    item = ds[0]
+    assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
+    assert item["image_aug"].shape == (3, 16, 16) and item["image_aug"].dtype == torch.float32
+    assert item["label"].shape == (16, 16) and item["label"].dtype == torch.int64 and item["index"] == 0
+    assert set(item["label"].unique().tolist()) == {0, 1}  # top-left crop of bands 0 | 1 | 2 | 255
+    assert set(ds[1]["label"].unique().tolist()) == {-1, 2}  # top-right: 255 became -1
+    assert "image_aug" not in TrainCrops(out, with_augmented=False)[0]
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["label"].shape == (4, 16, 16)
+
+
+def test_train_crops_unlabelled(tmp_path):
+    _make_folder(tmp_path / "src", labels=False)
+    raw = build_raw_dataset("folder", tmp_path / "src", "train", n_classes=3)
+    out = prepare_five_crops(raw, tmp_path / "crops", crop_size=8, progress=False)
+    assert not (out / "labels").exists()
+    item = TrainCrops(out)[3]
+    assert (item["label"] == -1).all() and item["label"].shape == (8, 8)
+
+
+def test_val_crops_geometry(tmp_path):
+    h, w = 6, 10
+    rr, cc = np.mgrid[0:h, 0:w]
+    img = np.stack([rr * 20, cc * 20, np.full_like(rr, 3)], -1).astype(np.uint8)
+    _save_png(img, tmp_path / "images/v.png")
+    _save_png((rr * w + cc).astype(np.uint8), tmp_path / "labels/v.png")
+    (tmp_path / "classes.txt").write_text("\n".join(f"c{k}" for k in range(60)))
+    raw = build_raw_dataset("folder", tmp_path, "val")
+    ds = ValCrops(raw, size=4)
+    item = ds[0]
+    # 6x10 -> shorter side 4: 4x6 (long side int(4 * 10 / 6) = 6); nearest samples pixel centres:
+    # rows floor((r + .5) * 1.5) = 0, 2, 3, 5; cols floor((c + .5) * 10 / 6) = 0, 2, 4, 5, 7, 9;
+    # centre crop 4x4 keeps cols 1..4 -> 2, 4, 5, 7.
+    rows, cols = [0, 2, 3, 5], [2, 4, 5, 7]
+    expected = img[np.ix_(rows, cols)]
+    assert item["rgb"].dtype == torch.uint8 and item["rgb"].shape == (3, 4, 4)
+    np.testing.assert_array_equal(item["rgb"].permute(1, 2, 0).numpy(), expected)
+    np.testing.assert_array_equal(item["label"].numpy(), (rr * w + cc)[np.ix_(rows, cols)])
+    assert item["label"].dtype == torch.int64 and item["index"] == 0
+    torch.testing.assert_close(item["image"], normalize(item["rgb"]))
+    bil = ValCrops(raw, size=4, image_interpolation="bilinear")[0]
+    assert not torch.equal(bil["rgb"], item["rgb"]) and torch.equal(bil["label"], item["label"])
+    with pytest.raises(ValueError):
+        ValCrops(raw, size=4, image_interpolation="bicubic")
+
+
+# ------------------------------------------------------------------------------------------------
+# Transforms, registry
+
+
+def test_normalize_and_photometric():
+    rgb = torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8)
+    a, b = normalize(rgb), normalize(rgb.float() / 255)
+    torch.testing.assert_close(a, b)
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(
+        normalize(torch.full((3, 1, 1), 255, dtype=torch.uint8)).flatten(),
+        (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]),
+    )
+    torch.manual_seed(0)
+    aug = photometric_augment(rgb)
+    assert aug.shape == rgb.shape and aug.dtype == torch.uint8
+    batch = photometric_augment(rgb.expand(4, 3, 8, 8).float() / 255)
+    assert batch.shape == (4, 3, 8, 8) and batch.dtype == torch.float32
+    assert photometric_augment(Image.fromarray(_rgb(0))).size == (W, H)
+
+
+def test_registry():
+    assert DATASETS == ("cocostuff27", "cityscapes27", "potsdam3", "folder")
+    with pytest.raises(ValueError, match="unknown dataset"):
+        build_raw_dataset("imagenet", ".", "train")
