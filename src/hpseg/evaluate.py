@@ -103,3 +103,193 @@ def write_json_atomic(payload: Any, path: str | Path) -> Path:
 
 __all__ = ["METRIC_KEYS", "evaluate_model", "kmeans_label_maps", "selection_score", "validation_loader",
            "write_json_atomic"]
+
+
+# ---------------------------------------------------------------------------- the DINO baseline
+
+
+@torch.no_grad()
+def _training_patches(backbone: Backbone, crops: Dataset, device: torch.device, amp_dtype: torch.dtype | None,
+                      max_patches: int, seed: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw backbone features of a random sample of training patches and their patch-centre labels.
+
+    Returns (M, C) features and (M,) labels (-1 where unlabelled).
+    """
+    order = torch.randperm(len(crops), generator=torch.Generator().manual_seed(seed)).tolist()  # type: ignore[arg-type]
+    features, labels = [], []
+    count = 0
+    loader = DataLoader(Subset(crops, order), batch_size=batch_size, shuffle=False)
+    for batch in loader:
+        with autocast(device, amp_dtype):
+            maps = backbone(batch["image"].to(device)).features.float()
+        height, width = maps.shape[-2:]
+        # the label at each patch's centre pixel
+        label = batch["label"][:, backbone.patch_size // 2 :: backbone.patch_size, backbone.patch_size // 2 :: backbone.patch_size]
+        features.append(maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]).cpu())
+        labels.append(label[:, :height, :width].reshape(-1))
+        count += features[-1].shape[0]
+        if count >= max_patches:
+            break
+    return torch.cat(features)[:max_patches], torch.cat(labels)[:max_patches]
+
+
+def fit_baseline(backbone: Backbone, crops: Dataset, n_classes: int, device: torch.device,
+                 amp_dtype: torch.dtype | None = None, *, seed: int = 0, max_patches: int = 200_000,
+                 linear_epochs: int = 20) -> tuple[torch.Tensor, torch.nn.Module | None]:
+    """The paper's "DINO baseline": cosine k-means (K = n_classes) on raw features f of the
+    training crops, and a linear probe on f trained on their labels (None when unlabelled)."""
+    from hpseg.kmeans import kmeans
+
+    features, labels = _training_patches(backbone, crops, device, amp_dtype, max_patches, seed)
+    centroids, _ = kmeans(features.to(device), n_classes, seed=seed, cosine=True)
+    valid = (labels >= 0) & (labels < n_classes)
+    if not bool(valid.any()):
+        return centroids, None
+    generator = torch.Generator().manual_seed(seed)
+    probe = torch.nn.Linear(features.shape[1], n_classes).to(device)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3)
+    x, y = features[valid].to(device), labels[valid].to(device)
+    for _ in range(linear_epochs):
+        for index in torch.randperm(x.shape[0], generator=generator).split(4096):
+            loss = torch.nn.functional.cross_entropy(probe(x[index.to(device)]), y[index.to(device)])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return centroids, probe.eval()
+
+
+@torch.no_grad()
+def evaluate_baseline(backbone: Backbone, centroids: torch.Tensor, probe: torch.nn.Module | None,
+                      batches: Iterable[dict[str, torch.Tensor]], n_classes: int, device: torch.device,
+                      amp_dtype: torch.dtype | None = None, crf: bool = False, progress: bool = False) -> dict[str, Any]:
+    """The same protocol as :func:`evaluate_model` on raw backbone features."""
+    cluster = SegmentationMetrics(n_classes, hungarian=True)
+    linear = SegmentationMetrics(n_classes, hungarian=False) if probe is not None else None
+    for batch in tqdm(batches, desc="baseline", disable=not progress, leave=False):
+        labels = batch["label"].to(device)
+        size = (labels.shape[-2], labels.shape[-1])
+        with autocast(device, amp_dtype):
+            features = backbone(batch["image"].to(device)).features.float()
+        cluster.update(kmeans_label_maps(features, centroids, size, batch["rgb"] if crf else None).to(device), labels)
+        if linear is not None and probe is not None:
+            logits = probe(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            if crf:
+                from hpseg.crf import crf_refine_batch
+
+                classes = crf_refine_batch(batch["rgb"], logits).argmax(1)
+            else:
+                classes = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)
+            linear.update(classes.to(device), labels)
+    return _summarise(cluster, linear)
+
+
+# ---------------------------------------------------------------------------- hpseg eval
+
+
+def _per_class_table(results: dict[str, Any], class_names: list[str], prefix: str) -> list[dict[str, Any]]:
+    return [{"class": name, "iou": iou} for name, iou in zip(class_names, results[f"{prefix}_iou"])]
+
+
+def format_results(results: dict[str, Any], title: str) -> str:
+    """A short text table of the four headline numbers (percent)."""
+    lines = [title]
+    for key in METRIC_KEYS:
+        if key in results:
+            lines.append(f"  {key.replace('_', ' '):<24} {100 * results[key]:6.2f}")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    data_root: str | None = None,
+    out_dir: str | Path | None = None,
+    crf: bool = False,
+    baseline: bool = False,
+    device: str = "auto",
+    weights: str | None = None,
+    max_images: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on its dataset's validation split and write the results.
+
+    Writes ``results.json`` (metrics, per-class IoU, checkpoint, selection rule, step, seed,
+    CRF, config) and confusion-matrix images into ``out_dir`` (default: beside the checkpoint,
+    ``<run>/eval-<kind>[-crf]``). Returns the results dict.
+    """
+    from hpseg.backbones import create_backbone
+    from hpseg.checkpoint import load_checkpoint
+    from hpseg.config import Config
+    from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
+    from hpseg.runtime import amp_dtype, resolve_device
+    from hpseg.visualize import confusion_image
+
+    checkpoint = Path(checkpoint)
+    payload = load_checkpoint(checkpoint)
+    config = Config.from_dict(payload["config"])
+    if data_root:
+        config.data.root = data_root
+    torch_device = resolve_device(device)
+    autocast_dtype = amp_dtype(config.train.amp, torch_device)
+    backbone = create_backbone(config.backbone.name, weights=weights or config.backbone.weights,
+                               pretrained=config.backbone.pretrained).to(torch_device)
+    model = HiddenPositivesModel(backbone.embed_dim, config.method.dim, config.method.n_classes, config.method.dropout)
+    model.load_state_dict(payload["model"])
+    model.to(torch_device).eval()
+    raw = build_raw_dataset(config.data.dataset, config.data.root, "val", n_classes=config.method.n_classes,
+                            skip_bad_images=config.data.skip_bad_images)
+    if not raw.has_labels:
+        raise ValueError(f"{raw.root}: the validation images have no labels, so there is nothing to evaluate against")
+    if crf:
+        from hpseg.crf import _import_densecrf
+
+        _import_densecrf()  # fail before any work when the extra is missing
+    validation = ValCrops(raw, size=config.data.val_size)
+    context = DistributedContext()
+
+    def batches() -> DataLoader:
+        return validation_loader(validation, batch_size, config.data.num_workers, context, max_images)
+
+    n_classes = config.method.n_classes
+    class_names = list(payload.get("class_names") or raw.class_names)
+    results = evaluate_model(model, backbone, batches(), n_classes, torch_device, autocast_dtype, crf, progress)
+    report: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "checkpoint_kind": payload.get("kind"),
+        "selection": payload.get("selection"),
+        "step": payload.get("step"),
+        "seed": config.train.seed,
+        "crf": crf,
+        "dataset": config.data.dataset,
+        "backbone": config.backbone.name,
+        "backbone_weights": weights or config.backbone.weights or ("official" if config.backbone.pretrained else "random"),
+        "n_images": min(len(validation), max_images) if max_images else len(validation),
+        "hp": {key: results[key] for key in METRIC_KEYS},
+        "hp_per_class_iou": {
+            "unsupervised": _per_class_table(results, class_names, "unsupervised"),
+            "linear": _per_class_table(results, class_names, "linear"),
+        },
+        "cluster_to_class": results["cluster_to_class"],
+        "config": config.to_dict(),
+    }
+    text = [format_results(results, f"HP ({report['checkpoint_kind']} checkpoint, step {report['step']}, "
+                                    f"CRF {'on' if crf else 'off'})")]
+    if baseline:
+        crops = TrainCrops(config.data.prepared_path(), with_augmented=False)
+        centroids, probe = fit_baseline(backbone, crops, n_classes, torch_device, autocast_dtype, seed=config.train.seed)
+        base = evaluate_baseline(backbone, centroids, probe, batches(), n_classes, torch_device, autocast_dtype, crf,
+                                 progress)
+        report["baseline"] = {key: base[key] for key in METRIC_KEYS if key in base}
+        report["baseline_method"] = (f"cosine k-means (K={n_classes}, seed {config.train.seed}) and a linear probe on "
+                                     "raw backbone features of the training crops")
+        text.append(format_results(base, "Baseline: k-means / linear probe on raw backbone features"))
+
+    out = Path(out_dir) if out_dir else checkpoint.parent.parent / f"eval-{payload.get('kind', 'checkpoint')}{'-crf' if crf else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(report, out / "results.json")
+    for prefix in ("unsupervised", "linear"):
+        confusion_image(torch.tensor(results[f"{prefix}_confusion"]).numpy(), class_names, out / f"confusion_{prefix}.png")
+    report["text"] = "\n".join(text)
+    report["out_dir"] = str(out)
+    return report

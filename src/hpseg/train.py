@@ -216,8 +216,8 @@ class Trainer:
             self.scaler.step(optimizer)
         self.scaler.update()
         return {
-            "loss": float(total), "hp": float(hp), "consistency": float(consistency),
-            "linear_probe": float(linear), "cluster_probe": float(cluster), "grad_norm": float(grad_norm),
+            "loss": total.item(), "hp": hp.item(), "consistency": consistency.item(),
+            "linear_probe": linear.item(), "cluster_probe": cluster.item(), "grad_norm": grad_norm.item(),
         }
 
     # ------------------------------------------------------------------ loop

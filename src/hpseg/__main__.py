@@ -1,0 +1,5 @@
+import sys
+
+from hpseg.cli import main
+
+sys.exit(main())

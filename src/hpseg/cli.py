@@ -1,0 +1,132 @@
+"""The ``hpseg`` command line: one subcommand per job, each a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hpseg import __version__
+
+
+def _config_from(args: argparse.Namespace):
+    from hpseg.config import load_preset
+
+    config = load_preset(args.preset)
+    overrides = list(args.overrides)
+    if getattr(args, "data_root", None):
+        overrides.insert(0, f"data.root={args.data_root}")
+    if getattr(args, "backbone", None):
+        overrides.insert(0, f"backbone.name={args.backbone}")
+    if getattr(args, "weights", None):
+        overrides.insert(0, f"backbone.weights={args.weights}")
+    if getattr(args, "random_backbone", False):
+        overrides.insert(0, "backbone.pretrained=false")
+    return config.override(overrides)
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="cocostuff27", help="shipped preset name or a YAML file (default: cocostuff27)")
+    parser.add_argument("--data-root", help="dataset root directory (data.root)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.batch_size=16")
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from hpseg.backbones import format_backbone_table
+
+    print(format_backbone_table())
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from hpseg.data import build_raw_dataset, prepare_five_crops
+
+    config = _config_from(args)
+    if args.out:
+        config.data.prepared_dir = args.out
+    raw = build_raw_dataset(config.data.dataset, config.data.root, "train", n_classes=config.method.n_classes,
+                            skip_bad_images=config.data.skip_bad_images)
+    out = prepare_five_crops(raw, config.data.prepared_path(), crop_size=config.data.crop_size,
+                             progress=not args.no_progress)
+    print(f"five-crop training set of {len(raw)} images ready in {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hpseg.train import resume, train
+
+    if args.resume:
+        run_dir = resume(args.resume, progress=not args.no_progress)
+    else:
+        config = _config_from(args)
+        print("resolved config:\n" + config.to_yaml())
+        run_dir = train(config, run_dir=args.run_dir, progress=not args.no_progress)
+    print(f"run written to {run_dir} (checkpoints/last.pt, checkpoints/best.pt when validated, metrics.jsonl)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hpseg.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(
+        args.checkpoint, data_root=args.data_root, out_dir=args.out, crf=args.crf, baseline=args.baseline,
+        device=args.device, weights=args.weights, max_images=args.max_images, progress=not args.no_progress,
+    )
+    print(report["text"])
+    print(f"results written to {report['out_dir']}/results.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpseg", description="Unsupervised semantic segmentation with Hidden Positives.")
+    parser.add_argument("--version", action="version", version=f"hpseg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("backbones", help="list the supported backbones")
+    p.set_defaults(run=cmd_backbones)
+
+    p = sub.add_parser("prepare", help="cut the training set into five crops (offline step of the protocol)")
+    _add_config_arguments(p)
+    p.add_argument("--out", help="output directory (default: <data-root>/hpseg_prepared/train_<crop>)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=cmd_prepare)
+
+    p = sub.add_parser("train", help="train HP on a prepared dataset")
+    _add_config_arguments(p)
+    p.add_argument("--backbone", help="backbone name (see `hpseg backbones`)")
+    p.add_argument("--weights", help="local backbone weights file")
+    p.add_argument("--random-backbone", action="store_true", help="randomly initialised backbone (no weights)")
+    p.add_argument("--run-dir", help="run directory (default: <train.output_dir>/<dataset>-<backbone>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint (unsupervised and linear accuracy / mIoU)")
+    p.add_argument("checkpoint", help="checkpoint file (a run's checkpoints/best.pt or last.pt)")
+    p.add_argument("--data-root", help="dataset root, when it moved since training")
+    p.add_argument("--out", help="output directory (default: <run>/eval-<kind>)")
+    p.add_argument("--crf", action="store_true", help="refine with a dense CRF (pip install 'hpseg[crf]')")
+    p.add_argument("--baseline", action="store_true", help="also evaluate k-means / linear probe on raw backbone features")
+    p.add_argument("--weights", help="local backbone weights file (overrides the checkpoint's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-images", type=int, default=0, help="evaluate on the first N validation images only")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("hpseg: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError, RuntimeError, OSError) as error:
+        # Known failure modes carry messages written for users: no traceback.
+        print(f"hpseg {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
