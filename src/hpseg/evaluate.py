@@ -34,7 +34,8 @@ def validation_loader(dataset: Dataset, batch_size: int, num_workers: int, conte
     if max_images > 0:
         n = min(n, max_images)
     indices = list(range(context.rank, n, context.world_size))
-    return DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                      generator=torch.Generator().manual_seed(0))
 
 
 def _summarise(cluster: SegmentationMetrics | None, linear: SegmentationMetrics | None) -> dict[str, Any]:

@@ -45,12 +45,15 @@ def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int, rank: in
 
 
 def make_loader(dataset: Dataset, batches: Sequence[list[int]], num_workers: int, device: torch.device) -> DataLoader:
+    # A loader of its own generator: creating its iterator must not draw from the global RNG,
+    # or a resumed run would see different dropout masks than an uninterrupted one.
+    seed = hash(tuple(batches[0])) if batches else 0
     return DataLoader(
         dataset,
         batch_sampler=batches,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed & 0x7FFFFFFF),
     )
 
 

@@ -1,0 +1,152 @@
+"""Training end to end on synthetic data with a tiny random ViT (spec §6)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from hpseg.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from hpseg.cli import main
+from hpseg.train import Trainer, resume, train
+from tests.helpers import synthetic_prepared, tiny_config, tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return synthetic_prepared(tmp_path_factory.mktemp("synthetic"))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_train_writes_run_and_checkpoints(data_root, tmp_path):
+    run = train(tiny_config(data_root, tmp_path), run_dir=tmp_path / "run", progress=False)
+    records = read_jsonl(run / "metrics.jsonl")
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 13))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
+    lambdas = [r["lambda"] for r in records if "loss" in r]
+    assert lambdas[:4] == [0.0] * 4 and lambdas[-1] == pytest.approx(8 / 9)  # warmup 3 of 12 steps
+    assert [r["step"] for r in records if "validation" in r] == [6, 12]
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    assert last["kind"] == "last" and last["step"] == 12 and best["kind"] == "best"
+    assert "best sum" in best["selection"] and set(best["metrics"]) >= {"unsupervised_accuracy", "linear_miou"}
+    assert last["config"]["train"]["seed"] == 0 and len(last["class_names"]) == 4
+    assert (run / "config.yaml").exists() and any((run / "tensorboard").iterdir())
+    assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+def test_refuses_to_overwrite_a_run(data_root, tmp_path):
+    train(tiny_config(data_root, tmp_path, steps=2), run_dir=tmp_path / "run", progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_config(data_root, tmp_path, steps=2), run_dir=tmp_path / "run", progress=False)
+
+
+def test_ema_follows_and_probes_learn(data_root, tmp_path):
+    config = tiny_config(data_root, tmp_path, steps=6, extra=["train.val_interval=100"])
+    trainer = Trainer(config, tmp_path / "run", progress=False)
+    (tmp_path / "run").mkdir()
+    before = trainer.model.ema_segmentation.linear.weight.detach().clone()
+    trainer.fit()
+    after = trainer.model.ema_segmentation.linear.weight.detach()
+    head = trainer.model.segmentation.linear.weight.detach()
+    assert not torch.equal(before, after)
+    # m = 0.99: after 6 steps the EMA moved only a little of the way towards S
+    assert (after - before).norm() < (head - before).norm()
+
+
+def test_interrupted_run_resumes_to_the_same_losses(data_root, tmp_path, monkeypatch):
+    reference = train(tiny_config(data_root, tmp_path, extra=["train.run_name=a"]), progress=False)
+    expected = [r["loss"] for r in read_jsonl(reference / "metrics.jsonl") if "loss" in r]
+
+    original = Trainer.training_step
+    calls = {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 9:  # crash during step 10; last checkpoint is at step 8
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(data_root, tmp_path, extra=["train.run_name=b"]), progress=False)
+    monkeypatch.setattr(Trainer, "training_step", original)
+    run = tmp_path / "b"
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 8
+    resume(run, progress=False)
+    records = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 13))  # no repeats, no restart
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in records]), torch.tensor(expected), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_prepare_train_kill_resume_eval(tmp_path):
+    from hpseg.data import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "data", n_train=8, n_val=4, size=64, n_classes=4, seed=1)
+    overrides = tiny_overrides(data, tmp_path / "runs", steps=40)
+    assert main(["prepare", "--preset", "cocostuff27", "--data-root", str(data), "--no-progress",
+                 "data.dataset=folder", "data.crop_size=32", "method.n_classes=4"]) == 0
+    run = tmp_path / "runs" / "cli"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "hpseg", "train", "--preset", "cocostuff27", "--run-dir", str(run),
+               "--no-progress", *overrides, "train.checkpoint_interval=2"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if last.exists() and load_checkpoint(last)["step"] >= 4:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.stderr.read().decode()
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = load_checkpoint(last)["step"]
+    assert 4 <= killed_at < 40
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    records = read_jsonl(run / "metrics.jsonl")
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 41))
+    assert load_checkpoint(last)["step"] == 40
+    assert main(["eval", str(run / "checkpoints" / "best.pt"), "--baseline", "--no-progress"]) == 0
+    report = json.loads((run / "eval-best" / "results.json").read_text())
+    assert report["checkpoint_kind"] == "best" and report["seed"] == 0 and report["crf"] is False
+    assert 0 <= report["hp"]["unsupervised_accuracy"] <= 1 and "baseline" in report
+    assert (run / "eval-best" / "confusion_unsupervised.png").exists()
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    other = save_atomic({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an hpseg checkpoint"):
+        load_checkpoint(other)
+
+
+class Payload:
+    """An arbitrary class: loading it would run code a checkpoint should never run."""
+
+
+def test_checkpoint_refuses_arbitrary_pickles(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "hpseg-checkpoint", "x": Payload()}, path)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+
+
+def test_missing_prepared_data_says_what_to_run(tmp_path):
+    config = tiny_config(tmp_path / "nowhere", tmp_path)
+    with pytest.raises(Exception, match="hpseg prepare"):
+        train(config, run_dir=tmp_path / "run", progress=False)
