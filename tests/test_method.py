@@ -250,7 +250,7 @@ def test_temperature_factor_option_scales_loss():
     g = torch.Generator().manual_seed(0)
     z = F.normalize(torch.randn(8, 4, generator=g), dim=1)
     f = torch.randn(8, 4, generator=g)
-    kwargs = dict(patches_per_image=4, contrast_draw=full_contrast(4, 8), lmbd=0.0, tau=0.4)
+    kwargs = {"patches_per_image": 4, "contrast_draw": full_contrast(4, 8), "lmbd": 0.0, "tau": 0.4}
     faithful = hidden_positive_loss(z, z, f, f, f[:2], f[:2], **kwargs)
     clean = hidden_positive_loss(z, z, f, f, f[:2], f[:2], temperature_factor=False, **kwargs)
     assert faithful.item() == pytest.approx(clean.item() * 0.4 / 0.07, rel=1e-6)

@@ -32,6 +32,10 @@ class DataConfig:
     val_size: int = 320
     num_workers: int = 2
     skip_bad_images: bool = False  # skip (and report) unreadable images instead of stopping
+    # Backbone feature cache (`hpseg cache`, hpseg.cache): None/"auto" = use
+    # <prepared_dir>/feature_cache/<backbone> when it exists (it must then be valid); a path = that
+    # cache (must be valid); "off" = always compute features with the backbone.
+    feature_cache: str | None = None
 
     def prepared_path(self) -> Path:
         """Where ``hpseg prepare`` writes the five-crop training set and training reads it."""
@@ -108,7 +112,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Config":
+    def from_dict(cls, values: dict[str, Any]) -> Config:
         config = cls()
         for section, entries in values.items():
             if not hasattr(config, section) or not isinstance(entries, dict):
@@ -117,7 +121,7 @@ class Config:
                 _set_field(getattr(config, section), f"{section}.{key}", key, value)
         return config
 
-    def override(self, assignments: list[str]) -> "Config":
+    def override(self, assignments: list[str]) -> Config:
         """Apply ``section.field=value`` strings (values parsed as YAML scalars)."""
         for assignment in assignments:
             if "=" not in assignment:

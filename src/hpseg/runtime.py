@@ -17,7 +17,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks this rank's CUDA device when there is one, else the CPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -71,7 +71,7 @@ class DistributedContext:
 
 def init_distributed(device: torch.device) -> DistributedContext:
     """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1)."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistributedContext()
     if not dist.is_initialized():
