@@ -64,7 +64,8 @@ class MethodConfig:
     # [ref quirk] one random (hw x N) pattern shared by the anchors of every image ("shared");
     # "independent" draws a fresh pattern for every anchor.
     contrast_draw: Literal["shared", "independent"] = "shared"
-    # [ref quirk] extra channel dropout on f, s' and s^mix as used by the losses; False disables.
+    # [ref quirk] extra channel dropout on f, s' and s^mix as used by the losses and on the pool
+    # features, and S' run in training mode (dropout on its input); False uses clean features.
     similarity_dropout: bool = True
     # [ref quirk] the loss is scaled by tau / tau_base; False drops the factor.
     temperature_factor: bool = True

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hpseg.backbones import Backbone, create_backbone
+from hpseg.cache import open_feature_cache
 from hpseg.checkpoint import FORMAT, VERSION, load_checkpoint, save_atomic
 from hpseg.config import Config
 from hpseg.data import ValCrops, build_raw_dataset
@@ -78,7 +79,10 @@ class Trainer:
             config.backbone.name, weights=config.backbone.weights, pretrained=config.backbone.pretrained
         )
         self.backbone.to(self.device)
-        self.features = feature_source or BackboneFeatures(
+        # An explicit source, else the feature cache if data.feature_cache picks one (hpseg.cache).
+        self.features = feature_source or open_feature_cache(
+            config, self.backbone, device=self.device, say=self._say
+        ) or BackboneFeatures(
             self.backbone,
             str(config.data.prepared_path()),
             with_augmented=method.alpha > 0,
@@ -140,19 +144,23 @@ class Trainer:
         size = self.config.train.batch_size
         return [order[i : i + size] for i in range(0, len(order), size)]
 
+    def _pool_dropout(self, maps: torch.Tensor) -> torch.Tensor:
+        # [ref quirk] the reference fills its pools in training mode: the same channel dropout
+        # as the similarity features of a step (similarity_dropout=False: clean features).
+        method = self.config.method
+        return F.dropout2d(maps, method.dropout, training=True) if method.similarity_dropout else maps
+
     @torch.no_grad()
     def build_agnostic_pool(self) -> torch.Tensor:
-        return collect_pool(self.features.feature_maps(self._pool_batches()), self.config.method.pool_size,
-                            self.pool_generator).to(self.device)
+        maps = (self._pool_dropout(f.float()) for f in self.features.feature_maps(self._pool_batches()))
+        return collect_pool(maps, self.config.method.pool_size, self.pool_generator).to(self.device)
 
     @torch.no_grad()
     def build_specific_pool(self) -> torch.Tensor:
         head = self.model.ema_segmentation
-        head.eval()
-        maps = (head(f.float()) for f in self.features.feature_maps(self._pool_batches()))
-        pool = collect_pool(maps, self.config.method.pool_size, self.pool_generator).to(self.device)
-        head.train()
-        return pool
+        head.train(self.config.method.similarity_dropout)
+        maps = (self._pool_dropout(head(f.float())) for f in self.features.feature_maps(self._pool_batches()))
+        return collect_pool(maps, self.config.method.pool_size, self.pool_generator).to(self.device)
 
     # ------------------------------------------------------------------ one step
 
