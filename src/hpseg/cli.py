@@ -65,6 +65,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from hpseg.backbones import create_backbone
+    from hpseg.cache import build_feature_cache, default_cache_dir, resolve_cache_dir
+    from hpseg.runtime import amp_dtype, resolve_device, seed_everything
+
+    config = _config_from(args)
+    prepared = config.data.prepared_path()
+    out = Path(args.out) if args.out else resolve_cache_dir(config)
+    if out is None:
+        out = default_cache_dir(prepared, config.backbone.name)  # data.feature_cache=off: the default place
+    device = resolve_device(config.train.device)
+    seed_everything(config.train.seed)  # a random backbone (--random-backbone) is then the one `hpseg train` builds
+    backbone = create_backbone(config.backbone.name, weights=config.backbone.weights,
+                               pretrained=config.backbone.pretrained).to(device)
+    path = build_feature_cache(
+        backbone, prepared, out, sigma=config.method.sigma, batch_size=args.batch_size or config.train.batch_size,
+        device=device, amp_dtype=amp_dtype(config.train.amp, device), dtype=args.dtype,
+        num_workers=config.data.num_workers, weights_path=config.backbone.weights, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"feature cache ready in {path}")
+    if path.resolve() != default_cache_dir(prepared, config.backbone.name).resolve():
+        print(f"train from it with: hpseg train ... data.feature_cache={path}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from hpseg.evaluate import evaluate_checkpoint
 
@@ -100,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("cache", help="precompute the frozen backbone's features of the training crops (optional)")
+    _add_config_arguments(p)
+    p.add_argument("--backbone", help="backbone name (see `hpseg backbones`)")
+    p.add_argument("--weights", help="local backbone weights file")
+    p.add_argument("--random-backbone", action="store_true", help="randomly initialised backbone (no weights)")
+    p.add_argument("--out", help="cache directory (default: data.feature_cache, else "
+                                 "<prepared dir>/feature_cache/<backbone>, where `hpseg train` looks)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="storage of the features (default float16: half the size)")
+    p.add_argument("--batch-size", type=int, default=0, help="crops per backbone pass (default: train.batch_size)")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache built for another backbone / data / sigma")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=cmd_cache)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (unsupervised and linear accuracy / mIoU)")
     p.add_argument("checkpoint", help="checkpoint file (a run's checkpoints/best.pt or last.pt)")
