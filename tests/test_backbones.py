@@ -496,3 +496,14 @@ def test_offline_uses_the_hub_cache(tiny: Backbone, empty_hub_cache: Path, monke
 def test_no_official_weights_for_the_tiny_model() -> None:
     with pytest.raises(BackboneWeightsError, match="pretrained=False"):
         create_backbone("vit_tiny_p8")
+
+
+def test_random_backbone_is_reproducible_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    first = create_backbone("vit_tiny_p8", pretrained=False)
+    assert torch.equal(torch.rand(1), expected_next)
+    second = create_backbone("vit_tiny_p8", pretrained=False)
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)

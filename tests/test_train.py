@@ -120,6 +120,10 @@ def test_cli_prepare_train_kill_resume_eval(tmp_path):
     report = json.loads((run / "eval-best" / "results.json").read_text())
     assert report["checkpoint_kind"] == "best" and report["seed"] == 0 and report["crf"] is False
     assert 0 <= report["hp"]["unsupervised_accuracy"] <= 1 and "baseline" in report
+    # evaluation rebuilds the (random) backbone and the heads: it must see what validation saw
+    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    for key in ("unsupervised_accuracy", "unsupervised_miou", "linear_accuracy", "linear_miou"):
+        assert report["hp"][key] == pytest.approx(best["metrics"][key], abs=1e-6), key
     assert (run / "eval-best" / "confusion_unsupervised.png").exists()
 
 

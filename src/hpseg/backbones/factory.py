@@ -8,16 +8,22 @@ Where the weights come from, in order:
    (``spec.hf_hub_id``), taken from the usual Hub cache or downloaded into it. Offline and not
    cached, or when the download fails, a ``BackboneWeightsError`` says which file to get and to
    pass it with ``--weights FILE``.
-3. ``pretrained=False``: random initialisation (tests, benchmarks, demo without weights).
+3. ``pretrained=False``: random initialisation (tests, benchmarks, demo without weights),
+   always from seed ``RANDOM_INIT_SEED`` so that the same name gives the same network.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .registry import BackboneSpec, get_spec
 from .vit import Backbone, build_timm_model
 from .weights import load_weights_file, resolve_official_weights
+
+
+RANDOM_INIT_SEED = 0
 
 
 def create_backbone(
@@ -41,7 +47,11 @@ def create_backbone(
     # Resolve the official file first: when it is unavailable we fail before spending
     # seconds on a random initialisation of a large model.
     path = Path(weights) if weights is not None else (resolve_official_weights(spec) if pretrained else None)
-    model = build_timm_model(spec)
+    # A random backbone is the same every time (seed 0, global RNG untouched): a run trained on
+    # it and the evaluation or prediction that rebuilds it must see the same network.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = build_timm_model(spec)
     if path is not None:
         load_weights_file(model, spec, path)
     return Backbone(spec, model)
