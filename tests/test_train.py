@@ -154,3 +154,21 @@ def test_missing_prepared_data_says_what_to_run(tmp_path):
     config = tiny_config(tmp_path / "nowhere", tmp_path)
     with pytest.raises(Exception, match="hpseg prepare"):
         train(config, run_dir=tmp_path / "run", progress=False)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path):
+    """Data-parallel training (gloo on the CPU): each rank takes every other batch, gradients are
+    averaged, rank 0 alone logs and writes checkpoints."""
+    data = synthetic_prepared(tmp_path)
+    run = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "hpseg", "train",
+               "--preset", "cocostuff27", "--run-dir", str(run), "--no-progress",
+               *tiny_overrides(data, tmp_path / "runs", steps=6), "train.device=cpu"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run written to") == 1
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 7))
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 6

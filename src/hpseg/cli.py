@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -55,13 +56,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from hpseg.train import resume, train
 
+    # Under torchrun every rank runs this; only the first one talks.
+    is_main = os.environ.get("RANK", "0") == "0"
     if args.resume:
         run_dir = resume(args.resume, progress=not args.no_progress)
     else:
         config = _config_from(args)
-        print("resolved config:\n" + config.to_yaml())
+        if is_main:
+            print("resolved config:\n" + config.to_yaml())
         run_dir = train(config, run_dir=args.run_dir, progress=not args.no_progress)
-    print(f"run written to {run_dir} (checkpoints/last.pt, checkpoints/best.pt when validated, metrics.jsonl)")
+    if is_main:
+        print(f"run written to {run_dir} (checkpoints/last.pt, checkpoints/best.pt when validated, metrics.jsonl)")
     return 0
 
 
@@ -100,6 +105,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     print(report["text"])
     print(f"results written to {report['out_dir']}/results.json")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hpseg.predict import run_cli
+
+    return run_cli(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hpseg.demo import run_cli
+
+    return run_cli(args)
+
+
+def cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    from hpseg.reference_checkpoint import import_reference_checkpoint
+
+    summary = import_reference_checkpoint(args.reference, args.out, dataset=args.dataset, backbone=args.backbone,
+                                          data_root=args.data_root)
+    print(f"converted {args.reference} ({summary['backbone']}, D={summary['dim']}, {summary['n_classes']} classes, "
+          f"dataset {summary['dataset']}) to {summary['checkpoint']}; backbone weights in {summary['weights']}")
     return 0
 
 
@@ -152,11 +179,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=0, help="evaluate on the first N validation images only")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=cmd_eval)
+
+    from hpseg import demo as _demo
+    from hpseg import predict as _predict
+
+    p = sub.add_parser("predict", help="segment your own images (files, folders, globs) with a checkpoint")
+    _predict.add_arguments(p)
+    p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("demo", help="train and evaluate HP on synthetic data on the CPU, no data or network needed")
+    _demo.add_arguments(p)
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("import-checkpoint", help="convert a checkpoint of the authors' reference code")
+    p.add_argument("reference", help="the reference's .pth file (net_model_state_dict, linear_model_state_dict, ...)")
+    p.add_argument("--out", required=True, help="hpseg checkpoint to write (backbone weights go beside it)")
+    p.add_argument("--dataset", choices=("cocostuff27", "cityscapes27", "potsdam3", "folder"),
+                   help="the dataset it was trained on: class names and preset (default: from the class count)")
+    p.add_argument("--backbone", help="backbone name (default: inferred from the weights' shapes)")
+    p.add_argument("--data-root", help="dataset root to record, for `hpseg eval`")
+    p.set_defaults(run=cmd_import_checkpoint)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # intermixed: overrides may come before or after options
+    args = build_parser().parse_intermixed_args(argv)
     try:
         return args.run(args)
     except KeyboardInterrupt:
