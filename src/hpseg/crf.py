@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from hpseg.backbones.registry import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "BILATERAL_COMPAT",
     "BILATERAL_SRGB",
@@ -154,8 +156,8 @@ def cluster_probabilities(cosine: Tensor, scale: float = 2.0, *, log: bool = Fal
 
 def images_to_uint8(
     images: Tensor,
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
 ) -> Tensor:
     """Undo ImageNet-style normalisation: ``(B, 3, H, W)`` float -> ``(B, 3, H, W)`` uint8."""
     m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)

@@ -22,6 +22,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+# The normalisation belongs to the backbones; data applies it for them.
+from hpseg.backbones.registry import IMAGENET_MEAN, IMAGENET_STD
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -33,9 +36,6 @@ __all__ = [
     "resize_shorter_side",
     "val_view",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 ImageInterpolation = Literal["nearest", "bilinear"]
 _RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
