@@ -73,7 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from hpseg.backbones import create_backbone
     from hpseg.cache import build_feature_cache, default_cache_dir, resolve_cache_dir
-    from hpseg.runtime import amp_dtype, resolve_device, seed_everything
+    from hpseg.runtime import amp_dtype, resolve_device
 
     config = _config_from(args)
     prepared = config.data.prepared_path()
@@ -81,7 +81,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
     if out is None:
         out = default_cache_dir(prepared, config.backbone.name)  # data.feature_cache=off: the default place
     device = resolve_device(config.train.device)
-    seed_everything(config.train.seed)  # a random backbone (--random-backbone) is then the one `hpseg train` builds
     backbone = create_backbone(config.backbone.name, weights=config.backbone.weights,
                                pretrained=config.backbone.pretrained).to(device)
     path = build_feature_cache(
