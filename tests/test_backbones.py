@@ -452,7 +452,8 @@ def test_offline_error_is_actionable_and_fast(empty_hub_cache: Path, monkeypatch
     start = time.perf_counter()
     with pytest.raises(BackboneWeightsError) as info:
         create_backbone("dino_vits8")
-    assert time.perf_counter() - start < 0.5
+    # No network attempt: the unpatched hub client would first hang for about 47 s.
+    assert time.perf_counter() - start < 10
     msg = str(info.value)
     for fragment in ("dino_vits8", "--weights FILE", "weights=FILE", "model.safetensors",
                      "https://huggingface.co/timm/vit_small_patch8_224.dino", "dino_deitsmall8_pretrain.pth"):

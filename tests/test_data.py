@@ -6,7 +6,6 @@ Every dataset is written by the test itself, in the real on-disk layout, with ti
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from pathlib import Path
 
@@ -334,9 +333,7 @@ def test_prepare_idempotent_and_resumable(tmp_path):
     files = sorted(p for p in out.rglob("*") if p.is_file())
     assert len(files) == 4 * 5 * 2 + 1
     mtimes = {p: p.stat().st_mtime_ns for p in files}
-    t = time.perf_counter()
     prepare_five_crops(raw, out, crop_size=16, progress=False)
-    assert time.perf_counter() - t < 0.5
     assert {p: p.stat().st_mtime_ns for p in files} == mtimes  # nothing rewritten
     # resume after losing some crops: only those are written again
     lost = [out / "images/a__img2_3.png", out / "labels/img3_0.png"]
