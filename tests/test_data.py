@@ -60,7 +60,7 @@ FINE = [0, 9, 91, 100, 181, 255]  # hand-picked fine ids, 255 = unlabeled
 def _make_coco(root: Path) -> Path:
     json_path = Path(__file__).parents[1] / "src/hpseg/data/cocostuff27.json"
     assert json_path.is_file()
-    for split, sd, lst in [
+    for _split, sd, lst in [
         ("train", "train2017", "Coco164kFull_Stuff_Coarse.txt"),
         ("val", "val2017", "Coco164kFull_Stuff_Coarse_7.txt"),
     ]:
