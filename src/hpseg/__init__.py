@@ -1,3 +1,21 @@
-"""hpseg: unsupervised semantic segmentation with Hidden Positives on frozen self-supervised ViTs."""
+"""hpseg: unsupervised semantic segmentation with Hidden Positives on frozen self-supervised ViTs.
+
+``hpseg.load(checkpoint)`` returns a :class:`hpseg.api.Segmenter` (see :mod:`hpseg.api`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+__all__ = ["Segmenter", "__version__", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: ``import hpseg`` (e.g. for the CLI's --version) does not import torch.
+    if name in ("load", "Segmenter"):
+        from hpseg import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'hpseg' has no attribute {name!r}")

@@ -179,12 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=cmd_eval)
 
-    from hpseg import demo as _demo
-    from hpseg import predict as _predict
-
     p = sub.add_parser("predict", help="segment your own images (files, folders, globs) with a checkpoint")
-    _predict.add_arguments(p)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--checkpoint", required=True, help="hpseg checkpoint (or an authors' reference checkpoint)")
+    p.add_argument("--out", required=True, help="output folder (labels/, overlays/, figures/, predictions.json)")
+    p.add_argument("--head", choices=("cluster", "linear"), default="cluster",
+                   help="cluster probe (unsupervised, default) or linear probe (trained with labels)")
+    p.add_argument("--mapping", metavar="RESULTS_JSON",
+                   help="cluster->class mapping: the results.json of `hpseg eval` (default: the evaluation of this "
+                        "checkpoint in its run folder, <run>/eval-<kind>/results.json, when there is one)")
+    p.add_argument("--no-mapping", action="store_true", help="write raw cluster ids even when a mapping exists")
+    p.add_argument("--figure", action="store_true", help="also write image | segmentation panels with a legend")
+    p.add_argument("--crf", action="store_true", help="refine with the dense CRF (pip install 'hpseg[crf]')")
+    p.add_argument("--size", type=int, default=None,
+                   help="resize the shorter side to this many pixels (default: the checkpoint's data.val_size; "
+                        "0 = keep each image's size)")
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding-window side in pixels (default: --size; 0 = whole image in one pass)")
+    p.add_argument("--weights", help="local backbone weights file (overrides the checkpoint's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=cmd_predict)
+
+    from hpseg import demo as _demo  # no torch import at module level: the parser stays fast
 
     p = sub.add_parser("demo", help="train and evaluate HP on synthetic data on the CPU, no data or network needed")
     _demo.add_arguments(p)

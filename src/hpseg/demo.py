@@ -1,0 +1,332 @@
+"""``hpseg demo``: the whole method in a few CPU minutes, with no data and no network.
+
+    hpseg demo [--out hpseg-demo] [--steps N] [--seed 0] [--weights DINO_FILE]
+
+1. writes a small synthetic dataset (:func:`hpseg.data.make_synthetic_dataset`: regions of a few
+   classes, each a colour and a texture, with exact pixel labels);
+2. cuts its training images into five crops (the paper's offline step);
+3. trains HP on the CPU -- on DINO ViT-S/16 when its weights are at hand (``--weights FILE``,
+   or the official file already in the Hugging Face cache; the demo never downloads), otherwise
+   on a tiny randomly initialised ViT, and it says which;
+4. evaluates HP and the k-means baseline on the raw backbone features with the paper's protocol
+   (:func:`hpseg.evaluate.evaluate_checkpoint` with ``baseline=True``);
+5. writes ``figure.png`` (validation image | ground truth | baseline | HP, clusters coloured as
+   the classes they are matched to) and ``metrics.json``, and explains the numbers.
+
+Everything lands in ``--out``: ``data/`` (dataset and crops), ``run/`` (checkpoints, metrics
+log, TensorBoard events, ``eval-last/results.json``), ``figure.png``, ``metrics.json``.
+``hpseg predict IMAGES --checkpoint <out>/run/checkpoints/last.pt --out DIR`` then segments
+other images with the demo's model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DemoSettings", "run_demo"]
+
+#: The official DINO backbone used when its weights are available.
+DINO_BACKBONE = "dino_vits16"
+#: The random backbone used otherwise.
+RANDOM_BACKBONE = "vit_tiny_p8"
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of the demo run; the defaults fit in a few minutes on two CPU cores.
+
+    See ``hpseg demo --help``; the README's "demo" section reports what these give.
+    """
+
+    steps: int = 300
+    seed: int = 0
+    image_size: int = 64  # synthetic images (and the validation view)
+    crop_size: int = 32  # five-crop training crops
+    n_train: int = 32
+    n_val: int = 24
+    n_classes: int = 4
+    batch_size: int = 16
+    dim: int = 64  # D, segmentation feature width
+    pool_size: int = 256
+    warmup: int = 50
+    renew_interval: int = 20
+    figure_images: int = 6
+
+
+def _official_weights_in_cache(name: str) -> Path | None:
+    """The official weights of backbone ``name`` if they are already cached -- never a download."""
+    from hpseg.backbones import BackboneWeightsError, get_spec
+    from hpseg.backbones.weights import resolve_official_weights
+
+    saved = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a pure cache lookup: answers in milliseconds, offline or not
+    try:
+        return resolve_official_weights(get_spec(name))
+    except (BackboneWeightsError, ImportError):
+        return None
+    finally:
+        if saved is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved
+
+
+def _choose_backbone(out: Path, weights: str | None, backbone: str | None,
+                     say: Callable[[str], None]) -> tuple[str, str, bool]:
+    """-> (backbone name, weights file, pretrained?). A random backbone is saved to a file so that
+    evaluation and prediction load exactly the weights training used."""
+    from hpseg.backbones import create_backbone, get_spec
+
+    if weights:
+        name = backbone or DINO_BACKBONE
+        create_backbone(name, weights=weights)  # fail now, clearly, if the file does not fit
+        say(f"backbone: {name} with the weights in {weights}")
+        return name, str(weights), True
+    name = backbone or DINO_BACKBONE
+    if get_spec(name).has_official_weights:
+        cached = _official_weights_in_cache(name)
+        if cached is not None:
+            say(f"backbone: {name} with the official DINO weights found in the Hugging Face cache ({cached})")
+            return name, str(cached), True
+    if backbone and get_spec(backbone).has_official_weights:
+        raise ValueError(f"no weights for {backbone!r} in the cache: pass them with --weights FILE")
+    name = backbone or RANDOM_BACKBONE
+    say(f"backbone: {name}, RANDOMLY INITIALISED -- no DINO weights here (none given with --weights, none "
+        f"in the Hugging Face cache). HP itself runs as on real weights, but a random network's features "
+        f"only carry colour and a little texture: on real images this gives meaningless segments. With "
+        f"DINO weights (`hpseg demo --weights dino_deitsmall16_pretrain.pth`, file from "
+        f"{get_spec(DINO_BACKBONE).weights_source}) the features carry object parts and semantics, which "
+        f"is what HP turns into classes on real photos.")
+    from safetensors.torch import save_file
+
+    model = create_backbone(name, pretrained=False).model  # hpseg's deterministic random initialisation
+    file = out / f"backbone-{name}-random.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file))
+    return name, str(file.resolve()), False
+
+
+def _config(settings: DemoSettings, data: Path, prepared: Path, name: str, weights: str, out: Path):
+    from hpseg.config import Config
+
+    s = settings
+    return Config().override([
+        f"backbone.name={name}", f"backbone.weights={weights}", "backbone.pretrained=true",
+        "data.dataset=folder", f"data.root={data}", f"data.prepared_dir={prepared}",
+        f"data.crop_size={s.crop_size}", f"data.val_size={s.image_size}", "data.num_workers=0",
+        f"method.dim={s.dim}", f"method.n_classes={s.n_classes}", f"method.pool_size={s.pool_size}",
+        f"method.warmup={min(s.warmup, max(0, s.steps - 1))}", f"method.renew_interval={s.renew_interval}",
+        f"train.batch_size={s.batch_size}", f"train.max_steps={s.steps}", f"train.seed={s.seed}",
+        f"train.val_interval={s.steps}", "train.log_interval=10", f"train.checkpoint_interval={s.steps}",
+        "train.selection=last", f"train.output_dir={out}", "train.run_name=run",
+    ])
+
+
+def _figure(segmenter: Any, report: dict[str, Any], config: Any, settings: DemoSettings, device: torch.device,
+            path: Path) -> dict[str, Any]:
+    """image | ground truth | baseline | HP for the first validation images; clusters of both
+    methods coloured as the classes the Hungarian matching assigns them."""
+    from PIL import Image
+
+    from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
+    from hpseg.evaluate import fit_baseline
+    from hpseg.inference import kmeans_label_maps
+    from hpseg.metrics import SegmentationMetrics, apply_assignment
+    from hpseg.predict import _legend
+    from hpseg.visualize import figure_grid, palette, save_image_atomic
+
+    n_classes = config.method.n_classes
+    backbone = segmenter.backbone
+    validation = ValCrops(build_raw_dataset("folder", config.data.root, "val"), size=config.data.val_size)
+    crops = TrainCrops(config.data.prepared_path(), with_augmented=False)
+    centroids, _ = fit_baseline(backbone, crops, n_classes, device, seed=config.train.seed, linear_epochs=0)
+    # The baseline's own Hungarian matching over the whole validation set, as in its metrics.
+    metrics = SegmentationMetrics(n_classes, hungarian=True)
+    baseline_maps = []
+    for i in range(len(validation)):
+        item = validation[i]
+        features = backbone(item["image"][None].to(device)).features
+        clusters = kmeans_label_maps(features, centroids, tuple(item["label"].shape))
+        metrics.update(clusters, item["label"][None].to(device))
+        baseline_maps.append(clusters[0])
+    baseline_scores = metrics.compute()
+    baseline_assignment = baseline_scores["assignment"]
+    rows = []
+    for i in range(min(settings.figure_images, len(validation))):
+        item = validation[i]
+        rgb = item["rgb"]
+        hp = segmenter.segment(rgb, head="cluster")  # mapped to classes by the evaluation's matching
+        base = apply_assignment(baseline_maps[i], baseline_assignment).cpu().numpy()
+        label = item["label"].numpy()
+        rows.append([Image.fromarray(rgb.permute(1, 2, 0).numpy(), "RGB"), label, base, hp])
+    hp_text = f"HP ({100 * report['hp']['unsupervised_miou']:.0f} mIoU)"
+    base_text = f"k-means ({100 * report['baseline']['unsupervised_miou']:.0f} mIoU)"
+    grid = figure_grid(rows, titles=["image", "ground truth", base_text, hp_text], cell=128)
+    colours = palette(n_classes)
+    legend = _legend([(name, tuple(colours[k])) for k, name in enumerate(segmenter.class_names)], grid.width)
+    figure = Image.new("RGB", (grid.width, grid.height + legend.height), (255, 255, 255))
+    figure.paste(grid, (0, 0))
+    figure.paste(legend, (0, grid.height))
+    save_image_atomic(figure, path)
+    # The same k-means as the evaluation's (same seed and patches): the figure shows what was scored.
+    return {"baseline_cluster_to_class": [int(v) for v in baseline_assignment],
+            "figure_baseline_accuracy": float(baseline_scores["accuracy"])}
+
+
+def _explain(report: dict[str, Any], pretrained: bool) -> str:
+    hp, base = report["hp"], report["baseline"]
+
+    def pct(value: float) -> str:
+        return f"{100 * value:5.1f}"
+
+    lines = [
+        "                         HP     k-means baseline",
+        f"  unsupervised accuracy {pct(hp['unsupervised_accuracy'])}   {pct(base['unsupervised_accuracy'])}",
+        f"  unsupervised mIoU     {pct(hp['unsupervised_miou'])}   {pct(base['unsupervised_miou'])}",
+        f"  linear accuracy       {pct(hp['linear_accuracy'])}   {pct(base.get('linear_accuracy', float('nan')))}",
+        f"  linear mIoU           {pct(hp['linear_miou'])}   {pct(base.get('linear_miou', float('nan')))}",
+        "",
+        "What the numbers mean:",
+        "  unsupervised: every pixel gets one of K clusters without ever seeing a label; only to score them",
+        "    are clusters matched one-to-one to classes (Hungarian matching on the validation set), then",
+        "    accuracy = matched pixels / labelled pixels and mIoU = mean intersection-over-union per class.",
+        "    HP clusters its trained segmentation features (cluster probe); the baseline runs k-means on the",
+        "    raw backbone features -- the paper's 'DINO baseline'.",
+        "  linear: a linear classifier trained WITH the training labels on the frozen features; it measures",
+        "    how much class information the features hold, not unsupervised segmentation.",
+    ]
+    if not pretrained:
+        lines.append("  The backbone is random here: both columns show what HP adds on top of the same features on")
+        lines.append("  toy data, not what it does on real photos (see the README for the paper's numbers).")
+    return "\n".join(lines)
+
+
+def run_demo(
+    out: str | Path = "hpseg-demo",
+    *,
+    settings: DemoSettings | None = None,
+    weights: str | None = None,
+    backbone: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run the demo into ``out`` and return the content of ``metrics.json``."""
+    from hpseg.api import load
+    from hpseg.data import build_raw_dataset, make_synthetic_dataset, prepare_five_crops
+    from hpseg.evaluate import evaluate_checkpoint, write_json_atomic
+    from hpseg.runtime import resolve_device
+    from hpseg.train import train
+
+    settings = settings or DemoSettings()
+    if settings.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {settings.steps}")
+    started = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    torch_device = resolve_device(device)
+    name, weights_file, pretrained = _choose_backbone(out, weights, backbone, echo)
+
+    echo(f"[1/4] synthetic dataset: {settings.n_train} training and {settings.n_val} validation images of "
+         f"{settings.image_size}x{settings.image_size}, {settings.n_classes} classes -> {out / 'data'}")
+    data = make_synthetic_dataset(out / "data", n_train=settings.n_train, n_val=settings.n_val,
+                                  size=settings.image_size, n_classes=settings.n_classes, seed=settings.seed)
+    prepared = data / "hpseg_prepared" / f"train_{settings.crop_size}"
+    raw = build_raw_dataset("folder", data, "train")
+    prepare_five_crops(raw, prepared, crop_size=settings.crop_size, progress=False)
+    timings["data_s"] = round(time.time() - started, 1)
+
+    config = _config(settings, data, prepared, name, weights_file, out)
+    config.train.device = str(torch_device)
+    run_dir = out / "run"
+    if run_dir.exists():
+        echo(f"replacing the previous demo run in {run_dir}")
+        shutil.rmtree(run_dir)
+    echo(f"[2/4] training HP for {settings.steps} steps (batch {settings.batch_size} crops of "
+         f"{settings.crop_size}px) on {torch_device}")
+    mark = time.time()
+    train(config, run_dir=run_dir, progress=progress)
+    timings["train_s"] = round(time.time() - mark, 1)
+
+    echo("[3/4] evaluating HP and the k-means baseline on the validation images")
+    mark = time.time()
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    eval_dir = run_dir / "eval-last"
+    report = evaluate_checkpoint(checkpoint, out_dir=eval_dir, baseline=True, device=str(torch_device),
+                                 progress=progress)
+    timings["eval_s"] = round(time.time() - mark, 1)
+
+    echo("[4/4] drawing the figure")
+    mark = time.time()
+    segmenter = load(checkpoint, device=str(torch_device), mapping=eval_dir / "results.json", echo=echo)
+    extra = _figure(segmenter, report, config, settings, torch_device, out / "figure.png")
+    timings["figure_s"] = round(time.time() - mark, 1)
+    timings["total_s"] = round(time.time() - started, 1)
+
+    metrics: dict[str, Any] = {
+        "hp": report["hp"],
+        "baseline": report.get("baseline", {}),
+        "hp_beats_baseline_unsupervised_miou": report["hp"]["unsupervised_miou"] > report["baseline"]["unsupervised_miou"],
+        "backbone": name,
+        "backbone_weights": "random initialisation" if not pretrained else weights_file,
+        "checkpoint": str(checkpoint),
+        "evaluation": str(eval_dir / "results.json"),
+        "cluster_to_class": report["cluster_to_class"],
+        **extra,
+        "settings": asdict(settings),
+        "device": str(torch_device),
+        "timings": timings,
+        "meaning": {
+            "unsupervised": "clusters found without labels, matched one-to-one to classes (Hungarian) only for "
+                            "scoring; accuracy = matched pixels / labelled pixels, mIoU = mean per-class IoU",
+            "linear": "a linear probe trained with the training labels on the frozen features",
+            "baseline": "k-means (K = number of classes) and a linear probe on the raw backbone features",
+        },
+    }
+    write_json_atomic(metrics, out / "metrics.json")
+    echo("")
+    echo(_explain(report, pretrained))
+    echo("")
+    echo(f"figure:  {out / 'figure.png'}  (image | ground truth | k-means baseline | HP)")
+    echo(f"metrics: {out / 'metrics.json'}")
+    echo(f"model:   {checkpoint}  -- try: hpseg predict {data / 'val' / 'images'} --checkpoint {checkpoint} "
+         f"--out {out / 'predictions'} --figure")
+    echo(f"took {timings['total_s']:.0f} s (data {timings['data_s']:.0f}, training {timings['train_s']:.0f}, "
+         f"evaluation {timings['eval_s']:.0f}, figure {timings['figure_s']:.0f})")
+    return metrics
+
+
+def add_arguments(parser: Any) -> None:
+    """The ``hpseg demo`` arguments (used by :func:`hpseg.cli.build_parser`)."""
+    defaults = DemoSettings()
+    parser.add_argument("--out", default="hpseg-demo", help="output folder (default: hpseg-demo/)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"training steps (default {defaults.steps})")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--weights", help=f"DINO backbone weights file (default: the official {DINO_BACKBONE} "
+                                          "weights if cached, else a random tiny ViT)")
+    parser.add_argument("--backbone", help=f"backbone name (default {DINO_BACKBONE} with weights, "
+                                           f"{RANDOM_BACKBONE} without)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="synthetic image side")
+    parser.add_argument("--crop-size", type=int, default=defaults.crop_size, help="training crop side")
+    parser.add_argument("--n-train", type=int, default=defaults.n_train, help="synthetic training images")
+    parser.add_argument("--n-val", type=int, default=defaults.n_val, help="synthetic validation images")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_cli(args: Any) -> int:
+    settings = DemoSettings(steps=args.steps, seed=args.seed, image_size=args.image_size, crop_size=args.crop_size,
+                            n_train=args.n_train, n_val=args.n_val, batch_size=args.batch_size)
+    run_demo(args.out, settings=settings, weights=args.weights, backbone=args.backbone, device=args.device,
+             progress=not args.no_progress)
+    return 0

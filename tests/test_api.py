@@ -1,0 +1,178 @@
+"""The Python API (hpseg.load / Segmenter) and the resize-and-tile geometry it shares with predict."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import hpseg
+from hpseg.checkpoint import CheckpointError
+from hpseg.predict import Tiling, resample, resample_argmax, resized_shape, window_starts
+from tests.helpers import synthetic_prepared, tiny_config
+
+STEPS = 6  # validated once (val_interval 6): the run has best.pt with its metrics
+
+
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained tiny run (random vit_tiny_p8, synthetic data, 32 px crops), built once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    run = base / "hpseg-tiny-run"
+    if not (run / "checkpoints" / "best.pt").exists():
+        from hpseg.train import train
+
+        data = synthetic_prepared(base / "hpseg-tiny-data")
+        shutil.rmtree(run, ignore_errors=True)
+        train(tiny_config(data, base / "runs", steps=STEPS), run_dir=run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def segmenter(run_dir: Path) -> hpseg.Segmenter:
+    return hpseg.load(run_dir / "checkpoints" / "last.pt", device="cpu", echo=lambda _: None)
+
+
+def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------------ geometry
+
+
+def test_resample_matches_interpolate_and_bands_match_whole() -> None:
+    scores = torch.randn(5, 4, 7)
+    for size in [(32, 56), (3, 5), (4, 7), (37, 11)]:
+        expected = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(resample(scores, size), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(resample_argmax(scores, size, max_elements=7), expected.argmax(0))
+
+
+def test_window_geometry_covers_every_patch_once_or_more() -> None:
+    assert window_starts(32, 64, 16) == [0]
+    assert window_starts(100, 40, 24) == [0, 24, 48, 60]
+    tiling = Tiling.create(size=320, window=None, patch=8)
+    assert tiling.window == 320 and tiling.stride(320) % 8 == 0
+    (wh, ww), offsets = tiling.windows(320, 480)
+    assert (wh, ww) == (320, 320) and all(t % 8 == 0 and left % 8 == 0 for t, left in offsets)
+    covered = np.zeros((320, 480), bool)
+    for t, left in offsets:
+        covered[t : t + wh, left : left + ww] = True
+    assert covered.all()
+    assert resized_shape(37, 53, 32) == (32, 45) and resized_shape(53, 37, 32) == (45, 32)
+    assert resized_shape(37, 53, 0) == (37, 53)
+    assert Tiling.create(size=30, window=None, patch=8).window == 32  # rounded up to whole patches
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+def test_segment_accepts_pil_numpy_and_tensors_at_their_size(segmenter: hpseg.Segmenter) -> None:
+    array = _image(37, 53)
+    expected = segmenter.segment(array)
+    assert expected.shape == (37, 53) and expected.dtype == np.int64
+    assert expected.min() >= 0 and expected.max() < segmenter.n_clusters
+    same = [
+        Image.fromarray(array),
+        torch.from_numpy(array).permute(2, 0, 1),  # (3, H, W) uint8
+        torch.from_numpy(array).permute(2, 0, 1).float() / 255.0,  # (3, H, W) float in [0, 1]
+        np.dstack([array, np.full((37, 53), 7, np.uint8)]),  # RGBA array: alpha dropped
+    ]
+    for image in same:
+        assert np.array_equal(segmenter.segment(image), expected)
+    gray = Image.fromarray(array[:, :, 0], "L")
+    assert segmenter.segment(gray).shape == (37, 53)
+    assert segmenter.segment(gray.convert("RGBA"), head="linear").shape == (37, 53)
+    for shape in [(5, 3), (200, 40), (64, 64)]:  # tiny, tall (several windows), square
+        assert segmenter.segment(_image(*shape)).shape == shape
+    with pytest.raises(ValueError, match="head"):
+        segmenter.segment(array, head="kmeans")
+    with pytest.raises((TypeError, ValueError)):
+        segmenter.segment("not an image")
+
+
+def test_single_window_equals_the_evaluation_label_maps(segmenter: hpseg.Segmenter, run_dir: Path) -> None:
+    from hpseg.config import Config
+    from hpseg.data import ValCrops, build_raw_dataset
+    from hpseg.inference import label_maps
+
+    config = Config.from_dict(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["config"])
+    validation = ValCrops(build_raw_dataset("folder", config.data.root, "val"), size=config.data.val_size)
+    item = validation[0]
+    maps = label_maps(segmenter.model, segmenter.backbone(item["image"][None]).features, tuple(item["label"].shape))
+    assert np.array_equal(segmenter.segment(item["rgb"]), maps.clusters[0].numpy())
+    assert np.array_equal(segmenter.segment(item["rgb"], head="linear"), maps.classes[0].numpy())
+
+
+def test_features_are_the_backbone_and_head_outputs(segmenter: hpseg.Segmenter) -> None:
+    array = _image(32, 32, seed=3)  # one window, no resize: the plain forward pass
+    out = segmenter.features(array)
+    normalised = (torch.from_numpy(array).permute(2, 0, 1).float() / 255.0
+                  - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    f = segmenter.backbone(normalised[None]).features
+    torch.testing.assert_close(out.backbone, f[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.segmentation, segmenter.model.segmentation(f)[0], rtol=1e-4, atol=1e-4)
+    big = segmenter.features(_image(37, 90))
+    assert big.resized_size == (32, 77) and big.backbone.shape == (64, 4, 10) and big.segmentation.shape[1:] == (4, 10)
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def test_random_backbone_is_rebuilt_exactly(run_dir: Path) -> None:
+    """The checkpoint's validation metrics are reproduced: same random backbone as in training."""
+    from hpseg.config import Config
+    from hpseg.data import ValCrops, build_raw_dataset
+    from hpseg.evaluate import evaluate_model, validation_loader
+    from hpseg.runtime import DistributedContext
+
+    best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
+    config = Config.from_dict(best["config"])
+    segmenter = hpseg.load(run_dir / "checkpoints" / "best.pt", device="cpu", echo=lambda _: None)
+    validation = ValCrops(build_raw_dataset("folder", config.data.root, "val"), size=config.data.val_size)
+    loader = validation_loader(validation, 16, 0, DistributedContext(), config.train.val_max_images)
+    results = evaluate_model(segmenter.model, segmenter.backbone, loader, config.method.n_classes, torch.device("cpu"))
+    for key in ("unsupervised_accuracy", "linear_accuracy"):
+        assert results[key] == pytest.approx(best["metrics"][key], abs=1e-9)
+
+
+def test_mapping_gives_class_ids_and_names(run_dir: Path, tmp_path: Path) -> None:
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    payload = torch.load(checkpoint, weights_only=True)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"checkpoint": str(checkpoint), "step": payload["step"], "cluster_to_class": [2, 0, 3, 1]}))
+    plain = hpseg.load(checkpoint, device="cpu", echo=lambda _: None)
+    mapped = hpseg.load(checkpoint, device="cpu", mapping=results, echo=lambda _: None)
+    image = _image(40, 24, seed=5)
+    assert np.array_equal(mapped.segment(image), np.array([2, 0, 3, 1])[plain.segment(image)])
+    assert mapped.label_names("cluster") == plain.class_names == mapped.class_names
+    assert plain.label_names("cluster") == [f"cluster {k}" for k in range(4)]
+    results.write_text(json.dumps({"step": payload["step"] + 1, "cluster_to_class": [0, 1, 2, 3]}))
+    with pytest.raises(ValueError, match="step"):
+        hpseg.load(checkpoint, device="cpu", mapping=results, echo=lambda _: None)
+    results.write_text(json.dumps({"cluster_to_class": [0, 1]}))
+    with pytest.raises(ValueError, match="4 integers"):
+        hpseg.load(checkpoint, device="cpu", mapping=results, echo=lambda _: None)
+
+
+def test_load_refuses_what_is_not_a_checkpoint(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="junk.pt"):
+        hpseg.load(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, other)
+    with pytest.raises(CheckpointError, match="other.pt"):
+        hpseg.load(other)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        hpseg.load(tmp_path / "missing.pt")

@@ -1,0 +1,82 @@
+"""``hpseg demo``: a fast variant end to end, and how it picks its backbone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hpseg import demo
+from hpseg.cli import main
+
+FAST = ["--steps", "4", "--image-size", "32", "--crop-size", "16", "--n-train", "8", "--n-val", "4",
+        "--batch-size", "8", "--no-progress"]
+
+
+def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *FAST]) == 0
+    text = capsys.readouterr().out
+    assert "RANDOMLY INITIALISED" in text and "What the numbers mean" in text and "Hungarian" in text
+    assert str(out / "figure.png") in text and str(out / "metrics.json") in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    for side in ("hp", "baseline"):
+        assert set(metrics[side]) >= {"unsupervised_accuracy", "unsupervised_miou", "linear_accuracy", "linear_miou"}
+        assert all(0.0 <= v <= 1.0 for v in metrics[side].values())
+    assert metrics["backbone"] == "vit_tiny_p8" and metrics["backbone_weights"] == "random initialisation"
+    assert metrics["figure_baseline_accuracy"] == pytest.approx(metrics["baseline"]["unsupervised_accuracy"])
+    assert metrics["settings"]["steps"] == 4 and metrics["timings"]["total_s"] > 0
+    figure = Image.open(out / "figure.png")
+    assert figure.width > 4 * 128 and figure.height > 4 * 128  # 4 columns, 4 validation rows + titles + legend
+    # The evaluation of the demo's checkpoint is where predict finds its cluster -> class mapping.
+    results = json.loads((out / "run" / "eval-last" / "results.json").read_text())
+    assert results["cluster_to_class"] == metrics["cluster_to_class"]
+    assert results["hp"] == metrics["hp"]
+
+    # The model segments other images at their size, with class names from that evaluation.
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 23, 3), dtype=np.uint8)).save(image)
+    predictions = tmp_path / "predictions"
+    assert main(["predict", str(image), "--checkpoint", str(out / "run" / "checkpoints" / "last.pt"),
+                 "--out", str(predictions), "--no-progress"]) == 0
+    summary = json.loads((predictions / "predictions.json").read_text())
+    assert summary["mapping"] == str(out / "run" / "eval-last" / "results.json")
+    assert summary["labels"][0]["name"] == "class 0 (stripes)"
+    assert np.array(Image.open(predictions / "labels" / "photo.png")).shape == (45, 23)
+
+
+def test_backbone_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    notes: list[str] = []
+    name, weights, pretrained = demo._choose_backbone(tmp_path, None, None, notes.append)
+    assert (name, pretrained) == ("vit_tiny_p8", False) and "RANDOMLY INITIALISED" in notes[-1]
+    # The random initialisation is saved, so evaluation and prediction use exactly these weights.
+    from hpseg.backbones import create_backbone
+
+    expected = create_backbone("vit_tiny_p8", pretrained=False).model.state_dict()
+    loaded = create_backbone("vit_tiny_p8", weights=weights).model.state_dict()
+    assert all(torch.equal(expected[k], loaded[k]) for k in expected)
+
+    # A weights file given on the command line is used as it is.
+    name, used, pretrained = demo._choose_backbone(tmp_path, weights, "vit_tiny_p8", notes.append)
+    assert (name, used, pretrained) == ("vit_tiny_p8", weights, True) and "with the weights in" in notes[-1]
+
+    # Official weights already in the Hugging Face cache are found without any download.
+    monkeypatch.setattr(demo, "_official_weights_in_cache", lambda name: Path("/cache/dino.safetensors"))
+    name, used, pretrained = demo._choose_backbone(tmp_path, None, None, notes.append)
+    assert (name, used, pretrained) == ("dino_vits16", "/cache/dino.safetensors", True)
+    assert "official DINO weights" in notes[-1]
+
+
+def test_cache_lookup_is_offline_and_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    started = time.time()
+    assert demo._official_weights_in_cache("dino_vits16") is None or True  # never raises
+    assert time.time() - started < 5
+    assert "HF_HUB_OFFLINE" not in os.environ  # restored

@@ -1,0 +1,151 @@
+"""``hpseg predict``: any image size and mode, folders, globs, bad files, atomic outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hpseg.cli import main
+from hpseg.predict import collect_images
+from tests.test_api import tiny_run
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_run(tmp_path_factory) / "checkpoints" / "last.pt"
+
+
+def _save(path: Path, height: int, width: int, mode: str = "RGB", seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8)
+    image = Image.fromarray(array, "RGBA").convert(mode)
+    image.save(path)
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> Path:
+    root = tmp_path / "photos"
+    _save(root / "a" / "x.png", 37, 53)
+    _save(root / "b" / "x.png", 20, 31, "L", seed=1)  # same name, other folder
+    _save(root / "b" / "deep" / "y.png", 61, 17, "RGBA", seed=2)
+    _save(root / "c.png", 33, 33, seed=3)
+    _save(root / "c.jpg", 40, 30, seed=4)  # same stem as c.png
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def _outputs(out: Path) -> set[str]:
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+
+
+def test_predict_folder_mirrors_paths_at_input_size(inputs: Path, checkpoint: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    rc = main(["predict", str(inputs), "--checkpoint", str(checkpoint), "--out", str(out), "--figure", "--no-progress"])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "broken.png" in captured.out + captured.err and "skipped 1" in captured.out
+    expected = {"a/x", "b/x", "b/deep/y", "c.png", "c.jpg"}
+    files = _outputs(out)
+    for kind in ("labels", "overlays", "figures"):
+        assert {f"{kind}/{name}.png" for name in expected} <= files
+    assert not [f for f in files if f.endswith(".tmp") or "/." in f]
+    sizes = {"a/x": (37, 53), "b/x": (20, 31), "b/deep/y": (61, 17), "c.png": (33, 33), "c.jpg": (40, 30)}
+    for name, (height, width) in sizes.items():
+        labels = np.array(Image.open(out / "labels" / f"{name}.png"))
+        assert labels.shape == (height, width) and labels.max() < 4
+        assert Image.open(out / "overlays" / f"{name}.png").size == (width, height)
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["succeeded"] == 5 and [s["path"] for s in summary["skipped"]] == [str(inputs / "broken.png")]
+    assert summary["head"] == "cluster" and summary["labels"][0]["name"] == "cluster 0"
+
+
+def test_globs_files_and_the_linear_head(inputs: Path, checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rc = main(["predict", str(inputs / "**" / "x.png"), str(inputs / "c.jpg"), "--checkpoint", str(checkpoint),
+               "--out", str(out), "--head", "linear", "--size", "0", "--window", "16", "--no-progress"])
+    assert rc == 0
+    assert _outputs(out) >= {"labels/a/x.png", "labels/b/x.png", "labels/c.png", "overlays/a/x.png"}
+    assert np.array(Image.open(out / "labels" / "c.png")).shape == (40, 30)
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["head"] == "linear" and summary["labels"][0]["name"] == "class 0 (stripes)"
+    assert summary["size"] == 0 and summary["window"] == 16
+
+
+def test_collect_images_names_never_collide(inputs: Path, tmp_path: Path) -> None:
+    jobs, problems = collect_images([str(inputs / "a"), str(inputs / "b"), str(inputs / "a" / "x.png"),
+                                     str(tmp_path / "nope"), str(inputs / "*.gif")])
+    names = [job.relative.as_posix() for job in jobs]
+    assert sorted(names) == ["a/x", "b/deep/y", "b/x"] and len(set(names)) == len(names)
+    assert [p[0] for p in problems] == [str(tmp_path / "nope"), str(inputs / "*.gif")]
+    # The output folder inside an input folder is not segmented again.
+    (inputs / "out" / "labels").mkdir(parents=True)
+    _save(inputs / "out" / "labels" / "old.png", 8, 8)
+    jobs, _ = collect_images([str(inputs)], exclude=inputs / "out")
+    assert not [job for job in jobs if "old" in job.path.name]
+
+
+def test_mapping_from_an_evaluation_names_classes(inputs: Path, checkpoint: Path, tmp_path: Path) -> None:
+    step = torch.load(checkpoint, weights_only=True)["step"]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"checkpoint": str(checkpoint), "step": step, "cluster_to_class": [3, 2, 1, 0]}))
+    out = tmp_path / "out"
+    rc = main(["predict", str(inputs / "c.png"), "--checkpoint", str(checkpoint), "--out", str(out),
+               "--mapping", str(results), "--no-progress"])
+    assert rc == 0
+    summary = json.loads((out / "predictions.json").read_text())
+    assert summary["mapping"] == str(results) and summary["labels"][3]["name"] == "class 3 (gradient)"
+
+
+def test_nothing_readable_exits_nonzero(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"garbage")
+    out = tmp_path / "out"
+    assert main(["predict", str(bad), "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress"]) == 1
+    assert "bad.png" in capsys.readouterr().out
+    assert _outputs(out) == {"predictions.json"}
+    assert main(["predict", str(tmp_path / "missing"), "--checkpoint", str(checkpoint), "--out", str(out)]) == 2
+
+
+def test_crf_missing_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import hpseg.crf
+
+    def unavailable() -> None:
+        raise hpseg.crf.CRFUnavailableError()
+
+    monkeypatch.setattr(hpseg.crf, "_import_densecrf", unavailable)
+    image = _save(tmp_path / "i.png", 10, 10)
+    out = tmp_path / "out"
+    # The checkpoint does not even exist: the CRF check comes first.
+    rc = main(["predict", str(image), "--checkpoint", str(tmp_path / "none.pt"), "--out", str(out), "--crf"])
+    assert rc == 2 and "hpseg[crf]" in capsys.readouterr().err and not out.exists()
+
+
+def test_crf_output_at_input_size(tmp_path: Path, checkpoint: Path) -> None:
+    pytest.importorskip("pydensecrf.densecrf")
+    image = _save(tmp_path / "i.png", 29, 45)
+    out = tmp_path / "out"
+    assert main(["predict", str(image), "--checkpoint", str(checkpoint), "--out", str(out), "--crf", "--no-progress"]) == 0
+    assert np.array(Image.open(out / "labels" / "i.png")).shape == (29, 45)
+
+
+def test_a_failed_write_leaves_no_partial_output(inputs: Path, checkpoint: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import hpseg.visualize
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(hpseg.visualize, "overlay", full_disk)
+    out = tmp_path / "out"
+    rc = main(["predict", str(inputs / "c.png"), "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress"])
+    assert rc == 2
+    assert not [p for p in out.rglob("*") if p.is_file()]
