@@ -20,6 +20,16 @@ from tests.helpers import synthetic_prepared, tiny_config
 STEPS = 6  # validated once (val_interval 6): the run has best.pt with its metrics
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests' tensors are tiny: intra-op threads only cost time (and oversubscribe the
+    cores under pytest -n 2). Restored after the module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trained tiny run (random vit_tiny_p8, synthetic data, 32 px crops), built once per worker."""
     base = tmp_path_factory.getbasetemp()

@@ -12,6 +12,7 @@ from PIL import Image
 
 from hpseg import demo
 from hpseg.cli import main
+from tests.test_api import one_thread  # noqa: F401 - autouse fixture
 
 FAST = ["--steps", "4", "--image-size", "32", "--crop-size", "16", "--n-train", "8", "--n-val", "4",
         "--batch-size", "8", "--no-progress"]
@@ -28,10 +29,11 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         assert set(metrics[side]) >= {"unsupervised_accuracy", "unsupervised_miou", "linear_accuracy", "linear_miou"}
         assert all(0.0 <= v <= 1.0 for v in metrics[side].values())
     assert metrics["backbone"] == "vit_tiny_p8" and metrics["backbone_weights"] == "random initialisation"
+    assert set(metrics["hp_features_kmeans"]) >= {"unsupervised_accuracy", "unsupervised_miou", "cluster_to_class"}
     assert metrics["figure_baseline_accuracy"] == pytest.approx(metrics["baseline"]["unsupervised_accuracy"])
     assert metrics["settings"]["steps"] == 4 and metrics["timings"]["total_s"] > 0
     figure = Image.open(out / "figure.png")
-    assert figure.width > 4 * 128 and figure.height > 4 * 128  # 4 columns, 4 validation rows + titles + legend
+    assert figure.width > 5 * 128 and figure.height > 4 * 128  # 5 columns, 4 validation rows + titles + legend
     # The evaluation of the demo's checkpoint is where predict finds its cluster -> class mapping.
     results = json.loads((out / "run" / "eval-last" / "results.json").read_text())
     assert results["cluster_to_class"] == metrics["cluster_to_class"]
@@ -45,7 +47,7 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
                  "--out", str(predictions), "--no-progress"]) == 0
     summary = json.loads((predictions / "predictions.json").read_text())
     assert summary["mapping"] == str(out / "run" / "eval-last" / "results.json")
-    assert summary["labels"][0]["name"] == "class 0 (stripes)"
+    assert summary["labels"][0]["name"] == "class 0 (stripes)" and len(summary["labels"]) == 6
     assert np.array(Image.open(predictions / "labels" / "photo.png")).shape == (45, 23)
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from hpseg.cli import main
 from hpseg.predict import collect_images
-from tests.test_api import tiny_run
+from tests.test_api import one_thread, tiny_run  # noqa: F401 - one_thread: autouse fixture
 
 
 @pytest.fixture(scope="module")

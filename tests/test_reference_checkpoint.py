@@ -14,6 +14,7 @@ import hpseg
 from hpseg.checkpoint import CheckpointError, load_checkpoint
 from hpseg.cli import main
 from hpseg.reference_checkpoint import infer_backbone
+from tests.test_api import one_thread  # noqa: F401 - autouse fixture
 
 C, D, N_CLASSES, PATCH = 64, 16, 5, 8  # vit_tiny_p8: width 64, patch 8, 2 blocks
 

@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,11 +49,11 @@ class DemoSettings:
 
     steps: int = 300
     seed: int = 0
-    image_size: int = 64  # synthetic images (and the validation view)
-    crop_size: int = 32  # five-crop training crops
+    image_size: int | None = None  # synthetic images and validation view; None: 8 patches (64 px at patch 8)
+    crop_size: int | None = None  # five-crop training crops; None: 4 patches (32 px at patch 8)
     n_train: int = 32
     n_val: int = 24
-    n_classes: int = 4
+    n_classes: int = 6  # with 4 the classes differ by colour alone and k-means on raw features is hard to beat
     batch_size: int = 16
     dim: int = 64  # D, segmentation feature width
     pool_size: int = 256
@@ -130,82 +130,149 @@ def _config(settings: DemoSettings, data: Path, prepared: Path, name: str, weigh
     ])
 
 
+def _kmeans_maps(extractor: Any, crops: Any, validation: Any, n_classes: int, device: torch.device,
+                 seed: int) -> tuple[list[Any], Any, dict[str, Any]]:
+    """k-means (K = n_classes) on ``extractor``'s features of the training crops -- exactly the
+    evaluation's baseline procedure -- then the validation label maps, their Hungarian
+    cluster->class matching over the whole validation set and its scores."""
+    from hpseg.evaluate import fit_baseline
+    from hpseg.inference import kmeans_label_maps
+    from hpseg.metrics import SegmentationMetrics
+
+    centroids, _ = fit_baseline(extractor, crops, n_classes, device, seed=seed, linear_epochs=0)
+    metrics = SegmentationMetrics(n_classes, hungarian=True)
+    maps = []
+    for i in range(len(validation)):
+        item = validation[i]
+        features = extractor(item["image"][None].to(device)).features
+        clusters = kmeans_label_maps(features, centroids, tuple(item["label"].shape))
+        metrics.update(clusters, item["label"][None].to(device))
+        maps.append(clusters[0])
+    scores = metrics.compute()
+    return maps, scores["assignment"], scores
+
+
+def _head_features(backbone: Any, head: Any) -> Any:
+    """Backbone + HP's segmentation head seen as a backbone whose features are s."""
+    import torch
+
+    from hpseg.backbones import BackboneOutput
+
+    class HeadFeatures(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone, self.head, self.patch_size = backbone, head, backbone.patch_size
+
+        @torch.no_grad()
+        def forward(self, images: torch.Tensor, with_attention: bool = False) -> BackboneOutput:
+            return BackboneOutput(self.head(self.backbone(images).features))
+
+    return HeadFeatures().eval()
+
+
 def _figure(segmenter: Any, report: dict[str, Any], config: Any, settings: DemoSettings, device: torch.device,
             path: Path) -> dict[str, Any]:
-    """image | ground truth | baseline | HP for the first validation images; clusters of both
-    methods coloured as the classes the Hungarian matching assigns them."""
+    """image | ground truth | k-means on raw features | HP | k-means on HP's features, for the first
+    validation images; every method's clusters coloured as the classes its Hungarian matching gives."""
+    import torch
     from PIL import Image
 
     from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
-    from hpseg.evaluate import fit_baseline
-    from hpseg.inference import kmeans_label_maps
-    from hpseg.metrics import SegmentationMetrics, apply_assignment
+    from hpseg.metrics import apply_assignment
     from hpseg.predict import _legend
     from hpseg.visualize import figure_grid, palette, save_image_atomic
 
-    n_classes = config.method.n_classes
-    backbone = segmenter.backbone
+    n_classes, seed = config.method.n_classes, config.train.seed
     validation = ValCrops(build_raw_dataset("folder", config.data.root, "val"), size=config.data.val_size)
     crops = TrainCrops(config.data.prepared_path(), with_augmented=False)
-    centroids, _ = fit_baseline(backbone, crops, n_classes, device, seed=config.train.seed, linear_epochs=0)
-    # The baseline's own Hungarian matching over the whole validation set, as in its metrics.
-    metrics = SegmentationMetrics(n_classes, hungarian=True)
-    baseline_maps = []
+    base_maps, base_assignment, base_scores = _kmeans_maps(segmenter.backbone, crops, validation, n_classes, device,
+                                                           seed)
+    # How many of its K centroids HP's cluster probe actually uses on the validation images: a
+    # centroid that never wins a patch gets no gradient (the reference's probe) and stays unused.
+    from hpseg.inference import label_maps
+
+    usage = torch.zeros(n_classes)
     for i in range(len(validation)):
         item = validation[i]
-        features = backbone(item["image"][None].to(device)).features
-        clusters = kmeans_label_maps(features, centroids, tuple(item["label"].shape))
-        metrics.update(clusters, item["label"][None].to(device))
-        baseline_maps.append(clusters[0])
-    baseline_scores = metrics.compute()
-    baseline_assignment = baseline_scores["assignment"]
+        features = segmenter.backbone(item["image"][None].to(device)).features
+        clusters = label_maps(segmenter.model, features, tuple(item["label"].shape)).clusters
+        usage += torch.bincount(clusters.flatten().cpu(), minlength=n_classes).float()
+    used = int((usage / usage.sum() >= 0.005).sum())
+    head = _head_features(segmenter.backbone, segmenter.model.segmentation)
+    head_maps, head_assignment, head_scores = _kmeans_maps(head, crops, validation, n_classes, device, seed)
     rows = []
     for i in range(min(settings.figure_images, len(validation))):
         item = validation[i]
         rgb = item["rgb"]
-        hp = segmenter.segment(rgb, head="cluster")  # mapped to classes by the evaluation's matching
-        base = apply_assignment(baseline_maps[i], baseline_assignment).cpu().numpy()
-        label = item["label"].numpy()
-        rows.append([Image.fromarray(rgb.permute(1, 2, 0).numpy(), "RGB"), label, base, hp])
-    hp_text = f"HP ({100 * report['hp']['unsupervised_miou']:.0f} mIoU)"
-    base_text = f"k-means ({100 * report['baseline']['unsupervised_miou']:.0f} mIoU)"
-    grid = figure_grid(rows, titles=["image", "ground truth", base_text, hp_text], cell=128)
+        rows.append([
+            Image.fromarray(rgb.permute(1, 2, 0).numpy(), "RGB"),
+            item["label"].numpy(),
+            apply_assignment(base_maps[i], base_assignment).cpu().numpy(),
+            segmenter.segment(rgb, head="cluster"),  # mapped to classes by the evaluation's matching
+            apply_assignment(head_maps[i], head_assignment).cpu().numpy(),
+        ])
+    titles = [
+        "image", "ground truth",
+        f"k-means, raw ({100 * report['baseline']['unsupervised_miou']:.0f})",
+        f"HP probe ({100 * report['hp']['unsupervised_miou']:.0f})",
+        f"k-means, HP ({100 * head_scores['miou']:.0f})",
+    ]
+    grid = figure_grid(rows, titles=titles, cell=128)
     colours = palette(n_classes)
-    legend = _legend([(name, tuple(colours[k])) for k, name in enumerate(segmenter.class_names)], grid.width)
+    legend = _legend([(name, tuple(colours[k])) for k, name in enumerate(segmenter.class_names)]
+                     + [("(numbers: unsupervised mIoU)", (255, 255, 255))], grid.width)
     figure = Image.new("RGB", (grid.width, grid.height + legend.height), (255, 255, 255))
     figure.paste(grid, (0, 0))
     figure.paste(legend, (0, grid.height))
     save_image_atomic(figure, path)
-    # The same k-means as the evaluation's (same seed and patches): the figure shows what was scored.
-    return {"baseline_cluster_to_class": [int(v) for v in baseline_assignment],
-            "figure_baseline_accuracy": float(baseline_scores["accuracy"])}
+    return {
+        "hp_features_kmeans": {"unsupervised_accuracy": float(head_scores["accuracy"]),
+                               "unsupervised_miou": float(head_scores["miou"]),
+                               "cluster_to_class": [int(v) for v in head_assignment]},
+        "hp_probe_clusters_used": used,
+        "baseline_cluster_to_class": [int(v) for v in base_assignment],
+        # The same k-means as the evaluation's baseline (same seed and patches): a check that the
+        # figure shows what was scored.
+        "figure_baseline_accuracy": float(base_scores["accuracy"]),
+    }
 
 
-def _explain(report: dict[str, Any], pretrained: bool) -> str:
-    hp, base = report["hp"], report["baseline"]
+def _explain(report: dict[str, Any], extra: dict[str, Any], pretrained: bool) -> str:
+    hp, base, head = report["hp"], report["baseline"], extra["hp_features_kmeans"]
 
-    def pct(value: float) -> str:
-        return f"{100 * value:5.1f}"
+    def pct(value: float | None) -> str:
+        return "    -" if value is None else f"{100 * value:5.1f}"
 
     lines = [
-        "                         HP     k-means baseline",
-        f"  unsupervised accuracy {pct(hp['unsupervised_accuracy'])}   {pct(base['unsupervised_accuracy'])}",
-        f"  unsupervised mIoU     {pct(hp['unsupervised_miou'])}   {pct(base['unsupervised_miou'])}",
-        f"  linear accuracy       {pct(hp['linear_accuracy'])}   {pct(base.get('linear_accuracy', float('nan')))}",
-        f"  linear mIoU           {pct(hp['linear_miou'])}   {pct(base.get('linear_miou', float('nan')))}",
+        "                         k-means on     HP (cluster   k-means on",
+        "                         raw features   probe)        HP's features",
+        f"  unsupervised accuracy  {pct(base['unsupervised_accuracy'])}          {pct(hp['unsupervised_accuracy'])}"
+        f"         {pct(head['unsupervised_accuracy'])}",
+        f"  unsupervised mIoU      {pct(base['unsupervised_miou'])}          {pct(hp['unsupervised_miou'])}"
+        f"         {pct(head['unsupervised_miou'])}",
+        f"  linear accuracy        {pct(base.get('linear_accuracy'))}          {pct(hp['linear_accuracy'])}",
+        f"  linear mIoU            {pct(base.get('linear_miou'))}          {pct(hp['linear_miou'])}",
         "",
-        "What the numbers mean:",
-        "  unsupervised: every pixel gets one of K clusters without ever seeing a label; only to score them",
-        "    are clusters matched one-to-one to classes (Hungarian matching on the validation set), then",
-        "    accuracy = matched pixels / labelled pixels and mIoU = mean intersection-over-union per class.",
-        "    HP clusters its trained segmentation features (cluster probe); the baseline runs k-means on the",
-        "    raw backbone features -- the paper's 'DINO baseline'.",
+        "What the numbers mean (percent):",
+        "  unsupervised: every pixel gets one of K clusters without ever seeing a label; only to score them are",
+        "    clusters matched one-to-one to classes (Hungarian matching on the validation set), then",
+        "    accuracy = matched pixels / labelled pixels and mIoU = mean intersection-over-union over classes.",
+        "    * k-means on raw features: the paper's baseline, clustering the frozen backbone's features;",
+        "    * HP (cluster probe): the paper's protocol, K centroids trained online on HP's features;",
+        "    * k-means on HP's features: the baseline's own clustering applied to HP's features -- the same",
+        "      algorithm on both sides, so the difference is what HP's training adds to the features.",
         "  linear: a linear classifier trained WITH the training labels on the frozen features; it measures",
         "    how much class information the features hold, not unsupervised segmentation.",
     ]
+    k = len(extra["hp_features_kmeans"]["cluster_to_class"])
+    if extra["hp_probe_clusters_used"] < k:
+        lines.append(f"  Note: HP's cluster probe uses only {extra['hp_probe_clusters_used']} of its {k} clusters here: a "
+                     "randomly initialised centroid that never")
+        lines.append("    wins a patch gets no gradient and stays unused (as in the reference), which merges classes;")
+        lines.append("    k-means on the same features does not have this failure.")
     if not pretrained:
-        lines.append("  The backbone is random here: both columns show what HP adds on top of the same features on")
-        lines.append("  toy data, not what it does on real photos (see the README for the paper's numbers).")
+        lines.append("  The backbone is random here: the columns show what HP adds on top of the same features on toy")
+        lines.append("  data, not what it does on real photos (the README has the paper's numbers).")
     return "\n".join(lines)
 
 
@@ -220,21 +287,39 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the demo into ``out`` and return the content of ``metrics.json``."""
-    from hpseg.api import load
-    from hpseg.data import build_raw_dataset, make_synthetic_dataset, prepare_five_crops
-    from hpseg.evaluate import evaluate_checkpoint, write_json_atomic
+    import torch
+
     from hpseg.runtime import resolve_device
-    from hpseg.train import train
 
     settings = settings or DemoSettings()
     if settings.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {settings.steps}")
+    torch_device = resolve_device(device)
+    threads = torch.get_num_threads()
+    if torch_device.type == "cpu":
+        # The demo's tensors are tiny: one thread avoids the per-operation cost of intra-op
+        # parallelism, which on two cores made every step several times slower (measured).
+        torch.set_num_threads(1)
+    try:
+        return _run(Path(out), settings, weights, backbone, torch_device, progress, echo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out: Path, settings: DemoSettings, weights: str | None, backbone: str | None, torch_device: torch.device,
+         progress: bool, echo: Callable[[str], None]) -> dict[str, Any]:
+    from hpseg.api import load
+    from hpseg.backbones import get_spec
+    from hpseg.data import build_raw_dataset, make_synthetic_dataset, prepare_five_crops
+    from hpseg.evaluate import evaluate_checkpoint, write_json_atomic
+    from hpseg.train import train
+
     started = time.time()
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    torch_device = resolve_device(device)
     name, weights_file, pretrained = _choose_backbone(out, weights, backbone, echo)
+    patch = get_spec(name).patch_size
+    settings = replace(settings, image_size=settings.image_size or 8 * patch, crop_size=settings.crop_size or 4 * patch)
 
     echo(f"[1/4] synthetic dataset: {settings.n_train} training and {settings.n_val} validation images of "
          f"{settings.image_size}x{settings.image_size}, {settings.n_classes} classes -> {out / 'data'}")
@@ -294,9 +379,10 @@ def run_demo(
     }
     write_json_atomic(metrics, out / "metrics.json")
     echo("")
-    echo(_explain(report, pretrained))
+    echo(_explain(report, extra, pretrained))
     echo("")
-    echo(f"figure:  {out / 'figure.png'}  (image | ground truth | k-means baseline | HP)")
+    echo(f"figure:  {out / 'figure.png'}  (image | ground truth | k-means on raw features | HP | k-means on HP's "
+         "features)")
     echo(f"metrics: {out / 'metrics.json'}")
     echo(f"model:   {checkpoint}  -- try: hpseg predict {data / 'val' / 'images'} --checkpoint {checkpoint} "
          f"--out {out / 'predictions'} --figure")
@@ -316,17 +402,19 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--backbone", help=f"backbone name (default {DINO_BACKBONE} with weights, "
                                            f"{RANDOM_BACKBONE} without)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--image-size", type=int, default=defaults.image_size, help="synthetic image side")
-    parser.add_argument("--crop-size", type=int, default=defaults.crop_size, help="training crop side")
+    parser.add_argument("--image-size", type=int, help="synthetic image side (default: 8 patches, 64 px on vit_tiny_p8)")
+    parser.add_argument("--crop-size", type=int, help="training crop side (default: 4 patches, 32 px on vit_tiny_p8)")
     parser.add_argument("--n-train", type=int, default=defaults.n_train, help="synthetic training images")
     parser.add_argument("--n-val", type=int, default=defaults.n_val, help="synthetic validation images")
+    parser.add_argument("--n-classes", type=int, default=defaults.n_classes, help="synthetic classes (= clusters)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--no-progress", action="store_true")
 
 
 def run_cli(args: Any) -> int:
     settings = DemoSettings(steps=args.steps, seed=args.seed, image_size=args.image_size, crop_size=args.crop_size,
-                            n_train=args.n_train, n_val=args.n_val, batch_size=args.batch_size)
+                            n_train=args.n_train, n_val=args.n_val, n_classes=args.n_classes,
+                            batch_size=args.batch_size)
     run_demo(args.out, settings=settings, weights=args.weights, backbone=args.backbone, device=args.device,
              progress=not args.no_progress)
     return 0
