@@ -397,11 +397,13 @@ def build_feature_cache(
                 out = backbone(images, with_attention=True)
             neighbour = attention_neighbour_weights(out.attention, (h, w), backbone.num_prefix_tokens, sigma,
                                                     clamp_quantiles=CLAMP_QUANTILES)
+            if not torch.isfinite(out.features).all():
+                raise FeatureCacheError(f"the backbone gave non-finite features for crops {indices[0]}..{indices[-1]}")
             stored = out.features.float().to(getattr(torch, dtype))
             if not torch.isfinite(stored).all():
                 raise FeatureCacheError(
-                    f"backbone features of crops {indices[0]}..{indices[-1]} do not fit {dtype}"
-                    + (" (values beyond ±65504): build the cache with --dtype float32" if dtype == "float16" else "")
+                    f"backbone features of crops {indices[0]}..{indices[-1]} exceed the float16 range (±65504): "
+                    "build the cache with --dtype float32"
                 )
             start, stop = indices[0], indices[-1] + 1
             features[start:stop] = stored.cpu().numpy()

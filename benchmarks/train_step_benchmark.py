@@ -1,0 +1,248 @@
+"""Training step time and peak memory: backbone features vs the feature cache (``hpseg cache``).
+
+For each backbone / crop size / batch size / α it measures, in a fresh child process each (so
+that peak resident memory is that configuration's own):
+
+* ``backbone``: :class:`hpseg.features.BackboneFeatures` — the frozen ViT runs with attention
+  capture on every batch, then the §4 processing of the attention;
+* ``cache``: :class:`hpseg.cache.CachedFeatures` — f and the LHP weights read from the cache
+  (float16 features), the backbone only for the photometric view when α > 0.
+
+A step is timed from fetching its inputs (reading crops, or the cache) to the optimiser update,
+i.e. ``next(steps)`` + ``Trainer.training_step``; the first ``--warmup`` steps are not timed.
+Both wall-clock and CPU time (``time.process_time``) are recorded; with ``--threads 1`` (the
+default) CPU time is the compute time and hardly depends on other processes sharing the machine,
+so it is the better number on a busy host (GPU runs: use wall-clock).
+Reference pools are built before the timed steps (not timed). Memory: on the CPU the peak
+resident set of the steps alone (the kernel's high-water mark ``VmHWM``, reset through
+``/proc/self/clear_refs`` once the pools are built) and its growth over the resident set
+before the first step; on CUDA ``torch.cuda.max_memory_allocated`` over the steps.
+
+The backbones are randomly initialised (``pretrained=False``): speed and memory do not depend
+on the weights. Data: a synthetic folder dataset, five-cropped at the crop size.
+
+    python benchmarks/train_step_benchmark.py                       # tiny ViT 32 px + ViT-S/8 224 px
+    python benchmarks/train_step_benchmark.py --configs dino_vits8:224:4,8 --alphas 0.05 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_CONFIGS = "vit_tiny_p8:32:8,32;dino_vits8:224:4,8"
+
+
+def prepare(work: Path, crop_size: int, n_images: int) -> Path:
+    from hpseg.data import build_raw_dataset, make_synthetic_dataset, prepare_five_crops
+
+    root = work / f"data_{crop_size}"
+    if not (root / "hpseg_prepared" / f"train_{crop_size}" / "manifest.json").exists():
+        make_synthetic_dataset(root, n_train=n_images, n_val=2, size=max(64, crop_size * 2), n_classes=4, seed=0)
+        raw = build_raw_dataset("folder", root, "train")
+        prepare_five_crops(raw, root / "hpseg_prepared" / f"train_{crop_size}", crop_size=crop_size, progress=False)
+    return root
+
+
+def overrides(name: str, root: Path, crop_size: int, batch: int, alpha: float, device: str, cache: str) -> list[str]:
+    return [
+        f"backbone.name={name}", "backbone.pretrained=false", "data.dataset=folder", f"data.root={root}",
+        f"data.crop_size={crop_size}", "data.num_workers=0", f"data.feature_cache={cache}",
+        f"train.batch_size={batch}", f"method.alpha={alpha}", f"train.device={device}",
+    ]
+
+
+def build_cache(name: str, root: Path, crop_size: int, device: str) -> dict:
+    """Build the cache the way `hpseg cache` does (random backbones are seeded: the trainer's is the same)."""
+    import torch
+
+    from hpseg.backbones import create_backbone
+    from hpseg.cache import build_feature_cache, default_cache_dir
+    from hpseg.config import load_preset
+    from hpseg.runtime import amp_dtype, resolve_device
+
+    config = load_preset("cocostuff27").override(overrides(name, root, crop_size, 8, 0.0, device, "auto"))
+    dev = resolve_device(device)
+    backbone = create_backbone(name, pretrained=False).to(dev)
+    out = default_cache_dir(config.data.prepared_path(), name)
+    shutil.rmtree(out, ignore_errors=True)  # time a full build
+    started, cpu_started = time.perf_counter(), time.process_time()
+    build_feature_cache(backbone, config.data.prepared_path(), out, sigma=config.method.sigma, batch_size=8,
+                        device=dev, amp_dtype=amp_dtype(config.train.amp, dev), progress=False, log=None,
+                        overwrite=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    meta = json.loads((out / "meta.json").read_text())
+    size = sum((out / meta[k]["file"]).stat().st_size for k in ("features", "neighbour_weights"))
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+            "crops": meta["data"]["n_crops"], "bytes": size}
+
+
+def child(spec: dict) -> dict:
+    """One configuration, in this process."""
+    import torch
+
+    from hpseg.config import load_preset
+    from hpseg.train import Trainer
+
+    config = load_preset("cocostuff27").override(
+        overrides(spec["name"], Path(spec["root"]), spec["crop"], spec["batch"], spec["alpha"], spec["device"],
+                  "auto" if spec["mode"] == "cache" else "off")
+    )
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(config, Path(run_dir), progress=False)
+        expected = "CachedFeatures" if spec["mode"] == "cache" else "BackboneFeatures"
+        assert type(trainer.features).__name__ == expected, type(trainer.features).__name__
+        cuda = trainer.device.type == "cuda"
+        trainer.state.pool_agnostic = trainer.build_agnostic_pool()
+        trainer.state.pool_specific = trainer.build_specific_pool()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(trainer.device)
+            before = torch.cuda.memory_allocated(trainer.device)
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            before = _proc_status("VmRSS")
+        batches = [b for epoch in range(100) for b in trainer._batches(epoch)][: spec["warmup"] + spec["steps"]]
+        steps = trainer.features.steps(batches)
+        fetch, total, cpu = [], [], []
+        for i in range(len(batches)):
+            if cuda:
+                torch.cuda.synchronize()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            inputs = next(steps)
+            if cuda:
+                torch.cuda.synchronize()
+            got = time.perf_counter()
+            trainer.training_step(inputs, lmbd=0.5)
+            if cuda:
+                torch.cuda.synchronize()
+            end, cpu_end = time.perf_counter(), time.process_time()
+            if i >= spec["warmup"]:
+                fetch.append(got - start)
+                total.append(end - start)
+                cpu.append(cpu_end - cpu_start)
+        peak = torch.cuda.max_memory_allocated(trainer.device) if cuda else _proc_status("VmHWM")
+    return {**spec, "step_s": statistics.median(total), "fetch_s": statistics.median(fetch),
+            "cpu_s": statistics.median(cpu), "min_step_s": min(total), "peak_bytes": peak,
+            "growth_bytes": peak - before, "process_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_kind": "cuda allocated" if cuda else "VmHWM of the steps"}
+
+
+def _proc_status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def run_child(spec: dict) -> dict:
+    threads = str(spec["threads"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    result = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                            env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"child {spec} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"{gpu}, Python {platform.python_version()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS,
+                        help="NAME:CROP:B1,B2;... backbone, crop size and batch sizes (default: %(default)s)")
+    parser.add_argument("--alphas", default="0.05,0", help="consistency weights to measure (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+    parser.add_argument("--images", type=int, default=4, help="synthetic training images (x5 crops)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time = compute time)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work", help="work directory (default: a temporary one)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+        print(json.dumps(child(spec)))
+        return
+
+    alphas = [float(a) for a in args.alphas.split(",")]
+    work_context = tempfile.TemporaryDirectory() if not args.work else None
+    work = Path(args.work or work_context.name)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}")
+    print(f"command: python {' '.join(sys.argv)}")
+    rows, builds = [], {}
+    for entry in args.configs.split(";"):
+        name, crop, sizes = entry.split(":")
+        crop = int(crop)
+        root = prepare(work, crop, args.images)
+        builds[(name, crop)] = build_cache(name, root, crop, args.device)
+        b = builds[(name, crop)]
+        print(f"cache build {name} {crop}px: {b['crops']} crops in {b['seconds']:.2f} s wall, "
+              f"{b['cpu_seconds']:.2f} s CPU ({b['crops'] / b['cpu_seconds']:.2f} crops per CPU second), "
+              f"{b['bytes'] / 2**20:.2f} MiB", flush=True)
+        for batch in (int(s) for s in sizes.split(",")):
+            for alpha in alphas:
+                for mode in ("backbone", "cache"):
+                    spec = {"name": name, "crop": crop, "batch": batch, "alpha": alpha, "mode": mode,
+                            "root": str(root), "device": args.device, "steps": args.steps, "warmup": args.warmup,
+                            "threads": args.threads}
+                    result = run_child(spec)
+                    rows.append(result)
+                    print(f"  {name} {crop}px B={batch} alpha={alpha} {mode}: step {result['cpu_s']:.3f} s CPU, "
+                          f"{result['step_s']:.3f} s wall (inputs {result['fetch_s']:.3f} s wall), "
+                          f"peak {result['peak_bytes'] / 2**20:.0f} MiB (+{result['growth_bytes'] / 2**20:.0f} MiB "
+                          "over the resident set before the steps)", flush=True)
+
+    print()
+    print("| backbone | crop | batch | α | step CPU s, backbone | step CPU s, cache | ratio | step wall s, backbone "
+          "| step wall s, cache | inputs wall s, backbone | inputs wall s, cache | step peak MiB, backbone "
+          "| step peak MiB, cache |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for i in range(0, len(rows), 2):
+        live, cached = rows[i], rows[i + 1]
+        print(f"| {live['name']} | {live['crop']} | {live['batch']} | {live['alpha']:g} | {live['cpu_s']:.3f} | "
+              f"{cached['cpu_s']:.3f} | {live['cpu_s'] / cached['cpu_s']:.1f}x | {live['step_s']:.3f} | "
+              f"{cached['step_s']:.3f} | {live['fetch_s']:.3f} | {cached['fetch_s']:.3f} | "
+              f"{live['peak_bytes'] / 2**20:.0f} (+{live['growth_bytes'] / 2**20:.0f}) | "
+              f"{cached['peak_bytes'] / 2**20:.0f} (+{cached['growth_bytes'] / 2**20:.0f}) |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "rows": rows,
+                                               "builds": {f"{k[0]}:{k[1]}": v for k, v in builds.items()}}, indent=1))
+    if work_context is not None:
+        work_context.cleanup()
+
+
+if __name__ == "__main__":
+    main()
