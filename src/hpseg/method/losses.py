@@ -6,46 +6,55 @@ set C(i), the per-anchor quantity is
     n_i(z) = sum_j w_ij log p_ij,   log p_ij = <z_i, z_j>/tau - log sum_{k in C(i)} exp(<z_i, z_k>/tau)
 
 (the reference subtracts max_k <z_i, z_k>/tau first; it cancels in log p and only serves
-stability, which logsumexp gives here). With m_i = n_i / W_i, W_i = sum_j w_ij and, per image,
-omega_i = W_i / mean over kept anchors of W, the image loss -mean_i(f m_i omega_i) over the
-kept anchors (those with a task-agnostic positive) equals
+stability; here a per-anchor maximum plays that part). With m_i = n_i / W_i, W_i = sum_j w_ij
+and, per image, omega_i = W_i / mean over kept anchors of W, the image loss -mean_i(f m_i omega_i)
+over the kept anchors (those with a task-agnostic positive) equals
 
     L(b) = -f * sum_{i kept} n_i / sum_{i kept} W_i                 (reweighting)
     L(b) = -f * mean_{i kept} n_i / W_i                            (no reweighting)
 
-with f = tau / tau_base [ref quirk] or 1. So the loss is linear in n_i with coefficients that
-depend on the masks only, which is what lets the backward pass recompute one chunk of anchors
-at a time: memory stays O(chunk x N) instead of the reference's O(hw x N) per image, kept alive
-for every image until backward.
+with f = tau / tau_base [ref quirk] or 1. So the loss is -sum_i c_i n_i with coefficients c_i
+that depend on the masks of the anchor's image only. How it is computed:
 
-Peak memory at the paper's scale (batch 64, ViT-S/8: N = 50,176, D = 512, C = 384), float32,
-automatic chunk of 334 anchors: inputs and gradients about 0.6 GB plus about 0.35 GB of
-chunk temporaries — about 1 GB in all (measured in ``benchmarks/loss_benchmark.py``), against
-tens of GB for storing the (hw x N) matrices of every image.
+- One image at a time: its anchors' masks against all N patches first (``positives.image_masks``,
+  which compares each pair of patches once: TA and TS are symmetric), then its coefficients,
+  then its anchors' terms, in chunks. The gradient is computed along with the value (it is
+  linear in the same per-pair quantities), so backward only scales it: nothing is recomputed.
+- Only the pairs (i, j) with j in C(i) or TS(i), for kept anchors i, need a logit; with
+  rho = 0.02 that is a few percent of the N^2 pairs. A chunk of anchors against the hw patches
+  of one image (a tile) goes through sparse kernels (sampled products for the logits, sparse x
+  dense products for the gradients) when at most ``SPARSE_DENSITY_LIMIT`` of its pairs need one,
+  and through dense products otherwise (an image against itself, rho = 1 as for Potsdam).
+- Memory is O(hw x N) for one image's masks and one chunk's temporaries, plus at most N^2 / 16
+  bytes for the bit-packed mask blocks kept for later images, instead of the reference's (hw x N)
+  matrices of every image kept alive until backward (O(N^2) floats).
+
+Measured peak at the paper's scale (batch 64, ViT-S/8: N = 50,176, D = 512, C = 384, float32,
+rho = 0.02, ``benchmarks/loss_benchmark.py --paper-scale``): PEAK_PLACEHOLDER
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import torch
 import torch.nn.functional as F
 
-from hpseg.method.positives import ContrastDraw, PositiveInputs, PositiveMasks
+from hpseg.method.positives import ContrastDraw, PositiveInputs, PositiveMasks, image_masks
 
-# A chunk's (chunk x N) temporaries hold about this many elements each.
-_CHUNK_ELEMENTS = 1 << 24
+# Anchors per chunk: one image's, unless a (chunk x N) temporary would exceed this many elements.
+_CHUNK_ELEMENTS = 1 << 26
+# Logits are needed only for the pairs (i, j) with j in C(i) or TS(i), of anchors i that have a
+# positive. A chunk of anchors against the patches of one image (a tile) whose share of such pairs
+# is at most this goes through sparse kernels; denser tiles (an image against itself, rho near 1
+# as for Potsdam) through dense products.
+SPARSE_DENSITY_LIMIT = 0.15
 
 
-def auto_chunk_size(n_patches: int) -> int:
-    """Anchors per chunk so that one (chunk x N) float32 matrix takes about 64 MB."""
-    return max(1, min(n_patches, _CHUNK_ELEMENTS // max(1, n_patches)))
-
-
-def _positive_weights(masks: PositiveMasks, lmbd: float, dtype: torch.dtype) -> torch.Tensor:
-    """(chunk, N) w_ij = 1[j in TA(i)] + lambda 1[j in TS(i)]; TS is not read while lambda = 0."""
-    weights = masks.task_agnostic.to(dtype)
-    if lmbd != 0.0:
-        weights = weights + lmbd * masks.task_specific.to(dtype)
-    return weights
+def auto_chunk_size(n_patches: int, patches_per_image: int) -> int:
+    """Anchors per chunk: a whole image (hw), or fewer if one (chunk x N) float32 matrix would pass 256 MB."""
+    return max(1, min(patches_per_image, _CHUNK_ELEMENTS // max(1, n_patches)))
 
 
 def _accumulation_dtype(matmul_dtype: torch.dtype) -> torch.dtype:
@@ -53,14 +62,285 @@ def _accumulation_dtype(matmul_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if matmul_dtype == torch.float64 else torch.float32
 
 
-def _logits(embeddings: torch.Tensor, start: int, stop: int, tau: float, dtype: torch.dtype) -> torch.Tensor:
-    """(stop - start, N) <z_i, z_j> / tau for the anchors of the chunk."""
-    product = embeddings[start:stop].to(dtype) @ embeddings.to(dtype).T
-    return product.to(_accumulation_dtype(dtype)) / tau
+def _csr(row_starts: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, size) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+        return torch.sparse_csr_tensor(row_starts, columns, values, size=size, check_invariants=False)
+
+
+@functools.lru_cache(maxsize=64)
+def _byte_group(n: int) -> int:
+    return max(g for g in range(1, min(n, 255) + 1) if n % g == 0)
+
+
+def _count_true(mask: torch.Tensor) -> torch.Tensor:
+    """Number of True along the last dimension, int32.
+
+    Sums the bytes in groups of at most 255 in uint8 first: bool.sum casts the whole mask to int64,
+    several times slower.
+    """
+    n = mask.shape[-1]
+    group = _byte_group(n)
+    partial = mask.view(torch.uint8).reshape(*mask.shape[:-1], n // group, group).sum(-1, dtype=torch.uint8)
+    return partial.sum(-1, dtype=torch.int32)
+
+
+def _image_coefficients(
+    weight_sums: torch.Tensor, kept: torch.Tensor, scale: float, reweighting: bool, n_images: int
+) -> torch.Tensor:
+    """Per-anchor c_i of one image such that its loss is -sum_i c_i n_i (see the module docstring)."""
+    if reweighting:
+        denominators = torch.where(kept, weight_sums, 0.0).sum().expand_as(weight_sums)
+    else:
+        denominators = weight_sums * kept.sum()
+    # Anchors without a task-agnostic positive are skipped; an image with none adds nothing
+    # (the reference would produce NaN there).
+    return torch.where(kept, scale / denominators.clamp_min(1e-12), 0.0) / (2 * n_images)
+
+
+class _SparsePairs:
+    """The pairs of a chunk (anchors x N bool) in the sparse tiles, as one CSR block per tile.
+
+    A tile is the hw patches of one image (so the embedding rows a kernel gathers stay in cache).
+    Entries are numbered tile after tile, row-major inside a tile; each block is also kept
+    transposed (for sum_i g_ij e_i).
+    """
+
+    def __init__(self, pairs: torch.Tensor, hw: int, transposed: bool):
+        n_anchors, n_patches = pairs.shape
+        tiles = pairs.view(n_anchors, n_patches // hw, hw)
+        tile, rows, cols = tiles.transpose(0, 1).nonzero().unbind(1)  # tile-major order
+        columns = tile * hw + cols
+        self.rows, self.flat = rows, rows * n_patches + columns
+        counts = _count_true(tiles).T.reshape(-1)  # (tiles x anchors,)
+        row_pointer = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=pairs.device)
+        torch.cumsum(counts, 0, out=row_pointer[1:])
+        if transposed:
+            self.order = torch.argsort(columns, stable=True)  # tile-major, then column-major
+            self.rows_by_col = rows[self.order]
+            col_pointer = torch.zeros(n_patches + 1, dtype=torch.int64, device=pairs.device)
+            torch.cumsum(torch.bincount(columns, minlength=n_patches), 0, out=col_pointer[1:])
+        self.blocks = []
+        pointers = row_pointer[:: n_anchors].tolist()
+        for t, (low, high) in enumerate(zip(pointers[:-1], pointers[1:])):
+            if high == low:
+                continue
+            block = dict(
+                columns=slice(t * hw, (t + 1) * hw), entries=slice(low, high),
+                row_starts=row_pointer[t * n_anchors : (t + 1) * n_anchors + 1] - low,
+            )
+            if transposed:
+                block["col_starts"] = col_pointer[t * hw : (t + 1) * hw + 1] - low
+            self.blocks.append(block)
+        self.cols = cols
+
+    def products(self, anchors: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """<anchors_i, embedding_j> of every pair (i, j), in entry order."""
+        n_anchors = anchors.shape[0]
+        values = [
+            torch.sparse.sampled_addmm(
+                _csr(b["row_starts"], self.cols[b["entries"]], anchors.new_zeros(b["entries"].stop - b["entries"].start),
+                     (n_anchors, b["columns"].stop - b["columns"].start)),
+                anchors, embedding[b["columns"]].T, beta=0.0,
+            ).values()
+            for b in self.blocks
+        ]
+        return torch.cat(values) if values else anchors.new_zeros(0)
+
+    def add_gradients(
+        self, pair_grad: torch.Tensor, anchors: torch.Tensor, embedding: torch.Tensor, grad: torch.Tensor, rows: slice
+    ) -> None:
+        """grad_i += sum_j g_ij e_j for the anchors i (``rows`` of grad) and grad_j += sum_i g_ij e_i."""
+        n_anchors = anchors.shape[0]
+        by_col = pair_grad[self.order]
+        for b in self.blocks:
+            entries, columns = b["entries"], b["columns"]
+            width = columns.stop - columns.start
+            grad[rows].addmm_(
+                _csr(b["row_starts"], self.cols[entries], pair_grad[entries], (n_anchors, width)), embedding[columns]
+            )
+            grad[columns].addmm_(
+                _csr(b["col_starts"], self.rows_by_col[entries], by_col[entries], (width, n_anchors)), anchors
+            )
+
+
+def _dense_ranges(dense: list[bool], hw: int) -> list[slice]:
+    """Column ranges of the dense tiles (one tile per image), neighbours merged."""
+    ranges: list[slice] = []
+    for image, is_dense in enumerate(dense):
+        if not is_dense:
+            continue
+        if ranges and ranges[-1].stop == image * hw:
+            ranges[-1] = slice(ranges[-1].start, (image + 1) * hw)
+        else:
+            ranges.append(slice(image * hw, (image + 1) * hw))
+    return ranges
+
+
+def _chunk_loss(
+    masks: PositiveMasks,
+    rows: slice,
+    kept: torch.Tensor,
+    weight_sums: torch.Tensor,
+    coefficients: torch.Tensor,
+    embeddings: list[torch.Tensor],
+    grads: list[torch.Tensor | None],
+    lmbd: float,
+    tau: float,
+    hw: int,
+    matmul_dtype: torch.dtype,
+) -> torch.Tensor:
+    """sum_i c_i (n_i(z) + n_i(z_mix)) over the anchors ``rows`` of a batch; adds the gradients of
+    -sum_i c_i n_i to ``grads``. ``masks`` are these anchors' (chunk, N) masks."""
+    dtype, device = embeddings[0].dtype, embeddings[0].device
+    n_anchors, n_patches = masks.task_agnostic.shape
+    pairs = masks.contrast.clone()
+    if masks.task_specific is not None:
+        pairs.logical_or_(masks.task_specific)
+    pairs[(~kept).nonzero()[:, 0]] = False
+    dense_tiles = _count_true(pairs.view(n_anchors, n_patches // hw, hw)).sum(0) > SPARSE_DENSITY_LIMIT * n_anchors * hw
+    dense_ranges = _dense_ranges(dense_tiles.tolist(), hw)
+    for columns in dense_ranges:
+        pairs[:, columns] = False  # what is left of the pairs goes through sparse kernels
+    want_grad = any(grad is not None for grad in grads)
+
+    def weights_of(agnostic: torch.Tensor, specific: torch.Tensor | None) -> torch.Tensor:
+        weights = agnostic.to(dtype)
+        if specific is not None:
+            weights.add_(specific.to(dtype), alpha=lmbd)
+        return weights
+
+    dense = [
+        (columns, weights_of(masks.task_agnostic[:, columns],
+                             None if masks.task_specific is None else masks.task_specific[:, columns]),
+         masks.contrast[:, columns])
+        for columns in dense_ranges
+    ]
+    sparse = _SparsePairs(pairs, hw, transposed=want_grad)
+    sparse_weights = weights_of(
+        masks.task_agnostic.reshape(-1)[sparse.flat],
+        None if masks.task_specific is None else masks.task_specific.reshape(-1)[sparse.flat],
+    )
+    sparse_contrast = masks.contrast.reshape(-1)[sparse.flat]
+    sparse_rows = sparse.rows
+
+    total = torch.zeros((), dtype=dtype, device=device)
+    for embedding, grad in zip(embeddings, grads):
+        anchors = embedding[rows]
+        scaled = anchors / tau
+        source = embedding.to(matmul_dtype)
+        dense_logits = [(scaled.to(matmul_dtype) @ source[columns].T).to(dtype) for columns, _, _ in dense]
+        sparse_logits = sparse.products(scaled, embedding)
+        # Any per-anchor shift gives the same log-softmax; the row maximum keeps exp in range.
+        shift = torch.full((n_anchors,), float("-inf"), dtype=dtype, device=device)
+        shift.scatter_reduce_(0, sparse_rows, sparse_logits, "amax")
+        weighted = torch.zeros_like(shift).index_add_(0, sparse_rows, sparse_weights * sparse_logits)
+        for logits, (_, weights, _) in zip(dense_logits, dense):
+            torch.maximum(shift, logits.amax(1), out=shift)
+            weighted += torch.linalg.vecdot(weights, logits)
+        shift = torch.where(torch.isfinite(shift), shift, 0.0)  # anchors without any pair
+        # In place from here on: the logits are spent.
+        sparse_exp = sparse_logits.sub_(shift[sparse_rows]).exp_().mul_(sparse_contrast)
+        normaliser = torch.zeros_like(shift).index_add_(0, sparse_rows, sparse_exp)
+        dense_exp = [
+            logits.sub_(shift[:, None]).exp_().mul_(contrast) for logits, (_, _, contrast) in zip(dense_logits, dense)
+        ]
+        for exp_logits in dense_exp:
+            normaliser += exp_logits.sum(1)
+        values = weighted - weight_sums * (shift + normaliser.log())
+        total += torch.where(kept, coefficients * values, 0.0).sum()
+        if grad is None:
+            continue
+        # d(-c_i n_i)/d logit_ij = c_i (W_i p_ij - w_ij), p_ij = exp_ij / normaliser_i; logit = <e_i, e_j> / tau.
+        softmax_scale = torch.where(kept, coefficients * weight_sums / normaliser, 0.0) / tau
+        weight_scale = coefficients / tau
+        pair_grad = sparse_exp.mul_(softmax_scale[sparse_rows]).sub_(sparse_weights * weight_scale[sparse_rows])
+        sparse.add_gradients(pair_grad, anchors, embedding, grad, rows)
+        for exp_logits, (columns, weights, _) in zip(dense_exp, dense):
+            pair_grad = exp_logits.mul_(softmax_scale[:, None]).addcmul_(weights, -weight_scale[:, None])
+            _add_dense_gradients(pair_grad, source, grad, rows, columns)
+    return total
+
+
+def _add_dense_gradients(
+    pair_grad: torch.Tensor, source: torch.Tensor, grad: torch.Tensor, rows: slice, columns: slice
+) -> None:
+    """grad_i += sum_j g_ij e_j (anchors i in ``rows``) and grad_j += sum_i g_ij e_i (j in ``columns``).
+
+    ``source`` is the embedding in the product dtype. Where the columns hold the anchors themselves
+    (an image against itself) both sums land on the same rows: one product with g + g^T does the
+    two. Under float16 products g is scaled to a maximum of 1 first: its entries (about
+    coefficient / tau, 1e-7 at the paper's batch) would otherwise fall below float16's range.
+    """
+    factor = 1.0
+    if source.dtype == torch.float16:
+        factor = float(pair_grad.abs().amax().clamp_min(1e-30))
+        pair_grad = (pair_grad / factor).to(source.dtype)
+    else:
+        pair_grad = pair_grad.to(source.dtype)
+
+    def add(target: torch.Tensor, product: torch.Tensor) -> None:
+        target.add_(product.to(target.dtype), alpha=factor)
+
+    inner = slice(max(rows.start, columns.start), min(rows.stop, columns.stop))
+    if inner != rows:  # the anchors are not all among the columns
+        add(grad[rows], pair_grad @ source[columns])
+        add(grad[columns], pair_grad.T @ source[rows])
+        return
+    square = pair_grad[:, inner.start - columns.start : inner.stop - columns.start]
+    add(grad[rows], (square + square.T) @ source[rows])
+    for outer in (slice(columns.start, inner.start), slice(inner.stop, columns.stop)):
+        if outer.start < outer.stop:
+            part = pair_grad[:, outer.start - columns.start : outer.stop - columns.start]
+            add(grad[rows], part @ source[outer])
+            add(grad[outer], part.T @ source[rows])
+
+
+def _loss_and_gradients(
+    embeddings: list[torch.Tensor],
+    want_grads: list[bool],
+    inputs: PositiveInputs,
+    lmbd: float,
+    tau: float,
+    scale: float,
+    reweighting: bool,
+    chunk_size: int,
+    matmul_dtype: torch.dtype,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """The loss -sum_i c_i (n_i(z) + n_i(z_mix)) and its gradients, one image at a time."""
+    dtype = _accumulation_dtype(matmul_dtype)
+    embeddings = [e.detach().to(dtype) for e in embeddings]
+    grads = [torch.zeros_like(e) if want else None for e, want in zip(embeddings, want_grads)]
+    n_patches, hw = embeddings[0].shape[0], inputs.patches_per_image
+    n_images = n_patches // hw
+    total = torch.zeros((), dtype=dtype, device=embeddings[0].device)
+    # The coefficients of an image need all its anchors' masks: they come one image at a time.
+    for image, masks in enumerate(image_masks(inputs, task_specific=lmbd != 0.0, chunk_size=chunk_size)):
+        agnostic_counts = _count_true(masks.task_agnostic)
+        kept = agnostic_counts > 0
+        weight_sums = agnostic_counts.to(dtype)
+        if masks.task_specific is not None:
+            weight_sums += lmbd * _count_true(masks.task_specific).to(dtype)
+        coefficients = _image_coefficients(weight_sums, kept, scale, reweighting, n_images)
+        for first in range(0, hw, chunk_size):
+            local = slice(first, min(first + chunk_size, hw))
+            if not bool(kept[local].any()):
+                continue
+            chunk_masks = PositiveMasks(
+                masks.task_agnostic[local],
+                None if masks.task_specific is None else masks.task_specific[local],
+                masks.contrast[local],
+            )
+            rows = slice(image * hw + local.start, image * hw + local.stop)
+            total += _chunk_loss(
+                chunk_masks, rows, kept[local], weight_sums[local], coefficients[local], embeddings, grads,
+                lmbd, tau, hw, matmul_dtype,
+            )
+    return -total, grads
 
 
 class _HiddenPositiveLoss(torch.autograd.Function):
-    """sum_i coefficient_i * (n_i(z) + n_i(z_mix)), recomputing each anchor chunk in backward."""
+    """-sum_i c_i (n_i(z) + n_i(z_mix)); the gradients are computed along with the value."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -74,69 +354,24 @@ class _HiddenPositiveLoss(torch.autograd.Function):
         reweighting: bool,
         chunk_size: int,
         matmul_dtype: torch.dtype,
+        grad_enabled: bool,
     ) -> torch.Tensor:
-        n_patches = z.shape[0]
-        hw = inputs.patches_per_image
-        accumulate = _accumulation_dtype(matmul_dtype)
-        numerators = torch.zeros(n_patches, device=z.device, dtype=accumulate)
-        weight_sums = torch.zeros(n_patches, device=z.device, dtype=accumulate)
-        kept = torch.zeros(n_patches, dtype=torch.bool, device=z.device)
-        for start in range(0, n_patches, chunk_size):
-            stop = min(start + chunk_size, n_patches)
-            masks = inputs.masks(start, stop)
-            weights = _positive_weights(masks, lmbd, accumulate)
-            weight_sums[start:stop] = weights.sum(1)
-            kept[start:stop] = masks.task_agnostic.any(1)
-            for embeddings in (z, z_mix):
-                logits = _logits(embeddings, start, stop, tau, matmul_dtype)
-                log_normaliser = logits.masked_fill(~masks.contrast, float("-inf")).logsumexp(1)
-                value = (weights * logits).sum(1) - weight_sums[start:stop] * log_normaliser
-                numerators[start:stop] += torch.where(kept[start:stop], value, torch.zeros_like(value))
-
-        kept_per_image = kept.view(-1, hw)
-        weights_per_image = torch.where(kept, weight_sums, torch.zeros_like(weight_sums)).view(-1, hw)
-        if reweighting:
-            denominators = weights_per_image.sum(1, keepdim=True).expand(-1, hw)
-        else:
-            denominators = weight_sums.view(-1, hw) * kept_per_image.sum(1, keepdim=True)
-        # Anchors without a task-agnostic positive are skipped; an image with none adds nothing
-        # (the reference would produce NaN there).
-        coefficients = torch.where(kept_per_image, scale / denominators.clamp_min(1e-12), 0.0).reshape(-1)
-        coefficients = coefficients / (2 * kept_per_image.shape[0])
-
-        ctx.save_for_backward(z, z_mix, coefficients, weight_sums, kept)
-        ctx.inputs = inputs
-        ctx.settings = (lmbd, tau, chunk_size, matmul_dtype)
-        return -(coefficients * numerators).sum()
+        want = [grad_enabled and bool(ctx.needs_input_grad[k]) for k in range(2)]
+        loss, grads = _loss_and_gradients(
+            [z, z_mix], want, inputs, lmbd, tau, scale, reweighting, chunk_size, matmul_dtype
+        )
+        ctx.grads = grads
+        ctx.dtypes = (z.dtype, z_mix.dtype)
+        return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        z, z_mix, coefficients, weight_sums, kept = ctx.saved_tensors
-        inputs: PositiveInputs = ctx.inputs
-        lmbd, tau, chunk_size, matmul_dtype = ctx.settings
-        accumulate = _accumulation_dtype(matmul_dtype)
-        grads = [torch.zeros(z.shape, device=z.device, dtype=accumulate) for _ in range(2)]
-        n_patches = z.shape[0]
-        for start in range(0, n_patches, chunk_size):
-            stop = min(start + chunk_size, n_patches)
-            active = kept[start:stop]
-            if not bool(active.any()):
-                continue
-            masks = inputs.masks(start, stop)
-            weights = _positive_weights(masks, lmbd, accumulate)
-            row_coefficient = (-coefficients[start:stop] * grad_output.to(accumulate))[:, None] / tau
-            for embeddings, grad in zip((z, z_mix), grads):
-                logits = _logits(embeddings, start, stop, tau, matmul_dtype)
-                probabilities = logits.masked_fill(~masks.contrast, float("-inf")).softmax(1)
-                probabilities = torch.where(active[:, None], probabilities, 0.0)
-                # d n_i / d logit_ij = w_ij - W_i p_ij; logit_ij = <z_i, z_j> / tau.
-                pair_grad = (row_coefficient * (weights - weight_sums[start:stop, None] * probabilities)).to(
-                    matmul_dtype
-                )
-                source = embeddings.to(matmul_dtype)
-                grad[start:stop] += (pair_grad @ source).to(accumulate)
-                grad += (pair_grad.T @ source[start:stop]).to(accumulate)
-        return grads[0].to(z.dtype), grads[1].to(z_mix.dtype), None, None, None, None, None, None, None
+        grads = [
+            None if grad is None else (grad * grad_output.to(grad.dtype)).to(dtype)
+            for grad, dtype in zip(ctx.grads, ctx.dtypes)
+        ]
+        return grads[0], grads[1], None, None, None, None, None, None, None, None
 
 
 def hidden_positive_loss(
@@ -157,7 +392,10 @@ def hidden_positive_loss(
     chunk_size: int | None = None,
     matmul_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(sum_b L_GHP(b) + sum_b L_LHP(b)) / (2B) of spec §5, memory O(chunk x N).
+    """(sum_b L_GHP(b) + sum_b L_LHP(b)) / (2B) of spec §5, memory O(hw x N).
+
+    The gradients of z and z_mix are computed in the forward pass (when grad mode is on and they
+    require grad) and kept until backward, which only scales them.
 
     Args:
         z: (N, D) normalised projections of s (GHP side); receives gradient.
@@ -171,9 +409,10 @@ def hidden_positive_loss(
         tau, tau_base: temperature and base temperature.
         temperature_factor: [ref quirk] scale the loss by tau / tau_base; False scales by 1.
         reweighting: weight anchors by their number of positives (omega_i of spec §5).
-        chunk_size: anchors per chunk (None: about 64 MB per chunk temporary).
-        matmul_dtype: dtype of the similarity products (float16 / bfloat16 on CUDA for speed;
-            softmax and accumulation stay in float32).
+        chunk_size: anchors per chunk (None: a whole image, fewer when one (chunk x N) float32
+            temporary would pass 256 MB).
+        matmul_dtype: dtype of the dense similarity products (float16 / bfloat16 on CUDA for
+            speed); softmax, accumulation and the sparse kernels stay in float32.
     Returns:
         Scalar loss.
     """
@@ -183,11 +422,15 @@ def hidden_positive_loss(
             f"{tuple(task_agnostic.shape)} must have the same number of rows"
         )
     inputs = PositiveInputs.build(
-        task_agnostic, task_specific, pool_agnostic, pool_specific, patches_per_image, contrast_draw, matmul_dtype
+        task_agnostic, task_specific, pool_agnostic, pool_specific, patches_per_image, contrast_draw, matmul_dtype,
+        task_specific_positives=lmbd != 0.0,
     )
-    chunk = chunk_size or auto_chunk_size(z.shape[0])
+    chunk = chunk_size or auto_chunk_size(z.shape[0], patches_per_image)
     scale = tau / tau_base if temperature_factor else 1.0
-    return _HiddenPositiveLoss.apply(z, z_mix, inputs, float(lmbd), tau, scale, reweighting, chunk, matmul_dtype)
+    grad_enabled = torch.is_grad_enabled() and (z.requires_grad or z_mix.requires_grad)
+    return _HiddenPositiveLoss.apply(
+        z, z_mix, inputs, float(lmbd), tau, scale, reweighting, chunk, matmul_dtype, grad_enabled
+    )
 
 
 def consistency_loss(z: torch.Tensor, z_augmented: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,19 @@
 """Global hidden positives (GHP, spec §3): who is a positive of whom, and the contrast set.
 
 Anchors are the N patches of a minibatch, flattened image after image, row-major inside each
-image. Everything here works on a chunk of anchor rows [start, stop) against all N patches,
+image. Everything here works on the anchors of a chunk or of one image against all N patches,
 so no N x N matrix is ever built by the loss; :func:`hidden_positive_masks` assembles the full
-matrices for inspection and tests only.
+matrices for inspection and tests only. TA and TS are symmetric: :func:`image_masks` computes
+the similarities of each pair of images once and keeps the block a later image needs bit-packed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,8 +34,8 @@ class ContrastDraw(Protocol):
     """The random part of the contrast set: which patches each anchor contrasts with.
 
     ``rows(start, stop, patches_per_image, n_patches)`` returns a (stop - start, N) bool mask
-    and must return the same mask every time it is called with the same arguments (the loss
-    calls it again in its backward pass).
+    and must return the same mask every time it is called with the same arguments (so that
+    masks can be rebuilt for inspection; the loss asks for each chunk of anchors once).
     """
 
     def rows(self, start: int, stop: int, patches_per_image: int, n_patches: int) -> torch.Tensor: ...
@@ -50,7 +53,7 @@ class SharedContrastPattern:
     pattern: torch.Tensor  # (hw, N) bool
 
     @classmethod
-    def from_uniform(cls, uniform: torch.Tensor, rho: float) -> "SharedContrastPattern":
+    def from_uniform(cls, uniform: torch.Tensor, rho: float) -> SharedContrastPattern:
         """``uniform`` (hw, N) in [0, 1): patch j joins anchor i's subsample iff uniform[i, j] < rho."""
         return cls(uniform < rho)
 
@@ -62,7 +65,7 @@ class SharedContrastPattern:
         rho: float,
         generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
-    ) -> "SharedContrastPattern":
+    ) -> SharedContrastPattern:
         uniform = torch.rand(patches_per_image, n_patches, generator=generator, device=device)
         return cls.from_uniform(uniform, rho)
 
@@ -72,6 +75,9 @@ class SharedContrastPattern:
                 f"contrast pattern of shape {tuple(self.pattern.shape)} does not match "
                 f"{patches_per_image} patches per image and {n_patches} patches"
             )
+        first = start % patches_per_image
+        if first + (stop - start) <= patches_per_image:  # anchors of one image: a view, no copy
+            return self.pattern[first : first + (stop - start)]
         anchors = torch.arange(start, stop, device=self.pattern.device) % patches_per_image
         return self.pattern[anchors]
 
@@ -95,10 +101,13 @@ class IndependentContrastDraw:
 
 @dataclass
 class PositiveMasks:
-    """Masks of a chunk of anchors [start, stop) against all N patches, each (stop - start, N) bool."""
+    """Masks of a chunk of anchors [start, stop) against all N patches, each (stop - start, N) bool.
+
+    ``task_specific`` is None when it was not asked for (the loss skips it while lambda = 0).
+    """
 
     task_agnostic: torch.Tensor  # TA(i)
-    task_specific: torch.Tensor  # TS(i)
+    task_specific: torch.Tensor | None  # TS(i)
     contrast: torch.Tensor  # C(i) = TA(i) or random subsample, self excluded
 
 
@@ -107,13 +116,14 @@ class PositiveInputs:
     """Everything the positive masks depend on; none of it carries gradient.
 
     Shapes: task_agnostic (N, C) and task_specific (N, D) L2-normalised features,
-    thresholds (N,) each.
+    thresholds (N,) each; ``specific_thresholds`` is None when built without TS (then only
+    masks without TS can be asked for).
     """
 
     task_agnostic: torch.Tensor
     task_specific: torch.Tensor
     agnostic_thresholds: torch.Tensor
-    specific_thresholds: torch.Tensor
+    specific_thresholds: torch.Tensor | None
     patches_per_image: int
     contrast_draw: ContrastDraw
 
@@ -127,8 +137,11 @@ class PositiveInputs:
         patches_per_image: int,
         contrast_draw: ContrastDraw,
         matmul_dtype: torch.dtype = torch.float32,
-    ) -> "PositiveInputs":
-        """Normalise features and pools and compute the pool thresholds r and r'."""
+        *,
+        task_specific_positives: bool = True,
+    ) -> PositiveInputs:
+        """Normalise features and pools and compute the pool thresholds r and r' (r' only with
+        ``task_specific_positives``: the loss skips TS, and its N x P product, while lambda = 0)."""
         fn = F.normalize(task_agnostic.detach().float(), dim=1).to(matmul_dtype)
         sn = F.normalize(task_specific.detach().float(), dim=1).to(matmul_dtype)
         pool_ag = F.normalize(pool_agnostic.float(), dim=1).to(matmul_dtype)
@@ -138,28 +151,134 @@ class PositiveInputs:
                 f"{fn.shape[0]} task-agnostic and {sn.shape[0]} task-specific rows do not form whole "
                 f"images of {patches_per_image} patches"
             )
-        return cls(fn, sn, pool_thresholds(fn, pool_ag), pool_thresholds(sn, pool_sp), patches_per_image, contrast_draw)
+        # 2048 rows at a time: the (rows x P) products stay under 20 MB (P = 2048).
+        agnostic = pool_thresholds(fn, pool_ag, chunk_size=2048)
+        specific = pool_thresholds(sn, pool_sp, chunk_size=2048) if task_specific_positives else None
+        return cls(fn, sn, agnostic, specific, patches_per_image, contrast_draw)
 
     @property
     def n_patches(self) -> int:
         return self.task_agnostic.shape[0]
 
-    def masks(self, start: int, stop: int) -> PositiveMasks:
+    def _specific_thresholds(self) -> torch.Tensor:
+        if self.specific_thresholds is None:
+            raise ValueError("these inputs were built without task-specific positives")
+        return self.specific_thresholds
+
+    def masks(self, start: int, stop: int, *, task_specific: bool = True) -> PositiveMasks:
         """TA, TS and C for anchors [start, stop): a j is a positive of i when their similarity beats
-        the threshold of either (symmetric), and never i itself."""
-        not_self = torch.ones(stop - start, self.n_patches, dtype=torch.bool, device=self.task_agnostic.device)
-        anchors = torch.arange(stop - start, device=not_self.device)
-        not_self[anchors, anchors + start] = False
-        agnostic = _beats_either_threshold(self.task_agnostic, self.agnostic_thresholds, start, stop) & not_self
-        specific = _beats_either_threshold(self.task_specific, self.specific_thresholds, start, stop) & not_self
+        the threshold of either (symmetric), and never i itself. ``task_specific=False`` skips the
+        (stop - start) x N product of the task-specific features and leaves TS as None."""
+        agnostic = _beats_either_threshold(self.task_agnostic, self.agnostic_thresholds, start, stop)
+        specific = None
+        if task_specific:
+            specific = _beats_either_threshold(self.task_specific, self._specific_thresholds(), start, stop)
         random_part = self.contrast_draw.rows(start, stop, self.patches_per_image, self.n_patches)
-        contrast = (agnostic | random_part.to(not_self.device)) & not_self
+        contrast = torch.logical_or(agnostic, random_part.to(agnostic.device))
+        # Entry (k, start + k) is anchor start + k against itself.
+        contrast.diagonal(start).fill_(False)
         return PositiveMasks(agnostic, specific, contrast)
 
 
-def _beats_either_threshold(features: torch.Tensor, thresholds: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    similarity = features[start:stop] @ features.T
-    return (similarity > thresholds[start:stop, None]) | (similarity > thresholds[None, :])
+def _beats_either_threshold(
+    features: torch.Tensor,
+    thresholds: torch.Tensor,
+    start: int,
+    stop: int,
+    first_column: int = 0,
+    *,
+    out: torch.Tensor | None = None,
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """(stop - start, N - first_column) bool: <x_i, x_j> > r_i or > r_j for anchors i in [start, stop)
+    and patches j >= first_column, self pairs excluded. ``out`` receives the result; ``scratch``
+    (flat product-dtype and bool buffers, at least as large) holds the temporaries."""
+    shape = (stop - start, features.shape[0] - first_column)
+    size = shape[0] * shape[1]
+    if scratch is None:
+        similarity = features[start:stop] @ features[first_column:].T
+        other = None
+    else:
+        similarity = torch.mm(features[start:stop], features[first_column:].T, out=scratch[0][:size].view(shape))
+        other = scratch[1][:size].view(shape)
+    beats = torch.gt(similarity, thresholds[start:stop, None]) if out is None else torch.gt(
+        similarity, thresholds[start:stop, None], out=out
+    )
+    if other is None:
+        beats.logical_or_(torch.gt(similarity, thresholds[None, first_column:]))
+    else:
+        beats.logical_or_(torch.gt(similarity, thresholds[None, first_column:], out=other))
+    if start - first_column < beats.shape[1]:
+        beats.diagonal(start - first_column).fill_(False)
+    return beats
+
+
+_BITS = torch.arange(8, dtype=torch.uint8)
+
+
+def _pack_rows(mask: torch.Tensor) -> torch.Tensor:
+    """(r, n) bool -> (r, ceil(n / 8)) uint8; bit k of byte m holds column 8 m + k."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.packbits(mask.numpy(), axis=1, bitorder="little"))
+    padded = torch.zeros(mask.shape[0], -(-mask.shape[1] // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:, : mask.shape[1]] = mask
+    return (padded.view(mask.shape[0], -1, 8) << _BITS.to(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_rows(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_rows`: (r, ceil(n / 8)) uint8 -> (r, n) bool."""
+    if packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.numpy(), axis=1, count=n, bitorder="little")).view(torch.bool)
+    bits = (packed[..., None] >> _BITS.to(packed.device)) & 1
+    return bits.view(packed.shape[0], -1)[:, :n].bool()
+
+
+def image_masks(
+    inputs: PositiveInputs, *, task_specific: bool = True, chunk_size: int | None = None
+) -> Iterator[PositiveMasks]:
+    """The masks of every image's hw anchors against all N patches, image after image.
+
+    Each yields (hw, N) bool TA, TS (None unless ``task_specific``) and C, equal to
+    ``inputs.masks(image_start, image_start + hw)``; the same tensors are refilled for the next
+    image (fewer large allocations: less heap fragmentation), so use them before asking for it.
+    TA and TS are symmetric, so each pair of patches is compared once: a chunk of anchors (at most
+    ``chunk_size`` and half of the image) only against itself and the patches after it; the
+    earlier part of the image comes from earlier chunks, that of earlier images from blocks kept
+    bit-packed until their image comes. This about halves the products; kept blocks take at most
+    N^2 / 16 bytes per mask (157 MB at N = 50,176).
+    """
+    hw, n = inputs.patches_per_image, inputs.n_patches
+    n_images, device = n // hw, inputs.task_agnostic.device
+    chunk = min(chunk_size or hw, -(-hw // 2))
+    kinds = [(inputs.task_agnostic, inputs.agnostic_thresholds)]
+    if task_specific:
+        kinds.append((inputs.task_specific, inputs._specific_thresholds()))
+    masks = [torch.empty(hw, n, dtype=torch.bool, device=device) for _ in kinds]
+    contrast = torch.empty(hw, n, dtype=torch.bool, device=device)
+    scratch = (
+        torch.empty(chunk * n, dtype=inputs.task_agnostic.dtype, device=device),
+        torch.empty(chunk * n, dtype=torch.bool, device=device),
+    )
+    saved: dict[tuple[int, int, int], torch.Tensor] = {}  # (kind, earlier image, later image) -> packed
+    for image in range(n_images):
+        image_start, image_stop = image * hw, (image + 1) * hw
+        for kind, ((features, thresholds), mask) in enumerate(zip(kinds, masks)):
+            for earlier in range(image):
+                mask[:, earlier * hw : (earlier + 1) * hw] = _unpack_rows(saved.pop((kind, earlier, image)), hw).T
+            for start in range(image_start, image_stop, chunk):
+                stop = min(start + chunk, image_stop)
+                rows = slice(start - image_start, stop - image_start)
+                mask[rows, image_start:start] = mask[: rows.start, start:stop].T
+                _beats_either_threshold(features, thresholds, start, stop, start, out=mask[rows, start:], scratch=scratch)
+            for later in range(image + 1, n_images):
+                saved[(kind, image, later)] = _pack_rows(mask[:, later * hw : (later + 1) * hw])
+        for start in range(image_start, image_stop, chunk):
+            stop = min(start + chunk, image_stop)
+            rows = slice(start - image_start, stop - image_start)
+            random_part = inputs.contrast_draw.rows(start, stop, hw, n).to(device)
+            torch.logical_or(masks[0][rows], random_part, out=contrast[rows])
+        contrast.diagonal(image_start).fill_(False)
+        yield PositiveMasks(masks[0], masks[1] if task_specific else None, contrast)
 
 
 def hidden_positive_masks(
