@@ -31,13 +31,11 @@ import torch.nn.functional as F
 from hpseg.backbones import Backbone, create_backbone
 from hpseg.checkpoint import FORMAT, CheckpointError, read_torch_file
 from hpseg.config import Config
+from hpseg.data.transforms import normalize
 from hpseg.method.model import HiddenPositivesModel
 from hpseg.predict import Tiling, resample, resample_argmax, resized_shape, tile_and_average
 
 __all__ = ["ImageFeatures", "Segmenter", "load", "to_uint8_image"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------------------------------- images
@@ -179,9 +177,7 @@ class Segmenter:
                                     antialias=True)[0].round().clamp(0, 255).to(torch.uint8)
         else:
             resized = rgb
-        mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=self.device).view(3, 1, 1)
-        normalised = (resized.float() / 255.0 - mean) / std
+        normalised = normalize(resized)
         padded_h, padded_w = self.tiling.padded(*resized_size)
         if (padded_h, padded_w) != resized_size:
             normalised = F.pad(normalised[None], (0, padded_w - resized_size[1], 0, padded_h - resized_size[0]),
