@@ -22,7 +22,6 @@ from .registry import BackboneSpec, get_spec
 from .vit import Backbone, build_timm_model
 from .weights import load_weights_file, resolve_official_weights
 
-
 RANDOM_INIT_SEED = 0
 
 
