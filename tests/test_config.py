@@ -20,6 +20,7 @@ def test_overrides_are_typed():
                                 "backbone.weights=/x.pth", "method.contrast_draw=independent"])
     assert config.train.batch_size == 16 and config.method.tau == 0.5 and config.method.reweighting is False
     assert config.backbone.weights == "/x.pth" and config.method.contrast_draw == "independent"
+    assert Config().override(["optim.head_lr=2e-3"]).optim.head_lr == 0.002
 
 
 @pytest.mark.parametrize(

@@ -168,6 +168,12 @@ def _coerce(dotted: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"{dotted}={value!r}: expected true or false")
         return value
+    if target is float and isinstance(value, str):
+        # YAML 1.1 reads "2e-3" (no dot) as a string; it is a float all the same.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if target is int and isinstance(value, int) and not isinstance(value, bool):

@@ -139,7 +139,7 @@ def _kmeans_maps(extractor: Any, crops: Any, validation: Any, n_classes: int, de
     from hpseg.inference import kmeans_label_maps
     from hpseg.metrics import SegmentationMetrics
 
-    centroids, _ = fit_baseline(extractor, crops, n_classes, device, seed=seed, linear_epochs=0)
+    centroids, _ = fit_baseline(extractor, crops, n_classes, device, seed=seed, linear_steps=0)
     metrics = SegmentationMetrics(n_classes, hungarian=True)
     maps = []
     for i in range(len(validation)):

@@ -136,7 +136,7 @@ def _training_patches(backbone: Backbone, crops: Dataset, device: torch.device, 
 
 def fit_baseline(backbone: Backbone, crops: Dataset, n_classes: int, device: torch.device,
                  amp_dtype: torch.dtype | None = None, *, seed: int = 0, max_patches: int = 200_000,
-                 linear_epochs: int = 20) -> tuple[torch.Tensor, torch.nn.Module | None]:
+                 linear_steps: int = 500) -> tuple[torch.Tensor, torch.nn.Module | None]:
     """The paper's "DINO baseline": cosine k-means (K = n_classes) on raw features f of the
     training crops, and a linear probe on f trained on their labels (None when unlabelled)."""
     from hpseg.kmeans import kmeans
@@ -147,15 +147,18 @@ def fit_baseline(backbone: Backbone, crops: Dataset, n_classes: int, device: tor
     if not bool(valid.any()):
         return centroids, None
     generator = torch.Generator().manual_seed(seed)
-    probe = torch.nn.Linear(features.shape[1], n_classes).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the probe's initialisation, without touching the caller's RNG
+        probe = torch.nn.Linear(features.shape[1], n_classes).to(device)
     optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3)
     x, y = features[valid].to(device), labels[valid].to(device)
-    for _ in range(linear_epochs):
-        for index in torch.randperm(x.shape[0], generator=generator).split(4096):
-            loss = torch.nn.functional.cross_entropy(probe(x[index.to(device)]), y[index.to(device)])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    # A fixed number of optimiser steps, not epochs: small datasets would otherwise get a handful.
+    for _ in range(linear_steps):
+        index = torch.randint(x.shape[0], (min(4096, x.shape[0]),), generator=generator).to(device)
+        loss = torch.nn.functional.cross_entropy(probe(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     return centroids, probe.eval()
 
 
