@@ -242,14 +242,14 @@ def image_masks(
     ``inputs.masks(image_start, image_start + hw)``; the same tensors are refilled for the next
     image (fewer large allocations: less heap fragmentation), so use them before asking for it.
     TA and TS are symmetric, so each pair of patches is compared once: a chunk of anchors (at most
-    ``chunk_size`` and half of the image) only against itself and the patches after it; the
+    ``chunk_size`` and a quarter of the image) only against itself and the patches after it; the
     earlier part of the image comes from earlier chunks, that of earlier images from blocks kept
     bit-packed until their image comes. This about halves the products; kept blocks take at most
-    N^2 / 16 bytes per mask (157 MB at N = 50,176).
+    N^2 / 32 bytes per mask (79 MB at N = 50,176).
     """
     hw, n = inputs.patches_per_image, inputs.n_patches
     n_images, device = n // hw, inputs.task_agnostic.device
-    chunk = min(chunk_size or hw, -(-hw // 2))
+    chunk = min(chunk_size or hw, -(-hw // 4))
     kinds = [(inputs.task_agnostic, inputs.agnostic_thresholds)]
     if task_specific:
         kinds.append((inputs.task_specific, inputs._specific_thresholds()))
