@@ -30,11 +30,12 @@ that depend on the masks of the anchor's image only. How it is computed:
   images, instead of the reference's (hw x N) matrices of every image kept alive until backward
   (O(N^2) floats).
 
-Measured peak at the paper's scale (batch 64, ViT-S/8: N = 50,176, D = 512, C = 384, float32,
-rho = 0.02, ``benchmarks/loss_benchmark.py --paper-scale``, one CPU thread): forward + backward
-peak RSS 1.79 GB, 1.27 GB above the process's 0.52 GB of libraries — inputs, gradients and
-the loss's temporaries together; measured with anchor chunks of half an image, which the
-quarter-image chunks now used can only lower. The reference's approach needs about 80 GB there.
+Measured at the paper's scale (batch 64, ViT-S/8: N = 50,176, D = 512, C = 384, float32,
+rho = 0.02, lambda = 0.5, one CPU thread; ``benchmarks/loss_benchmark.py --paper-scale``, see
+BENCHMARKS.md): forward + backward peak RSS 1.75 GB for the whole process, 1.23 GB above the
+0.52 GB it held before its inputs existed; of that about 0.43 GB are the inputs (z, z_mix, f, s',
+the random pattern), 0.21 GB the gradients and 0.18 GB the normalised f and s'. The reference's
+approach would hold about 80 GB of (hw x N) matrices there.
 """
 
 from __future__ import annotations
