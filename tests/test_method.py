@@ -302,3 +302,55 @@ def test_model_probes_predict_shapes():
     assert loss.item() > 0
     assert model.linear_probe.loss(model(f).detach(), torch.full((2, 12, 12), -1)).item() == 0.0
 
+
+
+def test_bit_packing_torch_path_matches_numpy():
+    """The GPU path of the bit packing (torch operations) gives numpy's bytes and inverts."""
+    from hpseg.method.positives import _pack_rows, _pack_rows_torch, _unpack_rows_torch
+
+    mask = torch.rand(5, 21, generator=torch.Generator().manual_seed(0)) < 0.4  # 21: a partial last byte
+    packed = _pack_rows_torch(mask)
+    assert torch.equal(packed, _pack_rows(mask))
+    assert torch.equal(_unpack_rows_torch(packed, 21), mask)
+
+
+@pytest.mark.parametrize("density_limit", [None, -1.0], ids=["default", "all-dense"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_products_match_float32(monkeypatch, dtype, density_limit):
+    """Half-precision products (as under AMP on CUDA) keep loss and gradients close to float32's,
+    also when the gradients are far below float16's range (tau_base = 1e5 scales the loss by 1e-5).
+
+    The features are clustered with wide margins around the thresholds, so that half-precision
+    similarities do not flip positives (as near-threshold pairs would, like the reference's under AMP).
+    """
+    import hpseg.method.losses as losses
+
+    monkeypatch.setattr(losses, "SPARSE_DENSITY_LIMIT", density_limit)
+    g = torch.Generator().manual_seed(3)
+    hw, batch, dim, n_classes = 16, 3, 32, 4
+
+    def clustered(width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        prototypes = torch.linalg.qr(torch.randn(width, n_classes, generator=g))[0].T  # orthonormal rows
+        labels = torch.randint(n_classes, (hw * batch,), generator=g)
+        features = prototypes[labels] + 0.05 * torch.randn(hw * batch, width, generator=g)
+        pool = prototypes[[0, 1, 2]] + prototypes[[1, 2, 3]]  # similarity about 0.7 to each of two classes
+        return features, pool
+
+    (f, pool_ag), (s, pool_sp) = clustered(24), clustered(dim)
+    z = F.normalize(s + 0.5 * torch.randn(hw * batch, dim, generator=g), dim=1)
+    z_mix = F.normalize(z + 0.3 * torch.randn(hw * batch, dim, generator=g), dim=1)
+    pattern = torch.rand(hw, hw * batch, generator=g) < 0.3
+    results = []
+    for matmul_dtype in (torch.float32, dtype):
+        a, b = z.clone().requires_grad_(), z_mix.clone().requires_grad_()
+        loss = hidden_positive_loss(
+            a, b, f, s, pool_ag, pool_sp, patches_per_image=hw, contrast_draw=SharedContrastPattern(pattern),
+            lmbd=0.5, tau=0.8, tau_base=1e5, matmul_dtype=matmul_dtype,
+        )
+        loss.backward()
+        results.append((loss.detach(), a.grad, b.grad))
+    (loss32, gz32, gm32), (loss16, gz16, gm16) = results
+    assert 0 < gz32.abs().max() < 1e-6  # far below float16's smallest normal number (6e-5)
+    torch.testing.assert_close(loss16, loss32, rtol=1e-3, atol=0.0)
+    for half, full in ((gz16, gz32), (gm16, gm32)):
+        assert (half - full).norm() <= 1e-2 * full.norm()

@@ -52,9 +52,12 @@ from hpseg.method.positives import ContrastDraw, PositiveInputs, PositiveMasks, 
 _CHUNK_ELEMENTS = 1 << 26
 # Logits are needed only for the pairs (i, j) with j in C(i) or TS(i), of anchors i that have a
 # positive. A chunk of anchors against the patches of one image (a tile) whose share of such pairs
-# is at most this goes through sparse kernels; denser tiles (an image against itself, rho near 1
-# as for Potsdam) through dense products.
-SPARSE_DENSITY_LIMIT = 0.15
+# is at most the limit goes through sparse kernels; denser tiles (an image against itself, rho near
+# 1 as for Potsdam) through dense products. On the CPU sparse sampled products win up to about
+# 15 % (BENCHMARKS.md); on a GPU every tile with a pair is dense: thousands of small sparse
+# launches per step cost more than the dense products they save. None: by device; a number forces it.
+SPARSE_DENSITY_LIMIT: float | None = None
+CPU_SPARSE_DENSITY_LIMIT = 0.15
 
 
 def auto_chunk_size(n_patches: int, patches_per_image: int) -> int:
@@ -182,6 +185,89 @@ def _dense_ranges(dense: list[bool], hw: int) -> list[slice]:
     return ranges
 
 
+def _positive_weights(agnostic: torch.Tensor, specific: torch.Tensor | None, lmbd: torch.Tensor) -> torch.Tensor:
+    """w_ij = 1[j in TA(i)] + lambda 1[j in TS(i)]: (r, n) bool masks -> (r, n) in lambda's dtype."""
+    weights = agnostic.to(lmbd.dtype)
+    return weights if specific is None else weights + lmbd * specific.to(lmbd.dtype)
+
+
+def _widened(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits in float32 (softmax and sums); float32 and float64 as they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _dense_row_terms(
+    logits: torch.Tensor, agnostic: torch.Tensor, specific: torch.Tensor | None, lmbd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row maximum and sum_j w_ij logit_ij of a dense block. logits (r, n), masks (r, n) -> (r,), (r,) float32+."""
+    logits = _widened(logits)
+    return logits.amax(1), (_positive_weights(agnostic, specific, lmbd) * logits).sum(1)
+
+
+def _dense_normaliser(logits: torch.Tensor, shift: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
+    """sum_{j in C(i)} exp(logit_ij - shift_i) of a dense block: (r, n), (r,), (r, n) bool -> (r,) float32+."""
+    return torch.where(contrast, (_widened(logits) - shift[:, None]).exp(), 0.0).sum(1)
+
+
+def _dense_pair_gradient(
+    logits: torch.Tensor,
+    shift: torch.Tensor,
+    contrast: torch.Tensor,
+    agnostic: torch.Tensor,
+    specific: torch.Tensor | None,
+    lmbd: torch.Tensor,
+    softmax_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    inverse_factor: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """g_ij / factor in ``out_dtype``, g_ij = softmax_scale_i exp(logit_ij - shift_i) 1[j in C(i)] - weight_scale_i w_ij.
+
+    Shapes: logits and masks (r, n), the per-anchor vectors (r,), inverse_factor 0-dim.
+    """
+    exp_logits = torch.where(contrast, (_widened(logits) - shift[:, None]).exp(), 0.0)
+    pair_grad = exp_logits * softmax_scale[:, None] - _positive_weights(agnostic, specific, lmbd) * weight_scale[:, None]
+    return (pair_grad * inverse_factor).to(out_dtype)
+
+
+class _FusedOnCuda:
+    """A dense-block function, compiled on CUDA (its elementwise passes and row reductions fuse into
+    a few kernels that read each (r, n) block once or twice, instead of about a dozen passes), eager
+    elsewhere. If compiling fails (no Triton, an unsupported GPU) it warns once and stays eager:
+    both compute the same."""
+
+    enabled = True  # class-wide switch (benchmarks time both)
+
+    def __init__(self, function):
+        self.function = function
+        self.compiled = None
+        self.failed = False
+        functools.update_wrapper(self, function)
+
+    def __call__(self, *args):
+        if self.enabled and not self.failed and args[0].device.type == "cuda":
+            try:
+                if self.compiled is None:
+                    self.compiled = torch.compile(self.function, fullgraph=True)
+                return self.compiled(*args)
+            except Exception as error:  # noqa: BLE001 - any compiler failure: the eager version is exact
+                self.failed = True
+                warnings.warn(f"HP loss: torch.compile of {self.function.__name__} failed ({error!r}); running eagerly")
+        return self.function(*args)
+
+
+_row_terms = _FusedOnCuda(_dense_row_terms)
+_normaliser = _FusedOnCuda(_dense_normaliser)
+_pair_gradient = _FusedOnCuda(_dense_pair_gradient)
+
+
+def sparse_density_limit(device: torch.device) -> float:
+    """The tile density at or under which the loss uses sparse kernels on ``device``."""
+    if SPARSE_DENSITY_LIMIT is not None:
+        return SPARSE_DENSITY_LIMIT
+    return CPU_SPARSE_DENSITY_LIMIT if device.type == "cpu" else 0.0
+
+
 def _chunk_loss(
     masks: PositiveMasks,
     rows: slice,
@@ -202,56 +288,56 @@ def _chunk_loss(
     pairs = masks.contrast.clone()
     if masks.task_specific is not None:
         pairs.logical_or_(masks.task_specific)
-    pairs[(~kept).nonzero()[:, 0]] = False
-    dense_tiles = _count_true(pairs.view(n_anchors, n_patches // hw, hw)).sum(0) > SPARSE_DENSITY_LIMIT * n_anchors * hw
-    dense_ranges = _dense_ranges(dense_tiles.tolist(), hw)
-    for columns in dense_ranges:
-        pairs[:, columns] = False  # what is left of the pairs goes through sparse kernels
+    pairs.logical_and_(kept[:, None])
+    tile_pairs = _count_true(pairs.view(n_anchors, n_patches // hw, hw)).sum(0)
+    is_dense = tile_pairs > sparse_density_limit(device) * n_anchors * hw
+    dense_flags, sparse_flags = torch.stack([is_dense, (tile_pairs > 0) & ~is_dense]).tolist()
+    dense_ranges = _dense_ranges(dense_flags, hw)
     want_grad = any(grad is not None for grad in grads)
-
-    def weights_of(agnostic: torch.Tensor, specific: torch.Tensor | None) -> torch.Tensor:
-        weights = agnostic.to(dtype)
-        if specific is not None:
-            weights.add_(specific.to(dtype), alpha=lmbd)
-        return weights
+    # A tensor, not a float: the compiled dense functions are not rebuilt when lambda changes.
+    lmbd_tensor = torch.tensor(lmbd, dtype=dtype, device=device)
 
     dense = [
-        (columns, weights_of(masks.task_agnostic[:, columns],
-                             None if masks.task_specific is None else masks.task_specific[:, columns]),
-         masks.contrast[:, columns])
+        (columns, masks.task_agnostic[:, columns],
+         None if masks.task_specific is None else masks.task_specific[:, columns], masks.contrast[:, columns])
         for columns in dense_ranges
     ]
-    sparse = _SparsePairs(pairs, hw, transposed=want_grad)
-    sparse_weights = weights_of(
-        masks.task_agnostic.reshape(-1)[sparse.flat],
-        None if masks.task_specific is None else masks.task_specific.reshape(-1)[sparse.flat],
-    )
-    sparse_contrast = masks.contrast.reshape(-1)[sparse.flat]
-    sparse_rows = sparse.rows
+    sparse = None
+    if any(sparse_flags):
+        for columns in dense_ranges:
+            pairs[:, columns] = False  # what is left of the pairs goes through sparse kernels
+        sparse = _SparsePairs(pairs, hw, transposed=want_grad)
+        sparse_weights = masks.task_agnostic.reshape(-1)[sparse.flat].to(dtype)
+        if masks.task_specific is not None:
+            sparse_weights.add_(masks.task_specific.reshape(-1)[sparse.flat].to(dtype), alpha=lmbd)
+        sparse_contrast = masks.contrast.reshape(-1)[sparse.flat]
+        sparse_rows = sparse.rows
+    del pairs
 
     total = torch.zeros((), dtype=dtype, device=device)
     for embedding, grad in zip(embeddings, grads):
         anchors = embedding[rows]
         scaled = anchors / tau
         source = embedding.to(matmul_dtype)
-        dense_logits = [(scaled.to(matmul_dtype) @ source[columns].T).to(dtype) for columns, _, _ in dense]
-        sparse_logits = sparse.products(scaled, embedding)
+        dense_logits = [scaled.to(matmul_dtype) @ source[columns].T for columns, *_ in dense]
         # Any per-anchor shift gives the same log-softmax; the row maximum keeps exp in range.
         shift = torch.full((n_anchors,), float("-inf"), dtype=dtype, device=device)
-        shift.scatter_reduce_(0, sparse_rows, sparse_logits, "amax")
-        weighted = torch.zeros_like(shift).index_add_(0, sparse_rows, sparse_weights * sparse_logits)
-        for logits, (_, weights, _) in zip(dense_logits, dense):
-            torch.maximum(shift, logits.amax(1), out=shift)
-            weighted += torch.linalg.vecdot(weights, logits)
+        weighted = torch.zeros_like(shift)
+        if sparse is not None:
+            sparse_logits = sparse.products(scaled, embedding)
+            shift.scatter_reduce_(0, sparse_rows, sparse_logits, "amax")
+            weighted.index_add_(0, sparse_rows, sparse_weights * sparse_logits)
+        for logits, (_, agnostic, specific, _) in zip(dense_logits, dense):
+            row_max, row_weighted = _row_terms(logits, agnostic, specific, lmbd_tensor)
+            torch.maximum(shift, row_max, out=shift)
+            weighted += row_weighted
         shift = torch.where(torch.isfinite(shift), shift, 0.0)  # anchors without any pair
-        # In place from here on: the logits are spent.
-        sparse_exp = sparse_logits.sub_(shift[sparse_rows]).exp_().mul_(sparse_contrast)
-        normaliser = torch.zeros_like(shift).index_add_(0, sparse_rows, sparse_exp)
-        dense_exp = [
-            logits.sub_(shift[:, None]).exp_().mul_(contrast) for logits, (_, _, contrast) in zip(dense_logits, dense)
-        ]
-        for exp_logits in dense_exp:
-            normaliser += exp_logits.sum(1)
+        normaliser = torch.zeros_like(shift)
+        if sparse is not None:
+            sparse_exp = sparse_logits.sub_(shift[sparse_rows]).exp_().mul_(sparse_contrast)  # the logits are spent
+            normaliser.index_add_(0, sparse_rows, sparse_exp)
+        for logits, (*_, contrast) in zip(dense_logits, dense):
+            normaliser += _normaliser(logits, shift, contrast)
         values = weighted - weight_sums * (shift + normaliser.log())
         total += torch.where(kept, coefficients * values, 0.0).sum()
         if grad is None:
@@ -259,33 +345,47 @@ def _chunk_loss(
         # d(-c_i n_i)/d logit_ij = c_i (W_i p_ij - w_ij), p_ij = exp_ij / normaliser_i; logit = <e_i, e_j> / tau.
         softmax_scale = torch.where(kept, coefficients * weight_sums / normaliser, 0.0) / tau
         weight_scale = coefficients / tau
-        pair_grad = sparse_exp.mul_(softmax_scale[sparse_rows]).sub_(sparse_weights * weight_scale[sparse_rows])
-        sparse.add_gradients(pair_grad, anchors, embedding, grad, rows)
-        for exp_logits, (columns, weights, _) in zip(dense_exp, dense):
-            pair_grad = exp_logits.mul_(softmax_scale[:, None]).addcmul_(weights, -weight_scale[:, None])
-            _add_dense_gradients(pair_grad, source, grad, rows, columns)
+        if sparse is not None:
+            pair_grad = sparse_exp.mul_(softmax_scale[sparse_rows]).sub_(sparse_weights * weight_scale[sparse_rows])
+            sparse.add_gradients(pair_grad, anchors, embedding, grad, rows)
+        if not dense:
+            continue
+        # Under float16 products g goes in as g / factor, factor a bound on |g_ij| (exp_ij <= normaliser_i):
+        # its entries (about coefficient / tau, 1e-7 at the paper's batch) would fall below float16's range.
+        factor = None
+        if source.dtype == torch.float16:
+            bound = (torch.where(kept, coefficients * weight_sums, 0.0) + (1 + abs(lmbd)) * coefficients.abs()) / tau
+            factor = bound.amax().clamp_min(1e-30)
+        inverse_factor = torch.ones((), dtype=dtype, device=device) if factor is None else 1 / factor
+        for logits, (columns, agnostic, specific, contrast) in zip(dense_logits, dense):
+            pair_grad = _pair_gradient(
+                logits, shift, contrast, agnostic, specific, lmbd_tensor, softmax_scale, weight_scale,
+                inverse_factor, source.dtype,
+            )
+            _add_dense_gradients(pair_grad, factor, source, grad, rows, columns)
     return total
 
 
 def _add_dense_gradients(
-    pair_grad: torch.Tensor, source: torch.Tensor, grad: torch.Tensor, rows: slice, columns: slice
+    pair_grad: torch.Tensor,
+    factor: torch.Tensor | None,
+    source: torch.Tensor,
+    grad: torch.Tensor,
+    rows: slice,
+    columns: slice,
 ) -> None:
-    """grad_i += sum_j g_ij e_j (anchors i in ``rows``) and grad_j += sum_i g_ij e_i (j in ``columns``).
+    """grad_i += factor sum_j g_ij e_j (anchors i in ``rows``) and grad_j += factor sum_i g_ij e_i (j in ``columns``).
 
-    ``source`` is the embedding in the product dtype. Where the columns hold the anchors themselves
-    (an image against itself) both sums land on the same rows: one product with g + g^T does the
-    two. Under float16 products g is scaled to a maximum of 1 first: its entries (about
-    coefficient / tau, 1e-7 at the paper's batch) would otherwise fall below float16's range.
+    ``pair_grad`` and ``source`` (the embedding) are in the product dtype; ``factor`` (0-dim, or None
+    for 1) undoes the scaling of g under float16. Where the columns hold the anchors themselves
+    (an image against itself) both sums land on the same rows: one product with g + g^T does the two.
     """
-    factor = 1.0
-    if source.dtype == torch.float16:
-        factor = float(pair_grad.abs().amax().clamp_min(1e-30))
-        pair_grad = (pair_grad / factor).to(source.dtype)
-    else:
-        pair_grad = pair_grad.to(source.dtype)
 
     def add(target: torch.Tensor, product: torch.Tensor) -> None:
-        target.add_(product.to(target.dtype), alpha=factor)
+        if factor is None:
+            target.add_(product)
+        else:
+            target.addcmul_(product, factor)  # in float32: product * factor could underflow in float16
 
     inner = slice(max(rows.start, columns.start), min(rows.stop, columns.stop))
     if inner != rows:  # the anchors are not all among the columns

@@ -220,15 +220,24 @@ def _pack_rows(mask: torch.Tensor) -> torch.Tensor:
     """(r, n) bool -> (r, ceil(n / 8)) uint8; bit k of byte m holds column 8 m + k."""
     if mask.device.type == "cpu":
         return torch.from_numpy(np.packbits(mask.numpy(), axis=1, bitorder="little"))
-    padded = torch.zeros(mask.shape[0], -(-mask.shape[1] // 8) * 8, dtype=torch.uint8, device=mask.device)
-    padded[:, : mask.shape[1]] = mask
-    return (padded.view(mask.shape[0], -1, 8) << _BITS.to(mask.device)).sum(-1, dtype=torch.uint8)
+    return _pack_rows_torch(mask)
 
 
 def _unpack_rows(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`_pack_rows`: (r, ceil(n / 8)) uint8 -> (r, n) bool."""
     if packed.device.type == "cpu":
         return torch.from_numpy(np.unpackbits(packed.numpy(), axis=1, count=n, bitorder="little")).view(torch.bool)
+    return _unpack_rows_torch(packed, n)
+
+
+# The same with torch operations, for GPUs (numpy's bit packing is faster on the CPU).
+def _pack_rows_torch(mask: torch.Tensor) -> torch.Tensor:
+    padded = torch.zeros(mask.shape[0], -(-mask.shape[1] // 8) * 8, dtype=torch.uint8, device=mask.device)
+    padded[:, : mask.shape[1]] = mask
+    return (padded.view(mask.shape[0], -1, 8) << _BITS.to(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_rows_torch(packed: torch.Tensor, n: int) -> torch.Tensor:
     bits = (packed[..., None] >> _BITS.to(packed.device)) & 1
     return bits.view(packed.shape[0], -1)[:, :n].bool()
 
