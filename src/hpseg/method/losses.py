@@ -248,7 +248,7 @@ class _FusedOnCuda:
         if self.enabled and not self.failed and args[0].device.type == "cuda":
             try:
                 if self.compiled is None:
-                    self.compiled = torch.compile(self.function, fullgraph=True)
+                    self.compiled = torch.compile(self.function, fullgraph=True, dynamic=True)
                 return self.compiled(*args)
             except Exception as error:  # noqa: BLE001 - any compiler failure: the eager version is exact
                 self.failed = True
