@@ -26,6 +26,18 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
 
 
+def strip_key_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
+    """``key`` without any of ``prefixes`` in front, repeatedly ("module.backbone.x" -> "x"): the
+    wrappers that training code adds (DataParallel, torch.compile, a backbone attribute)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
 def save_atomic(payload: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
     path = Path(path)

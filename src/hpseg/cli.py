@@ -26,6 +26,12 @@ def _config_from(args: argparse.Namespace):
     return config.override(overrides)
 
 
+def _add_backbone_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", help="backbone name (see `hpseg backbones`)")
+    p.add_argument("--weights", help="local backbone weights file")
+    p.add_argument("--random-backbone", action="store_true", help="randomly initialised backbone (no weights)")
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="cocostuff27", help="shipped preset name or a YAML file (default: cocostuff27)")
     parser.add_argument("--data-root", help="dataset root directory (data.root)")
@@ -145,9 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train HP on a prepared dataset")
     _add_config_arguments(p)
-    p.add_argument("--backbone", help="backbone name (see `hpseg backbones`)")
-    p.add_argument("--weights", help="local backbone weights file")
-    p.add_argument("--random-backbone", action="store_true", help="randomly initialised backbone (no weights)")
+    _add_backbone_arguments(p)
     p.add_argument("--run-dir", help="run directory (default: <train.output_dir>/<dataset>-<backbone>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--no-progress", action="store_true")
@@ -155,9 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache", help="precompute the frozen backbone's features of the training crops (optional)")
     _add_config_arguments(p)
-    p.add_argument("--backbone", help="backbone name (see `hpseg backbones`)")
-    p.add_argument("--weights", help="local backbone weights file")
-    p.add_argument("--random-backbone", action="store_true", help="randomly initialised backbone (no weights)")
+    _add_backbone_arguments(p)
     p.add_argument("--out", help="cache directory (default: data.feature_cache, else "
                                  "<prepared dir>/feature_cache/<backbone>, where `hpseg train` looks)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",

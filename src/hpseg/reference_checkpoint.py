@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from hpseg.backbones import Backbone, BackboneWeightsError, create_backbone, list_backbones
-from hpseg.checkpoint import FORMAT, VERSION, CheckpointError, read_torch_file, save_atomic
+from hpseg.checkpoint import FORMAT, VERSION, CheckpointError, read_torch_file, save_atomic, strip_key_prefixes
 
 __all__ = ["ConvertedReference", "convert_reference", "import_reference_checkpoint", "infer_backbone"]
 
@@ -48,22 +48,12 @@ _HEAD_KEYS = {
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key
-
-
 def _section(payload: dict[str, Any], name: str, path: Path) -> dict[str, torch.Tensor]:
     section = payload.get(name)
     if not isinstance(section, dict):
         present = ", ".join(map(str, list(payload)[:8]))
         raise CheckpointError(f"{path}: not an HP reference checkpoint: no {name!r} (top-level keys: {present})")
-    return {_strip(str(k)): v for k, v in section.items() if isinstance(v, torch.Tensor)}
+    return {strip_key_prefixes(str(k), _PREFIXES): v for k, v in section.items() if isinstance(v, torch.Tensor)}
 
 
 def _tensor(section: dict[str, torch.Tensor], key: str, where: str, path: Path, ndim: int) -> torch.Tensor:

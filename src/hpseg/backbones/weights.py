@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpseg.checkpoint import strip_key_prefixes
+
 from .registry import BackboneSpec
 
 log = logging.getLogger(__name__)
@@ -145,7 +147,7 @@ def extract_backbone_state_dict(checkpoint: Mapping[str, Any], path: str | Path)
 
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
-        key = _strip_prefixes(str(key))
+        key = strip_key_prefixes(str(key), _KEY_PREFIXES)
         if key.startswith("head."):
             continue  # DINO projection head / classifier: not part of the backbone
         out[key] = value
@@ -156,16 +158,6 @@ def extract_backbone_state_dict(checkpoint: Mapping[str, Any], path: str | Path)
 
 def _is_flat_state_dict(d: Mapping[str, Any]) -> bool:
     return len(d) > 0 and all(isinstance(v, torch.Tensor) for v in d.values())
-
-
-def _strip_prefixes(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in _KEY_PREFIXES:
-            if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
-    return key
 
 
 # --------------------------------------------------------------------------------------
