@@ -94,8 +94,11 @@ def synthetic_inputs(args: argparse.Namespace, batch: int) -> dict:
     return dict(z=z, z_mix=z_mix, f=f, s_ema=s_ema, pool_ag=pool_ag, pool_sp=pool_sp, pattern=pattern, hw=hw)
 
 
-def loss_function(implementation: str, args: argparse.Namespace):
-    """A callable (z, z_mix, inputs) -> scalar loss for the implementation."""
+def loss_function(implementation: str, args: argparse.Namespace, matmul_dtype=None):
+    """A callable (z, z_mix, inputs) -> scalar loss for the implementation.
+
+    ``matmul_dtype`` (hpseg only): the dtype of its dense products (default: the loss's, float32).
+    """
     sys.path.insert(0, str(HERE))
     if implementation == "baseline":
         from reference_style_loss import reference_style_loss
@@ -108,10 +111,12 @@ def loss_function(implementation: str, args: argparse.Namespace):
     else:
         from hpseg.method import SharedContrastPattern, hidden_positive_loss
 
+        options = {} if matmul_dtype is None else {"matmul_dtype": matmul_dtype}
+
         def run(z, z_mix, x):
             return hidden_positive_loss(
                 z, z_mix, x["f"], x["s_ema"], x["pool_ag"], x["pool_sp"], patches_per_image=x["hw"],
-                contrast_draw=SharedContrastPattern(x["pattern"]), lmbd=args.lmbd, tau=args.tau,
+                contrast_draw=SharedContrastPattern(x["pattern"]), lmbd=args.lmbd, tau=args.tau, **options,
             )
     return run
 
@@ -197,28 +202,35 @@ def run_case(args: argparse.Namespace, implementation: str, batch: int, repeats:
     return _run_child(command, args, f"{implementation} at batch {batch}")
 
 
+def hpseg_on_golden(g: dict, device="cpu", matmul_dtype=None):
+    """hpseg's loss and gradients of z and z_mix on one golden case (``golden_cases``), on ``device``."""
+    from hpseg.method import SharedContrastPattern, hidden_positive_loss
+
+    g = {key: value.to(device) for key, value in g.items()}
+    z, z_mix = g["z"].clone().requires_grad_(), g["z_mix"].clone().requires_grad_()
+    loss = hidden_positive_loss(
+        z, z_mix, g["f"], g["s_ema"], g["pool_ag"], g["pool_sp"], patches_per_image=int(g["side"]) ** 2,
+        contrast_draw=SharedContrastPattern.from_uniform(g["uniform"], float(g["rho"])),
+        lmbd=float(g["lmbd"]), tau=float(g["tau"]), tau_base=float(g["base_tau"]),
+        reweighting=bool(g["reweighting"]), **({} if matmul_dtype is None else {"matmul_dtype": matmul_dtype}),
+    )
+    loss.backward()
+    return loss.detach(), z.grad, z_mix.grad
+
+
 def check_hpseg_paths_against_golden() -> None:
     """hpseg on the golden files with every tile forced through the dense, then the sparse kernels."""
     sys.path.insert(0, str(HERE))
     from reference_style_loss import assert_matches_golden, golden_cases
 
     import hpseg.method.losses as losses
-    from hpseg.method import SharedContrastPattern, hidden_positive_loss
 
     limit = losses.SPARSE_DENSITY_LIMIT
     try:
         for forced in (-1.0, 2.0):  # every tile dense, every tile sparse
             losses.SPARSE_DENSITY_LIMIT = forced
             for name, g in golden_cases():
-                z, z_mix = g["z"].clone().requires_grad_(), g["z_mix"].clone().requires_grad_()
-                loss = hidden_positive_loss(
-                    z, z_mix, g["f"], g["s_ema"], g["pool_ag"], g["pool_sp"], patches_per_image=int(g["side"]) ** 2,
-                    contrast_draw=SharedContrastPattern.from_uniform(g["uniform"], float(g["rho"])),
-                    lmbd=float(g["lmbd"]), tau=float(g["tau"]), tau_base=float(g["base_tau"]),
-                    reweighting=bool(g["reweighting"]),
-                )
-                loss.backward()
-                assert_matches_golden(f"{name} (limit {forced})", g, loss, z.grad, z_mix.grad)
+                assert_matches_golden(f"{name} (limit {forced})", g, *hpseg_on_golden(g))
     finally:
         losses.SPARSE_DENSITY_LIMIT = limit
 

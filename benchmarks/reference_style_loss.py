@@ -56,8 +56,9 @@ def reference_style_loss(
     r_sp = (sn @ F.normalize(pool_specific, dim=1).T).max(1).values
     random_mask = random_pattern.to(half)
     # not_self of image 0: ones except (i, i); rolled by hw columns for every next image.
-    not_self = torch.ones(hw, n, dtype=half)
-    not_self[torch.arange(hw), torch.arange(hw)] = 0
+    not_self = torch.ones(hw, n, dtype=half, device=z.device)
+    diagonal = torch.arange(hw, device=z.device)
+    not_self[diagonal, diagonal] = 0
     scale = tau / tau_base
     loss = z.new_zeros(())
     for b in range(batch):
@@ -109,19 +110,25 @@ def assert_matches_golden(name: str, g: dict, loss: torch.Tensor, grad_z: torch.
         assert error <= 1e-3 * g[key].abs().max().item(), (name, key, error)
 
 
+def golden_loss(g: dict, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The baseline's loss and gradients of z and z_mix on one golden case, computed on ``device``."""
+    g = {key: value.to(device) for key, value in g.items()}
+    z = g["z"].clone().requires_grad_()
+    z_mix = g["z_mix"].clone().requires_grad_()
+    loss = reference_style_loss(
+        z, z_mix, g["f"], g["s_ema"], g["pool_ag"], g["pool_sp"], g["uniform"] < float(g["rho"]),
+        patches_per_image=int(g["side"]) ** 2, lmbd=float(g["lmbd"]), tau=float(g["tau"]),
+        tau_base=float(g["base_tau"]), reweighting=bool(g["reweighting"]),
+    )
+    loss.backward()
+    return loss.detach(), z.grad, z_mix.grad
+
+
 def check_against_golden(data_dir: Path | None = None) -> int:
     """Assert value and gradients against every golden file (README tolerances); returns the count."""
     cases = golden_cases(data_dir)
     for name, g in cases:
-        z = g["z"].clone().requires_grad_()
-        z_mix = g["z_mix"].clone().requires_grad_()
-        loss = reference_style_loss(
-            z, z_mix, g["f"], g["s_ema"], g["pool_ag"], g["pool_sp"], g["uniform"] < float(g["rho"]),
-            patches_per_image=int(g["side"]) ** 2, lmbd=float(g["lmbd"]), tau=float(g["tau"]),
-            tau_base=float(g["base_tau"]), reweighting=bool(g["reweighting"]),
-        )
-        loss.backward()
-        assert_matches_golden(name, g, loss, z.grad, z_mix.grad)
+        assert_matches_golden(name, g, *golden_loss(g))
     return len(cases)
 
 

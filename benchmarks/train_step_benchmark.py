@@ -23,6 +23,14 @@ on the weights. Data: a synthetic folder dataset, five-cropped at the crop size.
 
     python benchmarks/train_step_benchmark.py                       # tiny ViT 32 px + ViT-S/8 224 px
     python benchmarks/train_step_benchmark.py --configs dino_vits8:224:4,8 --alphas 0.05 --steps 3
+
+GPU options (``benchmarks/gpu_benchmark.py`` uses them for the paper-scale step):
+``--num-workers N`` reads and augments the crops in N loader processes (default 0: in the
+step's own process, which on a GPU can dominate the step); ``--full-pools`` fills the reference
+pools to ``method.pool_size`` (2048) rows by drawing further random patches from one pass over a
+dataset that has fewer crops than that, so the pool thresholds cost what they cost at full scale
+without thousands of crops; ``--time-loss`` also times the GHP + LHP loss call inside each step
+(device synchronised around it: its gradient is computed in that call, backward only scales it).
 """
 
 from __future__ import annotations
@@ -54,10 +62,11 @@ def prepare(work: Path, crop_size: int, n_images: int) -> Path:
     return root
 
 
-def overrides(name: str, root: Path, crop_size: int, batch: int, alpha: float, device: str, cache: str) -> list[str]:
+def overrides(name: str, root: Path, crop_size: int, batch: int, alpha: float, device: str, cache: str,
+              num_workers: int = 0) -> list[str]:
     return [
         f"backbone.name={name}", "backbone.pretrained=false", "data.dataset=folder", f"data.root={root}",
-        f"data.crop_size={crop_size}", "data.num_workers=0", f"data.feature_cache={cache}",
+        f"data.crop_size={crop_size}", f"data.num_workers={num_workers}", f"data.feature_cache={cache}",
         f"train.batch_size={batch}", f"method.alpha={alpha}", f"train.device={device}",
     ]
 
@@ -88,24 +97,67 @@ def build_cache(name: str, root: Path, crop_size: int, device: str) -> dict:
             "crops": meta["data"]["n_crops"], "bytes": size}
 
 
+def build_pools(trainer, full: bool) -> dict:
+    """The trainer's reference pools; ``full``: filled to method.pool_size rows even from few crops.
+
+    With fewer crops than the pool size, one pass over the data gives a smaller pool (one patch
+    per crop). ``full`` keeps that pass's feature maps and lets the trainer's own pool builders
+    cycle over them, each cycle drawing another random patch per crop.
+    """
+    import itertools
+
+    features = trainer.features
+    if full:
+        maps = list(features.feature_maps(trainer._pool_batches()))
+        features.feature_maps = lambda batches: itertools.cycle(maps)  # instance attribute: shadows the method
+    try:
+        trainer.state.pool_agnostic = trainer.build_agnostic_pool()
+        trainer.state.pool_specific = trainer.build_specific_pool()
+    finally:
+        if full:
+            del features.feature_maps
+    return {"pool_agnostic_rows": trainer.state.pool_agnostic.shape[0],
+            "pool_specific_rows": trainer.state.pool_specific.shape[0]}
+
+
+def _timed_loss(original, times: list, cuda: bool):
+    """hidden_positive_loss, timed with the device synchronised before and after each call."""
+    import torch
+
+    def timed(*args, **kwargs):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        return out
+
+    return timed
+
+
 def child(spec: dict) -> dict:
     """One configuration, in this process."""
     import torch
 
+    import hpseg.train
     from hpseg.config import load_preset
     from hpseg.train import Trainer
 
     config = load_preset("cocostuff27").override(
         overrides(spec["name"], Path(spec["root"]), spec["crop"], spec["batch"], spec["alpha"], spec["device"],
-                  "auto" if spec["mode"] == "cache" else "off")
+                  "auto" if spec["mode"] == "cache" else "off", spec.get("num_workers", 0))
     )
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, Path(run_dir), progress=False)
         expected = "CachedFeatures" if spec["mode"] == "cache" else "BackboneFeatures"
         assert type(trainer.features).__name__ == expected, type(trainer.features).__name__
         cuda = trainer.device.type == "cuda"
-        trainer.state.pool_agnostic = trainer.build_agnostic_pool()
-        trainer.state.pool_specific = trainer.build_specific_pool()
+        pools = build_pools(trainer, spec.get("full_pools", False))
+        loss_times: list[float] = []
+        if spec.get("time_loss"):
+            hpseg.train.hidden_positive_loss = _timed_loss(hpseg.train.hidden_positive_loss, loss_times, cuda)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(trainer.device)
@@ -115,7 +167,7 @@ def child(spec: dict) -> dict:
             before = _proc_status("VmRSS")
         batches = [b for epoch in range(100) for b in trainer._batches(epoch)][: spec["warmup"] + spec["steps"]]
         steps = trainer.features.steps(batches)
-        fetch, total, cpu = [], [], []
+        fetch, total, cpu, hp_values, loss_timed = [], [], [], [], []
         for i in range(len(batches)):
             if cuda:
                 torch.cuda.synchronize()
@@ -124,16 +176,22 @@ def child(spec: dict) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             got = time.perf_counter()
-            trainer.training_step(inputs, lmbd=0.5)
+            values = trainer.training_step(inputs, lmbd=0.5)
             if cuda:
                 torch.cuda.synchronize()
             end, cpu_end = time.perf_counter(), time.process_time()
+            hp_values.append(values["hp"])
             if i >= spec["warmup"]:
                 fetch.append(got - start)
                 total.append(end - start)
                 cpu.append(cpu_end - cpu_start)
+                if loss_times:
+                    loss_timed.append(loss_times[-1])
         peak = torch.cuda.max_memory_allocated(trainer.device) if cuda else _proc_status("VmHWM")
-    return {**spec, "step_s": statistics.median(total), "fetch_s": statistics.median(fetch),
+    extra = {**pools, "hp_values": hp_values}
+    if loss_timed:
+        extra["loss_s"] = statistics.median(loss_timed)
+    return {**spec, **extra, "step_s": statistics.median(total), "fetch_s": statistics.median(fetch),
             "cpu_s": statistics.median(cpu), "min_step_s": min(total), "peak_bytes": peak,
             "growth_bytes": peak - before, "process_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "peak_kind": "cuda allocated" if cuda else "VmHWM of the steps"}
@@ -184,6 +242,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", help="work directory (default: a temporary one)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--num-workers", type=int, default=0, help="data loader processes (default 0)")
+    parser.add_argument("--full-pools", action="store_true",
+                        help="fill the reference pools to method.pool_size rows even from fewer crops")
+    parser.add_argument("--time-loss", action="store_true", help="also time the HP loss call inside each step")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -217,11 +279,13 @@ def main() -> None:
                 for mode in ("backbone", "cache"):
                     spec = {"name": name, "crop": crop, "batch": batch, "alpha": alpha, "mode": mode,
                             "root": str(root), "device": args.device, "steps": args.steps, "warmup": args.warmup,
-                            "threads": args.threads}
+                            "threads": args.threads, "num_workers": args.num_workers,
+                            "full_pools": args.full_pools, "time_loss": args.time_loss}
                     result = run_child(spec)
                     rows.append(result)
                     print(f"  {name} {crop}px B={batch} alpha={alpha} {mode}: step {result['cpu_s']:.3f} s CPU, "
-                          f"{result['step_s']:.3f} s wall (inputs {result['fetch_s']:.3f} s wall), "
+                          f"{result['step_s']:.3f} s wall (inputs {result['fetch_s']:.3f} s wall"
+                          + (f", HP loss {result['loss_s']:.3f} s" if "loss_s" in result else "") + "), "
                           f"peak {result['peak_bytes'] / 2**20:.0f} MiB (+{result['growth_bytes'] / 2**20:.0f} MiB "
                           "over the resident set before the steps)", flush=True)
 
