@@ -298,7 +298,7 @@ def build_feature_cache(
     space checked (``FeatureCacheError`` naming the directory, needed and free bytes).
 
     Args:
-        backbone: the frozen backbone, already on ``device``.
+        backbone: the frozen backbone (moved to ``device``).
         sigma: LHP σ (``method.sigma``).
         dtype: storage of f, "float16" (default) or "float32".
         weights_path: where the backbone weights came from (recorded only; the check is the
@@ -316,6 +316,7 @@ def build_feature_cache(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     say = log or (lambda _message: None)
     device = torch.device(device)
+    backbone.to(device)
     cache_dir = Path(cache_dir)
     crops = TrainCrops(prepared_dir, with_augmented=False)
     identity = _identity(backbone, crops, sigma)

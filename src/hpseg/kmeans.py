@@ -57,8 +57,11 @@ def _pass(
         labels[start : start + chunk_size] = idx
         dist[start : start + chunk_size] = d.clamp_(min=0.0)
         if sums is not None and counts is not None:
-            sums.index_add_(0, idx, x.double())
-            counts.index_add_(0, idx, torch.ones_like(idx, dtype=torch.float64))
+            if x.device.type == "cpu":
+                sums.index_add_(0, idx, x.double())
+            else:  # index_add_ adds with atomics on GPUs, in no fixed order: runs would differ
+                sums += F.one_hot(idx, k).double().T @ x.double()
+            counts += torch.bincount(idx, minlength=k)
     return labels, dist, sums, counts
 
 
