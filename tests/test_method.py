@@ -354,3 +354,27 @@ def test_half_precision_products_match_float32(monkeypatch, dtype, density_limit
     torch.testing.assert_close(loss16, loss32, rtol=1e-3, atol=0.0)
     for half, full in ((gz16, gz32), (gm16, gm32)):
         assert (half - full).norm() <= 1e-2 * full.norm()
+
+
+def test_gpu_mask_path_yields_the_cpu_paths_masks():
+    """The GPU path of ``image_masks`` (each image's masks computed alone) equals the CPU path
+    (symmetric halves, bit-packed blocks)."""
+    from hpseg.method.positives import PositiveInputs, _image_masks_direct, image_masks
+
+    g = torch.Generator().manual_seed(5)
+    hw, batch = 9, 4
+    f, s = torch.randn(hw * batch, 6, generator=g), torch.randn(hw * batch, 5, generator=g)
+    pattern = torch.rand(hw, hw * batch, generator=g) < 0.3
+    # Pools apart from the batch: a pool row equal to a patch would make that pair a tie with the threshold.
+    pool_ag, pool_sp = torch.randn(5, 6, generator=g), torch.randn(5, 5, generator=g)
+    inputs = PositiveInputs.build(f, s, pool_ag, pool_sp, hw, SharedContrastPattern(pattern))
+    assert 0 < int(inputs.masks(0, hw * batch).task_agnostic.sum()) < (hw * batch) ** 2 // 2
+    for specific in (True, False):
+        direct = list(_image_masks_direct(inputs, task_specific=specific))
+        assert len(direct) == batch
+        for image, masks in enumerate(image_masks(inputs, task_specific=specific, chunk_size=4)):
+            assert torch.equal(masks.task_agnostic, direct[image].task_agnostic)
+            assert torch.equal(masks.contrast, direct[image].contrast)
+            assert (masks.task_specific is None) == (not specific)
+            if specific:
+                assert torch.equal(masks.task_specific, direct[image].task_specific)

@@ -54,8 +54,9 @@ _CHUNK_ELEMENTS = 1 << 26
 # positive. A chunk of anchors against the patches of one image (a tile) whose share of such pairs
 # is at most the limit goes through sparse kernels; denser tiles (an image against itself, rho near
 # 1 as for Potsdam) through dense products. On the CPU sparse sampled products win up to about
-# 15 % (BENCHMARKS.md); on a GPU every tile with a pair is dense: thousands of small sparse
-# launches per step cost more than the dense products they save. None: by device; a number forces it.
+# 15 % (BENCHMARKS.md); on a GPU every tile is dense (a negative limit): there the small sparse
+# launches cost more than the dense products they save (measured on an H200: 1.6-2.3x slower at
+# batch 16-32). None: by device; a number forces it everywhere.
 SPARSE_DENSITY_LIMIT: float | None = None
 CPU_SPARSE_DENSITY_LIMIT = 0.15
 
@@ -265,7 +266,7 @@ def sparse_density_limit(device: torch.device) -> float:
     """The tile density at or under which the loss uses sparse kernels on ``device``."""
     if SPARSE_DENSITY_LIMIT is not None:
         return SPARSE_DENSITY_LIMIT
-    return CPU_SPARSE_DENSITY_LIMIT if device.type == "cpu" else 0.0
+    return CPU_SPARSE_DENSITY_LIMIT if device.type == "cpu" else -1.0
 
 
 def _chunk_loss(
@@ -275,6 +276,7 @@ def _chunk_loss(
     weight_sums: torch.Tensor,
     coefficients: torch.Tensor,
     embeddings: list[torch.Tensor],
+    sources: list[torch.Tensor],
     grads: list[torch.Tensor | None],
     lmbd: float,
     tau: float,
@@ -282,17 +284,22 @@ def _chunk_loss(
     matmul_dtype: torch.dtype,
 ) -> torch.Tensor:
     """sum_i c_i (n_i(z) + n_i(z_mix)) over the anchors ``rows`` of a batch; adds the gradients of
-    -sum_i c_i n_i to ``grads``. ``masks`` are these anchors' (chunk, N) masks."""
+    -sum_i c_i n_i to ``grads``. ``masks`` are these anchors' (chunk, N) masks; ``sources`` the
+    embeddings in the product dtype."""
     dtype, device = embeddings[0].dtype, embeddings[0].device
     n_anchors, n_patches = masks.task_agnostic.shape
-    pairs = masks.contrast.clone()
-    if masks.task_specific is not None:
-        pairs.logical_or_(masks.task_specific)
-    pairs.logical_and_(kept[:, None])
-    tile_pairs = _count_true(pairs.view(n_anchors, n_patches // hw, hw)).sum(0)
-    is_dense = tile_pairs > sparse_density_limit(device) * n_anchors * hw
-    dense_flags, sparse_flags = torch.stack([is_dense, (tile_pairs > 0) & ~is_dense]).tolist()
-    dense_ranges = _dense_ranges(dense_flags, hw)
+    limit = sparse_density_limit(device)
+    if limit < 0:  # every tile dense: no need to look at the pairs
+        dense_ranges, sparse_flags = [slice(0, n_patches)], []
+    else:
+        pairs = masks.contrast.clone()
+        if masks.task_specific is not None:
+            pairs.logical_or_(masks.task_specific)
+        pairs.logical_and_(kept[:, None])
+        tile_pairs = _count_true(pairs.view(n_anchors, n_patches // hw, hw)).sum(0)
+        is_dense = tile_pairs > limit * n_anchors * hw
+        dense_flags, sparse_flags = torch.stack([is_dense, (tile_pairs > 0) & ~is_dense]).tolist()
+        dense_ranges = _dense_ranges(dense_flags, hw)
     want_grad = any(grad is not None for grad in grads)
     # A tensor, not a float: the compiled dense functions are not rebuilt when lambda changes.
     lmbd_tensor = torch.tensor(lmbd, dtype=dtype, device=device)
@@ -312,13 +319,11 @@ def _chunk_loss(
             sparse_weights.add_(masks.task_specific.reshape(-1)[sparse.flat].to(dtype), alpha=lmbd)
         sparse_contrast = masks.contrast.reshape(-1)[sparse.flat]
         sparse_rows = sparse.rows
-    del pairs
 
     total = torch.zeros((), dtype=dtype, device=device)
-    for embedding, grad in zip(embeddings, grads):
+    for embedding, source, grad in zip(embeddings, sources, grads):
         anchors = embedding[rows]
         scaled = anchors / tau
-        source = embedding.to(matmul_dtype)
         dense_logits = [scaled.to(matmul_dtype) @ source[columns].T for columns, *_ in dense]
         # Any per-anchor shift gives the same log-softmax; the row maximum keeps exp in range.
         shift = torch.full((n_anchors,), float("-inf"), dtype=dtype, device=device)
@@ -416,6 +421,7 @@ def _loss_and_gradients(
     dtype = _accumulation_dtype(matmul_dtype)
     embeddings = [e.detach().to(dtype) for e in embeddings]
     grads = [torch.zeros_like(e) if want else None for e, want in zip(embeddings, want_grads)]
+    sources = [e.to(matmul_dtype) for e in embeddings]  # cast once, not per image
     n_patches, hw = embeddings[0].shape[0], inputs.patches_per_image
     n_images = n_patches // hw
     total = torch.zeros((), dtype=dtype, device=embeddings[0].device)
@@ -438,7 +444,7 @@ def _loss_and_gradients(
             )
             rows = slice(image * hw + local.start, image * hw + local.stop)
             total += _chunk_loss(
-                chunk_masks, rows, kept[local], weight_sums[local], coefficients[local], embeddings, grads,
+                chunk_masks, rows, kept[local], weight_sums[local], coefficients[local], embeddings, sources, grads,
                 lmbd, tau, hw, matmul_dtype,
             )
     return -total, grads
