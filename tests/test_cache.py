@@ -74,7 +74,8 @@ def test_training_from_the_cache_gives_the_same_loss_curve(data_root, tmp_path, 
     float16 storage (the default): within rel 1e-2 at every step, median under 1e-3 (measured:
     max 1.6e-3, median 1e-5)."""
     backbone = tiny_backbone()
-    extra = ["method.alpha=0.0", "train.val_interval=100"]
+    # On the CPU also where a GPU is present: equal loss curves need float32 arithmetic (CUDA runs fp16 AMP).
+    extra = ["method.alpha=0.0", "train.val_interval=100", "train.device=cpu"]
     reference = losses(train(tiny_config(data_root, tmp_path, extra=extra + ["train.run_name=live"]),
                              backbone=backbone, progress=False))
     assert "no feature cache at" in capsys.readouterr().out
@@ -105,7 +106,8 @@ def test_photometric_view_still_uses_the_backbone(data_root, tmp_path):
     """alpha > 0: the cache serves f and the LHP weights; the augmented view (same random draws as
     without the cache) goes through the backbone — same losses."""
     backbone = tiny_backbone()
-    extra = ["method.alpha=0.5", "train.val_interval=100", "train.max_steps=6"]
+    # On the CPU also where a GPU is present: equal loss curves need float32 arithmetic (CUDA runs fp16 AMP).
+    extra = ["method.alpha=0.5", "train.val_interval=100", "train.max_steps=6", "train.device=cpu"]
     reference = losses(train(tiny_config(data_root, tmp_path, extra=extra + ["train.run_name=live"]),
                              backbone=backbone, progress=False))
     cache = build(backbone, prepared(data_root), tmp_path / "c", dtype="float32")
