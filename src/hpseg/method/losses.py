@@ -58,8 +58,8 @@ _CHUNK_ELEMENTS = 1 << 26
 # is at most the limit goes through sparse kernels; denser tiles (an image against itself, rho near
 # 1 as for Potsdam) through dense products. On the CPU sparse sampled products win up to about
 # 15 % (BENCHMARKS.md); on a GPU every tile is dense (a negative limit): there the small sparse
-# launches cost more than the dense products they save (measured on an H200: 1.6-2.3x slower at
-# batch 16-32). None: by device; a number forces it everywhere.
+# launches cost more than the dense products they save (measured on an H200: 2.4-5x slower at
+# batch 16-64, BENCHMARKS.md). None: by device; a number forces it everywhere.
 SPARSE_DENSITY_LIMIT: float | None = None
 CPU_SPARSE_DENSITY_LIMIT = 0.15
 
@@ -208,9 +208,14 @@ def _dense_row_terms(
     return logits.amax(1), (_positive_weights(agnostic, specific, lmbd) * logits).sum(1)
 
 
+def _contrast_exp(logits: torch.Tensor, shift: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
+    """exp(logit_ij - shift_i) for j in C(i), else 0: (r, n), (r,), (r, n) bool -> (r, n) float32+."""
+    return torch.where(contrast, (_widened(logits) - shift[:, None]).exp(), 0.0)
+
+
 def _dense_normaliser(logits: torch.Tensor, shift: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
     """sum_{j in C(i)} exp(logit_ij - shift_i) of a dense block: (r, n), (r,), (r, n) bool -> (r,) float32+."""
-    return torch.where(contrast, (_widened(logits) - shift[:, None]).exp(), 0.0).sum(1)
+    return _contrast_exp(logits, shift, contrast).sum(1)
 
 
 def _dense_pair_gradient(
@@ -229,8 +234,7 @@ def _dense_pair_gradient(
 
     Shapes: logits and masks (r, n), the per-anchor vectors (r,), inverse_factor 0-dim.
     """
-    exp_logits = torch.where(contrast, (_widened(logits) - shift[:, None]).exp(), 0.0)
-    pair_grad = exp_logits * softmax_scale[:, None] - _positive_weights(agnostic, specific, lmbd) * weight_scale[:, None]
+    pair_grad = _contrast_exp(logits, shift, contrast) * softmax_scale[:, None] - _positive_weights(agnostic, specific, lmbd) * weight_scale[:, None]
     return (pair_grad * inverse_factor).to(out_dtype)
 
 
@@ -281,7 +285,7 @@ def _chunk_loss(
     embeddings: list[torch.Tensor],
     sources: list[torch.Tensor],
     grads: list[torch.Tensor | None],
-    lmbd: float,
+    lmbd: torch.Tensor,
     tau: float,
     hw: int,
     matmul_dtype: torch.dtype,
@@ -304,8 +308,6 @@ def _chunk_loss(
         dense_flags, sparse_flags = torch.stack([is_dense, (tile_pairs > 0) & ~is_dense]).tolist()
         dense_ranges = _dense_ranges(dense_flags, hw)
     want_grad = any(grad is not None for grad in grads)
-    # A tensor, not a float: the compiled dense functions are not rebuilt when lambda changes.
-    lmbd_tensor = torch.tensor(lmbd, dtype=dtype, device=device)
 
     dense = [
         (columns, masks.task_agnostic[:, columns],
@@ -319,7 +321,7 @@ def _chunk_loss(
         sparse = _SparsePairs(pairs, hw, transposed=want_grad)
         sparse_weights = masks.task_agnostic.reshape(-1)[sparse.flat].to(dtype)
         if masks.task_specific is not None:
-            sparse_weights.add_(masks.task_specific.reshape(-1)[sparse.flat].to(dtype), alpha=lmbd)
+            sparse_weights.addcmul_(masks.task_specific.reshape(-1)[sparse.flat].to(dtype), lmbd)
         sparse_contrast = masks.contrast.reshape(-1)[sparse.flat]
         sparse_rows = sparse.rows
 
@@ -336,7 +338,7 @@ def _chunk_loss(
             shift.scatter_reduce_(0, sparse_rows, sparse_logits, "amax")
             weighted.index_add_(0, sparse_rows, sparse_weights * sparse_logits)
         for logits, (_, agnostic, specific, _) in zip(dense_logits, dense):
-            row_max, row_weighted = _row_terms(logits, agnostic, specific, lmbd_tensor)
+            row_max, row_weighted = _row_terms(logits, agnostic, specific, lmbd)
             torch.maximum(shift, row_max, out=shift)
             weighted += row_weighted
         shift = torch.where(torch.isfinite(shift), shift, 0.0)  # anchors without any pair
@@ -362,12 +364,12 @@ def _chunk_loss(
         # its entries (about coefficient / tau, 1e-7 at the paper's batch) would fall below float16's range.
         factor = None
         if source.dtype == torch.float16:
-            bound = (torch.where(kept, coefficients * weight_sums, 0.0) + (1 + abs(lmbd)) * coefficients.abs()) / tau
+            bound = (torch.where(kept, coefficients * weight_sums, 0.0) + (1 + lmbd.abs()) * coefficients.abs()) / tau
             factor = bound.amax().clamp_min(1e-30)
         inverse_factor = torch.ones((), dtype=dtype, device=device) if factor is None else 1 / factor
         for logits, (columns, agnostic, specific, contrast) in zip(dense_logits, dense):
             pair_grad = _pair_gradient(
-                logits, shift, contrast, agnostic, specific, lmbd_tensor, softmax_scale, weight_scale,
+                logits, shift, contrast, agnostic, specific, lmbd, softmax_scale, weight_scale,
                 inverse_factor, source.dtype,
             )
             _add_dense_gradients(pair_grad, factor, source, grad, rows, columns)
@@ -428,6 +430,9 @@ def _loss_and_gradients(
     n_patches, hw = embeddings[0].shape[0], inputs.patches_per_image
     n_images = n_patches // hw
     total = torch.zeros((), dtype=dtype, device=embeddings[0].device)
+    # Once per call (on a GPU each is a host-to-device copy), and a tensor rather than a float: the
+    # compiled dense functions are not rebuilt when lambda changes.
+    lmbd_tensor = torch.tensor(lmbd, dtype=dtype, device=total.device)
     # The coefficients of an image need all its anchors' masks: they come one image at a time.
     for image, masks in enumerate(image_masks(inputs, task_specific=lmbd != 0.0, chunk_size=chunk_size)):
         agnostic_counts = _count_true(masks.task_agnostic)
@@ -448,7 +453,7 @@ def _loss_and_gradients(
             rows = slice(image * hw + local.start, image * hw + local.stop)
             total += _chunk_loss(
                 chunk_masks, rows, kept[local], weight_sums[local], coefficients[local], embeddings, sources, grads,
-                lmbd, tau, hw, matmul_dtype,
+                lmbd_tensor, tau, hw, matmul_dtype,
             )
     return -total, grads
 
