@@ -49,7 +49,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from hpseg.method.positives import ContrastDraw, PositiveInputs, PositiveMasks, image_masks
+from hpseg.method import triton_kernels
+from hpseg.method.positives import ContrastDraw, PositiveInputs, PositiveMasks, SharedContrastPattern, image_masks
 
 # Anchors per chunk: one image's, unless a (chunk x N) temporary would exceed this many elements.
 _CHUNK_ELEMENTS = 1 << 26
@@ -100,11 +101,14 @@ def _count_true(mask: torch.Tensor) -> torch.Tensor:
 def _image_coefficients(
     weight_sums: torch.Tensor, kept: torch.Tensor, scale: float, reweighting: bool, n_images: int
 ) -> torch.Tensor:
-    """Per-anchor c_i of one image such that its loss is -sum_i c_i n_i (see the module docstring)."""
+    """Per-anchor c_i such that an image's loss is -sum_i c_i n_i (see the module docstring).
+
+    Shapes: weight_sums and kept (..., hw), the anchors of an image along the last axis -> (..., hw).
+    """
     if reweighting:
-        denominators = torch.where(kept, weight_sums, 0.0).sum().expand_as(weight_sums)
+        denominators = torch.where(kept, weight_sums, 0.0).sum(-1, keepdim=True).expand_as(weight_sums)
     else:
-        denominators = weight_sums * kept.sum()
+        denominators = weight_sums * kept.sum(-1, keepdim=True)
     # Anchors without a task-agnostic positive are skipped; an image with none adds nothing
     # (the reference would produce NaN there).
     return torch.where(kept, scale / denominators.clamp_min(1e-12), 0.0) / (2 * n_images)
@@ -411,6 +415,85 @@ def _add_dense_gradients(
             add(grad[outer], part.T @ source[rows])
 
 
+# On CUDA, under half-precision products and with the shared contrast pattern, the pair work runs in
+# two fused Triton kernels (``triton_kernels``): nothing of size (anchors x N) but one block of the
+# pair gradient is stored. False: the torch path everywhere (benchmarks time both).
+TRITON_KERNELS = True
+_triton_failed = False
+
+
+def _uses_triton_kernels(inputs: PositiveInputs, matmul_dtype: torch.dtype) -> bool:
+    if not (TRITON_KERNELS and triton_kernels.AVAILABLE and not _triton_failed):
+        return False
+    if not isinstance(inputs.contrast_draw, SharedContrastPattern):
+        return False  # an independent draw comes from torch's generator, which a kernel cannot replay
+    if triton_kernels.INTERPRETED:  # tests: the kernels on CPU tensors (the interpreter has no bfloat16)
+        return matmul_dtype in (torch.float32, torch.float16)
+    # float32 stays with cuBLAS: Triton's exact float32 products are slower than the separate passes.
+    return inputs.task_agnostic.device.type == "cuda" and matmul_dtype in (torch.float16, torch.bfloat16)
+
+
+def _triton_loss_and_gradients(
+    embeddings: list[torch.Tensor],
+    want_grads: list[bool],
+    inputs: PositiveInputs,
+    lmbd: float,
+    tau: float,
+    scale: float,
+    reweighting: bool,
+    matmul_dtype: torch.dtype,
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """What :func:`_loss_and_gradients` returns, the pair work done by the fused kernels.
+
+    The per-anchor sums of the whole batch come first (one kernel); the loss and the per-anchor
+    scales of the gradient follow in O(N); then, a block of anchors at a time, G_ij = g_ij + g_ji
+    (second kernel) and grad_i = sum_j G_ij e_j (one product).
+    """
+    dtype = torch.float32
+    n, hw = inputs.n_patches, inputs.patches_per_image
+    n_images = n // hw
+    device = inputs.task_agnostic.device
+    sources = [e.detach().to(matmul_dtype) for e in embeddings]
+    pattern = inputs.contrast_draw.rows(0, hw, hw, n).to(device)  # the whole (hw, N) pattern, shape checked
+    pairs = triton_kernels.PairInputs(
+        inputs.task_agnostic, inputs.task_specific, inputs.agnostic_thresholds,
+        inputs.specific_thresholds if lmbd != 0.0 else None, pattern, sources, tau,
+    )
+    counts, stats = triton_kernels.row_statistics(pairs)
+    kept = counts[0] > 0
+    weight_sums = counts[0].to(dtype) + lmbd * counts[1].to(dtype)
+    coefficients = _image_coefficients(
+        weight_sums.view(n_images, hw), kept.view(n_images, hw), scale, reweighting, n_images
+    ).reshape(n)
+    row_max, exp_sum, agnostic_sum, specific_sum = stats.unbind(1)  # each (2, N): z and z_mix
+    shift = torch.where(torch.isfinite(row_max), row_max, 0.0)  # anchors with an empty contrast set
+    values = agnostic_sum + lmbd * specific_sum - weight_sums * (shift + exp_sum.log())
+    total = torch.where(kept, coefficients * values, 0.0).sum()
+    grads: list[torch.Tensor | None] = [None, None]
+    if not any(want_grads):
+        return -total, grads
+    # g_ij = c_i (W_i p_ij - w_ij) / tau, p_ij = exp(l_ij - shift_i) / exp_sum_i over C(i).
+    softmax_scale = torch.where(kept, coefficients * weight_sums / exp_sum, 0.0) / tau
+    scales = torch.stack([shift, softmax_scale, (coefficients / tau).expand_as(shift)], dim=1)  # (2, 3, N)
+    factor = 1.0
+    if matmul_dtype == torch.float16:  # G / factor with |G_ij| <= 2 max_i |g_i.| <= factor (see _chunk_loss)
+        bound = (torch.where(kept, coefficients * weight_sums, 0.0) + (1 + abs(lmbd)) * coefficients.abs()) / tau
+        factor = float(2 * bound.amax().clamp_min(1e-30))
+    grads = [torch.zeros(e.shape, dtype=dtype, device=device) if want else None for e, want in zip(embeddings, want_grads)]
+    # Blocks of G of at most _CHUNK_ELEMENTS entries, whole multiples of the kernels' largest row tile.
+    align = triton_kernels.ROW_ALIGNMENT
+    block = min(n, max(align, _CHUNK_ELEMENTS // n // align * align))
+    buffers = [torch.empty(block, n, dtype=matmul_dtype, device=device) if want else None for want in want_grads]
+    for start in range(0, n, block):
+        rows = slice(start, min(start + block, n))
+        outputs = tuple(None if b is None else b[: rows.stop - rows.start] for b in buffers)
+        triton_kernels.symmetric_pair_gradients(pairs, scales, rows, outputs, lmbd, 1.0 / factor)
+        for grad, pair_grad, source in zip(grads, outputs, sources):
+            if grad is not None:
+                grad[rows].add_(pair_grad @ source, alpha=factor)  # in float32: the product times factor could underflow
+    return -total, grads
+
+
 def _loss_and_gradients(
     embeddings: list[torch.Tensor],
     want_grads: list[bool],
@@ -423,6 +506,15 @@ def _loss_and_gradients(
     matmul_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """The loss -sum_i c_i (n_i(z) + n_i(z_mix)) and its gradients, one image at a time."""
+    global _triton_failed
+    if _uses_triton_kernels(inputs, matmul_dtype):
+        try:
+            return _triton_loss_and_gradients(embeddings, want_grads, inputs, lmbd, tau, scale, reweighting, matmul_dtype)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a compiler or driver failure: the torch path is exact
+            _triton_failed = True
+            warnings.warn(f"HP loss: the Triton kernels failed ({error!r}); using the torch path from now on")
     dtype = _accumulation_dtype(matmul_dtype)
     embeddings = [e.detach().to(dtype) for e in embeddings]
     grads = [torch.zeros_like(e) if want else None for e, want in zip(embeddings, want_grads)]
