@@ -33,11 +33,13 @@ goes on; each has a time budget and the run a global deadline, ``--deadline``):
   rho 0.02, lambda 0.5, tau 0.8, batches 8-64 (``loss_benchmark.synthetic_inputs``): the
   reference-style baseline in float32 and under fp16 autocast, hpseg with float32 / float16 /
   bfloat16 products (as the trainer passes ``matmul_dtype`` under AMP), each with the default kernel
-  choice, all tiles dense, all sparse and (where the loss has the switch) its compiled CUDA helpers
-  off. The comparison cases run first for every batch, the kernel variants after, so a short budget
+  choice (on CUDA under half precision: the fused Triton kernels), the torch path
+  (``TRITON_KERNELS`` off), and on the torch path all tiles dense, all sparse and its compiled CUDA
+  helpers off. The comparison cases run first for every batch, the kernel variants after, so a short budget
   drops variants rather than batches. Median time (1 warm-up, median of 3; 1 if a call takes > 3 s),
   peak CUDA memory over the memory before the call (net) and absolute; FLOPs of the products
-  (FlopCounterMode for the dense ones, the sampled pairs for the sparse kernels) and the achieved
+  (FlopCounterMode for the dense ones, the sampled pairs for the sparse kernels, counted analytically
+  for the Triton kernels: ``triton_loss_flops``) and the achieved
   TFLOP/s against the measured ceiling; speed-up and memory ratios baseline / hpseg. Cases whose
   time, predicted from the previous batch (~ batch^2), passes ``--max-case-s`` or the time left are
   skipped and listed; CUDA out-of-memory is recorded as OOM.
@@ -79,7 +81,7 @@ sys.path.insert(0, str(HERE))
 
 SECTIONS = ("env", "pytest", "cli", "golden", "loss", "step")
 # Seconds per section (GPU run); the smoke run on the CPU has its own, larger ones (slower machine).
-BUDGETS = {"env": 45, "pytest": 150, "cli": 150, "golden": 90, "loss": 110, "step": 150}
+BUDGETS = {"env": 45, "pytest": 150, "cli": 150, "golden": 90, "loss": 160, "step": 150}
 SMOKE_BUDGETS = {"env": 60, "pytest": 600, "cli": 300, "golden": 120, "loss": 120, "step": 300}
 # Seconds kept back for the later sections when an earlier one gets its budget (GPU run).
 RESERVES = {"golden": 20, "loss": 60, "step": 90}
@@ -169,12 +171,15 @@ def timed_runs(run: Run, function, deadline: float, warmup: int = 1, repeats: in
     """Time ``function()`` (synchronised): ``warmup`` untimed calls, then the median of ``repeats``
     (1 if a call takes more than ``slow_s``, fewer if the deadline comes)."""
     first = []
-    for _ in range(warmup):
+    # One more warm-up if the first was slow (compiling, tuning kernels), so the count below reflects a warm call.
+    while len(first) < warmup or (len(first) == warmup and warmup and first[-1] > slow_s):
         run.sync()
         start = time.perf_counter()
         function()
         run.sync()
         first.append(time.perf_counter() - start)
+    if run.cuda:  # the peak of warm calls (Triton's autotuning allocates a 256 MB cache-flush buffer)
+        run.torch.cuda.reset_peak_memory_stats(run.device)
     last = first[-1] if first else 0.0
     count = 1 if last > slow_s else repeats
     times = []
@@ -239,12 +244,30 @@ def hpseg_variants() -> dict:
     import hpseg.method.losses as losses
 
     variants = {"auto": {}}
+    torch_path = {}  # the kernel variants below are variants of the torch path
+    if hasattr(losses, "TRITON_KERNELS"):
+        variants["torch"] = torch_path = {"TRITON_KERNELS": False}
     if hasattr(losses, "SPARSE_DENSITY_LIMIT"):
-        variants["dense"] = {"SPARSE_DENSITY_LIMIT": -1.0}
-        variants["sparse"] = {"SPARSE_DENSITY_LIMIT": 2.0}
+        variants["dense"] = {**torch_path, "SPARSE_DENSITY_LIMIT": -1.0}
+        variants["sparse"] = {**torch_path, "SPARSE_DENSITY_LIMIT": 2.0}
     if hasattr(losses, "_FusedOnCuda"):
-        variants["eager"] = {"fused": False}
+        variants["eager"] = {**torch_path, "fused": False}
     return variants
+
+
+def triton_loss_flops(n: int, feature_dim: int, dim: int, lmbd: float) -> float:
+    """FLOPs of the products of the loss's Triton path: each kernel computes, for every ordered pair,
+    the similarities of f and (with lambda != 0) s' and the logits of z and z_mix; then G @ e for both."""
+    per_pair = 2 * (feature_dim + (dim if lmbd else 0) + 2 * dim) + 2 * dim
+    return 2.0 * n * n * per_pair
+
+
+def uses_triton(device_type: str, dtype_name: str, setting: dict) -> bool:
+    import hpseg.method.losses as losses
+
+    kernels = getattr(losses, "triton_kernels", None)
+    return (device_type == "cuda" and dtype_name in ("fp16", "bf16") and kernels is not None and kernels.AVAILABLE
+            and setting.get("TRITON_KERNELS", losses.TRITON_KERNELS) and not losses._triton_failed)
 
 
 # ------------------------------------------------------------------------------------ env
@@ -866,9 +889,11 @@ def section_loss(run: Run, deadline: float) -> dict:
     if not run.ceilings:  # env not run: the ceilings for the achieved TFLOP/s
         measure_ceilings(run, deadline)
     # Priority order: the comparison first, the kernel variants after (skipped first when time is short).
+    # The torch-path variant differs from auto under half precision only (float32 stays on the torch path).
     tiers = [[("baseline", "fp32", "-"), ("baseline", "autocast-fp16", "-")]
              + [("hpseg", d, "auto") for d in ("fp32", "fp16", "bf16")],
-             [("hpseg", d, v) for v in variants if v != "auto" for d in ("fp32", "fp16", "bf16")]]
+             [("hpseg", d, v) for v in variants if v != "auto" for d in ("fp32", "fp16", "bf16")
+              if not (v == "torch" and d == "fp32")]]
     inputs_cpu = {b: synthetic_inputs(settings, b) for b in batches}
     log(f"  inputs built on the CPU ({time.perf_counter() - run.started:.0f} s into the run)")
     cases: list[dict] = []
@@ -907,7 +932,14 @@ def section_loss(run: Run, deadline: float) -> dict:
                         case["loss_err_vs_hpseg_fp32"], case["grad_err_vs_hpseg_fp32"] = relative_errors(
                             case["loss"], grads, *reference[batch])
                 del grads
-                if flop_key in flops and case.get("status") == "ok":
+                if impl == "hpseg" and case.get("status") == "ok" and uses_triton(
+                        run.device.type, dtype_name, variants.get(kernels, {})):
+                    case["triton"] = True
+                    case["gflop"] = triton_loss_flops(case["n"], settings.feature_dim, settings.dim,
+                                                      settings.lmbd) / 1e9
+                    case["tflops"] = case["gflop"] / 1e3 / case["median_s"]
+                    case["percent_of_ceiling"] = 100 * case["tflops"] / run.ceilings.get(dtype_name, math.inf)
+                elif flop_key in flops and case.get("status") == "ok":
                     case["gflop"] = flops[flop_key]["total"] / 1e9
                     case["tflops"] = flops[flop_key]["total"] / case["median_s"] / 1e12
                     ceiling = run.ceilings.get({"autocast-fp16": "fp16"}.get(dtype_name, dtype_name))
@@ -1115,7 +1147,7 @@ def summary_loss(run: Run, lo: dict) -> None:
             f"{ratio(b32, h32, 'peak_net_gib')} | {cell(b16)} | {cell(h16)} | {ratio(b16, h16, 'median_s')}, "
             f"{ratio(b16, h16, 'peak_net_gib')} | {cell(hbf)} | {ratio(b16, hbf, 'median_s')}, "
             f"{ratio(b16, hbf, 'peak_net_gib')} |")
-    variants = [v for v in ("auto", "dense", "sparse", "eager") if any(k[3] == v for k in cases)]
+    variants = [v for v in ("auto", "torch", "dense", "sparse", "eager") if any(k[3] == v for k in cases)]
     log("hpseg kernel variants: median s; achieved TFLOP/s of the products (% of the measured ceiling of the dtype):")
     log("| B | dtype | " + " | ".join(variants) + " | GFLOP auto (dense + sparse) | TFLOP/s auto (% ceiling) |")
     log("|---|---|" + "---|" * len(variants) + "---|---|")
@@ -1124,6 +1156,8 @@ def summary_loss(run: Run, lo: dict) -> None:
             auto = cases.get((b, "hpseg", d, "auto"), {})
             flops = lo["flops"].get(f"hpseg auto B={b}")
             gflop = f"{flops['dense'] / 1e9:.4g} + {flops['sparse'] / 1e9:.4g}" if flops else "-"
+            if auto.get("triton"):
+                gflop = f"{auto['gflop']:.4g} (Triton kernels, analytic)"
             tflops = fmt(auto.get("tflops"), ".4g") + (f" ({auto['percent_of_ceiling']:.3g}%)"
                                                        if auto.get("percent_of_ceiling") else "")
             log(f"| {b} | {d} | " + " | ".join(cell(cases.get((b, "hpseg", d, v)), memory=False) for v in variants)

@@ -28,7 +28,7 @@ main() {
     nvidia-smi 2>&1 || echo "nvidia-smi: not available"
     echo "== CPUs: $(nproc), memory: $(free -g 2>/dev/null | awk '/Mem:/ {print $2 " GiB"}'), /dev/shm: $(df -h /dev/shm 2>/dev/null | awk 'NR==2 {print $2 " (" $4 " free)"}')"
     echo "== python: $(command -v "$PY")"
-    if ! "$PY" -c 'import sys, torch, timm; print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "available", torch.cuda.is_available(), "| timm", timm.__version__)'; then
+    if ! "$PY" -c 'import sys, torch, timm; print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda, "available", torch.cuda.is_available(), "| timm", timm.__version__); import importlib.util as u; t = u.find_spec("triton"); print("triton", __import__("triton").__version__ if t else "not installed")'; then
         echo "FATAL: $PY cannot import torch and timm (set PYTHON=...)"
         return 2
     fi
