@@ -158,7 +158,7 @@ def test_golden_values_through_the_kernels(path, monkeypatch):
 def test_kernels_equal_the_dense_oracle(lmbd, rho, reweighting, monkeypatch):
     """Without TS (lambda = 0), every patch in the contrast set (rho = 1), no reweighting; the pair
     gradient in two blocks of rows (16 and 11)."""
-    monkeypatch.setattr(losses, "_PAIR_GRADIENT_ELEMENTS", 1)
+    monkeypatch.setattr(losses, "_PAIR_GRADIENT_ROWS", 16)
     torch.manual_seed(0)
     hw, batch = 9, 3
     n = hw * batch

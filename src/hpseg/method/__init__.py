@@ -5,6 +5,7 @@
 - ``pools``: reference pools;  ``positives``: global hidden positives and contrast sets
 - ``local_positives``: attention processing and 3x3 propagation (LHP)
 - ``losses``: the GHP + LHP loss (chunked) and the consistency loss
+- ``triton_kernels``: the GHP + LHP loss's pair work as fused GPU kernels (used by ``losses`` on CUDA)
 - ``schedule``: the lambda schedule
 """
 

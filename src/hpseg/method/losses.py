@@ -20,6 +20,11 @@ that depend on the masks of the anchor's image only. How it is computed:
   which on the CPU compares each pair of patches once: TA and TS are symmetric), then its coefficients,
   then its anchors' terms, in chunks. The gradient is computed along with the value (it is
   linear in the same per-pair quantities), so backward only scales it: nothing is recomputed.
+- On CUDA under half-precision products (AMP) with the shared contrast pattern, all of the pair work
+  runs instead in two fused Triton kernels (``triton_kernels``, ``_triton_loss_and_gradients``):
+  per-anchor sums over all pairs first (masks, counts and an online softmax, nothing stored), then
+  per block of anchors the symmetric pair gradient G = g + g^T and one product G @ e. The rest of
+  this list is the torch path (the CPU, float32 products, an independent draw per anchor).
 - Only the pairs (i, j) with j in C(i) or TS(i), for kept anchors i, need a logit; with
   rho = 0.02 that is a few percent of the N^2 pairs. A chunk of anchors against the hw patches
   of one image (a tile) goes through sparse kernels (sampled products for the logits, sparse x
@@ -37,8 +42,8 @@ BENCHMARKS.md): forward + backward peak RSS 1.75 GB for the whole process, 1.23 
 0.52 GB it held before its inputs existed; of that about 0.43 GB are the inputs (z, z_mix, f, s',
 the random pattern), 0.21 GB the gradients and 0.18 GB the normalised f and s'. The reference's
 approach would hold about 80 GB of (hw x N) matrices there. On an NVIDIA H200 with float16
-products (as under AMP): 0.70 GiB of GPU memory and 0.25 s, against 35.6 GiB and 0.45 s for a
-reference-style loss under autocast (BENCHMARKS.md).
+products (as under AMP), through the Triton kernels: 0.62 GiB of GPU memory and 0.11 s, against
+35.6 GiB and 0.45 s for a reference-style loss under autocast (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -420,9 +425,12 @@ def _add_dense_gradients(
 # pair gradient is stored. False: the torch path everywhere (benchmarks time both).
 TRITON_KERNELS = True
 _triton_failed = False
-# Entries of one block of G per embedding (32 MiB in half precision): with 2^26, G was most of the loss's
-# memory at batch 16 (0.34 GiB in all on an H200), at no gain in speed at batch 64.
-_PAIR_GRADIENT_ELEMENTS = 1 << 24
+# Rows of one block of G per embedding, at most _PAIR_GRADIENT_ELEMENTS entries. Measured on an H200:
+# blocks of 1280 rows are 2 x 128 MiB at batch 64 (N = 50,176) and give the products G @ e their full
+# speed there (256-row blocks: 0.113 -> 0.126 s per loss); sized by entries instead (2^26, 5,248 rows
+# at batch 16), G was most of the loss's memory at batch 16 (0.34 GiB in all against 0.15 GiB).
+_PAIR_GRADIENT_ROWS = 1280
+_PAIR_GRADIENT_ELEMENTS = 1 << 26
 
 
 def _uses_triton_kernels(inputs: PositiveInputs, matmul_dtype: torch.dtype) -> bool:
@@ -483,9 +491,9 @@ def _triton_loss_and_gradients(
         bound = (torch.where(kept, coefficients * weight_sums, 0.0) + (1 + abs(lmbd)) * coefficients.abs()) / tau
         factor = float(2 * bound.amax().clamp_min(1e-30))
     grads = [torch.zeros(e.shape, dtype=dtype, device=device) if want else None for e, want in zip(embeddings, want_grads)]
-    # Blocks of G of at most _PAIR_GRADIENT_ELEMENTS entries, whole multiples of the kernels' largest row tile.
+    # Blocks of G (see _PAIR_GRADIENT_ROWS), whole multiples of the kernels' largest row tile.
     align = triton_kernels.ROW_ALIGNMENT
-    block = min(n, max(align, _PAIR_GRADIENT_ELEMENTS // n // align * align))
+    block = min(n, max(align, min(_PAIR_GRADIENT_ROWS, _PAIR_GRADIENT_ELEMENTS // n) // align * align))
     buffers = [torch.empty(block, n, dtype=matmul_dtype, device=device) if want else None for want in want_grads]
     for start in range(0, n, block):
         rows = slice(start, min(start + block, n))
