@@ -196,7 +196,16 @@ class PairInputs:
     (``r_specific`` None without TS), pattern (hw, N) bool, embeddings (N, D) in the product dtype.
     """
 
-    def __init__(self, fn, sn, r_agnostic, r_specific, pattern, embeddings, tau: float):
+    def __init__(
+        self,
+        fn: torch.Tensor,
+        sn: torch.Tensor,
+        r_agnostic: torch.Tensor,
+        r_specific: torch.Tensor | None,
+        pattern: torch.Tensor,
+        embeddings: list[torch.Tensor],
+        tau: float,
+    ):
         self.fn, self.sn = fn.contiguous(), sn.contiguous()
         self.r_agnostic = r_agnostic.contiguous()
         self.r_specific = None if r_specific is None else r_specific.contiguous()
@@ -210,7 +219,8 @@ class PairInputs:
                 f"{tuple(self.z.shape)} and {tuple(self.z_mix.shape)}"
             )
 
-    def _common(self):
+    def kernel_arguments(self) -> tuple[tuple[torch.Tensor, ...], bool]:
+        """The tensors both kernels take first, and whether TS is computed."""
         has_ts = self.r_specific is not None
         r_specific = self.r_specific if has_ts else self.r_agnostic  # unread without TS
         return (self.fn, self.sn, self.r_agnostic, r_specific, self.pattern, self.z, self.z_mix), has_ts
@@ -228,7 +238,7 @@ def row_statistics(inputs: PairInputs) -> tuple[torch.Tensor, torch.Tensor]:
     device = inputs.fn.device
     counts = torch.empty(2, n, dtype=torch.int32, device=device)
     stats = torch.empty(2, 4, n, dtype=torch.float32, device=device)
-    tensors, has_ts = inputs._common()
+    tensors, has_ts = inputs.kernel_arguments()
     grid = lambda meta: (triton.cdiv(n, meta["BM"]),)  # noqa: E731
     _row_statistics_kernel[grid](
         *tensors, counts, stats, n, inputs.hw, 1.0 / inputs.tau,
@@ -253,11 +263,14 @@ def symmetric_pair_gradients(
     """
     n = inputs.n
     row_count = rows.stop - rows.start
-    tensors, has_ts = inputs._common()
+    tensors, has_ts = inputs.kernel_arguments()
     z_out, z_mix_out = outputs
     placeholder = z_out if z_out is not None else z_mix_out
     if placeholder is None:
         return
+    for out in outputs:  # the kernel writes row-major (rows, N) blocks
+        if out is not None and (out.shape != (row_count, n) or not out.is_contiguous()):
+            raise ValueError(f"pair gradient output of shape {tuple(out.shape)}: expected contiguous ({row_count}, {n})")
     grid = lambda meta: (triton.cdiv(row_count, meta["BM"]), triton.cdiv(n, meta["BN"]))  # noqa: E731
     _pair_gradient_kernel[grid](
         *tensors, scales.contiguous(), placeholder if z_out is None else z_out,
