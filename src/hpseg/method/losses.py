@@ -373,8 +373,7 @@ def _chunk_loss(
         # its entries (about coefficient / tau, 1e-7 at the paper's batch) would fall below float16's range.
         factor = None
         if source.dtype == torch.float16:
-            bound = (torch.where(kept, coefficients * weight_sums, 0.0) + (1 + lmbd.abs()) * coefficients.abs()) / tau
-            factor = bound.amax().clamp_min(1e-30)
+            factor = _pair_gradient_bound(coefficients, weight_sums, kept, lmbd, tau)
         inverse_factor = torch.ones((), dtype=dtype, device=device) if factor is None else 1 / factor
         for logits, (columns, agnostic, specific, contrast) in zip(dense_logits, dense):
             pair_grad = _pair_gradient(
@@ -383,6 +382,15 @@ def _chunk_loss(
             )
             _add_dense_gradients(pair_grad, factor, source, grad, rows, columns)
     return total
+
+
+def _pair_gradient_bound(
+    coefficients: torch.Tensor, weight_sums: torch.Tensor, kept: torch.Tensor, lmbd: float | torch.Tensor, tau: float
+) -> torch.Tensor:
+    """0-dim bound on |g_ij| = |c_i (W_i p_ij - w_ij)| / tau over the anchors given, (r,) each
+    (p_ij <= 1, w_ij <= 1 + |lambda|); at least 1e-30."""
+    bound = (torch.where(kept, coefficients * weight_sums, 0.0) + (1 + abs(lmbd)) * coefficients.abs()) / tau
+    return bound.amax().clamp_min(1e-30)
 
 
 def _add_dense_gradients(
@@ -487,9 +495,8 @@ def _triton_loss_and_gradients(
     softmax_scale = torch.where(kept, coefficients * weight_sums / exp_sum, 0.0) / tau
     scales = torch.stack([shift, softmax_scale, (coefficients / tau).expand_as(shift)], dim=1)  # (2, 3, N)
     factor = 1.0
-    if matmul_dtype == torch.float16:  # G / factor with |G_ij| <= 2 max_i |g_i.| <= factor (see _chunk_loss)
-        bound = (torch.where(kept, coefficients * weight_sums, 0.0) + (1 + abs(lmbd)) * coefficients.abs()) / tau
-        factor = float(2 * bound.amax().clamp_min(1e-30))
+    if matmul_dtype == torch.float16:  # G / factor: |G_ij| <= |g_ij| + |g_ji| <= factor (see _chunk_loss)
+        factor = float(2 * _pair_gradient_bound(coefficients, weight_sums, kept, lmbd, tau))
     grads = [torch.zeros(e.shape, dtype=dtype, device=device) if want else None for e, want in zip(embeddings, want_grads)]
     # Blocks of G (see _PAIR_GRADIENT_ROWS), whole multiples of the kernels' largest row tile.
     align = triton_kernels.ROW_ALIGNMENT
