@@ -642,7 +642,8 @@ def hidden_positive_loss(
         chunk_size: anchors per chunk (None: a whole image, fewer when one (chunk x N) float32
             temporary would pass 256 MB).
         matmul_dtype: dtype of the dense similarity products (float16 / bfloat16 on CUDA for
-            speed); softmax, accumulation and the sparse kernels stay in float32.
+            speed; there, with a ``SharedContrastPattern``, the fused Triton kernels do the pair
+            work); softmax, accumulation and the sparse kernels stay in float32.
     Returns:
         Scalar loss.
     """
