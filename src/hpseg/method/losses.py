@@ -242,6 +242,42 @@ def _dense_pair_gradient(
     return (pair_grad * inverse_factor).to(out_dtype)
 
 
+# The same steps on the CPU, where nothing fuses the elementwise passes over a dense block: each
+# pass costs about as much as a product's worth of memory traffic, so they run in place on the
+# logits (which become exp_ij, reused by the gradient), and w_ij is made once per chunk for both
+# embeddings instead of twice per embedding.
+def _cpu_row_terms(logits: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row maximum and sum_j w_ij logit_ij: logits and weights (r, n) float32+ -> (r,), (r,)."""
+    return logits.amax(1), torch.linalg.vecdot(weights, logits)
+
+
+def _cpu_contrast_exp_(logits: torch.Tensor, shift: torch.Tensor, contrast: torch.Tensor) -> torch.Tensor:
+    """``logits`` overwritten with exp(logit_ij - shift_i) 1[j in C(i)] and returned.
+
+    shift_i is at least the row maximum, so exp <= 1 and the product with the mask never meets inf.
+    """
+    return logits.sub_(shift[:, None]).exp_().mul_(contrast)
+
+
+def _cpu_pair_gradient_(
+    exp: torch.Tensor,
+    weights: torch.Tensor,
+    softmax_scale: torch.Tensor,
+    weight_scale: torch.Tensor,
+    inverse_factor: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """g_ij / factor in ``out_dtype`` from exp_ij = exp(logit_ij - shift_i) 1[j in C(i)], overwriting ``exp``.
+
+    g_ij = softmax_scale_i exp_ij - weight_scale_i w_ij. Shapes: exp and weights (r, n), the
+    per-anchor vectors (r,); inverse_factor 0-dim, or None for 1.
+    """
+    pair_grad = exp.mul_(softmax_scale[:, None]).addcmul_(weights, weight_scale[:, None], value=-1)
+    if inverse_factor is not None:
+        pair_grad.mul_(inverse_factor)
+    return pair_grad.to(out_dtype)
+
+
 class _FusedOnCuda:
     """A dense-block function, compiled on CUDA (its elementwise passes and row reductions fuse into
     a few kernels that read each (r, n) block once or twice, instead of about a dozen passes), eager
@@ -329,11 +365,15 @@ def _chunk_loss(
         sparse_contrast = masks.contrast.reshape(-1)[sparse.flat]
         sparse_rows = sparse.rows
 
+    in_place = device.type == "cpu"  # see _cpu_row_terms
+    weights = [_positive_weights(agnostic, specific, lmbd) for _, agnostic, specific, _ in dense] if in_place else []
     total = torch.zeros((), dtype=dtype, device=device)
     for embedding, source, grad in zip(embeddings, sources, grads):
         anchors = embedding[rows]
         scaled = anchors / tau
         dense_logits = [scaled.to(matmul_dtype) @ source[columns].T for columns, *_ in dense]
+        if in_place:
+            dense_logits = [_widened(logits) for logits in dense_logits]
         # Any per-anchor shift gives the same log-softmax; the row maximum keeps exp in range.
         shift = torch.full((n_anchors,), float("-inf"), dtype=dtype, device=device)
         weighted = torch.zeros_like(shift)
@@ -341,8 +381,11 @@ def _chunk_loss(
             sparse_logits = sparse.products(scaled, embedding)
             shift.scatter_reduce_(0, sparse_rows, sparse_logits, "amax")
             weighted.index_add_(0, sparse_rows, sparse_weights * sparse_logits)
-        for logits, (_, agnostic, specific, _) in zip(dense_logits, dense):
-            row_max, row_weighted = _row_terms(logits, agnostic, specific, lmbd)
+        for k, (logits, (_, agnostic, specific, _)) in enumerate(zip(dense_logits, dense)):
+            if in_place:
+                row_max, row_weighted = _cpu_row_terms(logits, weights[k])
+            else:
+                row_max, row_weighted = _row_terms(logits, agnostic, specific, lmbd)
             torch.maximum(shift, row_max, out=shift)
             weighted += row_weighted
         shift = torch.where(torch.isfinite(shift), shift, 0.0)  # anchors without any pair
@@ -351,7 +394,10 @@ def _chunk_loss(
             sparse_exp = sparse_logits.sub_(shift[sparse_rows]).exp_().mul_(sparse_contrast)  # the logits are spent
             normaliser.index_add_(0, sparse_rows, sparse_exp)
         for logits, (*_, contrast) in zip(dense_logits, dense):
-            normaliser += _normaliser(logits, shift, contrast)
+            if in_place:
+                normaliser += _cpu_contrast_exp_(logits, shift, contrast).sum(1)  # the logits now hold exp_ij
+            else:
+                normaliser += _normaliser(logits, shift, contrast)
         values = weighted - weight_sums * (shift + normaliser.log())
         total += torch.where(kept, coefficients * values, 0.0).sum()
         if grad is None:
@@ -371,11 +417,17 @@ def _chunk_loss(
             bound = (torch.where(kept, coefficients * weight_sums, 0.0) + (1 + lmbd.abs()) * coefficients.abs()) / tau
             factor = bound.amax().clamp_min(1e-30)
         inverse_factor = torch.ones((), dtype=dtype, device=device) if factor is None else 1 / factor
-        for logits, (columns, agnostic, specific, contrast) in zip(dense_logits, dense):
-            pair_grad = _pair_gradient(
-                logits, shift, contrast, agnostic, specific, lmbd, softmax_scale, weight_scale,
-                inverse_factor, source.dtype,
-            )
+        for k, (logits, (columns, agnostic, specific, contrast)) in enumerate(zip(dense_logits, dense)):
+            if in_place:
+                pair_grad = _cpu_pair_gradient_(
+                    logits, weights[k], softmax_scale, weight_scale, None if factor is None else inverse_factor,
+                    source.dtype,
+                )
+            else:
+                pair_grad = _pair_gradient(
+                    logits, shift, contrast, agnostic, specific, lmbd, softmax_scale, weight_scale,
+                    inverse_factor, source.dtype,
+                )
             _add_dense_gradients(pair_grad, factor, source, grad, rows, columns)
     return total
 
