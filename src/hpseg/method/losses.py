@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -114,6 +115,21 @@ def _image_coefficients(
     return torch.where(kept, scale / denominators.clamp_min(1e-12), 0.0) / (2 * n_images)
 
 
+def _tile_major_nonzero(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices (tile, row, column) of the True entries of ``tiles`` (rows, n_tiles, hw) bool, tile after
+    tile, row-major inside a tile; each (nnz,) int64.
+
+    On the CPU numpy's flatnonzero of a contiguous copy: about twice as fast as torch.nonzero there
+    (2 cores, 784 x 3136 pairs at 2 %: 2.3 ms against 4.6 ms).
+    """
+    if tiles.device.type != "cpu":
+        return tiles.transpose(0, 1).nonzero().unbind(1)
+    rows, _, hw = tiles.shape
+    flat = torch.from_numpy(np.flatnonzero(tiles.transpose(0, 1).contiguous().numpy()))
+    within = flat.remainder(rows * hw)
+    return flat.div(rows * hw, rounding_mode="floor"), within.div(hw, rounding_mode="floor"), within.remainder(hw)
+
+
 class _SparsePairs:
     """The pairs of a chunk (anchors x N bool) in the sparse tiles, as one CSR block per tile.
 
@@ -125,7 +141,7 @@ class _SparsePairs:
     def __init__(self, pairs: torch.Tensor, hw: int, transposed: bool):
         n_anchors, n_patches = pairs.shape
         tiles = pairs.view(n_anchors, n_patches // hw, hw)
-        tile, rows, cols = tiles.transpose(0, 1).nonzero().unbind(1)  # tile-major order
+        tile, rows, cols = _tile_major_nonzero(tiles)
         columns = tile * hw + cols
         self.rows, self.flat = rows, rows * n_patches + columns
         counts = _count_true(tiles).T.reshape(-1)  # (tiles x anchors,)
