@@ -262,6 +262,13 @@ def _dense_pair_gradient(
 # pass costs about as much as a product's worth of memory traffic, so they run in place on the
 # logits (which become exp_ij, reused by the gradient), and w_ij is made once per chunk for both
 # embeddings instead of twice per embedding.
+def _cpu_positive_weights(agnostic: torch.Tensor, specific: torch.Tensor | None, lmbd: torch.Tensor) -> torch.Tensor:
+    """:func:`_positive_weights` in one (r, n) buffer instead of three."""
+    if specific is None:
+        return agnostic.to(lmbd.dtype)
+    return specific.to(lmbd.dtype).mul_(lmbd).add_(agnostic)
+
+
 def _cpu_dense_logits(scaled: torch.Tensor, source: torch.Tensor, rows: slice, columns: slice) -> torch.Tensor:
     """scaled @ source[columns].T, ``scaled`` the anchors ``rows`` of ``source`` over tau: (r, D) -> (r, n).
 
@@ -396,6 +403,7 @@ def _chunk_loss(
         for columns in dense_ranges:
             pairs[:, columns] = False  # what is left of the pairs goes through sparse kernels
         sparse = _SparsePairs(pairs, hw, transposed=want_grad)
+        del pairs  # (chunk x N) bool, not needed from here on
         sparse_weights = masks.task_agnostic.reshape(-1)[sparse.flat].to(dtype)
         if masks.task_specific is not None:
             sparse_weights.addcmul_(masks.task_specific.reshape(-1)[sparse.flat].to(dtype), lmbd)
@@ -403,11 +411,12 @@ def _chunk_loss(
         sparse_rows = sparse.rows
 
     in_place = device.type == "cpu"  # see _cpu_row_terms
-    weights = [_positive_weights(agnostic, specific, lmbd) for _, agnostic, specific, _ in dense] if in_place else []
+    weights = [_cpu_positive_weights(agnostic, specific, lmbd) for _, agnostic, specific, _ in dense] if in_place else []
     total = torch.zeros((), dtype=dtype, device=device)
     for embedding, source, grad in zip(embeddings, sources, grads):
         anchors = embedding[rows]
         scaled = anchors / tau
+        dense_logits = []  # the previous embedding's blocks go before this one's are made
         if in_place:
             dense_logits = [_widened(_cpu_dense_logits(scaled.to(matmul_dtype), source, rows, columns)) for columns, *_ in dense]
         else:
@@ -485,24 +494,26 @@ def _add_dense_gradients(
     (an image against itself) both sums land on the same rows: one product with g + g^T does the two.
     """
 
-    def add(target: torch.Tensor, product: torch.Tensor) -> None:
-        if factor is None:
-            target.add_(product)
+    def add(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+        if factor is None and left.dtype == target.dtype:
+            target.addmm_(left, right)  # no (r x D) temporary
+        elif factor is None:
+            target.add_(left @ right)
         else:
-            target.addcmul_(product, factor)  # in float32: product * factor could underflow in float16
+            target.addcmul_(left @ right, factor)  # in float32: the product times factor could underflow in float16
 
     inner = slice(max(rows.start, columns.start), min(rows.stop, columns.stop))
     if inner != rows:  # the anchors are not all among the columns
-        add(grad[rows], pair_grad @ source[columns])
-        add(grad[columns], pair_grad.T @ source[rows])
+        add(grad[rows], pair_grad, source[columns])
+        add(grad[columns], pair_grad.T, source[rows])
         return
     square = pair_grad[:, inner.start - columns.start : inner.stop - columns.start]
-    add(grad[rows], (square + square.T) @ source[rows])
+    add(grad[rows], square + square.T, source[rows])
     for outer in (slice(columns.start, inner.start), slice(inner.stop, columns.stop)):
         if outer.start < outer.stop:
             part = pair_grad[:, outer.start - columns.start : outer.stop - columns.start]
-            add(grad[rows], part @ source[outer])
-            add(grad[outer], part.T @ source[rows])
+            add(grad[rows], part, source[outer])
+            add(grad[outer], part.T, source[rows])
 
 
 # On CUDA, under half-precision products and with the shared contrast pattern, the pair work runs in
