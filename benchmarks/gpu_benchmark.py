@@ -265,8 +265,11 @@ def triton_loss_flops(n: int, feature_dim: int, dim: int, lmbd: float) -> float:
 def uses_triton(device_type: str, dtype_name: str, setting: dict) -> bool:
     import hpseg.method.losses as losses
 
-    kernels = getattr(losses, "triton_kernels", None)
-    return (device_type == "cuda" and dtype_name in ("fp16", "bf16") and kernels is not None and kernels.AVAILABLE
+    try:
+        from hpseg.method import triton_kernels as kernels
+    except ImportError:  # an hpseg without the kernels
+        return False
+    return (device_type == "cuda" and dtype_name in ("fp16", "bf16") and kernels.AVAILABLE
             and setting.get("TRITON_KERNELS", losses.TRITON_KERNELS) and not losses._triton_failed)
 
 

@@ -46,6 +46,24 @@ def test_kernels_under_the_interpreter():
     assert passed and int(passed.group(1)) == N_INTERPRETED, report
 
 
+@pytest.mark.skipif(triton_kernels.INTERPRETED, reason="checked by the outer run")
+def test_a_cpu_run_does_not_import_triton():
+    """Importing Triton costs memory and time a CPU run does not need: the loss imports it on first use."""
+    code = (
+        "import sys, torch, torch.nn.functional as F\n"
+        "import hpseg.cli, hpseg.train\n"
+        "from hpseg.method import SharedContrastPattern, hidden_positive_loss\n"
+        "z = F.normalize(torch.randn(8, 4), dim=1).requires_grad_()\n"
+        "f = torch.randn(8, 4)\n"
+        "hidden_positive_loss(z, z, f, f, f[:3], f[:3], patches_per_image=4,\n"
+        "    contrast_draw=SharedContrastPattern(torch.rand(4, 8) < 0.5), lmbd=0.2, tau=0.5).backward()\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 class Calls:
     """Counts the calls of the kernels' entry points (to know which path the loss took)."""
 

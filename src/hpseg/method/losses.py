@@ -49,13 +49,13 @@ products (as under AMP), through the Triton kernels: 0.62 GiB of GPU memory and 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpseg.method import triton_kernels
 from hpseg.method.positives import ContrastDraw, PositiveInputs, PositiveMasks, SharedContrastPattern, image_masks
 
 # Anchors per chunk: one image's, unless a (chunk x N) temporary would exceed this many elements.
@@ -543,14 +543,24 @@ _PAIR_GRADIENT_ELEMENTS = 1 << 26
 
 
 def _uses_triton_kernels(inputs: PositiveInputs, matmul_dtype: torch.dtype) -> bool:
-    if not (TRITON_KERNELS and triton_kernels.AVAILABLE and not _triton_failed):
+    if not TRITON_KERNELS or _triton_failed:
         return False
     if not isinstance(inputs.contrast_draw, SharedContrastPattern):
         return False  # an independent draw comes from torch's generator, which a kernel cannot replay
-    if triton_kernels.INTERPRETED:  # tests: the kernels on CPU tensors (the interpreter has no bfloat16)
-        return matmul_dtype in (torch.float32, torch.float16)
-    # float32 stays with cuBLAS: Triton's exact float32 products are slower than the separate passes.
-    return inputs.task_agnostic.device.type == "cuda" and matmul_dtype in (torch.float16, torch.bfloat16)
+    device = inputs.task_agnostic.device.type
+    # float32 stays with cuBLAS on CUDA: Triton's exact float32 products are slower than the separate passes.
+    on_cuda = device == "cuda" and matmul_dtype in (torch.float16, torch.bfloat16)
+    # Tests: Triton's interpreter runs the kernels on CPU tensors (it has no bfloat16).
+    interpreted = (
+        device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and matmul_dtype in (torch.float32, torch.float16)
+    )
+    if not (on_cuda or interpreted):
+        return False
+    # Imported here, not with this module: importing Triton takes about 70 MB and a second, which a
+    # CPU run would spend for nothing.
+    from hpseg.method import triton_kernels
+
+    return triton_kernels.AVAILABLE
 
 
 def _triton_loss_and_gradients(
@@ -569,6 +579,8 @@ def _triton_loss_and_gradients(
     scales of the gradient follow in O(N); then, a block of anchors at a time, G_ij = g_ij + g_ji
     (second kernel) and grad_i = sum_j G_ij e_j (one product).
     """
+    from hpseg.method import triton_kernels  # see _uses_triton_kernels
+
     dtype = torch.float32
     n, hw = inputs.n_patches, inputs.patches_per_image
     n_images = n // hw
