@@ -77,6 +77,8 @@ if AVAILABLE:
     def _online_row_update(e_ptr, rows, cols, n, inv_tau, contrast, agnostic, specific, row_max, exp_sum,
                            agnostic_sum, specific_sum, D: tl.constexpr, HAS_TS: tl.constexpr, BM: tl.constexpr,
                            BN: tl.constexpr, BK: tl.constexpr):
+        """One tile's share of an embedding's row sums: the running maximum over C and the sum of exp
+        below it (rescaled when the maximum grows), sum over TA and over TS of the logits; (BM,) each."""
         logits = _gram_tile(e_ptr, rows, cols, n, D, BM, BN, BK) * inv_tau
         new_max = tl.maximum(row_max, tl.max(tl.where(contrast, logits, float("-inf")), axis=1))
         # A row with no contrast pair yet has max -inf: its sum stays 0 (exp(-inf - -inf) would be NaN).
