@@ -415,7 +415,7 @@ def _chunk_loss(
         sparse_contrast = masks.contrast.reshape(-1)[sparse.flat]
         sparse_rows = sparse.rows
 
-    in_place = device.type == "cpu"  # see _cpu_row_terms
+    in_place = device.type == "cpu"  # see the comment above _cpu_positive_weights
     weights = [_cpu_positive_weights(agnostic, specific, lmbd) for _, agnostic, specific, _ in dense] if in_place else []
     total = torch.zeros((), dtype=dtype, device=device)
     for embedding, source, grad in zip(embeddings, sources, grads):
