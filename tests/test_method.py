@@ -23,6 +23,7 @@ from hpseg.method import (
     propagate_to_neighbours,
 )
 from hpseg.method.local_positives import row_quantile
+from tests.helpers import clustered_batch
 
 
 def full_contrast(hw: int, n: int) -> SharedContrastPattern:
@@ -326,20 +327,8 @@ def test_half_precision_products_match_float32(monkeypatch, dtype, density_limit
     import hpseg.method.losses as losses
 
     monkeypatch.setattr(losses, "SPARSE_DENSITY_LIMIT", density_limit)
-    g = torch.Generator().manual_seed(3)
-    hw, batch, dim, n_classes = 16, 3, 32, 4
-
-    def clustered(width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        prototypes = torch.linalg.qr(torch.randn(width, n_classes, generator=g))[0].T  # orthonormal rows
-        labels = torch.randint(n_classes, (hw * batch,), generator=g)
-        features = prototypes[labels] + 0.05 * torch.randn(hw * batch, width, generator=g)
-        pool = prototypes[[0, 1, 2]] + prototypes[[1, 2, 3]]  # similarity about 0.7 to each of two classes
-        return features, pool
-
-    (f, pool_ag), (s, pool_sp) = clustered(24), clustered(dim)
-    z = F.normalize(s + 0.5 * torch.randn(hw * batch, dim, generator=g), dim=1)
-    z_mix = F.normalize(z + 0.3 * torch.randn(hw * batch, dim, generator=g), dim=1)
-    pattern = torch.rand(hw, hw * batch, generator=g) < 0.3
+    hw = 16
+    f, s, z, z_mix, pool_ag, pool_sp, pattern = clustered_batch(hw, 3, 24, 32, rho=0.3)
     results = []
     for matmul_dtype in (torch.float32, dtype):
         a, b = z.clone().requires_grad_(), z_mix.clone().requires_grad_()

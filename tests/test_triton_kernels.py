@@ -21,6 +21,7 @@ import hpseg.method.losses as losses
 from hpseg.method import IndependentContrastDraw, SharedContrastPattern, hidden_positive_loss
 from hpseg.method import triton_kernels
 from hpseg.method.positives import PositiveInputs
+from tests.helpers import clustered_batch
 from tests.test_golden import GOLDEN, load
 from tests.test_method import dense_reference_loss, full_contrast
 
@@ -89,27 +90,6 @@ def loss_and_grads(z, z_mix, *args, triton: bool, monkeypatch, **kwargs):
     loss = hidden_positive_loss(z, z_mix, *args, **kwargs)
     loss.backward()
     return loss.detach(), z.grad, z_mix.grad
-
-
-def clustered_batch(hw: int, batch: int, width_f: int, dim: int, rho: float, seed: int = 3):
-    """Features in 4 tight clusters and pools between two clusters each (similarity about 0.7 to
-    both), so that no similarity lies near a threshold: half-precision products flip no positive.
-
-    Returns f (N, width_f), s (N, dim), normalised z and z_mix (N, dim), the pools and a (hw, N) pattern.
-    """
-    g = torch.Generator().manual_seed(seed)
-    n = hw * batch
-
-    def clustered(width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        prototypes = torch.linalg.qr(torch.randn(width, 4, generator=g))[0].T  # orthonormal rows
-        labels = torch.randint(4, (n,), generator=g)
-        features = prototypes[labels] + 0.05 * torch.randn(n, width, generator=g) / (width / 24) ** 0.5
-        return features, prototypes[[0, 1, 2]] + prototypes[[1, 2, 3]]
-
-    (f, pool_ag), (s, pool_sp) = clustered(width_f), clustered(dim)
-    z = F.normalize(s + 0.5 * torch.randn(n, dim, generator=g), dim=1)
-    z_mix = F.normalize(z + 0.3 * torch.randn(n, dim, generator=g), dim=1)
-    return f, s, z, z_mix, pool_ag, pool_sp, torch.rand(hw, n, generator=g) < rho
 
 
 @interpreted
