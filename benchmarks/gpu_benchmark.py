@@ -558,7 +558,7 @@ def section_cli(run: Run, deadline: float) -> dict:
 
     def check_run(run_dir: Path, amp: str, cache: bool = False):
         def check(output: str) -> str:
-            from hpseg.checkpoint import read_torch_file
+            from hpseg.checkpoints.store import read_torch_file
 
             last = run_dir / "checkpoints" / "last.pt"
             assert last.exists() and (run_dir / "checkpoints" / "best.pt").exists(), "checkpoints missing"

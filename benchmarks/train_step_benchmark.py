@@ -3,9 +3,9 @@
 For each backbone / crop size / batch size / α it measures, in a fresh child process each (so
 that peak resident memory is that configuration's own):
 
-* ``backbone``: :class:`hpseg.features.BackboneFeatures` — the frozen ViT runs with attention
+* ``backbone``: :class:`hpseg.training.features.BackboneFeatures` — the frozen ViT runs with attention
   capture on every batch, then the §4 processing of the attention;
-* ``cache``: :class:`hpseg.cache.CachedFeatures` — f and the LHP weights read from the cache
+* ``cache``: :class:`hpseg.training.cache.CachedFeatures` — f and the LHP weights read from the cache
   (float16 features), the backbone only for the photometric view when α > 0.
 
 A step is timed from fetching its inputs (reading crops, or the cache) to the optimiser update,
@@ -76,9 +76,9 @@ def build_cache(name: str, root: Path, crop_size: int, device: str) -> dict:
     import torch
 
     from hpseg.backbones import create_backbone
-    from hpseg.cache import build_feature_cache, default_cache_dir
     from hpseg.config import load_preset
     from hpseg.runtime import amp_dtype, resolve_device
+    from hpseg.training.cache import build_feature_cache, default_cache_dir
 
     config = load_preset("cocostuff27").override(overrides(name, root, crop_size, 8, 0.0, device, "auto"))
     dev = resolve_device(device)
@@ -141,9 +141,9 @@ def child(spec: dict) -> dict:
     """One configuration, in this process."""
     import torch
 
-    import hpseg.train
+    import hpseg.training.trainer
     from hpseg.config import load_preset
-    from hpseg.train import Trainer
+    from hpseg.training.trainer import Trainer
 
     config = load_preset("cocostuff27").override(
         overrides(spec["name"], Path(spec["root"]), spec["crop"], spec["batch"], spec["alpha"], spec["device"],
@@ -157,7 +157,7 @@ def child(spec: dict) -> dict:
         pools = build_pools(trainer, spec.get("full_pools", False))
         loss_times: list[float] = []
         if spec.get("time_loss"):
-            hpseg.train.hidden_positive_loss = _timed_loss(hpseg.train.hidden_positive_loss, loss_times, cuda)
+            hpseg.training.trainer.hidden_positive_loss = _timed_loss(hpseg.training.trainer.hidden_positive_loss, loss_times, cuda)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(trainer.device)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import hpseg
-from hpseg.checkpoint import CheckpointError
-from hpseg.predict import Tiling, resample, resample_argmax, resized_shape, window_starts
+from hpseg.checkpoints.store import CheckpointError
+from hpseg.inference.tiling import Tiling, resample, resample_argmax, resized_shape, window_starts
 from tests.helpers import synthetic_prepared, tiny_config
 
 STEPS = 6  # validated once (val_interval 6): the run has best.pt with its metrics
@@ -35,7 +35,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.getbasetemp()
     run = base / "hpseg-tiny-run"
     if not (run / "checkpoints" / "best.pt").exists():
-        from hpseg.train import train
+        from hpseg.training.trainer import train
 
         data = synthetic_prepared(base / "hpseg-tiny-data")
         shutil.rmtree(run, ignore_errors=True)
@@ -114,7 +114,7 @@ def test_segment_accepts_pil_numpy_and_tensors_at_their_size(segmenter: hpseg.Se
 def test_single_window_equals_the_evaluation_label_maps(segmenter: hpseg.Segmenter, run_dir: Path) -> None:
     from hpseg.config import Config
     from hpseg.data import ValCrops, build_raw_dataset
-    from hpseg.inference import label_maps
+    from hpseg.inference.label_maps import label_maps
 
     config = Config.from_dict(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["config"])
     validation = ValCrops(build_raw_dataset("folder", config.data.root, "val"), size=config.data.val_size)
@@ -143,7 +143,7 @@ def test_random_backbone_is_rebuilt_exactly(run_dir: Path) -> None:
     """The checkpoint's validation metrics are reproduced: same random backbone as in training."""
     from hpseg.config import Config
     from hpseg.data import ValCrops, build_raw_dataset
-    from hpseg.evaluate import evaluate_model, validation_loader
+    from hpseg.evaluation.protocol import evaluate_model, validation_loader
     from hpseg.runtime import DistributedContext
 
     best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)

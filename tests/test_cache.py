@@ -1,4 +1,4 @@
-"""Feature cache (hpseg.cache, `hpseg cache`): same training, resumable build, checked validity."""
+"""Feature cache (hpseg.training.cache, `hpseg cache`): same training, resumable build, checked validity."""
 
 import json
 import shutil
@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from hpseg.backbones import create_backbone
-from hpseg.cache import (
+from hpseg.cli.main import main
+from hpseg.training.cache import (
     CachedFeatures,
     FeatureCacheError,
     build_feature_cache,
     default_cache_dir,
     validate_cache,
 )
-from hpseg.cli import main
-from hpseg.features import BackboneFeatures
-from hpseg.train import train
+from hpseg.training.features import BackboneFeatures
+from hpseg.training.trainer import train
 from tests.helpers import synthetic_prepared, tiny_config, tiny_overrides
 
 SIGMA = 28.0
@@ -206,7 +206,7 @@ def test_training_stops_on_a_cache_that_does_not_fit(data_root, tmp_path):
 
 def test_disk_too_small(data_root, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("hpseg.cache.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr("hpseg.training.cache.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     with pytest.raises(FeatureCacheError, match=r"not enough disk space .* in .*small.* needs 104960 bytes .* 1000 bytes"):
         build(tiny_backbone(), prepared(data_root), tmp_path / "small")
     assert not (tmp_path / "small" / "features.f16").exists()

@@ -1,4 +1,4 @@
-"""Tests of hpseg.crf: missing-extra error, probability helpers, and (when installed) refinement."""
+"""Tests of hpseg.inference.crf: missing-extra error, probability helpers, and (when installed) refinement."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpseg import crf
-from hpseg.crf import (
+from hpseg.inference.crf import (
     CRFUnavailableError,
     cluster_probabilities,
     crf_available,
@@ -17,6 +16,7 @@ from hpseg.crf import (
     dense_crf,
     images_to_uint8,
 )
+from hpseg.inference import crf
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hpseg import demo
-from hpseg.cli import main
+from hpseg.cli import demo
+from hpseg.cli.main import main
 from tests.test_api import one_thread  # noqa: F401 - autouse fixture
 
 # On the CPU also where a GPU is present: the checks of equal numbers assume one device's arithmetic

@@ -1,4 +1,4 @@
-"""Tests of hpseg.metrics against hand-computed confusion matrices and scores."""
+"""Tests of hpseg.evaluation.metrics against hand-computed confusion matrices and scores."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpseg.metrics import (
+from hpseg.evaluation.metrics import (
     SegmentationMetrics,
     apply_assignment,
     confusion_matrix,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hpseg.cli import main
-from hpseg.predict import collect_images
+from hpseg.cli.main import main
+from hpseg.cli.predict import collect_images
 from tests.test_api import one_thread, tiny_run  # noqa: F401 - one_thread: autouse fixture
 
 
@@ -116,12 +116,12 @@ def test_nothing_readable_exits_nonzero(tmp_path: Path, checkpoint: Path, capsys
 
 def test_crf_missing_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    import hpseg.crf
+    import hpseg.inference.crf
 
     def unavailable() -> None:
-        raise hpseg.crf.CRFUnavailableError()
+        raise hpseg.inference.crf.CRFUnavailableError()
 
-    monkeypatch.setattr(hpseg.crf, "_import_densecrf", unavailable)
+    monkeypatch.setattr(hpseg.inference.crf, "_import_densecrf", unavailable)
     image = _save(tmp_path / "i.png", 10, 10)
     out = tmp_path / "out"
     # The checkpoint does not even exist: the CRF check comes first.

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import hpseg
-from hpseg.checkpoint import CheckpointError, load_checkpoint
-from hpseg.cli import main
-from hpseg.reference_checkpoint import infer_backbone
+from hpseg.checkpoints.reference import infer_backbone
+from hpseg.checkpoints.store import CheckpointError, load_checkpoint
+from hpseg.cli.main import main
 from tests.test_api import one_thread  # noqa: F401 - autouse fixture
 
 C, D, N_CLASSES, PATCH = 64, 16, 5, 8  # vit_tiny_p8: width 64, patch 8, 2 blocks

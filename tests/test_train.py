@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from hpseg.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from hpseg.cli import main
-from hpseg.train import Trainer, resume, train
+from hpseg.checkpoints.store import CheckpointError, load_checkpoint, save_atomic
+from hpseg.cli.main import main
+from hpseg.training.trainer import Trainer, resume, train
 from tests.helpers import synthetic_prepared, tiny_config, tiny_overrides
 
 

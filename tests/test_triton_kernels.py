@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import hpseg.method.losses as losses
-from hpseg.method import IndependentContrastDraw, SharedContrastPattern, hidden_positive_loss
-from hpseg.method import triton_kernels
+from hpseg.method import IndependentContrastDraw, SharedContrastPattern, hidden_positive_loss, triton_kernels
 from hpseg.method.positives import PositiveInputs
 from tests.helpers import clustered_batch
 from tests.test_golden import GOLDEN, load
@@ -52,7 +51,7 @@ def test_a_cpu_run_does_not_import_triton():
     """Importing Triton costs memory and time a CPU run does not need: the loss imports it on first use."""
     code = (
         "import sys, torch, torch.nn.functional as F\n"
-        "import hpseg.cli, hpseg.train\n"
+        "import hpseg.cli.main, hpseg.training.trainer\n"
         "from hpseg.method import SharedContrastPattern, hidden_positive_loss\n"
         "z = F.normalize(torch.randn(8, 4), dim=1).requires_grad_()\n"
         "f = torch.randn(8, 4)\n"

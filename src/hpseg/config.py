@@ -32,7 +32,7 @@ class DataConfig:
     val_size: int = 320
     num_workers: int = 2
     skip_bad_images: bool = False  # skip (and report) unreadable images instead of stopping
-    # Backbone feature cache (`hpseg cache`, hpseg.cache): None/"auto" = use
+    # Backbone feature cache (`hpseg cache`, hpseg.training.cache): None/"auto" = use
     # <prepared_dir>/feature_cache/<backbone> when it exists (it must then be valid); a path = that
     # cache (must be valid); "off" = always compute features with the backbone.
     feature_cache: str | None = None

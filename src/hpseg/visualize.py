@@ -11,7 +11,7 @@ Conventions:
   ``m > n``), so a class keeps its colour whatever the number of ids in a given image.
 * Files are written atomically: to a temporary file in the destination directory, then
   ``os.replace``; a reader never sees a half-written PNG and a crash leaves no partial file.
-* Confusion matrices follow :mod:`hpseg.metrics`: rows = predictions, columns = true classes.
+* Confusion matrices follow :mod:`hpseg.evaluation.metrics`: rows = predictions, columns = true classes.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpseg.checkpoint import strip_key_prefixes
+from hpseg.checkpoints.store import strip_key_prefixes
 
 from .registry import BackboneSpec
 

@@ -27,7 +27,7 @@ Datasets (``DATASETS``):
     {0, 4 → 0 roads and cars; 1, 5 → 1 buildings and clutter; 2, 3 → 2 trees and vegetation;
     anything else → −1}.
 ``folder``
-    Users' own images: ``root/images/**`` (any nesting; .jpg .jpeg .png .tif .tiff in any case),
+    Users' own images: ``root/images/**`` (any nesting; any ending of ``IMAGE_SUFFIXES`` in any case),
     optional ``root/labels/**`` single-channel PNGs with the same relative stems (values = class
     ids, 255 → −1). If ``root/{split}/images`` exists that split folder is used instead of
     ``root`` (otherwise every split reads ``root/images``). Class names come from
@@ -55,12 +55,11 @@ import numpy as np
 from PIL import Image
 
 from .errors import DatasetLayoutError, ImageReadError
-from .images import array_to_rgb, read_image, read_label
+from .images import IMAGE_SUFFIXES, array_to_rgb, read_image, read_label
 
 __all__ = [
     "CITYSCAPES27_CLASS_NAMES",
     "DATASETS",
-    "IMAGE_EXTENSIONS",
     "POTSDAM3_CLASS_NAMES",
     "Cityscapes27",
     "CocoStuff27",
@@ -72,7 +71,6 @@ __all__ = [
     "load_cocostuff27_mapping",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 CITYSCAPES27_CLASS_NAMES = [
     "road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail",
@@ -543,12 +541,12 @@ class FolderDataset(RawDataset):
         for dirpath, dirnames, filenames in os.walk(img_dir, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for f in filenames:
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
+                if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES):
                     files.append(Path(dirpath) / f)
         files.sort(key=lambda p: p.relative_to(img_dir).as_posix())
         if not files:
             raise _layout_error(
-                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under", img_dir, _FOLDER_LAYOUT
+                f"no images ({', '.join(IMAGE_SUFFIXES)}) found under", img_dir, _FOLDER_LAYOUT
             )
         has_labels = lbl_dir.is_dir()
         label_files: dict[str, Path] = {}

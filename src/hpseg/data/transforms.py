@@ -102,15 +102,25 @@ def photometric_augment(img: T) -> T:
     return tf(img)
 
 
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(H', W') of an image whose shorter side is resized to ``size`` (0: unchanged).
+
+    Same rounding as the validation view (torchvision's): the long side becomes
+    ``int(size * long / short)``, at least 1.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"empty image of size {width}x{height}")
+    if size <= 0:
+        return height, width
+    if height <= width:
+        return size, max(1, int(size * width / height))
+    return max(1, int(size * height / width)), size
+
+
 def resize_shorter_side(img: Image.Image, size: int, resample: int = Image.Resampling.NEAREST) -> Image.Image:
     """Resize so that the shorter side becomes ``size`` (aspect kept, torchvision rounding)."""
     w, h = img.size
-    if min(w, h) < 1:
-        raise ValueError(f"cannot resize an empty image of size {w}x{h}")
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
+    new_h, new_w = resized_shape(h, w, size)
     if (new_w, new_h) == (w, h):
         return img
     return img.resize((new_w, new_h), resample)

@@ -56,7 +56,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hpseg.method.positives import ContrastDraw, PositiveInputs, PositiveMasks, SharedContrastPattern, image_masks
+from hpseg.method.positives import (
+    ContrastDraw,
+    PositiveInputs,
+    PositiveMasks,
+    SharedContrastPattern,
+    image_masks,
+)
 
 # Anchors per chunk: one image's, unless a (chunk x N) temporary would exceed this many elements.
 _CHUNK_ELEMENTS = 1 << 26

@@ -9,7 +9,7 @@
    or the official file already in the Hugging Face cache; the demo never downloads), otherwise
    on a tiny randomly initialised ViT, and it says which;
 4. evaluates HP and the k-means baseline on the raw backbone features with the paper's protocol
-   (:func:`hpseg.evaluate.evaluate_checkpoint` with ``baseline=True``);
+   (:func:`hpseg.evaluation.protocol.evaluate_checkpoint` with ``baseline=True``);
 5. writes ``figure.png`` (validation image | ground truth | baseline | HP, clusters coloured as
    the classes they are matched to) and ``metrics.json``, and explains the numbers.
 
@@ -135,9 +135,9 @@ def _kmeans_maps(extractor: Any, crops: Any, validation: Any, n_classes: int, de
     """k-means (K = n_classes) on ``extractor``'s features of the training crops -- exactly the
     evaluation's baseline procedure -- then the validation label maps, their Hungarian
     cluster->class matching over the whole validation set and its scores."""
-    from hpseg.evaluate import fit_baseline
-    from hpseg.inference import kmeans_label_maps
-    from hpseg.metrics import SegmentationMetrics
+    from hpseg.evaluation.metrics import SegmentationMetrics
+    from hpseg.evaluation.protocol import fit_baseline
+    from hpseg.inference.label_maps import kmeans_label_maps
 
     centroids, _ = fit_baseline(extractor, crops, n_classes, device, seed=seed, linear_steps=0)
     metrics = SegmentationMetrics(n_classes, hungarian=True)
@@ -177,9 +177,9 @@ def _figure(segmenter: Any, report: dict[str, Any], config: Any, settings: DemoS
     import torch
     from PIL import Image
 
+    from hpseg.cli.predict import _legend
     from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
-    from hpseg.metrics import apply_assignment
-    from hpseg.predict import _legend
+    from hpseg.evaluation.metrics import apply_assignment
     from hpseg.visualize import figure_grid, palette, save_image_atomic
 
     n_classes, seed = config.method.n_classes, config.train.seed
@@ -189,7 +189,7 @@ def _figure(segmenter: Any, report: dict[str, Any], config: Any, settings: DemoS
                                                            seed)
     # How many of its K centroids HP's cluster probe actually uses on the validation images: a
     # centroid that never wins a patch gets no gradient (the reference's probe) and stays unused.
-    from hpseg.inference import label_maps
+    from hpseg.inference.label_maps import label_maps
 
     usage = torch.zeros(n_classes)
     for i in range(len(validation)):
@@ -308,11 +308,11 @@ def run_demo(
 
 def _run(out: Path, settings: DemoSettings, weights: str | None, backbone: str | None, torch_device: torch.device,
          progress: bool, echo: Callable[[str], None]) -> dict[str, Any]:
-    from hpseg.api import load
     from hpseg.backbones import get_spec
     from hpseg.data import build_raw_dataset, make_synthetic_dataset, prepare_five_crops
-    from hpseg.evaluate import evaluate_checkpoint, write_json_atomic
-    from hpseg.train import train
+    from hpseg.evaluation.protocol import evaluate_checkpoint, write_json_atomic
+    from hpseg.inference.segmenter import load
+    from hpseg.training.trainer import train
 
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
@@ -393,7 +393,7 @@ def _run(out: Path, settings: DemoSettings, weights: str | None, backbone: str |
 
 
 def add_arguments(parser: Any) -> None:
-    """The ``hpseg demo`` arguments (used by :func:`hpseg.cli.build_parser`)."""
+    """The ``hpseg demo`` arguments (used by :func:`hpseg.cli.main.build_parser`)."""
     defaults = DemoSettings()
     parser.add_argument("--out", default="hpseg-demo", help="output folder (default: hpseg-demo/)")
     parser.add_argument("--steps", type=int, help="training steps (default: 300 on the random tiny ViT, 150 on DINO)")

@@ -8,7 +8,7 @@
 >>> segmenter.class_names                      # names of the dataset's classes
 >>> out = segmenter.features(image)            # backbone f (C, h, w) and segmentation s (D, h, w)
 
-The resizing and sliding-window geometry is :mod:`hpseg.predict`'s (the ``hpseg predict``
+The resizing and sliding-window geometry is :mod:`hpseg.cli.predict`'s (the ``hpseg predict``
 command uses this class). Which backbone weights are used, in order: ``weights=`` given here,
 the checkpoint's ``backbone.weights`` file (looked up beside the checkpoint too, when the run
 folder moved), the official weights (Hugging Face cache), or -- for a checkpoint trained on a
@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from hpseg.backbones import Backbone, create_backbone
-from hpseg.checkpoint import FORMAT, CheckpointError, read_torch_file
+from hpseg.checkpoints.store import FORMAT, CheckpointError, read_torch_file
 from hpseg.config import Config
 from hpseg.data.transforms import normalize
+from hpseg.inference.tiling import Tiling, resample, resample_argmax, resized_shape, tile_and_average
 from hpseg.method.model import HiddenPositivesModel
-from hpseg.predict import Tiling, resample, resample_argmax, resized_shape, tile_and_average
 
 __all__ = ["ImageFeatures", "Segmenter", "load", "to_uint8_image"]
 
@@ -120,7 +120,7 @@ class Segmenter:
 
     Build it with :func:`load`. Attributes: ``class_names`` (the dataset's classes, i.e. what
     the linear probe predicts), ``cluster_to_class`` (None, or the class of each cluster from an
-    evaluation's Hungarian matching), ``n_clusters``, ``tiling`` (:class:`hpseg.predict.Tiling`),
+    evaluation's Hungarian matching), ``n_clusters``, ``tiling`` (:class:`hpseg.cli.predict.Tiling`),
     ``device``, ``batch_size`` (windows per forward pass), ``checkpoint``.
     """
 
@@ -202,7 +202,7 @@ class Segmenter:
         centroids = self.model.cluster_probe.centroids.float()
 
         def compute(windows: torch.Tensor) -> torch.Tensor:
-            from hpseg.inference import centroid_scores, cosine_scores
+            from hpseg.inference.label_maps import centroid_scores, cosine_scores
 
             segmentation = self.model.segmentation(self._backbone_features(windows))
             if head == "linear":
@@ -222,7 +222,7 @@ class Segmenter:
         -1 for a cluster matched to no class); ``head="linear"``: the linear probe's class ids.
         ``crf=True`` refines with the dense CRF (needs ``pip install 'hpseg[crf]'``).
         """
-        from hpseg.crf import cluster_probabilities, crf_refine_batch
+        from hpseg.inference.crf import cluster_probabilities, crf_refine_batch
 
         _check_head(head)
         grid, geometry = self.scores(image, head, kind="cosine" if crf and head == "cluster" else "logits")
@@ -360,14 +360,14 @@ def load(
     path = Path(checkpoint)
     payload = read_torch_file(path)
     if isinstance(payload, dict) and payload.get("format") != FORMAT and "net_model_state_dict" in payload:
-        from hpseg.reference_checkpoint import convert_reference
+        from hpseg.checkpoints.reference import convert_reference
 
         converted = convert_reference(payload, path)
         payload, backbone = converted.checkpoint, converted.backbone(weights)
         say(f"{path}: an authors' reference checkpoint, converted in memory "
             f"(backbone {converted.backbone_name}; `hpseg import-checkpoint` converts it once for all)")
     else:
-        from hpseg.checkpoint import load_checkpoint
+        from hpseg.checkpoints.store import load_checkpoint
 
         payload = load_checkpoint(path)
         backbone = None

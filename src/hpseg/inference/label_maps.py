@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hpseg.crf import cluster_probabilities, crf_refine_batch
+from hpseg.inference.crf import cluster_probabilities, crf_refine_batch
 from hpseg.method.model import HiddenPositivesModel
 
 

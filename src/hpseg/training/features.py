@@ -1,7 +1,7 @@
 """Where a training step's backbone outputs come from.
 
 :class:`BackboneFeatures` runs the frozen backbone on each batch of training crops; the
-feature cache (``hpseg.cache``) offers the same interface from precomputed files. The training
+feature cache (``hpseg.training.cache``) offers the same interface from precomputed files. The training
 loop only sees :class:`StepInputs`.
 """
 

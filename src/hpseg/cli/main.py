@@ -60,7 +60,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hpseg.train import resume, train
+    from hpseg.training.trainer import resume, train
 
     # Under torchrun every rank runs this; only the first one talks.
     is_main = os.environ.get("RANK", "0") == "0"
@@ -78,8 +78,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from hpseg.backbones import create_backbone
-    from hpseg.cache import build_feature_cache, default_cache_dir, resolve_cache_dir
     from hpseg.runtime import amp_dtype, resolve_device
+    from hpseg.training.cache import build_feature_cache, default_cache_dir, resolve_cache_dir
 
     config = _config_from(args)
     prepared = config.data.prepared_path()
@@ -102,7 +102,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hpseg.evaluate import evaluate_checkpoint
+    from hpseg.evaluation.protocol import evaluate_checkpoint
 
     report = evaluate_checkpoint(
         args.checkpoint, data_root=args.data_root, out_dir=args.out, crf=args.crf, baseline=args.baseline,
@@ -114,19 +114,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from hpseg.predict import run_cli
+    from hpseg.cli.predict import run_cli
 
     return run_cli(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from hpseg.demo import run_cli
+    from hpseg.cli.demo import run_cli
 
     return run_cli(args)
 
 
 def cmd_import_checkpoint(args: argparse.Namespace) -> int:
-    from hpseg.reference_checkpoint import import_reference_checkpoint
+    from hpseg.checkpoints.reference import import_reference_checkpoint
 
     summary = import_reference_checkpoint(args.reference, args.out, dataset=args.dataset, backbone=args.backbone,
                                           data_root=args.data_root)
@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=cmd_predict)
 
-    from hpseg import demo as _demo  # no torch import at module level: the parser stays fast
+    from hpseg.cli import demo as _demo  # no torch import at module level: the parser stays fast
 
     p = sub.add_parser("demo", help="train and evaluate HP on synthetic data on the CPU, no data or network needed")
     _demo.add_arguments(p)

@@ -5,7 +5,7 @@ random geometric augmentation), so its patch features ``f`` and its LHP neighbou
 (spec §4, after the percentile clamp, softmax × σ, below-mean cut and 3×3 restriction) are the
 same at every epoch. :func:`build_feature_cache` (``hpseg cache``) computes them once;
 :class:`CachedFeatures` then serves training steps from disk with the interface of
-:class:`hpseg.features.BackboneFeatures`. Only the photometric view of the consistency loss
+:class:`hpseg.training.features.BackboneFeatures`. Only the photometric view of the consistency loss
 still needs the backbone during training (and nothing does with α = 0); validation always
 runs the backbone on the validation images.
 
@@ -59,9 +59,9 @@ from tqdm.auto import tqdm
 from hpseg.backbones import Backbone
 from hpseg.data import TrainCrops, read_label
 from hpseg.data.prepare import IGNORE_U8
-from hpseg.features import StepInputs, make_loader
 from hpseg.method.local_positives import attention_neighbour_weights
 from hpseg.runtime import autocast
+from hpseg.training.features import StepInputs, make_loader
 
 __all__ = [
     "CACHE_FORMAT",
@@ -524,7 +524,7 @@ class _CacheReader(Dataset):
 
 
 class CachedFeatures:
-    """Training inputs from a feature cache, with the interface of :class:`~hpseg.features.BackboneFeatures`.
+    """Training inputs from a feature cache, with the interface of :class:`~hpseg.training.features.BackboneFeatures`.
 
     Features are read as stored (float16 by default) and converted to float32 on ``device``.
     Labels come from the prepared crops' label PNGs; the photometric view (``with_augmented``,

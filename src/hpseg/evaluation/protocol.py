@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from hpseg.backbones import Backbone
-from hpseg.inference import kmeans_label_maps, label_maps
+from hpseg.evaluation.metrics import SegmentationMetrics
+from hpseg.inference.label_maps import kmeans_label_maps, label_maps
 from hpseg.method.model import HiddenPositivesModel
-from hpseg.metrics import SegmentationMetrics
 from hpseg.runtime import DistributedContext, autocast
 
 METRIC_KEYS = ("unsupervised_accuracy", "unsupervised_miou", "linear_accuracy", "linear_miou")
@@ -139,7 +139,7 @@ def fit_baseline(backbone: Backbone, crops: Dataset, n_classes: int, device: tor
                  linear_steps: int = 500) -> tuple[torch.Tensor, torch.nn.Module | None]:
     """The paper's "DINO baseline": cosine k-means (K = n_classes) on raw features f of the
     training crops, and a linear probe on f trained on their labels (None when unlabelled)."""
-    from hpseg.kmeans import kmeans
+    from hpseg.evaluation.kmeans import kmeans
 
     features, labels = _training_patches(backbone, crops, device, amp_dtype, max_patches, seed)
     centroids, _ = kmeans(features.to(device), n_classes, seed=seed, cosine=True)
@@ -178,7 +178,7 @@ def evaluate_baseline(backbone: Backbone, centroids: torch.Tensor, probe: torch.
         if linear is not None and probe is not None:
             logits = probe(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             if crf:
-                from hpseg.crf import crf_refine_batch
+                from hpseg.inference.crf import crf_refine_batch
 
                 classes = crf_refine_batch(batch["rgb"], logits).argmax(1)
             else:
@@ -223,7 +223,7 @@ def evaluate_checkpoint(
     ``<run>/eval-<kind>[-crf]``). Returns the results dict.
     """
     from hpseg.backbones import create_backbone
-    from hpseg.checkpoint import load_checkpoint
+    from hpseg.checkpoints.store import load_checkpoint
     from hpseg.config import Config
     from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
     from hpseg.runtime import amp_dtype, resolve_device
@@ -246,7 +246,7 @@ def evaluate_checkpoint(
     if not raw.has_labels:
         raise ValueError(f"{raw.root}: the validation images have no labels, so there is nothing to evaluate against")
     if crf:
-        from hpseg.crf import _import_densecrf
+        from hpseg.inference.crf import _import_densecrf
 
         _import_densecrf()  # fail before any work when the extra is missing
     validation = ValCrops(raw, size=config.data.val_size)

@@ -12,7 +12,7 @@ The reference saves one dict (read here with ``torch.load(weights_only=True)`` o
 * ``cluster_model_state_dict``: the cluster probe ``clusters`` (K x D).
 
 The conversion writes an hpseg checkpoint (``format``, ``config``, ``backbone``, ``model``,
-``class_names``, ...; see :mod:`hpseg.checkpoint`) and the backbone's weights as a safetensors
+``class_names``, ...; see :mod:`hpseg.checkpoints.store`) and the backbone's weights as a safetensors
 file beside it (``<out stem>.backbone.safetensors``), referenced by ``backbone.weights`` (an
 absolute path; when the pair of files moves together, ``hpseg predict`` and :func:`hpseg.load`
 find the weights beside the checkpoint, and ``hpseg eval --weights FILE`` points at them
@@ -33,7 +33,14 @@ from typing import Any
 import torch
 
 from hpseg.backbones import Backbone, BackboneWeightsError, create_backbone, list_backbones
-from hpseg.checkpoint import FORMAT, VERSION, CheckpointError, read_torch_file, save_atomic, strip_key_prefixes
+from hpseg.checkpoints.store import (
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    read_torch_file,
+    save_atomic,
+    strip_key_prefixes,
+)
 
 __all__ = ["ConvertedReference", "convert_reference", "import_reference_checkpoint", "infer_backbone"]
 

@@ -23,12 +23,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hpseg.backbones import Backbone, create_backbone
-from hpseg.cache import open_feature_cache
-from hpseg.checkpoint import FORMAT, VERSION, load_checkpoint, save_atomic
+from hpseg.checkpoints.store import FORMAT, VERSION, load_checkpoint, save_atomic
 from hpseg.config import Config
 from hpseg.data import ValCrops, build_raw_dataset
-from hpseg.evaluate import evaluate_model, selection_score, validation_loader
-from hpseg.features import BackboneFeatures, StepInputs, epoch_batches
+from hpseg.evaluation.protocol import evaluate_model, selection_score, validation_loader
 from hpseg.method import (
     HiddenPositivesModel,
     IndependentContrastDraw,
@@ -49,6 +47,8 @@ from hpseg.runtime import (
     resolve_device,
     seed_everything,
 )
+from hpseg.training.cache import open_feature_cache
+from hpseg.training.features import BackboneFeatures, StepInputs, epoch_batches
 
 
 @dataclass
@@ -79,7 +79,7 @@ class Trainer:
             config.backbone.name, weights=config.backbone.weights, pretrained=config.backbone.pretrained
         )
         self.backbone.to(self.device)
-        # An explicit source, else the feature cache if data.feature_cache picks one (hpseg.cache).
+        # An explicit source, else the feature cache if data.feature_cache picks one (hpseg.training.cache).
         self.features = feature_source or open_feature_cache(
             config, self.backbone, device=self.device, say=self._say
         ) or BackboneFeatures(
