@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpseg.inference import crf
 from hpseg.inference.crf import (
     CRFUnavailableError,
     cluster_probabilities,
@@ -16,7 +17,6 @@ from hpseg.inference.crf import (
     dense_crf,
     images_to_uint8,
 )
-from hpseg.inference import crf
 
 
 @pytest.fixture

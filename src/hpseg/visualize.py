@@ -17,14 +17,13 @@ Conventions:
 from __future__ import annotations
 
 import os
-import secrets
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from hpseg.files import atomic_write
 
 __all__ = [
     "colorize",
@@ -123,25 +122,6 @@ def colorize(
     return Image.fromarray(rgb, mode="RGB")
 
 
-@contextmanager
-def _atomic_path(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
-    """Binary file handle whose content replaces ``path`` only if the block succeeds."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
-    # os.open with 0o666 honours the umask, unlike mkstemp's 0o600, so outputs stay readable.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _format_for(path: str | os.PathLike[str]) -> str:
     ext = Path(path).suffix.lower()
     fmt = Image.registered_extensions().get(ext)
@@ -156,7 +136,7 @@ def save_image_atomic(img: Image.Image, path: str | os.PathLike[str]) -> None:
     Creates missing parent directories.
     """
     fmt = _format_for(path)
-    with _atomic_path(path) as fh:
+    with atomic_write(path) as fh:
         img.save(fh, format=fmt)
 
 
@@ -181,7 +161,7 @@ def index_png(
         colours[ignore_index] = 0
     img = Image.fromarray(ids.astype(np.uint8), mode="P")
     img.putpalette(colours.reshape(-1).tolist())
-    with _atomic_path(path) as fh:
+    with atomic_write(path) as fh:
         img.save(fh, format="PNG")
 
 
@@ -407,5 +387,5 @@ def confusion_image(
                 raise
     if img is None:
         img = _confusion_pil(m, class_names, title)
-    with _atomic_path(path) as fh:
+    with atomic_write(path) as fh:
         img.save(fh, format="PNG")

@@ -31,8 +31,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpseg.checkpoints.store import strip_key_prefixes
-
 from .registry import BackboneSpec
 
 log = logging.getLogger(__name__)
@@ -45,6 +43,18 @@ _NESTING_KEYS = ("teacher", "state_dict", "model", "module", "model_ema", "stude
 _KEY_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 #: The Hub files timm's pretrained mechanism looks for, safest first.
 _HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def strip_key_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
+    """``key`` without any of ``prefixes`` in front, repeatedly ("module.backbone.x" -> "x"): the
+    wrappers that training code adds (DataParallel, torch.compile, a backbone attribute)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
 
 
 class BackboneWeightsError(RuntimeError):

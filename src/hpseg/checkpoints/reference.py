@@ -33,14 +33,15 @@ from typing import Any
 import torch
 
 from hpseg.backbones import Backbone, BackboneWeightsError, create_backbone, list_backbones
+from hpseg.backbones.weights import strip_key_prefixes
 from hpseg.checkpoints.store import (
     FORMAT,
     VERSION,
     CheckpointError,
     read_torch_file,
     save_atomic,
-    strip_key_prefixes,
 )
+from hpseg.files import atomic_write
 
 __all__ = ["ConvertedReference", "convert_reference", "import_reference_checkpoint", "infer_backbone"]
 
@@ -210,24 +211,20 @@ def import_reference_checkpoint(
     checking that the backbone tensors load strictly into the inferred backbone. Returns a
     summary (paths, backbone, sizes, dataset).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     reference, out = Path(reference), Path(out)
     payload = read_torch_file(reference)
     converted = convert_reference(payload, reference, dataset=dataset, backbone=backbone)
     out.parent.mkdir(parents=True, exist_ok=True)
     weights = out.with_name(f"{out.stem}.backbone.safetensors")
-    temporary = weights.with_name(f".{weights.name}.tmp")
     try:
-        save_file({k: v.contiguous() for k, v in converted.backbone_state.items()}, str(temporary))
-        try:
-            create_backbone(converted.backbone_name, weights=temporary)  # strict: every key and shape
-        except BackboneWeightsError as error:
-            raise CheckpointError(f"{reference}: the backbone tensors under 'model.' do not load into "
-                                  f"{converted.backbone_name}: {error}") from None
-        temporary.replace(weights)
-    finally:
-        temporary.unlink(missing_ok=True)
+        converted.backbone()  # strict: every key and shape, checked before anything is written
+    except BackboneWeightsError as error:
+        raise CheckpointError(f"{reference}: the backbone tensors under 'model.' do not load into "
+                              f"{converted.backbone_name}: {error}") from None
+    with atomic_write(weights) as handle:
+        handle.write(save({k: v.contiguous() for k, v in converted.backbone_state.items()}))
     checkpoint = converted.checkpoint
     resolved = str(weights.resolve())
     checkpoint["backbone"]["weights"] = resolved

@@ -10,13 +10,13 @@ at that step, may be empty), ``selection`` (how it was chosen) and, for resuming
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from hpseg.files import atomic_write
 
 FORMAT = "hpseg-checkpoint"
 VERSION = 1
@@ -26,33 +26,11 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
 
 
-def strip_key_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
-    """``key`` without any of ``prefixes`` in front, repeatedly ("module.backbone.x" -> "x"): the
-    wrappers that training code adds (DataParallel, torch.compile, a backbone attribute)."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in prefixes:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
-    return key
-
-
 def save_atomic(payload: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_write(path) as stream:
+        torch.save(payload, stream)
+    return Path(path)
 
 
 def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:

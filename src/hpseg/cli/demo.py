@@ -310,7 +310,8 @@ def _run(out: Path, settings: DemoSettings, weights: str | None, backbone: str |
          progress: bool, echo: Callable[[str], None]) -> dict[str, Any]:
     from hpseg.backbones import get_spec
     from hpseg.data import build_raw_dataset, make_synthetic_dataset, prepare_five_crops
-    from hpseg.evaluation.protocol import evaluate_checkpoint, write_json_atomic
+    from hpseg.evaluation.protocol import evaluate_checkpoint
+    from hpseg.files import write_json_atomic
     from hpseg.inference.segmenter import load
     from hpseg.training.trainer import train
 

@@ -246,7 +246,7 @@ def predict_paths(
     from tqdm import tqdm
 
     from hpseg.data import ImageReadError, read_image
-    from hpseg.evaluation.protocol import write_json_atomic
+    from hpseg.files import write_json_atomic
     from hpseg.inference.segmenter import load
     from hpseg.visualize import palette
 

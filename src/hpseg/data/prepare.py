@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
+
+from hpseg.files import atomic_write, remove_stale_temporaries, write_json_atomic
 
 from .datasets import RawDataset
 from .errors import DatasetLayoutError, ImageReadError
@@ -99,32 +100,10 @@ def five_crops(
     return out
 
 
-def _atomic_save_png(img: Image.Image, path: Path) -> None:
-    # The temporary name starts with '.' and ends in '.tmp' so listings of crops never see it.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
+def _save_png(img: Image.Image, path: Path) -> None:
+    with atomic_write(path) as handle:
         # compress_level 1: ~3x faster than the default for a few percent more disk.
-        img.save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _remove_stale_temps(directory: Path) -> None:
-    for name in os.listdir(directory):
-        if name.startswith(".") and name.endswith(".tmp"):
-            (directory / name).unlink(missing_ok=True)
+        img.save(handle, format="PNG", compress_level=1)
 
 
 def load_manifest(prepared_dir: str | Path, *, check_files: bool = True) -> dict[str, Any]:
@@ -266,9 +245,9 @@ def prepare_five_crops(
                 f"{out_dir} holds crops of another size; choose another output directory or delete it",
                 img_dir / first,
             )
-    _remove_stale_temps(img_dir)
+    remove_stale_temporaries(img_dir)
     if raw.has_labels:
-        _remove_stale_temps(lbl_dir)
+        remove_stale_temporaries(lbl_dir)
 
     def process(i: int) -> tuple[str, bool, ImageReadError | None]:
         """Crop item i; returns (key, ok, error-if-skipped)."""
@@ -284,9 +263,9 @@ def prepare_five_crops(
             return key, False, e
         for name, (ci, cl) in zip(names, five_crops(sample.image, sample.label, crop_size)):
             if name not in have_img:
-                _atomic_save_png(ci, img_dir / name)
+                _save_png(ci, img_dir / name)
             if cl is not None and name not in have_lbl:
-                _atomic_save_png(cl, lbl_dir / name)
+                _save_png(cl, lbl_dir / name)
         return key, True, None
 
     crops: list[str] = []
@@ -334,5 +313,5 @@ def prepare_five_crops(
         "skipped_keys": skipped_keys,
         "crops": crops,
     }
-    _atomic_write_text(json.dumps(manifest, indent=1), manifest_path)
+    write_json_atomic(manifest, manifest_path, indent=1)
     return out_dir

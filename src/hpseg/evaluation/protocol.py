@@ -7,9 +7,6 @@ produced them.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from tqdm import tqdm
 
 from hpseg.backbones import Backbone
 from hpseg.evaluation.metrics import SegmentationMetrics
+from hpseg.files import write_json_atomic
 from hpseg.inference.label_maps import kmeans_label_maps, label_maps
 from hpseg.method.model import HiddenPositivesModel
 from hpseg.runtime import DistributedContext, autocast
@@ -92,18 +90,7 @@ def selection_score(results: dict[str, Any]) -> float:
     return float(sum(results[key] for key in METRIC_KEYS))
 
 
-def write_json_atomic(payload: Any, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(payload, stream, indent=2)
-    os.replace(temporary, path)
-    return path
-
-
-__all__ = ["METRIC_KEYS", "evaluate_model", "kmeans_label_maps", "selection_score", "validation_loader",
-           "write_json_atomic"]
+__all__ = ["METRIC_KEYS", "evaluate_model", "kmeans_label_maps", "selection_score", "validation_loader"]
 
 
 # ---------------------------------------------------------------------------- the DINO baseline

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 from hpseg.backbones import Backbone
 from hpseg.data import TrainCrops, read_label
 from hpseg.data.prepare import IGNORE_U8
+from hpseg.files import write_json_atomic
 from hpseg.method.local_positives import attention_neighbour_weights
 from hpseg.runtime import autocast
 from hpseg.training.features import StepInputs, make_loader
@@ -230,16 +231,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _write_json(value: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(value, indent=1))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _layout(identity: dict[str, Any], dtype: str) -> dict[str, Any]:
     n = identity["data"]["n_crops"]
     c = identity["backbone"]["embed_dim"]
@@ -384,7 +375,7 @@ def build_feature_cache(
     record = {**identity, **layout, "completed": completed, "dtype": dtype, "amp_dtype": _dtype_name(amp_dtype),
               "device": str(device), "batch_size": batch_size, "weights_path": weights_path,
               "prepared_dir": str(Path(prepared_dir).absolute())}
-    _write_json(record, progress_path)
+    write_json_atomic(record, progress_path, indent=1)
 
     order = list(range(completed, n))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -413,7 +404,7 @@ def build_feature_cache(
             features.flush()
             weights.flush()
             record["completed"] = stop
-            _write_json(record, progress_path)
+            write_json_atomic(record, progress_path, indent=1)
             bar.update(len(indices))
     finally:
         bar.close()
@@ -421,7 +412,7 @@ def build_feature_cache(
 
     record["completed"] = n
     record["build_seconds"] = round(time.time() - started, 3)
-    _write_json(record, meta_path)  # last: its presence means "complete"
+    write_json_atomic(record, meta_path, indent=1)  # last: its presence means "complete"
     progress_path.unlink(missing_ok=True)
     return cache_dir
 
