@@ -58,7 +58,7 @@ def prepare(work: Path, crop_size: int, n_images: int) -> Path:
     if not (root / "hpseg_prepared" / f"train_{crop_size}" / "manifest.json").exists():
         make_synthetic_dataset(root, n_train=n_images, n_val=2, size=max(64, crop_size * 2), n_classes=4, seed=0)
         raw = build_raw_dataset("folder", root, "train")
-        prepare_five_crops(raw, root / "hpseg_prepared" / f"train_{crop_size}", crop_size=crop_size, progress=False)
+        prepare_five_crops(raw, root / "hpseg_prepared" / f"train_{crop_size}", crop_size=crop_size)
     return root
 
 
@@ -150,7 +150,7 @@ def child(spec: dict) -> dict:
                   "auto" if spec["mode"] == "cache" else "off", spec.get("num_workers", 0))
     )
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, Path(run_dir), progress=False)
+        trainer = Trainer(config, Path(run_dir))
         expected = "CachedFeatures" if spec["mode"] == "cache" else "BackboneFeatures"
         assert type(trainer.features).__name__ == expected, type(trainer.features).__name__
         cuda = trainer.device.type == "cuda"

@@ -28,7 +28,7 @@ def synthetic_prepared(root: Path, n_train: int = 8, n_val: int = 4) -> Path:
     if not (data / "hpseg_prepared" / "train_32" / "manifest.json").exists():
         make_synthetic_dataset(data, n_train=n_train, n_val=n_val, size=64, n_classes=4, seed=0)
         raw = build_raw_dataset("folder", data, "train")
-        prepare_five_crops(raw, data / "hpseg_prepared" / "train_32", crop_size=32, progress=False)
+        prepare_five_crops(raw, data / "hpseg_prepared" / "train_32", crop_size=32)
     return data
 
 

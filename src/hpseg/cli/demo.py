@@ -329,7 +329,7 @@ def _run(out: Path, settings: DemoSettings, weights: str | None, backbone: str |
                                   size=settings.image_size, n_classes=settings.n_classes, seed=settings.seed)
     prepared = data / "hpseg_prepared" / f"train_{settings.crop_size}"
     raw = build_raw_dataset("folder", data, "train")
-    prepare_five_crops(raw, prepared, crop_size=settings.crop_size, progress=False)
+    prepare_five_crops(raw, prepared, crop_size=settings.crop_size)
     timings["data_s"] = round(time.time() - started, 1)
 
     config = _config(settings, data, prepared, name, weights_file, out)

@@ -53,8 +53,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         config.data.prepared_dir = args.out
     raw = build_raw_dataset(config.data.dataset, config.data.root, "train", n_classes=config.method.n_classes,
                             skip_bad_images=config.data.skip_bad_images)
-    out = prepare_five_crops(raw, config.data.prepared_path(), crop_size=config.data.crop_size,
-                             progress=not args.no_progress)
+    out = prepare_five_crops(raw, config.data.prepared_path(), crop_size=config.data.crop_size)
     print(f"five-crop training set of {len(raw)} images ready in {out}")
     return 0
 

@@ -46,6 +46,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -514,6 +515,65 @@ _FOLDER_LAYOUT = """\
         classes.txt"""
 
 
+def _check_image_folder(root: Path, split: str, img_dir: Path) -> None:
+    """A clear layout error when a folder dataset's ``images/`` is missing."""
+    if img_dir.is_dir():
+        return
+    if not root.is_dir():
+        raise _layout_error("missing dataset root", root, _FOLDER_LAYOUT)
+    # With per-split folders present, the split's own folder is what is missing.
+    split_layout = any(p.is_dir() and (p / "images").is_dir() for p in root.iterdir())
+    missing = root / split / "images" if split_layout else img_dir
+    raise _layout_error(f"missing directory (split {split!r})", missing, _FOLDER_LAYOUT)
+
+
+def _walk_files(folder: Path, keep: Callable[[str], bool]) -> list[Path]:
+    """Files under ``folder`` (links followed, hidden entries skipped) whose name passes ``keep``."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and keep(f))
+    return files
+
+
+def _image_files(img_dir: Path) -> list[Path]:
+    """The images under ``img_dir`` in the order of their relative paths (layout error if none)."""
+    files = _walk_files(img_dir, lambda name: name.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise _layout_error(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under", img_dir, _FOLDER_LAYOUT)
+    return sorted(files, key=lambda p: p.relative_to(img_dir).as_posix())
+
+
+def _pair_with_labels(files: list[Path], img_dir: Path, lbl_dir: Path | None) -> list[_Item]:
+    """One item per image, with the label PNG of the same relative path when ``lbl_dir`` is given."""
+    labels: dict[str, Path] = {}
+    if lbl_dir is not None:
+        for path in _walk_files(lbl_dir, lambda name: name.lower().endswith(".png")):
+            labels[path.relative_to(lbl_dir).with_suffix("").as_posix()] = path
+    items = []
+    for file in files:
+        rel = file.relative_to(img_dir).with_suffix("").as_posix()
+        label = labels.get(rel) if lbl_dir is not None else None
+        if lbl_dir is not None and label is None:
+            raise _layout_error(f"missing label for image {file}", lbl_dir / f"{rel}.png", _FOLDER_LAYOUT)
+        items.append(_Item(file, label, safe_key(rel)))
+    return items
+
+
+def _class_names(root: Path, base: Path, n_classes: int | None) -> list[str] | None:
+    """The names in the split's or the root's ``classes.txt`` (checked against ``n_classes``), or None."""
+    for candidate in (base / "classes.txt", root / "classes.txt"):
+        if not candidate.is_file():
+            continue
+        names = [line.strip() for line in candidate.read_text().splitlines() if line.strip()]
+        if not names:
+            raise DatasetLayoutError(f"empty class list {candidate}", candidate)
+        if n_classes is not None and n_classes != len(names):
+            raise ValueError(f"n_classes={n_classes} but {candidate} lists {len(names)} classes")
+        return names
+    return None
+
+
 class FolderDataset(RawDataset):
     """A folder of images, optionally with class-id PNG labels (see the module docstring)."""
 
@@ -530,54 +590,10 @@ class FolderDataset(RawDataset):
         root = Path(root)
         base = root / split if (root / split / "images").is_dir() else root
         img_dir, lbl_dir = base / "images", base / "labels"
-        if not img_dir.is_dir():
-            if not root.is_dir():
-                raise _layout_error("missing dataset root", root, _FOLDER_LAYOUT)
-            # With per-split folders present, the split's own folder is what is missing.
-            split_layout = any(p.is_dir() and (p / "images").is_dir() for p in root.iterdir())
-            missing = root / split / "images" if split_layout else img_dir
-            raise _layout_error(f"missing directory (split {split!r})", missing, _FOLDER_LAYOUT)
-        files = []
-        for dirpath, dirnames, filenames in os.walk(img_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in filenames:
-                if not f.startswith(".") and f.lower().endswith(IMAGE_SUFFIXES):
-                    files.append(Path(dirpath) / f)
-        files.sort(key=lambda p: p.relative_to(img_dir).as_posix())
-        if not files:
-            raise _layout_error(
-                f"no images ({', '.join(IMAGE_SUFFIXES)}) found under", img_dir, _FOLDER_LAYOUT
-            )
+        _check_image_folder(root, split, img_dir)
         has_labels = lbl_dir.is_dir()
-        label_files: dict[str, Path] = {}
-        if has_labels:
-            for dirpath, dirnames, filenames in os.walk(lbl_dir, followlinks=True):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                for f in filenames:
-                    if f.lower().endswith(".png") and not f.startswith("."):
-                        p = Path(dirpath) / f
-                        label_files[p.relative_to(lbl_dir).with_suffix("").as_posix()] = p
-        items = []
-        for f in files:
-            rel = f.relative_to(img_dir).with_suffix("").as_posix()
-            label = None
-            if has_labels:
-                label = label_files.get(rel)
-                if label is None:
-                    raise _layout_error(
-                        f"missing label for image {f}", lbl_dir / f"{rel}.png", _FOLDER_LAYOUT
-                    )
-            items.append(_Item(f, label, safe_key(rel)))
-
-        names = None
-        for cand in (base / "classes.txt", root / "classes.txt"):
-            if cand.is_file():
-                names = [ln.strip() for ln in cand.read_text().splitlines() if ln.strip()]
-                if not names:
-                    raise DatasetLayoutError(f"empty class list {cand}", cand)
-                if n_classes is not None and n_classes != len(names):
-                    raise ValueError(f"n_classes={n_classes} but {cand} lists {len(names)} classes")
-                break
+        items = _pair_with_labels(_image_files(img_dir), img_dir, lbl_dir if has_labels else None)
+        names = _class_names(root, base, n_classes)
         if names is None:
             if n_classes is None:
                 if not has_labels:
@@ -587,19 +603,11 @@ class FolderDataset(RawDataset):
                         root / "classes.txt",
                     )
                 # Costs a read of every label; a classes.txt or n_classes avoids it.
-                n_classes = 1 + max(self._max_label(it.label) for it in items if it.label is not None)
-                n_classes = max(n_classes, 1)
+                n_classes = max(1, 1 + max(self._max_label(it.label) for it in items if it.label is not None))
             names = [f"class {k}" for k in range(n_classes)]
         self.base = base  # the folder actually read: root or root/split
-        super().__init__(
-            root,
-            split,
-            items,
-            n_classes=len(names),
-            class_names=names,
-            has_labels=has_labels,
-            skip_bad_images=skip_bad_images,
-        )
+        super().__init__(root, split, items, n_classes=len(names), class_names=names, has_labels=has_labels,
+                         skip_bad_images=skip_bad_images)
 
     @staticmethod
     def _max_label(path: Path) -> int:
