@@ -6,6 +6,7 @@ Every dataset is written by the test itself, in the real on-disk layout, with ti
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -440,3 +441,67 @@ def test_registry():
     assert DATASETS == ("cocostuff27", "cityscapes27", "potsdam3", "folder")
     with pytest.raises(ValueError, match="unknown dataset"):
         build_raw_dataset("imagenet", ".", "train")
+
+
+# ------------------------------------------------------------------- bad inputs of folder datasets
+
+
+def _folder(tmp_path: Path, names: list[str]) -> Path:
+    root = tmp_path / "ds"
+    for i, name in enumerate(names):
+        _save_png(_rgb(i), root / "images" / name)
+    return root
+
+
+def test_tiny_image_is_named_and_skippable(tmp_path):
+    root = _folder(tmp_path, ["ok.png"])
+    _save_png(_rgb(1, 1, 1), root / "images" / "tiny.png")
+    raw = build_raw_dataset("folder", root, "train", n_classes=2)
+    with pytest.raises(ImageReadError, match=r"tiny\.png: image of 1x1 pixels is too small"):
+        prepare_five_crops(raw, tmp_path / "crops", crop_size=8)
+    raw = build_raw_dataset("folder", root, "train", n_classes=2, skip_bad_images=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = prepare_five_crops(raw, tmp_path / "crops2", crop_size=8)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"] == [str(root / "images" / "tiny.png")]
+    assert manifest["crops"] == [f"ok_{k}" for k in range(5)]
+
+
+def test_symlink_loop_is_named_not_followed(tmp_path):
+    root = _folder(tmp_path, ["a/one.png"])
+    (root / "images" / "a" / "loop").symlink_to(root / "images" / "a", target_is_directory=True)
+    with pytest.raises(DatasetLayoutError, match=r"a/loop \(already read through another path"):
+        build_raw_dataset("folder", root, "train", n_classes=2)
+    with pytest.warns(UserWarning, match=r"left out 1 folder"):
+        raw = build_raw_dataset("folder", root, "train", n_classes=2, skip_bad_images=True)
+    assert [raw.path_of(i).name for i in range(len(raw))] == ["one.png"]
+
+
+def test_unreadable_subfolder_stops_or_is_listed(tmp_path, monkeypatch):
+    root = _folder(tmp_path, ["top.png", "private/hidden.png"])
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        # root can read any folder, so permission-denied is simulated where os.walk lists one.
+        if Path(path).name == "private":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DatasetLayoutError, match=r"private \(Permission denied\).*skip_bad_images"):
+        build_raw_dataset("folder", root, "train", n_classes=2)
+    with pytest.warns(UserWarning, match=r"private \(Permission denied\)"):
+        raw = build_raw_dataset("folder", root, "train", n_classes=2, skip_bad_images=True)
+    assert [raw.path_of(i).name for i in range(len(raw))] == ["top.png"]
+
+
+def test_non_ascii_names_keep_unique_readable_keys(tmp_path):
+    root = _folder(tmp_path, ["猫.png", "犬.png", "a b.png", "a_b.png"])
+    raw = build_raw_dataset("folder", root, "train", n_classes=2)
+    keys = {raw.path_of(i).name: raw.key_of(i) for i in range(len(raw))}
+    assert keys["猫.png"] == "猫" and keys["犬.png"] == "犬"
+    assert keys["a b.png"] != keys["a_b.png"]
+    assert keys["a b.png"].startswith("a_b-") and keys["a_b.png"].startswith("a_b-")
+    out = prepare_five_crops(raw, tmp_path / "crops", crop_size=8)
+    assert (out / "images" / "猫_0.png").is_file()

@@ -42,10 +42,12 @@ under its conventional name (``cocostuff/``, ``cityscapes/``, ``potsdam/``, as i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -103,12 +105,24 @@ class _Item:
     key: str
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]")
+_UNSAFE = re.compile(r"[^\w.+=-]")  # \w: letters and digits of any script, and _
 
 
 def safe_key(relative: str) -> str:
-    """Relative path (no extension) -> filesystem-safe key: '/' -> '__', odd characters -> '_'."""
+    """Relative path (no extension) -> filesystem-safe key: '/' -> '__', odd characters -> '_'.
+
+    Letters and digits of any script are kept (``猫`` stays ``猫``), so keys stay readable.
+    """
     return _UNSAFE.sub("_", relative.replace("\\", "/").replace("/", "__"))
+
+
+def unique_keys(relatives: list[str]) -> list[str]:
+    """:func:`safe_key` of each relative path, made unique: keys that two paths share (``a b``
+    and ``a_b``) get a short hash of their own path appended."""
+    keys = [safe_key(rel) for rel in relatives]
+    counts = Counter(keys)
+    return [f"{key}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}" if counts[key] > 1 else key
+            for key, rel in zip(keys, relatives)]
 
 
 def _apply_lut(values: np.ndarray, lut: np.ndarray) -> np.ndarray:
@@ -527,36 +541,67 @@ def _check_image_folder(root: Path, split: str, img_dir: Path) -> None:
     raise _layout_error(f"missing directory (split {split!r})", missing, _FOLDER_LAYOUT)
 
 
-def _walk_files(folder: Path, keep: Callable[[str], bool]) -> list[Path]:
-    """Files under ``folder`` (links followed, hidden entries skipped) whose name passes ``keep``."""
-    files = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+def _walk_files(folder: Path, keep: Callable[[str], bool]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files under ``folder`` whose name passes ``keep``, and the folders that were left out.
+
+    Links are followed, hidden entries skipped. A folder reached twice (a symlink loop, or two
+    links to one folder) is read once; an unreadable folder is left out. Both are returned as
+    (folder, reason) so the caller can say so instead of silently losing images.
+    """
+    files: list[Path] = []
+    left_out: list[tuple[Path, str]] = []
+    seen: set[tuple[int, int]] = set()
+
+    def unreadable(error: OSError) -> None:
+        left_out.append((Path(error.filename or folder), error.strerror or str(error)))
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+        identity = os.stat(dirpath)
+        if (identity.st_dev, identity.st_ino) in seen:
+            left_out.append((Path(dirpath), "already read through another path (symlink loop?)"))
+            dirnames[:] = []
+            continue
+        seen.add((identity.st_dev, identity.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and keep(f))
-    return files
+    return files, left_out
 
 
-def _image_files(img_dir: Path) -> list[Path]:
+def _report_left_out(left_out: list[tuple[Path, str]], skip: bool) -> None:
+    """Stop on folders that could not be read (or warn, listing them, when skipping is asked for)."""
+    if not left_out:
+        return
+    listing = "; ".join(f"{path} ({reason})" for path, reason in left_out)
+    if not skip:
+        raise DatasetLayoutError(f"cannot read every folder of the dataset: {listing}; fix the permissions "
+                                 "or links, or set data.skip_bad_images=true to leave them out", left_out[0][0])
+    warnings.warn(f"left out {len(left_out)} folder(s) of the dataset: {listing}", stacklevel=3)
+
+
+def _image_files(img_dir: Path, skip: bool) -> list[Path]:
     """The images under ``img_dir`` in the order of their relative paths (layout error if none)."""
-    files = _walk_files(img_dir, lambda name: name.lower().endswith(IMAGE_SUFFIXES))
+    files, left_out = _walk_files(img_dir, lambda name: name.lower().endswith(IMAGE_SUFFIXES))
+    _report_left_out(left_out, skip)
     if not files:
         raise _layout_error(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under", img_dir, _FOLDER_LAYOUT)
     return sorted(files, key=lambda p: p.relative_to(img_dir).as_posix())
 
 
-def _pair_with_labels(files: list[Path], img_dir: Path, lbl_dir: Path | None) -> list[_Item]:
+def _pair_with_labels(files: list[Path], img_dir: Path, lbl_dir: Path | None, skip: bool) -> list[_Item]:
     """One item per image, with the label PNG of the same relative path when ``lbl_dir`` is given."""
     labels: dict[str, Path] = {}
     if lbl_dir is not None:
-        for path in _walk_files(lbl_dir, lambda name: name.lower().endswith(".png")):
+        label_files, left_out = _walk_files(lbl_dir, lambda name: name.lower().endswith(".png"))
+        _report_left_out(left_out, skip)
+        for path in label_files:
             labels[path.relative_to(lbl_dir).with_suffix("").as_posix()] = path
+    relatives = [file.relative_to(img_dir).with_suffix("").as_posix() for file in files]
     items = []
-    for file in files:
-        rel = file.relative_to(img_dir).with_suffix("").as_posix()
+    for file, rel, key in zip(files, relatives, unique_keys(relatives)):
         label = labels.get(rel) if lbl_dir is not None else None
         if lbl_dir is not None and label is None:
             raise _layout_error(f"missing label for image {file}", lbl_dir / f"{rel}.png", _FOLDER_LAYOUT)
-        items.append(_Item(file, label, safe_key(rel)))
+        items.append(_Item(file, label, key))
     return items
 
 
@@ -592,7 +637,8 @@ class FolderDataset(RawDataset):
         img_dir, lbl_dir = base / "images", base / "labels"
         _check_image_folder(root, split, img_dir)
         has_labels = lbl_dir.is_dir()
-        items = _pair_with_labels(_image_files(img_dir), img_dir, lbl_dir if has_labels else None)
+        files = _image_files(img_dir, skip_bad_images)
+        items = _pair_with_labels(files, img_dir, lbl_dir if has_labels else None, skip_bad_images)
         names = _class_names(root, base, n_classes)
         if names is None:
             if n_classes is None:

@@ -240,6 +240,14 @@ def _check_existing_crop_size(outputs: _Outputs, crop_size: int, out_dir: Path) 
         )
 
 
+def _check_croppable(image: Image.Image, path: Path) -> None:
+    """An image too small for five half-size crops is a bad image of the dataset, named as such."""
+    width, height = image.size
+    if width < 2 or height < 2:
+        raise ImageReadError(f"{path}: image of {width}x{height} pixels is too small for five half-size "
+                             "crops (at least 2x2); remove it or set data.skip_bad_images=true", path)
+
+
 def _crop_image(raw: RawDataset, i: int, outputs: _Outputs, crop_size: int) -> ImageReadError | None:
     """Write the missing crops of item ``i``; returns the read error of a skipped image."""
     names = [f"{raw.key_of(i)}_{k}.png" for k in range(N_CROPS)]
@@ -247,6 +255,7 @@ def _crop_image(raw: RawDataset, i: int, outputs: _Outputs, crop_size: int) -> I
         return None
     try:
         sample = raw.read(i)
+        _check_croppable(sample.image, raw.path_of(i))
     except ImageReadError as error:
         if not raw.skip_bad_images:
             raise
