@@ -16,6 +16,7 @@ starts at ``int(round((extent - size) / 2))``.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -63,23 +64,18 @@ def pil_to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
-_photometric = None
-
-
+@functools.cache
 def _photometric_transform():
-    # Built lazily: importing torchvision.transforms.v2 costs ~0.3 s and is not always needed.
-    global _photometric
-    if _photometric is None:
-        from torchvision.transforms import v2
+    # Built on first use: importing torchvision.transforms.v2 costs ~0.3 s and is not always needed.
+    from torchvision.transforms import v2
 
-        _photometric = v2.Compose(
-            [
-                v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1),
-                v2.RandomGrayscale(p=0.2),
-                v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.5),
-            ]
-        )
-    return _photometric
+    return v2.Compose(
+        [
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.5),
+        ]
+    )
 
 
 def photometric_augment(img: T) -> T:
