@@ -135,17 +135,20 @@ def run_check(name: str, description: str, check, summary, add_options=None, dea
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU test of this script)")
     parser.add_argument("--device", default="auto", help="cuda, cpu or auto")
     parser.add_argument("--out", help="output folder (default: $OUT, else a temporary folder)")
-    parser.add_argument("--deadline", type=float, default=deadline,
-                        help="seconds after which no further case starts (default %(default)s)")
+    parser.add_argument("--deadline", type=float,
+                        help=f"seconds after which no further case starts (default {deadline:.0f}; smoke: twice that)")
     if add_options:
         add_options(parser)
     args = parser.parse_args()
+    if args.deadline is None:  # the CPU of a smoke run is slower
+        args.deadline = 2 * deadline if args.smoke else deadline
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run = Run(name, args)
     log(f"{name}: on {run.device}{' (smoke sizes)' if run.smoke else ''}; out {run.out}; deadline {args.deadline:.0f} s")
     try:
         run.results.update(check(run) or {})
-        run.results["status"] = "failed" if run.results.get("failures") else "ok"
+        failed = run.results.get("failures") or run.results.get("status") == "failed"
+        run.results["status"] = "failed" if failed else "ok"
     except Exception as error:  # noqa: BLE001 - recorded with its traceback, the summary still printed
         run.results.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
         log(f"[{name}] FAILED: {type(error).__name__}: {error}\n{traceback.format_exc()}")

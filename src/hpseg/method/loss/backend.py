@@ -87,7 +87,7 @@ class LossBackend:
                 if self.name == "triton":
                     raise
                 self.triton_failed = True
-                warnings.warn(f"HP loss: the Triton kernels failed ({error!r}); using the torch path from now on")
+                warnings.warn(f"HP loss: the Triton kernels failed ({error!r}); using the torch path from now on", stacklevel=2)
         device = embeddings[0].device
         return torch_loss_and_gradients(
             embeddings, want_grads, inputs, settings, self.sparse_density_limit(device), self.compile

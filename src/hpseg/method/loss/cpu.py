@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from hpseg.method.positives import PositiveMasks
 from hpseg.method.loss.dense import add_dense_gradients, widened
+from hpseg.method.positives import PositiveMasks
 
 
 def _positive_weights(agnostic: torch.Tensor, specific: torch.Tensor | None, lmbd: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ class CompiledOnCuda:
                 return self.compiled(*args)
             except Exception as error:  # noqa: BLE001 - any compiler failure: the eager version is exact
                 self.failed = True
-                warnings.warn(f"HP loss: torch.compile of {self.function.__name__} failed ({error!r}); running eagerly")
+                warnings.warn(f"HP loss: torch.compile of {self.function.__name__} failed ({error!r}); running eagerly", stacklevel=2)
         return self.function(*args)
 
 

@@ -13,8 +13,8 @@ import warnings
 import numpy as np
 import torch
 
-from hpseg.method.positives import PositiveMasks
 from hpseg.method.loss.terms import count_true
+from hpseg.method.positives import PositiveMasks
 
 
 def _csr(row_starts: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, size) -> torch.Tensor:
