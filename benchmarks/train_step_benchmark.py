@@ -24,7 +24,7 @@ on the weights. Data: a synthetic folder dataset, five-cropped at the crop size.
     python benchmarks/train_step_benchmark.py                       # tiny ViT 32 px + ViT-S/8 224 px
     python benchmarks/train_step_benchmark.py --configs dino_vits8:224:4,8 --alphas 0.05 --steps 3
 
-GPU options (``benchmarks/gpu_benchmark.py`` uses them for the paper-scale step):
+GPU options (``benchmarks/gpu_step.py`` uses them for the paper-scale step):
 ``--num-workers N`` reads and augments the crops in N loader processes (default 0: in the
 step's own process, which on a GPU can dominate the step); ``--full-pools`` fills the reference
 pools to ``method.pool_size`` (2048) rows by drawing further random patches from one pass over a

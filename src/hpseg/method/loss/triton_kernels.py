@@ -1,7 +1,8 @@
 """The HP loss's pair work on GPUs as two fused Triton kernels (flash-attention style).
 
 Nothing of size (anchors x N) is kept between them: every kernel recomputes, tile by tile, what it
-needs of the pairs (i, j) of a batch's N patches (``positives`` and ``losses`` give the definitions):
+needs of the pairs (i, j) of a batch's N patches (``positives`` and ``hpseg.method.loss`` give
+the definitions):
 
     TA_ij = <fn_i, fn_j> > min(r_i, r_j),  TS_ij = <sn_i, sn_j> > min(r'_i, r'_j)   (j != i)
     C_ij  = TA_ij or pattern[i mod hw, j]                                            (j != i)
