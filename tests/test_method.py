@@ -25,6 +25,7 @@ from hpseg.method import (
 )
 from hpseg.method.local_positives import row_quantile
 from hpseg.method.loss import LossBackend, reference_loss
+from hpseg.method.probes import centroid_scores
 from tests.helpers import clustered_batch
 
 
@@ -289,8 +290,8 @@ def test_segmentation_head_shapes_and_dropout_only_in_training():
 def test_model_probes_predict_shapes():
     model = HiddenPositivesModel(feature_dim=8, dim=6, n_classes=4).eval()
     f = torch.randn(2, 8, 3, 3)
-    assert model.predict_clusters(f).shape == (2, 4, 3, 3)
-    assert model.predict_classes(f).shape == (2, 4, 3, 3)
+    assert centroid_scores(model(f), model.cluster_probe.centroids).shape == (2, 4, 3, 3)
+    assert model.linear_probe(model(f)).shape == (2, 4, 3, 3)
     labels = torch.full((2, 12, 12), -1)
     labels[0, 0, 0] = 2
     loss = model.linear_probe.loss(model(f).detach(), labels)

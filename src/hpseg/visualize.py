@@ -30,10 +30,16 @@ __all__ = [
     "confusion_image",
     "figure_grid",
     "index_png",
+    "legend",
     "overlay",
     "palette",
     "save_image_atomic",
+    "segmentation_figure",
+    "with_legend",
 ]
+
+#: A legend entry: a name and its colour.
+LegendEntry = tuple[str, tuple[int, int, int]]
 
 IGNORE_INDEX = 255
 
@@ -272,6 +278,48 @@ def figure_grid(
             y = top + pad + i * (cell + pad) + (cell - img.height) // 2
             canvas.paste(img, (x, y))
     return canvas
+
+
+def legend(entries: Sequence[LegendEntry], width: int) -> Image.Image:
+    """A white strip with one coloured square and name per entry, wrapped to ``width`` pixels."""
+    font = _font(13)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    box, gap, line, margin = 14, 16, 22, 8
+    x, y, placed = margin, 6, []
+    for name, colour in entries:
+        w = box + 6 + int(probe.textlength(name, font=font))
+        if x > margin and x + w > width - margin:
+            x, y = margin, y + line
+        placed.append((x, y, name, colour))
+        x += w + gap
+    strip = Image.new("RGB", (width, y + line + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for x, y, name, colour in placed:
+        draw.rectangle([x, y + 2, x + box, y + 2 + box], fill=tuple(int(c) for c in colour), outline=(0, 0, 0))
+        draw.text((x + box + 6, y + 2 + box // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
+    return strip
+
+
+def with_legend(image: Image.Image, entries: Sequence[LegendEntry]) -> Image.Image:
+    """``image`` with :func:`legend` of ``entries`` below it, as wide as the image."""
+    strip = legend(entries, image.width)
+    out = Image.new("RGB", (image.width, image.height + strip.height), (255, 255, 255))
+    out.paste(image, (0, 0))
+    out.paste(strip, (0, image.height))
+    return out
+
+
+def segmentation_figure(image: Image.Image | np.ndarray, labels: np.ndarray, names: Sequence[str],
+                        cell: int = 384) -> Image.Image:
+    """image | segmentation side by side, with a legend of the labels present (``names[id]``;
+    negative ids and :data:`IGNORE_INDEX` are "unmatched / ignored", drawn black)."""
+    grid = figure_grid([[image, labels]], titles=["image", "segmentation"], cell=cell)
+    present = [int(v) for v in np.unique(labels) if 0 <= v < IGNORE_INDEX]
+    colours = palette(max(present) + 1) if present else np.zeros((0, 3), np.uint8)
+    entries = [(names[v] if v < len(names) else f"id {v}", tuple(int(c) for c in colours[v])) for v in present]
+    if (labels < 0).any() or (labels == IGNORE_INDEX).any():
+        entries.append(("unmatched / ignored", (0, 0, 0)))
+    return with_legend(grid, entries)
 
 
 def _normalise_confusion(conf: np.ndarray, normalize: str | None) -> np.ndarray:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save, save_file
 
 from hpseg.backbones import Backbone, BackboneWeightsError, create_backbone, list_backbones
 from hpseg.backbones.weights import strip_key_prefixes
@@ -38,12 +39,22 @@ from hpseg.checkpoints.store import (
     FORMAT,
     VERSION,
     CheckpointError,
+    is_hpseg_checkpoint,
     read_torch_file,
     save_atomic,
 )
+from hpseg.config import load_preset
+from hpseg.data import CITYSCAPES27_CLASS_NAMES, POTSDAM3_CLASS_NAMES, load_cocostuff27_mapping
 from hpseg.files import atomic_write
+from hpseg.method.model import HiddenPositivesModel
 
-__all__ = ["ConvertedReference", "convert_reference", "import_reference_checkpoint", "infer_backbone"]
+__all__ = [
+    "ConvertedReference",
+    "convert_reference",
+    "import_reference_checkpoint",
+    "infer_backbone",
+    "is_reference_checkpoint",
+]
 
 NET, LINEAR, CLUSTER = "net_model_state_dict", "linear_model_state_dict", "cluster_model_state_dict"
 
@@ -54,6 +65,13 @@ _HEAD_KEYS = {
     "nonlinear.2.weight": "{}2.2.weight", "nonlinear.2.bias": "{}2.2.bias",
 }
 _PREFIXES = ("module.", "_orig_mod.")
+#: The seed of the projection head P, which the reference file lacks (a fixed filler).
+_PROJECTION_SEED = 0
+
+
+def is_reference_checkpoint(payload: Any) -> bool:
+    """Whether a loaded file looks like the authors' reference checkpoint (not an hpseg one)."""
+    return isinstance(payload, dict) and not is_hpseg_checkpoint(payload) and NET in payload
 
 
 def _section(payload: dict[str, Any], name: str, path: Path) -> dict[str, torch.Tensor]:
@@ -91,8 +109,6 @@ def infer_backbone(backbone_state: dict[str, torch.Tensor], path: Path) -> str:
 
 
 def _class_names(dataset: str | None, n_classes: int, path: Path) -> tuple[str, list[str]]:
-    from hpseg.data import CITYSCAPES27_CLASS_NAMES, POTSDAM3_CLASS_NAMES, load_cocostuff27_mapping
-
     if dataset is None:
         dataset = {27: "cocostuff27", 3: "potsdam3"}.get(n_classes, "folder")
     names = {
@@ -117,8 +133,6 @@ class ConvertedReference:
         """The backbone with the file's own weights (or ``weights``), loaded strictly."""
         if weights:
             return create_backbone(self.backbone_name, weights=weights)
-        from safetensors.torch import save_file
-
         with tempfile.TemporaryDirectory() as folder:
             file = Path(folder) / "backbone.safetensors"
             save_file({k: v.contiguous() for k, v in self.backbone_state.items()}, str(file))
@@ -128,9 +142,6 @@ class ConvertedReference:
 def convert_reference(payload: Any, path: str | Path, *, dataset: str | None = None,
                       backbone: str | None = None) -> ConvertedReference:
     """Convert a loaded reference checkpoint dict; errors name ``path`` and the key at fault."""
-    from hpseg.config import load_preset
-    from hpseg.method.model import HiddenPositivesModel
-
     path = Path(path)
     if not isinstance(payload, dict):
         raise CheckpointError(f"{path}: not an HP reference checkpoint (a {type(payload).__name__}, not a dict)")
@@ -157,8 +168,11 @@ def convert_reference(payload: Any, path: str | Path, *, dataset: str | None = N
         raise CheckpointError(f"{path}: {CLUSTER}['clusters'] has {int(clusters.shape[0])} clusters but the linear "
                               f"probe {n_classes} classes; hpseg's cluster probe has one cluster per class")
 
-    torch.manual_seed(0)  # the projection head is not in the file: make its filler deterministic
-    model = HiddenPositivesModel(width, dim, n_classes)
+    # The projection head is not in the file: a deterministic filler, drawn without touching the
+    # caller's random number generator.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_PROJECTION_SEED)
+        model = HiddenPositivesModel(width, dim, n_classes)
     state = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     for ours, theirs in _HEAD_KEYS.items():
@@ -211,8 +225,6 @@ def import_reference_checkpoint(
     checking that the backbone tensors load strictly into the inferred backbone. Returns a
     summary (paths, backbone, sizes, dataset).
     """
-    from safetensors.torch import save
-
     reference, out = Path(reference), Path(out)
     payload = read_torch_file(reference)
     converted = convert_reference(payload, reference, dataset=dataset, backbone=backbone)

@@ -51,8 +51,17 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load an hpseg checkpoint and check its format."""
-    payload = read_torch_file(path, map_location)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    return check_format(read_torch_file(path, map_location), path)
+
+
+def is_hpseg_checkpoint(payload: Any) -> bool:
+    """Whether a loaded file carries hpseg's format marker."""
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def check_format(payload: Any, path: str | Path) -> dict[str, Any]:
+    """``payload`` (the content of ``path``) if it is an hpseg checkpoint this version reads."""
+    if not is_hpseg_checkpoint(payload):
         raise CheckpointError(
             f"{path} is not an hpseg checkpoint (no format marker {FORMAT!r}); "
             "a checkpoint of the authors' reference code can be converted with `hpseg import-checkpoint`"

@@ -21,23 +21,42 @@ other images with the demo's model.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from hpseg.backbones import Backbone, BackboneOutput, BackboneWeightsError, create_backbone, get_spec
+from hpseg.backbones.weights import resolve_official_weights
+from hpseg.cli.errors import UsageError
+from hpseg.config import Config
+from hpseg.data import TrainCrops, ValCrops, build_raw_dataset, make_synthetic_dataset, prepare_five_crops
+from hpseg.evaluation.metrics import SegmentationMetrics, apply_assignment
+from hpseg.evaluation.protocol import evaluate_checkpoint, fit_baseline
+from hpseg.files import write_json_atomic
+from hpseg.inference.label_maps import kmeans_label_maps, label_maps
+from hpseg.inference.segmenter import Segmenter, load
+from hpseg.runtime import resolve_device
+from hpseg.training.trainer import train
+from hpseg.visualize import figure_grid, palette, save_image_atomic, with_legend
 
 __all__ = ["DemoSettings", "run_demo"]
+
+logger = logging.getLogger(__name__)
 
 #: The official DINO backbone used when its weights are available.
 DINO_BACKBONE = "dino_vits16"
 #: The random backbone used otherwise.
 RANDOM_BACKBONE = "vit_tiny_p8"
+#: ``backbone_weights`` in ``metrics.json`` for a randomly initialised backbone.
+RANDOM_WEIGHTS = "random initialisation"
 
 
 @dataclass
@@ -64,9 +83,6 @@ class DemoSettings:
 
 def _official_weights_in_cache(name: str) -> Path | None:
     """The official weights of backbone ``name`` if they are already cached -- never a download."""
-    from hpseg.backbones import BackboneWeightsError, get_spec
-    from hpseg.backbones.weights import resolve_official_weights
-
     saved = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"  # a pure cache lookup: answers in milliseconds, offline or not
     try:
@@ -80,43 +96,38 @@ def _official_weights_in_cache(name: str) -> Path | None:
             os.environ["HF_HUB_OFFLINE"] = saved
 
 
-def _choose_backbone(out: Path, weights: str | None, backbone: str | None,
-                     say: Callable[[str], None]) -> tuple[str, str, bool]:
+def _choose_backbone(out: Path, weights: str | None, backbone: str | None) -> tuple[str, str, bool]:
     """-> (backbone name, weights file, pretrained?). A random backbone is saved to a file so that
     evaluation and prediction load exactly the weights training used."""
-    from hpseg.backbones import create_backbone, get_spec
-
     if weights:
         name = backbone or DINO_BACKBONE
         create_backbone(name, weights=weights)  # fail now, clearly, if the file does not fit
-        say(f"backbone: {name} with the weights in {weights}")
+        logger.info("backbone: %s with the weights in %s", name, weights)
         return name, str(weights), True
     name = backbone or DINO_BACKBONE
     if get_spec(name).has_official_weights:
         cached = _official_weights_in_cache(name)
         if cached is not None:
-            say(f"backbone: {name} with the official DINO weights found in the Hugging Face cache ({cached})")
+            logger.info("backbone: %s with the official DINO weights found in the Hugging Face cache (%s)", name, cached)
             return name, str(cached), True
     if backbone and get_spec(backbone).has_official_weights:
-        raise ValueError(f"no weights for {backbone!r} in the cache: pass them with --weights FILE")
+        raise UsageError(f"no weights for {backbone!r} in the cache: pass them with --weights FILE")
     name = backbone or RANDOM_BACKBONE
-    say(f"backbone: {name}, RANDOMLY INITIALISED -- no DINO weights here (none given with --weights, none "
-        f"in the Hugging Face cache). HP itself runs as on real weights, but a random network's features "
-        f"only carry colour and a little texture: on real images this gives meaningless segments. With "
-        f"DINO weights (`hpseg demo --weights dino_deitsmall16_pretrain.pth`, file from "
-        f"{get_spec(DINO_BACKBONE).weights_source}) the features carry object parts and semantics, which "
-        f"is what HP turns into classes on real photos.")
-    from safetensors.torch import save_file
-
+    # A warning, shown even with --quiet: a random backbone makes the demo's segments meaningless on photos.
+    logger.warning(
+        "backbone: %s, RANDOMLY INITIALISED -- no DINO weights here (none given with --weights, none in the "
+        "Hugging Face cache). HP itself runs as on real weights, but a random network's features only carry "
+        "colour and a little texture: on real images this gives meaningless segments. With DINO weights "
+        "(`hpseg demo --weights dino_deitsmall16_pretrain.pth`, file from %s) the features carry object parts "
+        "and semantics, which is what HP turns into classes on real photos.", name,
+        get_spec(DINO_BACKBONE).weights_source)
     model = create_backbone(name, pretrained=False).model  # hpseg's deterministic random initialisation
     file = out / f"backbone-{name}-random.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(file))
     return name, str(file.resolve()), False
 
 
-def _config(settings: DemoSettings, data: Path, prepared: Path, name: str, weights: str, out: Path):
-    from hpseg.config import Config
-
+def _config(settings: DemoSettings, data: Path, prepared: Path, name: str, weights: str, out: Path) -> Config:
     s = settings
     return Config().override([
         f"backbone.name={name}", f"backbone.weights={weights}", "backbone.pretrained=true",
@@ -130,15 +141,11 @@ def _config(settings: DemoSettings, data: Path, prepared: Path, name: str, weigh
     ])
 
 
-def _kmeans_maps(extractor: Any, crops: Any, validation: Any, n_classes: int, device: torch.device,
-                 seed: int) -> tuple[list[Any], Any, dict[str, Any]]:
+def _kmeans_maps(extractor: Any, crops: TrainCrops, validation: ValCrops, n_classes: int, device: torch.device,
+                 seed: int) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, Any]]:
     """k-means (K = n_classes) on ``extractor``'s features of the training crops -- exactly the
     evaluation's baseline procedure -- then the validation label maps, their Hungarian
     cluster->class matching over the whole validation set and its scores."""
-    from hpseg.evaluation.metrics import SegmentationMetrics
-    from hpseg.evaluation.protocol import fit_baseline
-    from hpseg.inference.label_maps import kmeans_label_maps
-
     centroids, _ = fit_baseline(extractor, crops, n_classes, device, seed=seed, linear_steps=0)
     metrics = SegmentationMetrics(n_classes, hungarian=True)
     maps = []
@@ -152,53 +159,41 @@ def _kmeans_maps(extractor: Any, crops: Any, validation: Any, n_classes: int, de
     return maps, scores["assignment"], scores
 
 
-def _head_features(backbone: Any, head: Any) -> Any:
+class _HeadFeatures(torch.nn.Module):
     """Backbone + HP's segmentation head seen as a backbone whose features are s."""
-    import torch
 
-    from hpseg.backbones import BackboneOutput
+    def __init__(self, backbone: Backbone, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head, self.patch_size = backbone, head, backbone.patch_size
 
-    class HeadFeatures(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.backbone, self.head, self.patch_size = backbone, head, backbone.patch_size
-
-        @torch.no_grad()
-        def forward(self, images: torch.Tensor, with_attention: bool = False) -> BackboneOutput:
-            return BackboneOutput(self.head(self.backbone(images).features))
-
-    return HeadFeatures().eval()
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, with_attention: bool = False) -> BackboneOutput:
+        return BackboneOutput(self.head(self.backbone(images).features))
 
 
-def _figure(segmenter: Any, report: dict[str, Any], config: Any, settings: DemoSettings, device: torch.device,
-            path: Path) -> dict[str, Any]:
-    """image | ground truth | k-means on raw features | HP | k-means on HP's features, for the first
-    validation images; every method's clusters coloured as the classes its Hungarian matching gives."""
-    import torch
-    from PIL import Image
-
-    from hpseg.cli.predict import _legend
-    from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
-    from hpseg.evaluation.metrics import apply_assignment
-    from hpseg.visualize import figure_grid, palette, save_image_atomic
-
-    n_classes, seed = config.method.n_classes, config.train.seed
-    validation = ValCrops(build_raw_dataset("folder", config.data.root, "val"), size=config.data.val_size)
-    crops = TrainCrops(config.data.prepared_path(), with_augmented=False)
-    base_maps, base_assignment, base_scores = _kmeans_maps(segmenter.backbone, crops, validation, n_classes, device,
-                                                           seed)
-    # How many of its K centroids HP's cluster probe actually uses on the validation images: a
-    # centroid that never wins a patch gets no gradient (the reference's probe) and stays unused.
-    from hpseg.inference.label_maps import label_maps
-
+def _clusters_used(segmenter: Segmenter, validation: ValCrops, n_classes: int, device: torch.device) -> int:
+    """How many of its K centroids HP's cluster probe actually uses on the validation images: a
+    centroid that never wins a patch gets no gradient (the reference's probe) and stays unused."""
     usage = torch.zeros(n_classes)
     for i in range(len(validation)):
         item = validation[i]
         features = segmenter.backbone(item["image"][None].to(device)).features
         clusters = label_maps(segmenter.model, features, tuple(item["label"].shape)).clusters
         usage += torch.bincount(clusters.flatten().cpu(), minlength=n_classes).float()
-    used = int((usage / usage.sum() >= 0.005).sum())
-    head = _head_features(segmenter.backbone, segmenter.model.segmentation)
+    return int((usage / usage.sum() >= 0.005).sum())
+
+
+def _figure(segmenter: Segmenter, report: dict[str, Any], config: Config, settings: DemoSettings,
+            device: torch.device, path: Path) -> dict[str, Any]:
+    """image | ground truth | k-means on raw features | HP | k-means on HP's features, for the first
+    validation images; every method's clusters coloured as the classes its Hungarian matching gives."""
+    n_classes, seed = config.method.n_classes, config.train.seed
+    validation = ValCrops(build_raw_dataset("folder", config.data.root, "val"), size=config.data.val_size)
+    crops = TrainCrops(config.data.prepared_path(), with_augmented=False)
+    base_maps, base_assignment, base_scores = _kmeans_maps(segmenter.backbone, crops, validation, n_classes, device,
+                                                           seed)
+    used = _clusters_used(segmenter, validation, n_classes, device)
+    head = _HeadFeatures(segmenter.backbone, segmenter.model.segmentation).eval()
     head_maps, head_assignment, head_scores = _kmeans_maps(head, crops, validation, n_classes, device, seed)
     rows = []
     for i in range(min(settings.figure_images, len(validation))):
@@ -217,13 +212,10 @@ def _figure(segmenter: Any, report: dict[str, Any], config: Any, settings: DemoS
         f"HP probe ({100 * report['hp']['unsupervised_miou']:.0f})",
         f"k-means, HP ({100 * head_scores['miou']:.0f})",
     ]
-    grid = figure_grid(rows, titles=titles, cell=128)
     colours = palette(n_classes)
-    legend = _legend([(name, tuple(colours[k])) for k, name in enumerate(segmenter.class_names)]
-                     + [("(numbers: unsupervised mIoU)", (255, 255, 255))], grid.width)
-    figure = Image.new("RGB", (grid.width, grid.height + legend.height), (255, 255, 255))
-    figure.paste(grid, (0, 0))
-    figure.paste(legend, (0, grid.height))
+    entries = [(name, tuple(int(c) for c in colours[k])) for k, name in enumerate(segmenter.class_names)]
+    figure = with_legend(figure_grid(rows, titles=titles, cell=128),
+                         [*entries, ("(numbers: unsupervised mIoU)", (255, 255, 255))])
     save_image_atomic(figure, path)
     return {
         "hp_features_kmeans": {"unsupervised_accuracy": float(head_scores["accuracy"]),
@@ -237,13 +229,13 @@ def _figure(segmenter: Any, report: dict[str, Any], config: Any, settings: DemoS
     }
 
 
-def _explain(report: dict[str, Any], extra: dict[str, Any], pretrained: bool) -> str:
-    hp, base, head = report["hp"], report["baseline"], extra["hp_features_kmeans"]
+def _numbers_table(metrics: dict[str, Any]) -> list[str]:
+    hp, base, head = metrics["hp"], metrics["baseline"], metrics["hp_features_kmeans"]
 
     def pct(value: float | None) -> str:
         return "    -" if value is None else f"{100 * value:5.1f}"
 
-    lines = [
+    return [
         "                         k-means on     HP (cluster   k-means on",
         "                         raw features   probe)        HP's features",
         f"  unsupervised accuracy  {pct(base['unsupervised_accuracy'])}          {pct(hp['unsupervised_accuracy'])}"
@@ -252,6 +244,13 @@ def _explain(report: dict[str, Any], extra: dict[str, Any], pretrained: bool) ->
         f"         {pct(head['unsupervised_miou'])}",
         f"  linear accuracy        {pct(base.get('linear_accuracy'))}          {pct(hp['linear_accuracy'])}",
         f"  linear mIoU            {pct(base.get('linear_miou'))}          {pct(hp['linear_miou'])}",
+    ]
+
+
+def explain(metrics: dict[str, Any]) -> str:
+    """The demo's numbers (the content of ``metrics.json``) as a table, and what they mean."""
+    lines = [
+        *_numbers_table(metrics),
         "",
         "What the numbers mean (percent):",
         "  unsupervised: every pixel gets one of K clusters without ever seeing a label; only to score them are",
@@ -264,16 +263,30 @@ def _explain(report: dict[str, Any], extra: dict[str, Any], pretrained: bool) ->
         "  linear: a linear classifier trained WITH the training labels on the frozen features; it measures",
         "    how much class information the features hold, not unsupervised segmentation.",
     ]
-    k = len(extra["hp_features_kmeans"]["cluster_to_class"])
-    if extra["hp_probe_clusters_used"] < k:
-        lines.append(f"  Note: HP's cluster probe uses only {extra['hp_probe_clusters_used']} of its {k} clusters here: a "
+    k, used = len(metrics["hp_features_kmeans"]["cluster_to_class"]), metrics["hp_probe_clusters_used"]
+    if used < k:
+        lines.append(f"  Note: HP's cluster probe uses only {used} of its {k} clusters here: a "
                      "randomly initialised centroid that never")
         lines.append("    wins a patch gets no gradient and stays unused (as in the reference), which merges classes;")
         lines.append("    k-means on the same features does not have this failure.")
-    if not pretrained:
+    if metrics["backbone_weights"] == RANDOM_WEIGHTS:
         lines.append("  The backbone is random here: the columns show what HP adds on top of the same features on toy")
         lines.append("  data, not what it does on real photos (the README has the paper's numbers).")
     return "\n".join(lines)
+
+
+def where_things_are(metrics: dict[str, Any], out: str | Path) -> str:
+    """The files the demo wrote, a command to try next and the time it took."""
+    out, timings, checkpoint = Path(out), metrics["timings"], metrics["checkpoint"]
+    return "\n".join([
+        f"figure:  {out / 'figure.png'}  (image | ground truth | k-means on raw features | HP | k-means on HP's "
+        "features)",
+        f"metrics: {out / 'metrics.json'}",
+        f"model:   {checkpoint}  -- try: hpseg predict {out / 'data' / 'val' / 'images'} --checkpoint {checkpoint} "
+        f"--out {out / 'predictions'} --figure",
+        f"took {timings['total_s']:.0f} s (data {timings['data_s']:.0f}, training {timings['train_s']:.0f}, "
+        f"evaluation {timings['eval_s']:.0f}, figure {timings['figure_s']:.0f})",
+    ])
 
 
 def run_demo(
@@ -283,17 +296,12 @@ def run_demo(
     weights: str | None = None,
     backbone: str | None = None,
     device: str = "auto",
-    progress: bool = True,
-    echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run the demo into ``out`` and return the content of ``metrics.json``."""
-    import torch
-
-    from hpseg.runtime import resolve_device
-
+    """Run the demo into ``out`` and return the content of ``metrics.json`` (progress goes to the
+    ``hpseg`` logger; :func:`explain` turns the result into text)."""
     settings = settings or DemoSettings()
     if settings.steps is not None and settings.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {settings.steps}")
+        raise UsageError(f"--steps must be at least 1, got {settings.steps}")
     torch_device = resolve_device(device)
     threads = torch.get_num_threads()
     if torch_device.type == "cpu":
@@ -301,60 +309,61 @@ def run_demo(
         # parallelism, which on two cores made every step several times slower (measured).
         torch.set_num_threads(1)
     try:
-        return _run(Path(out), settings, weights, backbone, torch_device, progress, echo)
+        return _run(Path(out), settings, weights, backbone, torch_device)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(out: Path, settings: DemoSettings, weights: str | None, backbone: str | None, torch_device: torch.device,
-         progress: bool, echo: Callable[[str], None]) -> dict[str, Any]:
-    from hpseg.backbones import get_spec
-    from hpseg.data import build_raw_dataset, make_synthetic_dataset, prepare_five_crops
-    from hpseg.evaluation.protocol import evaluate_checkpoint
-    from hpseg.files import write_json_atomic
-    from hpseg.inference.segmenter import load
-    from hpseg.training.trainer import train
-
-    started = time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    name, weights_file, pretrained = _choose_backbone(out, weights, backbone, echo)
-    patch = get_spec(name).patch_size
-    settings = replace(settings, image_size=settings.image_size or 8 * patch, crop_size=settings.crop_size or 4 * patch,
-                       steps=settings.steps or (150 if pretrained else 300))
-
-    echo(f"[1/4] synthetic dataset: {settings.n_train} training and {settings.n_val} validation images of "
-         f"{settings.image_size}x{settings.image_size}, {settings.n_classes} classes -> {out / 'data'}")
+def _synthetic_data(out: Path, settings: DemoSettings) -> tuple[Path, Path]:
+    """The synthetic dataset and its five-crop training set: (data root, prepared folder)."""
+    logger.info("[1/4] synthetic dataset: %d training and %d validation images of %dx%d, %d classes -> %s",
+                settings.n_train, settings.n_val, settings.image_size, settings.image_size, settings.n_classes,
+                out / "data")
     data = make_synthetic_dataset(out / "data", n_train=settings.n_train, n_val=settings.n_val,
                                   size=settings.image_size, n_classes=settings.n_classes, seed=settings.seed)
     prepared = data / "hpseg_prepared" / f"train_{settings.crop_size}"
-    raw = build_raw_dataset("folder", data, "train")
-    prepare_five_crops(raw, prepared, crop_size=settings.crop_size)
+    prepare_five_crops(build_raw_dataset("folder", data, "train"), prepared, crop_size=settings.crop_size)
+    return data, prepared
+
+
+def _train(config: Config, run_dir: Path, settings: DemoSettings, torch_device: torch.device) -> None:
+    if run_dir.exists():
+        logger.info("replacing the previous demo run in %s", run_dir)
+        shutil.rmtree(run_dir)
+    logger.info("[2/4] training HP for %d steps (batch %d crops of %dpx) on %s", settings.steps, settings.batch_size,
+                settings.crop_size, torch_device)
+    train(config, run_dir=run_dir)
+
+
+def _run(out: Path, settings: DemoSettings, weights: str | None, backbone: str | None,
+         torch_device: torch.device) -> dict[str, Any]:
+    started = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    name, weights_file, pretrained = _choose_backbone(out, weights, backbone)
+    patch = get_spec(name).patch_size
+    settings = replace(settings, image_size=settings.image_size or 8 * patch, crop_size=settings.crop_size or 4 * patch,
+                       steps=settings.steps or (150 if pretrained else 300))
+    data, prepared = _synthetic_data(out, settings)
     timings["data_s"] = round(time.time() - started, 1)
 
     config = _config(settings, data, prepared, name, weights_file, out)
     config.train.device = str(torch_device)
     run_dir = out / "run"
-    if run_dir.exists():
-        echo(f"replacing the previous demo run in {run_dir}")
-        shutil.rmtree(run_dir)
-    echo(f"[2/4] training HP for {settings.steps} steps (batch {settings.batch_size} crops of "
-         f"{settings.crop_size}px) on {torch_device}")
     mark = time.time()
-    train(config, run_dir=run_dir, progress=progress)
+    _train(config, run_dir, settings, torch_device)
     timings["train_s"] = round(time.time() - mark, 1)
 
-    echo("[3/4] evaluating HP and the k-means baseline on the validation images")
+    logger.info("[3/4] evaluating HP and the k-means baseline on the validation images")
     mark = time.time()
     checkpoint = run_dir / "checkpoints" / "last.pt"
     eval_dir = run_dir / "eval-last"
-    report = evaluate_checkpoint(checkpoint, out_dir=eval_dir, baseline=True, device=str(torch_device),
-                                 progress=progress)
+    report = evaluate_checkpoint(checkpoint, out_dir=eval_dir, baseline=True, device=str(torch_device))
     timings["eval_s"] = round(time.time() - mark, 1)
 
-    echo("[4/4] drawing the figure")
+    logger.info("[4/4] drawing the figure")
     mark = time.time()
-    segmenter = load(checkpoint, device=str(torch_device), mapping=eval_dir / "results.json", echo=echo)
+    segmenter = load(checkpoint, device=str(torch_device), mapping=eval_dir / "results.json")
     extra = _figure(segmenter, report, config, settings, torch_device, out / "figure.png")
     timings["figure_s"] = round(time.time() - mark, 1)
     timings["total_s"] = round(time.time() - started, 1)
@@ -364,7 +373,7 @@ def _run(out: Path, settings: DemoSettings, weights: str | None, backbone: str |
         "baseline": report.get("baseline", {}),
         "hp_beats_baseline_unsupervised_miou": report["hp"]["unsupervised_miou"] > report["baseline"]["unsupervised_miou"],
         "backbone": name,
-        "backbone_weights": "random initialisation" if not pretrained else weights_file,
+        "backbone_weights": RANDOM_WEIGHTS if not pretrained else weights_file,
         "checkpoint": str(checkpoint),
         "evaluation": str(eval_dir / "results.json"),
         "cluster_to_class": report["cluster_to_class"],
@@ -380,43 +389,14 @@ def _run(out: Path, settings: DemoSettings, weights: str | None, backbone: str |
         },
     }
     write_json_atomic(metrics, out / "metrics.json")
-    echo("")
-    echo(_explain(report, extra, pretrained))
-    echo("")
-    echo(f"figure:  {out / 'figure.png'}  (image | ground truth | k-means on raw features | HP | k-means on HP's "
-         "features)")
-    echo(f"metrics: {out / 'metrics.json'}")
-    echo(f"model:   {checkpoint}  -- try: hpseg predict {data / 'val' / 'images'} --checkpoint {checkpoint} "
-         f"--out {out / 'predictions'} --figure")
-    echo(f"took {timings['total_s']:.0f} s (data {timings['data_s']:.0f}, training {timings['train_s']:.0f}, "
-         f"evaluation {timings['eval_s']:.0f}, figure {timings['figure_s']:.0f})")
     return metrics
 
 
-def add_arguments(parser: Any) -> None:
-    """The ``hpseg demo`` arguments (used by :func:`hpseg.cli.main.build_parser`)."""
-    defaults = DemoSettings()
-    parser.add_argument("--out", default="hpseg-demo", help="output folder (default: hpseg-demo/)")
-    parser.add_argument("--steps", type=int, help="training steps (default: 300 on the random tiny ViT, 150 on DINO)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--weights", help=f"DINO backbone weights file (default: the official {DINO_BACKBONE} "
-                                          "weights if cached, else a random tiny ViT)")
-    parser.add_argument("--backbone", help=f"backbone name (default {DINO_BACKBONE} with weights, "
-                                           f"{RANDOM_BACKBONE} without)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--image-size", type=int, help="synthetic image side (default: 8 patches, 64 px on vit_tiny_p8)")
-    parser.add_argument("--crop-size", type=int, help="training crop side (default: 4 patches, 32 px on vit_tiny_p8)")
-    parser.add_argument("--n-train", type=int, default=defaults.n_train, help="synthetic training images")
-    parser.add_argument("--n-val", type=int, default=defaults.n_val, help="synthetic validation images")
-    parser.add_argument("--n-classes", type=int, default=defaults.n_classes, help="synthetic classes (= clusters)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--no-progress", action="store_true")
-
-
 def run_cli(args: Any) -> int:
-    settings = DemoSettings(steps=args.steps, seed=args.seed, image_size=args.image_size, crop_size=args.crop_size,
-                            n_train=args.n_train, n_val=args.n_val, n_classes=args.n_classes,
-                            batch_size=args.batch_size)
-    run_demo(args.out, settings=settings, weights=args.weights, backbone=args.backbone, device=args.device,
-             progress=not args.no_progress)
+    """``hpseg demo``: the arguments the parser (:func:`hpseg.cli.main.build_parser`) did not
+    leave out override :class:`DemoSettings`' defaults."""
+    given = {f.name: getattr(args, f.name) for f in fields(DemoSettings) if getattr(args, f.name, None) is not None}
+    metrics = run_demo(args.out, settings=DemoSettings(**given), weights=args.weights, backbone=args.backbone,
+                       device=args.device)
+    print(f"\n{explain(metrics)}\n\n{where_things_are(metrics, args.out)}")
     return 0

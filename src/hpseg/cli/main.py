@@ -1,13 +1,30 @@
-"""The ``hpseg`` command line: one subcommand per job, each a thin layer over the library."""
+"""The ``hpseg`` command line: one subcommand per job, each a thin layer over the library.
+
+This module only parses arguments: each command imports what it runs inside its ``cmd_``
+function, so that ``hpseg --help`` and argument errors answer without importing torch (seconds).
+
+Output: a command's result goes to stdout; progress bars and notices go to stderr through the
+``hpseg`` logger (``--quiet``: warnings only, ``--verbose``: debug records too). Errors: hpseg's
+own errors (``CheckpointError``, ``BackboneWeightsError``, ``DatasetLayoutError``,
+``ImageReadError``, ...), the ``ValueError`` / ``RuntimeError`` hpseg raises about its inputs and
+the system's ``OSError`` print one line and exit with 2; anything else is unexpected and keeps
+its traceback (exit 1); ``--debug`` shows the traceback of every error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
+from types import TracebackType
 
 from hpseg import __version__
+from hpseg.logs import configure_logging
+
+#: Exit status of a failure hpseg explains in one line, and of an unexpected one.
+USER_ERROR, UNEXPECTED_ERROR = 2, 1
 
 
 def _config_from(args: argparse.Namespace):
@@ -105,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     report = evaluate_checkpoint(
         args.checkpoint, data_root=args.data_root, out_dir=args.out, crf=args.crf, baseline=args.baseline,
-        device=args.device, weights=args.weights, max_images=args.max_images, progress=not args.no_progress,
+        device=args.device, weights=args.weights, max_images=args.max_images,
     )
     print(report["text"])
     print(f"results written to {report['out_dir']}/results.json")
@@ -134,10 +151,51 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_output_arguments(parser: argparse.ArgumentParser, default: object) -> None:
+    """--quiet / --verbose / --debug, accepted before the command and after it; on the
+    subcommands the default is ``argparse.SUPPRESS`` so an option given before is kept."""
+    group = parser.add_argument_group("output")
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+                       help="warnings and results only: no progress bars, no notices")
+    group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
+                       help="also debug records")
+    group.add_argument("--debug", action="store_true", default=default, help="show the traceback of every error")
+
+
+def _add_no_progress(parser: argparse.ArgumentParser) -> None:
+    # Kept for existing scripts: progress bars follow the log level, so this is --quiet.
+    parser.add_argument("--no-progress", dest="verbosity", action="store_const", const=-1, default=argparse.SUPPRESS,
+                        help="same as --quiet")
+
+
+def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``hpseg demo`` arguments; the settings left out keep :class:`hpseg.cli.demo.DemoSettings`'
+    defaults (defined there, not imported here: the demo module imports torch)."""
+    p.add_argument("--out", default="hpseg-demo", help="output folder (default: hpseg-demo/)")
+    p.add_argument("--steps", type=int, help="training steps (default: 300 on the random tiny ViT, 150 on DINO)")
+    p.add_argument("--seed", type=int, help="seed of the data, the training and the baseline (default 0)")
+    p.add_argument("--weights", help="DINO backbone weights file (default: the official dino_vits16 weights if "
+                                     "cached, else a random tiny ViT)")
+    p.add_argument("--backbone", help="backbone name (default dino_vits16 with weights, vit_tiny_p8 without)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--image-size", type=int, help="synthetic image side (default: 8 patches, 64 px on vit_tiny_p8)")
+    p.add_argument("--crop-size", type=int, help="training crop side (default: 4 patches, 32 px on vit_tiny_p8)")
+    p.add_argument("--n-train", type=int, help="synthetic training images")
+    p.add_argument("--n-val", type=int, help="synthetic validation images")
+    p.add_argument("--n-classes", type=int, help="synthetic classes (= clusters)")
+    p.add_argument("--batch-size", type=int, help="training crops per step")
+    _add_no_progress(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpseg", description="Unsupervised semantic segmentation with Hidden Positives.")
     parser.add_argument("--version", action="version", version=f"hpseg {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_output_arguments(parser, default=None)
+    parser.set_defaults(verbosity=0, debug=False)
+    output = argparse.ArgumentParser(add_help=False)
+    _add_output_arguments(output, default=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=lambda **kwargs: argparse.ArgumentParser(parents=[output], **kwargs))
 
     p = sub.add_parser("backbones", help="list the supported backbones")
     p.set_defaults(run=cmd_backbones)
@@ -171,13 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a checkpoint (unsupervised and linear accuracy / mIoU)")
     p.add_argument("checkpoint", help="checkpoint file (a run's checkpoints/best.pt or last.pt)")
     p.add_argument("--data-root", help="dataset root, when it moved since training")
-    p.add_argument("--out", help="output directory (default: <run>/eval-<kind>)")
+    p.add_argument("--out", help="output directory (default: <run>/eval-<name>[-crf] for a run's checkpoints/<name>.pt, "
+                                 "eval-<name>[-crf] beside any other checkpoint)")
     p.add_argument("--crf", action="store_true", help="refine with a dense CRF (pip install 'hpseg[crf]')")
     p.add_argument("--baseline", action="store_true", help="also evaluate k-means / linear probe on raw backbone features")
     p.add_argument("--weights", help="local backbone weights file (overrides the checkpoint's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-images", type=int, default=0, help="evaluate on the first N validation images only")
-    p.add_argument("--no-progress", action="store_true")
+    _add_no_progress(p)
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("predict", help="segment your own images (files, folders, globs) with a checkpoint")
@@ -188,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cluster probe (unsupervised, default) or linear probe (trained with labels)")
     p.add_argument("--mapping", metavar="RESULTS_JSON",
                    help="cluster->class mapping: the results.json of `hpseg eval` (default: the evaluation of this "
-                        "checkpoint in its run folder, <run>/eval-<kind>/results.json, when there is one)")
+                        "checkpoint beside it, <run>/eval-<name>[-crf]/results.json, when there is one; with "
+                        "--crf a CRF evaluation first)")
     p.add_argument("--no-mapping", action="store_true", help="write raw cluster ids even when a mapping exists")
     p.add_argument("--figure", action="store_true", help="also write image | segmentation panels with a legend")
     p.add_argument("--crf", action="store_true", help="refine with the dense CRF (pip install 'hpseg[crf]')")
@@ -200,13 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local backbone weights file (overrides the checkpoint's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--no-progress", action="store_true")
+    _add_no_progress(p)
     p.set_defaults(run=cmd_predict)
 
-    from hpseg.cli import demo as _demo  # no torch import at module level: the parser stays fast
-
     p = sub.add_parser("demo", help="train and evaluate HP on synthetic data on the CPU, no data or network needed")
-    _demo.add_arguments(p)
+    _add_demo_arguments(p)
     p.set_defaults(run=cmd_demo)
 
     p = sub.add_parser("import-checkpoint", help="convert a checkpoint of the authors' reference code")
@@ -220,7 +278,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _innermost_module(trace: TracebackType | None) -> str:
+    """The module of the function that raised (the last frame of the traceback)."""
+    if trace is None:
+        return ""
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    return str(trace.tb_frame.f_globals.get("__name__", ""))
+
+
+def _in_hpseg(module: str) -> bool:
+    return module == "hpseg" or module.startswith("hpseg.")
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error``'s message is written for users, so that one line says it all.
+
+    True for hpseg's own error classes, for a ``ValueError`` / ``RuntimeError`` raised by hpseg's
+    code (its checks of configs, arguments and files) and for the system's ``OSError`` (missing
+    file, full disk, permissions: the message names the file). False for anything else, e.g. a
+    ``RuntimeError`` raised inside torch or a ``KeyError``: a bug, whose traceback is needed.
+    """
+    if any(_in_hpseg(cls.__module__) for cls in type(error).__mro__):
+        return True
+    if isinstance(error, OSError):
+        return True
+    return isinstance(error, (ValueError, RuntimeError)) and _in_hpseg(_innermost_module(error.__traceback__))
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may also follow options (argparse stops collecting positionals at the first option).
@@ -228,15 +314,23 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    configure_logging(args.verbosity)
     try:
         return args.run(args)
     except KeyboardInterrupt:
         print("hpseg: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError, RuntimeError, OSError) as error:
-        # Known failure modes carry messages written for users: no traceback.
+    except Exception as error:  # noqa: BLE001 - the command line's last word on every failure
+        expected = is_user_error(error)
+        if args.debug or not expected:
+            traceback.print_exc()
         print(f"hpseg {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return USER_ERROR if expected else UNEXPECTED_ERROR
 
 
 if __name__ == "__main__":

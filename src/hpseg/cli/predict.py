@@ -1,4 +1,4 @@
-"""``hpseg predict``: segment any images with a trained checkpoint, and the geometry behind it.
+"""``hpseg predict``: segment any images with a trained checkpoint.
 
     hpseg predict photos/ more/*.jpg one.png --checkpoint run/checkpoints/best.pt --out preds/
 
@@ -19,20 +19,28 @@ Every file is written atomically (temporary file + rename); an image that fails 
 from __future__ import annotations
 
 import glob
+import logging
 import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from hpseg.cli.errors import UsageError
+from hpseg.data import ImageReadError, read_image
 from hpseg.data.images import IMAGE_SUFFIXES
+from hpseg.files import write_json_atomic
+from hpseg.inference.crf import require_crf
+from hpseg.inference.segmenter import Segmenter, check_head, load
+from hpseg.logs import progress_bar
+from hpseg.visualize import index_png, overlay, palette, save_image_atomic, segmentation_figure
 
 __all__ = ["collect_images", "predict_paths"]
 
-
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------- inputs
 
@@ -146,55 +154,9 @@ def collect_images(inputs: Sequence[str], exclude: str | Path | None = None) -> 
 # ---------------------------------------------------------------------------------------- outputs
 
 
-def _legend(entries: Sequence[tuple[str, tuple[int, int, int]]], width: int) -> Any:
-    """A white strip with one coloured square and name per entry, wrapped to ``width``."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    try:
-        font = ImageFont.load_default(size=13)
-    except (TypeError, OSError):  # Pillow without FreeType
-        font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    box, gap, line = 14, 16, 22
-    x, y, placed = 8, 6, []
-    for name, colour in entries:
-        w = box + 6 + int(probe.textlength(name, font=font))
-        if x > 8 and x + w > width - 8:
-            x, y = 8, y + line
-        placed.append((x, y, name, colour))
-        x += w + gap
-    strip = Image.new("RGB", (width, y + line + 4), (255, 255, 255))
-    draw = ImageDraw.Draw(strip)
-    for x, y, name, colour in placed:
-        draw.rectangle([x, y + 2, x + box, y + 2 + box], fill=tuple(int(c) for c in colour), outline=(0, 0, 0))
-        draw.text((x + box + 6, y + 2 + box // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
-    return strip
-
-
-def figure_panel(image: Any, labels: np.ndarray, names: Sequence[str], cell: int = 384) -> Any:
-    """image | segmentation side by side, with a legend of the labels present."""
-    from PIL import Image
-
-    from hpseg.visualize import figure_grid, palette
-
-    grid = figure_grid([[image, labels]], titles=["image", "segmentation"], cell=cell)
-    present = [int(v) for v in np.unique(labels) if 0 <= v < 255]
-    colours = palette(max(present) + 1) if present else np.zeros((0, 3), np.uint8)
-    entries = [(names[v] if v < len(names) else f"id {v}", tuple(colours[v])) for v in present]
-    if (labels < 0).any() or (labels == 255).any():
-        entries.append(("unmatched / ignored", (0, 0, 0)))
-    legend = _legend(entries, grid.width)
-    panel = Image.new("RGB", (grid.width, grid.height + legend.height), (255, 255, 255))
-    panel.paste(grid, (0, 0))
-    panel.paste(legend, (0, grid.height))
-    return panel
-
-
-def _write_outputs(out: Path, job: ImageJob, image: Any, labels: np.ndarray, names: Sequence[str],
+def _write_outputs(out: Path, job: ImageJob, image: Image.Image, labels: np.ndarray, names: Sequence[str],
                    figure: bool, alpha: float) -> dict[str, str]:
     """Write one image's files atomically; on any failure remove the ones already written."""
-    from hpseg.visualize import index_png, overlay, save_image_atomic
-
     rel = job.relative.as_posix()
     targets = {"labels": out / "labels" / f"{rel}.png", "overlay": out / "overlays" / f"{rel}.png"}
     if figure:
@@ -206,7 +168,7 @@ def _write_outputs(out: Path, job: ImageJob, image: Any, labels: np.ndarray, nam
         save_image_atomic(overlay(image, labels, alpha=alpha), targets["overlay"])
         written.append(targets["overlay"])
         if figure:
-            save_image_atomic(figure_panel(image, labels, names), targets["figure"])
+            save_image_atomic(segmentation_figure(image, labels, names), targets["figure"])
             written.append(targets["figure"])
     except BaseException:
         for path in written:
@@ -215,7 +177,55 @@ def _write_outputs(out: Path, job: ImageJob, image: Any, labels: np.ndarray, nam
     return {key: str(path) for key, path in targets.items()}
 
 
+def _summary(segmenter: Segmenter, checkpoint: str | Path, head: str, names: list[str], records: list[dict[str, Any]],
+             skipped: list[dict[str, str]]) -> dict[str, Any]:
+    """``predictions.json``: what the values mean, the settings, the files written and skipped."""
+    colours = palette(len(names))
+    return {
+        "checkpoint": str(checkpoint),
+        "head": head,
+        "values": ("class ids" if head == "linear" or segmenter.cluster_to_class is not None else "cluster ids")
+                  + "; 255 in the index PNGs = unmatched cluster",
+        "mapping": segmenter.mapping_source,
+        "labels": [{"id": i, "name": name, "colour": [int(c) for c in colours[i]]} for i, name in enumerate(names)],
+        "crf": segmenter.crf,
+        "size": segmenter.tiling.size,
+        "window": segmenter.tiling.window,
+        "succeeded": len(records),
+        "images": records,
+        "skipped": skipped,
+    }
+
+
 # ---------------------------------------------------------------------------------------- the job
+
+
+def _jobs_or_fail(inputs: Sequence[str], out: Path) -> tuple[list[ImageJob], list[dict[str, str]]]:
+    """The images to segment and the arguments skipped (logged); UsageError when there is none."""
+    jobs, problems = collect_images(inputs, exclude=out)
+    skipped = [{"path": argument, "reason": reason} for argument, reason in problems]
+    for entry in skipped:
+        logger.warning("skipping %s: %s", entry["path"], entry["reason"])
+    if not jobs:
+        raise UsageError("no images to segment in " + ", ".join(map(str, inputs)))
+    return jobs, skipped
+
+
+def _segment_all(segmenter: Segmenter, jobs: list[ImageJob], out: Path, head: str, names: list[str], figure: bool,
+                 alpha: float, skipped: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Segment and write every job; unreadable files are logged and added to ``skipped``."""
+    records = []
+    for job in progress_bar(jobs, logger, desc="predict", unit="image", dynamic_ncols=True):
+        try:
+            image = read_image(job.path)
+        except ImageReadError as error:
+            skipped.append({"path": str(job.path), "reason": str(error)})
+            logger.warning("skipping %s: %s", job.path, error)
+            continue
+        labels = segmenter.segment(image, head=head)
+        files = _write_outputs(out, job, image, labels, names, figure, alpha)
+        records.append({"input": str(job.path), "size": [image.height, image.width], **files})
+    return records
 
 
 def predict_paths(
@@ -233,75 +243,28 @@ def predict_paths(
     device: str = "auto",
     batch_size: int = 8,
     alpha: float = 0.5,
-    progress: bool = True,
-    echo: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Segment the images named by ``inputs`` and write the outputs to ``out_dir``.
 
     Returns the summary also written to ``out_dir/predictions.json`` (``succeeded``,
-    ``skipped`` [{path, reason}], ``labels`` [{id, name, colour}], settings).
-    Unreadable files are reported and skipped; raises ``ValueError`` when there is nothing to
-    segment, before loading the checkpoint.
+    ``skipped`` [{path, reason}], ``labels`` [{id, name, colour}], settings). ``mapping="auto"``
+    uses an evaluation of the checkpoint found beside it, a CRF one first with ``crf``.
+    Unreadable files are reported and skipped; raises :class:`UsageError` when there is nothing
+    to segment, before loading the checkpoint.
     """
-    from tqdm import tqdm
-
-    from hpseg.data import ImageReadError, read_image
-    from hpseg.files import write_json_atomic
-    from hpseg.inference.segmenter import load
-    from hpseg.visualize import palette
-
-    say = echo or (lambda message: tqdm.write(message, file=sys.stderr))
-    if head not in ("cluster", "linear"):
-        raise ValueError(f"head must be 'cluster' or 'linear', got {head!r}")
+    check_head(head)
     if crf:
-        from hpseg.inference.crf import _import_densecrf
-
-        _import_densecrf()  # CRFUnavailableError (with the install hint) before any work
+        require_crf()  # CRFUnavailableError (with the install hint) before any work
     out = Path(out_dir)
-    jobs, problems = collect_images(inputs, exclude=out)
-    skipped = [{"path": argument, "reason": reason} for argument, reason in problems]
-    for entry in skipped:
-        say(f"skipping {entry['path']}: {entry['reason']}")
-    if not jobs:
-        raise ValueError("no images to segment in " + ", ".join(map(str, inputs)))
-
-    segmenter = load(checkpoint, device=device, weights=weights,
-                     mapping=(mapping if head == "cluster" else None), size=size, window=window, echo=say)
-    segmenter.batch_size = batch_size
+    jobs, skipped = _jobs_or_fail(inputs, out)
+    segmenter = load(checkpoint, device=device, weights=weights, mapping=(mapping if head == "cluster" else None),
+                     crf=crf, size=size, window=window, batch_size=batch_size)
     names = segmenter.label_names(head)
     if head == "cluster" and segmenter.cluster_to_class is None:
-        say(f"labels are cluster ids 0..{segmenter.n_clusters - 1} (no cluster->class mapping: run "
-            "`hpseg eval` on this checkpoint, or pass --mapping results.json, to get class names)")
-
-    records = []
-    bar = tqdm(jobs, desc="predict", unit="image", disable=not progress, dynamic_ncols=True)
-    for job in bar:
-        try:
-            image = read_image(job.path)
-        except ImageReadError as error:
-            skipped.append({"path": str(job.path), "reason": str(error)})
-            say(f"skipping {job.path}: {error}")
-            continue
-        labels = segmenter.segment(image, head=head, crf=crf)
-        files = _write_outputs(out, job, image, labels, names, figure, alpha)
-        records.append({"input": str(job.path), "size": [image.height, image.width], **files})
-    bar.close()
-
-    colours = palette(len(names))
-    summary: dict[str, Any] = {
-        "checkpoint": str(checkpoint),
-        "head": head,
-        "values": ("class ids" if head == "linear" or segmenter.cluster_to_class is not None else "cluster ids")
-                  + "; 255 in the index PNGs = unmatched cluster",
-        "mapping": segmenter.mapping_source,
-        "labels": [{"id": i, "name": name, "colour": [int(c) for c in colours[i]]} for i, name in enumerate(names)],
-        "crf": crf,
-        "size": segmenter.tiling.size,
-        "window": segmenter.tiling.window,
-        "succeeded": len(records),
-        "images": records,
-        "skipped": skipped,
-    }
+        logger.info("labels are cluster ids 0..%d (no cluster->class mapping: run `hpseg eval` on this "
+                    "checkpoint, or pass --mapping results.json, to get class names)", segmenter.n_clusters - 1)
+    records = _segment_all(segmenter, jobs, out, head, names, figure, alpha, skipped)
+    summary = _summary(segmenter, checkpoint, head, names, records, skipped)
     write_json_atomic(summary, out / "predictions.json")
     return summary
 
@@ -311,7 +274,7 @@ def run_cli(args: Any) -> int:
     summary = predict_paths(
         args.paths, args.checkpoint, args.out, head=args.head, crf=args.crf, figure=args.figure,
         mapping=None if args.no_mapping else (args.mapping or "auto"), size=args.size, window=args.window,
-        weights=args.weights, device=args.device, batch_size=args.batch_size, progress=not args.no_progress,
+        weights=args.weights, device=args.device, batch_size=args.batch_size,
     )
     n_ok, n_bad = summary["succeeded"], len(summary["skipped"])
     print(f"segmented {n_ok} image(s) into {args.out} (labels/, overlays/{', figures/' if args.figure else ''}; "

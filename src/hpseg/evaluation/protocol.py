@@ -7,20 +7,30 @@ produced them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
 
 from hpseg.backbones import Backbone
+from hpseg.checkpoints.mapping import evaluation_dir
+from hpseg.checkpoints.trained import TrainedModel, load_trained
+from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
+from hpseg.data.errors import DatasetLayoutError
+from hpseg.evaluation.kmeans import kmeans
 from hpseg.evaluation.metrics import SegmentationMetrics
 from hpseg.files import write_json_atomic
+from hpseg.inference.crf import crf_refine_batch, require_crf
 from hpseg.inference.label_maps import kmeans_label_maps, label_maps
+from hpseg.logs import progress_bar
 from hpseg.method.model import HiddenPositivesModel
 from hpseg.runtime import DistributedContext, autocast
+from hpseg.visualize import confusion_image
+
+logger = logging.getLogger(__name__)
 
 METRIC_KEYS = ("unsupervised_accuracy", "unsupervised_miou", "linear_accuracy", "linear_miou")
 
@@ -62,7 +72,6 @@ def evaluate_model(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     crf: bool = False,
-    progress: bool = False,
 ) -> dict[str, Any]:
     """Cluster (Hungarian) and linear accuracy / mIoU of ``model`` on validation batches.
 
@@ -74,7 +83,7 @@ def evaluate_model(
     model.eval()
     cluster = SegmentationMetrics(n_classes, hungarian=True)
     linear = SegmentationMetrics(n_classes, hungarian=False)
-    for batch in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
+    for batch in progress_bar(batches, logger, desc="evaluate", leave=False):
         labels = batch["label"].to(device)
         with autocast(device, amp_dtype):
             features = backbone(batch["image"].to(device)).features
@@ -126,8 +135,6 @@ def fit_baseline(backbone: Backbone, crops: Dataset, n_classes: int, device: tor
                  linear_steps: int = 500) -> tuple[torch.Tensor, torch.nn.Module | None]:
     """The paper's "DINO baseline": cosine k-means (K = n_classes) on raw features f of the
     training crops, and a linear probe on f trained on their labels (None when unlabelled)."""
-    from hpseg.evaluation.kmeans import kmeans
-
     features, labels = _training_patches(backbone, crops, device, amp_dtype, max_patches, seed)
     centroids, _ = kmeans(features.to(device), n_classes, seed=seed, cosine=True)
     valid = (labels >= 0) & (labels < n_classes)
@@ -152,11 +159,11 @@ def fit_baseline(backbone: Backbone, crops: Dataset, n_classes: int, device: tor
 @torch.no_grad()
 def evaluate_baseline(backbone: Backbone, centroids: torch.Tensor, probe: torch.nn.Module | None,
                       batches: Iterable[dict[str, torch.Tensor]], n_classes: int, device: torch.device,
-                      amp_dtype: torch.dtype | None = None, crf: bool = False, progress: bool = False) -> dict[str, Any]:
+                      amp_dtype: torch.dtype | None = None, crf: bool = False) -> dict[str, Any]:
     """The same protocol as :func:`evaluate_model` on raw backbone features."""
     cluster = SegmentationMetrics(n_classes, hungarian=True)
     linear = SegmentationMetrics(n_classes, hungarian=False) if probe is not None else None
-    for batch in tqdm(batches, desc="baseline", disable=not progress, leave=False):
+    for batch in progress_bar(batches, logger, desc="baseline", leave=False):
         labels = batch["label"].to(device)
         size = (labels.shape[-2], labels.shape[-1])
         with autocast(device, amp_dtype):
@@ -165,8 +172,6 @@ def evaluate_baseline(backbone: Backbone, centroids: torch.Tensor, probe: torch.
         if linear is not None and probe is not None:
             logits = probe(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             if crf:
-                from hpseg.inference.crf import crf_refine_batch
-
                 classes = crf_refine_batch(batch["rgb"], logits).argmax(1)
             else:
                 classes = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)
@@ -190,6 +195,63 @@ def format_results(results: dict[str, Any], title: str) -> str:
     return "\n".join(lines)
 
 
+def _validation_set(trained: TrainedModel) -> ValCrops:
+    """The labelled validation split of the checkpoint's dataset, at its validation size."""
+    data = trained.config.data
+    raw = build_raw_dataset(data.dataset, data.root, "val", n_classes=trained.config.method.n_classes,
+                            skip_bad_images=data.skip_bad_images)
+    if not raw.has_labels:
+        raise DatasetLayoutError(f"{raw.root}: the validation images have no labels, so there is nothing to "
+                                 "evaluate against")
+    return ValCrops(raw, size=data.val_size)
+
+
+def _hp_report(trained: TrainedModel, results: dict[str, Any], class_names: list[str], crf: bool,
+               n_images: int) -> dict[str, Any]:
+    """What ``results.json`` says about HP's results and the checkpoint that produced them."""
+    config = trained.config
+    return {
+        "checkpoint": str(trained.path),
+        "checkpoint_kind": trained.payload.get("kind"),
+        "selection": trained.payload.get("selection"),
+        "step": trained.checkpoint.step,
+        "seed": config.train.seed,
+        "crf": crf,
+        "dataset": config.data.dataset,
+        "backbone": config.backbone.name,
+        "backbone_weights": trained.weights_source,
+        "n_images": n_images,
+        "hp": {key: results[key] for key in METRIC_KEYS},
+        "hp_per_class_iou": {
+            "unsupervised": _per_class_table(results, class_names, "unsupervised"),
+            "linear": _per_class_table(results, class_names, "linear"),
+        },
+        "cluster_to_class": results["cluster_to_class"],
+        "config": config.to_dict(),
+    }
+
+
+def _baseline_report(trained: TrainedModel, batches: Callable[[], DataLoader], crf: bool) -> dict[str, Any]:
+    """The DINO baseline fitted on the training crops and scored like HP."""
+    config, n_classes, seed = trained.config, trained.config.method.n_classes, trained.config.train.seed
+    crops = TrainCrops(config.data.prepared_path(), with_augmented=False)
+    centroids, probe = fit_baseline(trained.backbone, crops, n_classes, trained.device, trained.amp_dtype, seed=seed)
+    base = evaluate_baseline(trained.backbone, centroids, probe, batches(), n_classes, trained.device,
+                             trained.amp_dtype, crf)
+    return {
+        "baseline": {key: base[key] for key in METRIC_KEYS if key in base},
+        "baseline_method": (f"cosine k-means (K={n_classes}, seed {seed}) and a linear probe on raw backbone "
+                            "features of the training crops"),
+    }
+
+
+def _write_results(report: dict[str, Any], results: dict[str, Any], class_names: list[str], out: Path) -> None:
+    """``results.json`` and the two confusion-matrix images."""
+    write_json_atomic(report, out / "results.json")
+    for prefix in ("unsupervised", "linear"):
+        confusion_image(torch.tensor(results[f"{prefix}_confusion"]).numpy(), class_names, out / f"confusion_{prefix}.png")
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     *,
@@ -201,86 +263,38 @@ def evaluate_checkpoint(
     weights: str | None = None,
     max_images: int = 0,
     batch_size: int = 8,
-    progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on its dataset's validation split and write the results.
 
     Writes ``results.json`` (metrics, per-class IoU, checkpoint, selection rule, step, seed,
-    CRF, config) and confusion-matrix images into ``out_dir`` (default: beside the checkpoint,
-    ``<run>/eval-<kind>[-crf]``). Returns the results dict.
+    CRF, config) and confusion-matrix images into ``out_dir`` (default:
+    :func:`hpseg.checkpoints.mapping.evaluation_dir`, ``<run>/eval-<name>[-crf]`` for a run's
+    checkpoint, ``eval-<name>[-crf]`` beside any other). Returns the results dict with ``text``
+    (a summary table) and ``out_dir``.
     """
-    from hpseg.backbones import create_backbone
-    from hpseg.checkpoints.store import load_checkpoint
-    from hpseg.config import Config
-    from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
-    from hpseg.runtime import amp_dtype, resolve_device
-    from hpseg.visualize import confusion_image
-
-    checkpoint = Path(checkpoint)
-    payload = load_checkpoint(checkpoint)
-    config = Config.from_dict(payload["config"])
-    if data_root:
-        config.data.root = data_root
-    torch_device = resolve_device(device)
-    autocast_dtype = amp_dtype(config.train.amp, torch_device)
-    backbone = create_backbone(config.backbone.name, weights=weights or config.backbone.weights,
-                               pretrained=config.backbone.pretrained).to(torch_device)
-    model = HiddenPositivesModel(backbone.embed_dim, config.method.dim, config.method.n_classes, config.method.dropout)
-    model.load_state_dict(payload["model"])
-    model.to(torch_device).eval()
-    raw = build_raw_dataset(config.data.dataset, config.data.root, "val", n_classes=config.method.n_classes,
-                            skip_bad_images=config.data.skip_bad_images)
-    if not raw.has_labels:
-        raise ValueError(f"{raw.root}: the validation images have no labels, so there is nothing to evaluate against")
     if crf:
-        from hpseg.inference.crf import _import_densecrf
-
-        _import_densecrf()  # fail before any work when the extra is missing
-    validation = ValCrops(raw, size=config.data.val_size)
-    context = DistributedContext()
+        require_crf()  # fail before any work when the extra is missing
+    trained = load_trained(checkpoint, device, weights)
+    if data_root:
+        trained.config.data.root = data_root
+    validation = _validation_set(trained)
+    n_images = min(len(validation), max_images) if max_images else len(validation)
 
     def batches() -> DataLoader:
-        return validation_loader(validation, batch_size, config.data.num_workers, context, max_images)
+        return validation_loader(validation, batch_size, trained.config.data.num_workers, DistributedContext(),
+                                 max_images)
 
-    n_classes = config.method.n_classes
-    class_names = list(payload.get("class_names") or raw.class_names)
-    results = evaluate_model(model, backbone, batches(), n_classes, torch_device, autocast_dtype, crf, progress)
-    report: dict[str, Any] = {
-        "checkpoint": str(checkpoint),
-        "checkpoint_kind": payload.get("kind"),
-        "selection": payload.get("selection"),
-        "step": payload.get("step"),
-        "seed": config.train.seed,
-        "crf": crf,
-        "dataset": config.data.dataset,
-        "backbone": config.backbone.name,
-        "backbone_weights": weights or config.backbone.weights or ("official" if config.backbone.pretrained else "random"),
-        "n_images": min(len(validation), max_images) if max_images else len(validation),
-        "hp": {key: results[key] for key in METRIC_KEYS},
-        "hp_per_class_iou": {
-            "unsupervised": _per_class_table(results, class_names, "unsupervised"),
-            "linear": _per_class_table(results, class_names, "linear"),
-        },
-        "cluster_to_class": results["cluster_to_class"],
-        "config": config.to_dict(),
-    }
+    class_names = list(trained.payload.get("class_names") or validation.raw.class_names)
+    results = evaluate_model(trained.model, trained.backbone, batches(), trained.config.method.n_classes,
+                             trained.device, trained.amp_dtype, crf)
+    report = _hp_report(trained, results, class_names, crf, n_images)
     text = [format_results(results, f"HP ({report['checkpoint_kind']} checkpoint, step {report['step']}, "
                                     f"CRF {'on' if crf else 'off'})")]
     if baseline:
-        crops = TrainCrops(config.data.prepared_path(), with_augmented=False)
-        centroids, probe = fit_baseline(backbone, crops, n_classes, torch_device, autocast_dtype, seed=config.train.seed)
-        base = evaluate_baseline(backbone, centroids, probe, batches(), n_classes, torch_device, autocast_dtype, crf,
-                                 progress)
-        report["baseline"] = {key: base[key] for key in METRIC_KEYS if key in base}
-        report["baseline_method"] = (f"cosine k-means (K={n_classes}, seed {config.train.seed}) and a linear probe on "
-                                     "raw backbone features of the training crops")
-        text.append(format_results(base, "Baseline: k-means / linear probe on raw backbone features"))
-
-    out = Path(out_dir) if out_dir else checkpoint.parent.parent / f"eval-{payload.get('kind', 'checkpoint')}{'-crf' if crf else ''}"
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(report, out / "results.json")
-    for prefix in ("unsupervised", "linear"):
-        confusion_image(torch.tensor(results[f"{prefix}_confusion"]).numpy(), class_names, out / f"confusion_{prefix}.png")
+        report.update(_baseline_report(trained, batches, crf))
+        text.append(format_results(report["baseline"], "Baseline: k-means / linear probe on raw backbone features"))
+    out = Path(out_dir) if out_dir else evaluation_dir(trained.path, crf)
+    _write_results(report, results, class_names, out)
     report["text"] = "\n".join(text)
     report["out_dir"] = str(out)
     return report

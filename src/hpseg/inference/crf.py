@@ -16,8 +16,6 @@ probabilities ``(K, H, W)`` / ``(B, K, h, w)``.
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
 from typing import Any
 
 import numpy as np
@@ -40,6 +38,7 @@ __all__ = [
     "crf_refine_batch",
     "dense_crf",
     "images_to_uint8",
+    "require_crf",
 ]
 
 # Spec §8 parameters (identical to the reference implementation's).
@@ -68,12 +67,19 @@ class CRFUnavailableError(ImportError):
 
 
 def _import_densecrf() -> Any:
-    """Import ``pydensecrf.densecrf`` lazily so that hpseg imports without it."""
+    """Import ``pydensecrf.densecrf``: lazily, because it is an optional compiled extra and hpseg
+    must import (and run without the CRF) where it is missing."""
     try:
         import pydensecrf.densecrf as dcrf
     except ImportError as err:  # ModuleNotFoundError, or a broken build's missing symbol
         raise CRFUnavailableError(f"{_INSTALL_HINT} (import failed: {err})") from err
     return dcrf
+
+
+def require_crf() -> None:
+    """Raise :class:`CRFUnavailableError` (with the install hint) now, before any work, when
+    the CRF is asked for but ``pydensecrf`` is missing."""
+    _import_densecrf()
 
 
 def crf_available() -> bool:
@@ -133,12 +139,6 @@ def dense_crf(
     return np.asarray(q, dtype=np.float32).reshape(n_labels, height, width)
 
 
-def _crf_job(args: tuple[np.ndarray, np.ndarray, int, dict[str, float]]) -> np.ndarray:
-    # Module-level so that process pools can pickle it.
-    image, probs, n_iter, params = args
-    return dense_crf(image, probs, n_iter, **params)
-
-
 def cluster_probabilities(cosine: Tensor, scale: float = 2.0, *, log: bool = False) -> Tensor:
     """Cluster probabilities ``softmax(scale * cosine)`` along dim 1 (spec §8 uses scale 2).
 
@@ -173,7 +173,6 @@ def crf_refine_batch(
     *,
     from_logits: bool = True,
     n_iter: int = N_ITER,
-    processes: int | concurrent.futures.Executor | None = None,
     **params: float,
 ) -> Tensor:
     """Upsample, normalise and CRF-refine a batch.
@@ -185,10 +184,6 @@ def crf_refine_batch(
             then softmaxed, as the reference does. Otherwise they are probabilities, upsampled
             bilinearly (a convex combination, so they stay normalised).
         n_iter: mean-field iterations.
-        processes: ``None``/``0``/``1`` runs serially; an int ``> 1`` runs that many worker
-            processes for this call; an ``Executor`` (e.g. a long-lived
-            ``ProcessPoolExecutor``) is used as given, so a pool can be reused across batches.
-            pydensecrf holds the GIL, so threads do not help.
         **params: overrides of :func:`dense_crf`'s kernel parameters.
 
     Returns:
@@ -205,7 +200,7 @@ def crf_refine_batch(
             f"logits_or_probs must be (B, K, h, w) with B = {images_uint8.shape[0]}, "
             f"got {tuple(logits_or_probs.shape)}"
         )
-    _import_densecrf()  # fail early, before any work, when the extra is missing
+    require_crf()
     device = logits_or_probs.device
     height, width = images_uint8.shape[-2:]
     with torch.no_grad():
@@ -216,15 +211,5 @@ def crf_refine_batch(
         probs = F.softmax(scores, dim=1) if from_logits else scores
         probs_np = probs.cpu().numpy()
     images_np = images_uint8.detach().permute(0, 2, 3, 1).cpu().numpy()
-    jobs = [(images_np[i], probs_np[i], n_iter, params) for i in range(len(images_np))]
-
-    if isinstance(processes, concurrent.futures.Executor):
-        out = list(processes.map(_crf_job, jobs))
-    elif processes is not None and processes > 1 and len(jobs) > 1:
-        # "spawn": forking a process that holds CUDA state or OpenMP threads can deadlock.
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(processes, len(jobs)), mp_context=ctx) as pool:
-            out = list(pool.map(_crf_job, jobs))
-    else:
-        out = [_crf_job(job) for job in jobs]
-    return torch.from_numpy(np.stack(out)).to(device)
+    refined = [dense_crf(image, image_probs, n_iter, **params) for image, image_probs in zip(images_np, probs_np)]
+    return torch.from_numpy(np.stack(refined)).to(device)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from hpseg.inference.crf import cluster_probabilities, crf_refine_batch
 from hpseg.method.model import HiddenPositivesModel
+from hpseg.method.probes import centroid_scores
 
 
 @dataclass
@@ -28,16 +29,6 @@ class LabelMaps:
 
 def _upsample(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
-
-
-def centroid_scores(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """(B, D, h, w) features and (K, D) centroids -> (B, K, h, w) <f, c_k / ||c_k||>."""
-    return torch.einsum("bdhw,kd->bkhw", features.float(), F.normalize(centroids.float(), dim=1))
-
-
-def cosine_scores(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
-    """(B, D, h, w), (K, D) -> (B, K, h, w) cosine similarities."""
-    return centroid_scores(F.normalize(features.float(), dim=1), centroids)
 
 
 @torch.no_grad()
@@ -58,10 +49,10 @@ def label_maps(
     centroids = model.cluster_probe.centroids
     logits = model.linear_probe(segmentation)
     if crf_images is None:
-        clusters = _upsample(centroid_scores(segmentation, centroids), size).argmax(1)
+        clusters = _upsample(centroid_scores(segmentation, centroids, cosine=False), size).argmax(1)
         classes = _upsample(logits, size).argmax(1)
     else:
-        log_probs = cluster_probabilities(cosine_scores(segmentation, centroids), log=True)
+        log_probs = cluster_probabilities(centroid_scores(segmentation, centroids), log=True)
         clusters = crf_refine_batch(crf_images, log_probs).argmax(1)
         classes = crf_refine_batch(crf_images, logits.float()).argmax(1)
     return LabelMaps(clusters, classes)
@@ -73,6 +64,6 @@ def kmeans_label_maps(
 ) -> torch.Tensor:
     """(B, h, w) -> (B, H, W) cluster ids of raw features by cosine k-means centroids (the baseline)."""
     if crf_images is None:
-        return _upsample(centroid_scores(features, centroids), size).argmax(1)
-    log_probs = cluster_probabilities(cosine_scores(features, centroids), log=True)
+        return _upsample(centroid_scores(features, centroids, cosine=False), size).argmax(1)
+    log_probs = cluster_probabilities(centroid_scores(features, centroids), log=True)
     return crf_refine_batch(crf_images, log_probs).argmax(1)

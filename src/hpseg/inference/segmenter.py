@@ -8,18 +8,15 @@
 >>> segmenter.class_names                      # names of the dataset's classes
 >>> out = segmenter.features(image)            # backbone f (C, h, w) and segmentation s (D, h, w)
 
-The resizing and sliding-window geometry is :mod:`hpseg.cli.predict`'s (the ``hpseg predict``
-command uses this class). Which backbone weights are used, in order: ``weights=`` given here,
-the checkpoint's ``backbone.weights`` file (looked up beside the checkpoint too, when the run
-folder moved), the official weights (Hugging Face cache), or -- for a checkpoint trained on a
-randomly initialised backbone -- the same random initialisation (deterministic).
+The resizing and sliding-window geometry is :mod:`hpseg.inference.tiling`'s (the ``hpseg
+predict`` command uses this class). The checkpoint is read by
+:func:`hpseg.checkpoints.trained.load_trained`, whose docstring says which backbone weights are
+used.
 """
 
 from __future__ import annotations
 
-import json
-import warnings
-from collections.abc import Callable
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +24,24 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from hpseg.backbones import Backbone, create_backbone
-from hpseg.checkpoints.store import FORMAT, CheckpointError, read_torch_file
-from hpseg.config import Config
+from hpseg.backbones import Backbone
+from hpseg.checkpoints.trained import TrainedModel, load_trained
+from hpseg.data.images import to_rgb
 from hpseg.data.transforms import normalize
+from hpseg.inference.crf import cluster_probabilities, crf_refine_batch
 from hpseg.inference.tiling import Tiling, resample, resample_argmax, resized_shape, tile_and_average
 from hpseg.method.model import HiddenPositivesModel
+from hpseg.method.probes import centroid_scores
+from hpseg.runtime import autocast
 
-__all__ = ["ImageFeatures", "Segmenter", "load", "to_uint8_image"]
+__all__ = ["HEADS", "ImageFeatures", "Segmenter", "check_head", "load", "to_uint8_image"]
+
+logger = logging.getLogger(__name__)
+
+#: The two heads that label patches: the cluster probe (unsupervised) and the linear probe.
+HEADS = ("cluster", "linear")
 
 
 # ---------------------------------------------------------------------------------------- images
@@ -48,11 +54,7 @@ def to_uint8_image(image: Any) -> torch.Tensor:
     channel (4 channels) is dropped and one channel is replicated to grey. PIL images of any
     mode go through :func:`hpseg.data.images.to_rgb` (16-bit, palette, CMYK, ...).
     """
-    from PIL import Image
-
     if isinstance(image, Image.Image):
-        from hpseg.data.images import to_rgb
-
         array = np.asarray(to_rgb(image))
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
     if isinstance(image, np.ndarray):
@@ -85,12 +87,6 @@ def to_uint8_image(image: Any) -> torch.Tensor:
     raise ValueError(f"image values of type {tensor.dtype}: expected uint8 (0..255) or float (0..1)")
 
 
-def _to_pil(rgb: torch.Tensor) -> Any:
-    from PIL import Image
-
-    return Image.fromarray(rgb.permute(1, 2, 0).cpu().numpy(), "RGB")
-
-
 @dataclass
 class ImageFeatures:
     """Per-patch features of one image, on the patch grid of the resized, padded image.
@@ -120,8 +116,9 @@ class Segmenter:
 
     Build it with :func:`load`. Attributes: ``class_names`` (the dataset's classes, i.e. what
     the linear probe predicts), ``cluster_to_class`` (None, or the class of each cluster from an
-    evaluation's Hungarian matching), ``n_clusters``, ``tiling`` (:class:`hpseg.cli.predict.Tiling`),
-    ``device``, ``batch_size`` (windows per forward pass), ``checkpoint``.
+    evaluation's Hungarian matching), ``n_clusters``, ``tiling`` (:class:`hpseg.inference.tiling.Tiling`),
+    ``device``, ``batch_size`` (windows per forward pass), ``checkpoint``, ``crf`` (whether
+    :meth:`segment` refines with the dense CRF by default).
     """
 
     def __init__(
@@ -137,6 +134,7 @@ class Segmenter:
         mapping_source: str | None = None,
         checkpoint: str | None = None,
         batch_size: int = 8,
+        crf: bool = False,
     ) -> None:
         self.model = model.eval()
         self.backbone = backbone
@@ -149,6 +147,7 @@ class Segmenter:
         self.mapping_source = mapping_source
         self.checkpoint = checkpoint
         self.batch_size = batch_size
+        self.crf = crf
 
     def __repr__(self) -> str:
         return (f"Segmenter(checkpoint={self.checkpoint!r}, backbone={self.backbone.spec.name}, "
@@ -160,7 +159,7 @@ class Segmenter:
     def label_names(self, head: str = "cluster") -> list[str]:
         """Names of the ids :meth:`segment` returns for ``head``: class names for the linear head
         or a mapped cluster head, ``"cluster k"`` otherwise."""
-        _check_head(head)
+        check_head(head)
         if head == "linear" or self.cluster_to_class is not None:
             return list(self.class_names)
         return [f"cluster {k}" for k in range(self.n_clusters)]
@@ -185,8 +184,6 @@ class Segmenter:
         return resized, normalised, size, resized_size
 
     def _backbone_features(self, windows: torch.Tensor) -> torch.Tensor:
-        from hpseg.runtime import autocast
-
         with autocast(self.device, self.amp_dtype):
             return self.backbone(windows).features.float()
 
@@ -197,34 +194,32 @@ class Segmenter:
         ``kind="logits"``: cluster head ``<s, c_k/||c_k||>`` / linear-probe logits (argmax =
         label); ``kind="cosine"``: cluster head cosine similarities (for the CRF).
         """
-        _check_head(head)
+        check_head(head)
+        if kind not in ("logits", "cosine"):
+            raise ValueError(f"kind must be 'logits' or 'cosine', got {kind!r}")
         resized, normalised, size, resized_size = self._prepare(image)
         centroids = self.model.cluster_probe.centroids.float()
 
         def compute(windows: torch.Tensor) -> torch.Tensor:
-            from hpseg.inference.label_maps import centroid_scores, cosine_scores
-
             segmentation = self.model.segmentation(self._backbone_features(windows))
             if head == "linear":
                 return self.model.linear_probe(segmentation)
-            if kind == "cosine":
-                return cosine_scores(segmentation, centroids)
-            return centroid_scores(segmentation, centroids)
+            return centroid_scores(segmentation, centroids, cosine=kind == "cosine")
 
         grid = tile_and_average(normalised, self.tiling, compute, self.batch_size)
         return grid, {"size": size, "resized_size": resized_size, "resized": resized}
 
     @torch.no_grad()
-    def segment(self, image: Any, head: str = "cluster", *, crf: bool = False) -> np.ndarray:
+    def segment(self, image: Any, head: str = "cluster", *, crf: bool | None = None) -> np.ndarray:
         """(H, W) int64 label map at the image's own resolution.
 
         ``head="cluster"``: cluster ids (or, with ``cluster_to_class``, the matched class ids;
         -1 for a cluster matched to no class); ``head="linear"``: the linear probe's class ids.
-        ``crf=True`` refines with the dense CRF (needs ``pip install 'hpseg[crf]'``).
+        ``crf=True`` refines with the dense CRF (needs ``pip install 'hpseg[crf]'``); None: the
+        segmenter's ``crf`` setting (``hpseg.load(..., crf=...)``).
         """
-        from hpseg.inference.crf import cluster_probabilities, crf_refine_batch
-
-        _check_head(head)
+        check_head(head)
+        crf = self.crf if crf is None else crf
         grid, geometry = self.scores(image, head, kind="cosine" if crf and head == "cluster" else "logits")
         size, resized_size = geometry["size"], geometry["resized_size"]
         p = self.tiling.patch
@@ -256,75 +251,25 @@ class Segmenter:
         return ImageFeatures(grid[:channels].cpu(), grid[channels:].cpu(), size, resized_size, self.tiling.patch)
 
 
-def _check_head(head: str) -> None:
-    if head not in ("cluster", "linear"):
+def check_head(head: str) -> None:
+    """Raise ``ValueError`` unless ``head`` is one of :data:`HEADS`."""
+    if head not in HEADS:
         raise ValueError(f"head must be 'cluster' or 'linear', got {head!r}")
 
 
 # ---------------------------------------------------------------------------------------- loading
 
 
-def _backbone_for(payload: dict[str, Any], config: Config, checkpoint: Path, weights: str | None,
-                  say: Callable[[str], None]) -> Backbone:
-    """The backbone a checkpoint was trained on (see the module docstring for the order)."""
-    name = (payload.get("backbone") or {}).get("name") or config.backbone.name
-    if weights:
-        return create_backbone(name, weights=weights)
-    stored = (payload.get("backbone") or {}).get("weights") or config.backbone.weights
-    if stored:
-        path = Path(stored)
-        if not path.is_file() and (checkpoint.parent / path.name).is_file():
-            path = checkpoint.parent / path.name  # the run folder moved: the file travels beside it
-        return create_backbone(name, weights=path)
-    pretrained = (payload.get("backbone") or {}).get("pretrained", config.backbone.pretrained)
-    if pretrained:
-        return create_backbone(name, pretrained=True)
-    # A random backbone is not stored in the checkpoint; hpseg's random initialisation is
-    # deterministic (a fixed seed), so this rebuilds the network training used.
-    say(f"{checkpoint}: the backbone {name!r} was randomly initialised; rebuilding the same random "
-        "network (exact with the same torch and timm versions)")
-    return create_backbone(name, pretrained=False)
-
-
-def read_mapping(path: str | Path, n_clusters: int, n_classes: int, step: Any = None) -> list[int]:
-    """The cluster -> class list of an evaluation's ``results.json`` (key ``cluster_to_class``)
-    or of a JSON list; checked against the model's sizes and, when both say, the step."""
-    path = Path(path)
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read the cluster->class mapping {path}: {error}") from None
-    if isinstance(value, dict):
-        if "cluster_to_class" not in value:
-            raise ValueError(f"{path} has no 'cluster_to_class' entry (expected the results.json of `hpseg eval`)")
-        if step is not None and value.get("step") is not None and value["step"] != step:
-            raise ValueError(f"{path} was computed for the checkpoint of step {value['step']}, "
-                             f"not this one (step {step}): evaluate this checkpoint with `hpseg eval`")
-        value = value["cluster_to_class"]
-    if not isinstance(value, list) or len(value) != n_clusters or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"{path}: cluster_to_class must be a list of {n_clusters} integers (one class per cluster)")
-    if any(v < -1 or v >= n_classes for v in value):
-        raise ValueError(f"{path}: cluster_to_class holds ids outside -1..{n_classes - 1}")
-    return value
-
-
-def find_mapping(checkpoint: Path, payload: dict[str, Any], crf: bool = False) -> Path | None:
-    """An evaluation of this checkpoint beside its run: ``<run>/eval-<kind>[-crf]/results.json``
-    (or ``results.json`` beside the checkpoint) recorded for the same file name, kind and step."""
-    kind = payload.get("kind", "checkpoint")
-    run = checkpoint.parent.parent
-    names = [f"eval-{kind}-crf", f"eval-{kind}"] if crf else [f"eval-{kind}", f"eval-{kind}-crf"]
-    candidates = [run / name / "results.json" for name in names] + [checkpoint.parent / "results.json"]
-    for candidate in candidates:
-        try:
-            results = json.loads(candidate.read_text())
-        except (OSError, ValueError):
-            continue
-        if (isinstance(results, dict) and "cluster_to_class" in results
-                and Path(str(results.get("checkpoint", ""))).name == checkpoint.name
-                and results.get("step") == payload.get("step")):
-            return candidate
-    return None
+def _cluster_mapping(trained: TrainedModel, mapping: str | Path | None, crf: bool) -> tuple[list[int] | None, str | None]:
+    """(cluster -> class list, where it came from) for ``load``'s ``mapping`` argument."""
+    if mapping == "auto":
+        mapping = trained.find_mapping(crf)
+        if mapping is None:
+            return None, None
+        logger.info("using the cluster->class mapping of the evaluation in %s", mapping)
+    if mapping is None:
+        return None, None
+    return trained.read_mapping(mapping), str(mapping)
 
 
 def load(
@@ -333,79 +278,38 @@ def load(
     weights: str | None = None,
     *,
     mapping: str | Path | None = None,
+    crf: bool = False,
     size: int | None = None,
     window: int | None = None,
     batch_size: int = 8,
-    echo: Callable[[str], None] | None = None,
 ) -> Segmenter:
-    """Load a checkpoint for segmenting images.
+    """Load a checkpoint for segmenting images (:func:`hpseg.checkpoints.trained.load_trained`).
 
     Args:
         checkpoint: an hpseg checkpoint (``checkpoints/last.pt`` / ``best.pt`` of a run, or one
             written by ``hpseg import-checkpoint``), or an authors' reference checkpoint (converted
             in memory).
-        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...; the precision
+            follows the device (a model trained in float16 on a GPU runs in float32 on the CPU).
         weights: local backbone weights file, overriding the checkpoint's.
         mapping: cluster -> class mapping for the cluster head: a ``results.json`` of
             ``hpseg eval`` (or a JSON list), ``"auto"`` to use an evaluation of this checkpoint
-            found in its run folder if there is one, None for raw cluster ids.
+            found beside it if there is one, None for raw cluster ids.
+        crf: refine with the dense CRF by default in :meth:`Segmenter.segment`; ``"auto"``
+            then prefers the mapping of a CRF evaluation (matched on CRF-refined maps).
         size: shorter side images are resized to (default: the checkpoint's ``data.val_size``;
             0 keeps images as they are).
         window: sliding-window side (default ``size``; 0 = whole images in one pass).
-        echo: where notices go (default: warnings).
+
+    Notices (a converted reference checkpoint, a rebuilt random backbone, the mapping used) go
+    to the ``hpseg`` logger.
     """
-    from hpseg.runtime import amp_dtype, resolve_device
-
-    say = echo or (lambda message: warnings.warn(message, stacklevel=3))
-    path = Path(checkpoint)
-    payload = read_torch_file(path)
-    if isinstance(payload, dict) and payload.get("format") != FORMAT and "net_model_state_dict" in payload:
-        from hpseg.checkpoints.reference import convert_reference
-
-        converted = convert_reference(payload, path)
-        payload, backbone = converted.checkpoint, converted.backbone(weights)
-        say(f"{path}: an authors' reference checkpoint, converted in memory "
-            f"(backbone {converted.backbone_name}; `hpseg import-checkpoint` converts it once for all)")
-    else:
-        from hpseg.checkpoints.store import load_checkpoint
-
-        payload = load_checkpoint(path)
-        backbone = None
-    try:
-        config = Config.from_dict(payload["config"])
-        state = payload["model"]
-    except (KeyError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{path}: incomplete hpseg checkpoint ({error})") from None
-    torch_device = resolve_device(device)
-    if backbone is None:
-        backbone = _backbone_for(payload, config, path, weights, say)
-    model = HiddenPositivesModel(backbone.embed_dim, config.method.dim, config.method.n_classes, config.method.dropout)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise CheckpointError(f"{path}: the model weights do not fit backbone {backbone.spec.name!r} and the "
-                              f"config (dim {config.method.dim}, {config.method.n_classes} classes): {error}") from None
-    n_classes = config.method.n_classes
-    class_names = list(payload.get("class_names") or [f"class {k}" for k in range(n_classes)])
-
-    cluster_to_class, source = None, None
-    if mapping == "auto":
-        found = find_mapping(path, payload)
-        if found is not None:
-            mapping, source = found, str(found)
-            say(f"using the cluster->class mapping of the evaluation in {found}")
-        else:
-            mapping = None
-    if mapping is not None:
-        cluster_to_class = read_mapping(mapping, model.cluster_probe.centroids.shape[0], n_classes, payload.get("step"))
-        source = str(mapping)
-
-    val_size = size if size is not None else int(config.data.val_size)
-    tiling = Tiling.create(val_size, window, backbone.patch_size)
-    backbone.to(torch_device)
-    model.to(torch_device)
+    trained = load_trained(checkpoint, device, weights)
+    cluster_to_class, source = _cluster_mapping(trained, mapping, crf)
+    val_size = size if size is not None else int(trained.config.data.val_size)
     return Segmenter(
-        model, backbone, class_names=class_names, tiling=tiling, device=torch_device,
-        amp_dtype=amp_dtype(config.train.amp, torch_device), cluster_to_class=cluster_to_class,
-        mapping_source=source, checkpoint=str(path), batch_size=batch_size,
+        trained.model, trained.backbone, class_names=trained.class_names,
+        tiling=Tiling.create(val_size, window, trained.backbone.patch_size), device=trained.device,
+        amp_dtype=trained.amp_dtype, cluster_to_class=cluster_to_class, mapping_source=source,
+        checkpoint=str(trained.path), batch_size=batch_size, crf=crf,
     )
