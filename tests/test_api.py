@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,29 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class Notices(logging.Handler):
-    """The messages of the ``hpseg`` logger's records (INFO and above) while a test runs."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def notices() -> Iterator[Notices]:
-    # On the logger itself, not caplog's root handler: `hpseg` commands stop propagation.
-    logger, handler = logging.getLogger("hpseg"), Notices()
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:

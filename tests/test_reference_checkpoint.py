@@ -14,7 +14,8 @@ import hpseg
 from hpseg.checkpoints.reference import infer_backbone
 from hpseg.checkpoints.store import CheckpointError, load_checkpoint
 from hpseg.cli.main import main
-from tests.test_api import Notices, notices, one_thread  # noqa: F401 - fixtures (one_thread: autouse)
+from tests.helpers import Notices
+from tests.test_api import one_thread  # noqa: F401 - autouse fixture
 
 C, D, N_CLASSES, PATCH = 64, 16, 5, 8  # vit_tiny_p8: width 64, patch 8, 2 blocks
 
