@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="cut the training set into five crops (offline step of the protocol)")
     _add_config_arguments(p)
     p.add_argument("--out", help="output directory (default: <data-root>/hpseg_prepared/train_<crop>)")
-    p.add_argument("--no-progress", action="store_true")
+    _add_no_progress(p)
     p.set_defaults(run=cmd_prepare)
 
     p = sub.add_parser("train", help="train HP on a prepared dataset")
