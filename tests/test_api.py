@@ -19,7 +19,13 @@ from hpseg.checkpoints.mapping import evaluation_dir, find_mapping
 from hpseg.checkpoints.store import CheckpointError
 from hpseg.checkpoints.trained import inference_dtype, load_trained
 from hpseg.cli.main import main
+from hpseg.config import Config
+from hpseg.data import ValCrops, build_raw_dataset
+from hpseg.evaluation.protocol import evaluate_model, validation_loader
+from hpseg.inference.label_maps import label_maps
 from hpseg.inference.tiling import Tiling, resample, resample_argmax, resized_shape, window_starts
+from hpseg.runtime import DistributedContext
+from hpseg.training.trainer import train
 from tests.helpers import synthetic_prepared, tiny_config
 
 STEPS = 6  # validated once (val_interval 6): the run has best.pt with its metrics
@@ -40,8 +46,6 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.getbasetemp()
     run = base / "hpseg-tiny-run"
     if not (run / "checkpoints" / "best.pt").exists():
-        from hpseg.training.trainer import train
-
         data = synthetic_prepared(base / "hpseg-tiny-data")
         shutil.rmtree(run, ignore_errors=True)
         train(tiny_config(data, base / "runs", steps=STEPS), run_dir=run, progress=False)
@@ -117,10 +121,6 @@ def test_segment_accepts_pil_numpy_and_tensors_at_their_size(segmenter: hpseg.Se
 
 
 def test_single_window_equals_the_evaluation_label_maps(segmenter: hpseg.Segmenter, run_dir: Path) -> None:
-    from hpseg.config import Config
-    from hpseg.data import ValCrops, build_raw_dataset
-    from hpseg.inference.label_maps import label_maps
-
     config = Config.from_dict(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["config"])
     validation = ValCrops(build_raw_dataset("folder", config.data.root, "val"), size=config.data.val_size)
     item = validation[0]
@@ -146,11 +146,6 @@ def test_features_are_the_backbone_and_head_outputs(segmenter: hpseg.Segmenter) 
 
 def test_random_backbone_is_rebuilt_exactly(run_dir: Path) -> None:
     """The checkpoint's validation metrics are reproduced: same random backbone as in training."""
-    from hpseg.config import Config
-    from hpseg.data import ValCrops, build_raw_dataset
-    from hpseg.evaluation.protocol import evaluate_model, validation_loader
-    from hpseg.runtime import DistributedContext
-
     best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     config = Config.from_dict(best["config"])
     segmenter = hpseg.load(run_dir / "checkpoints" / "best.pt", device="cpu")

@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
+import hpseg.cli.predict
+import hpseg.inference.crf
 from hpseg.cli.main import main
 from hpseg.cli.predict import collect_images
 from tests.test_api import one_thread, tiny_run  # noqa: F401 - one_thread: autouse fixture
@@ -116,8 +118,6 @@ def test_nothing_readable_exits_nonzero(tmp_path: Path, checkpoint: Path, capsys
 
 def test_crf_missing_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    import hpseg.inference.crf
-
     def unavailable() -> None:
         raise hpseg.inference.crf.CRFUnavailableError()
 
@@ -159,8 +159,6 @@ def test_crf_prefers_the_mapping_of_a_crf_evaluation(checkpoint: Path, tmp_path:
 
 def test_a_failed_write_leaves_no_partial_output(inputs: Path, checkpoint: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import hpseg.cli.predict
-
     def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError("No space left on device")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -21,8 +22,6 @@ C, D, N_CLASSES, PATCH = 64, 16, 5, 8  # vit_tiny_p8: width 64, patch 8, 2 block
 
 
 def _tiny_vit():
-    import timm
-
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
                              patch_size=8, embed_dim=64, depth=2, num_heads=4, img_size=32)
 

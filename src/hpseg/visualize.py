@@ -339,7 +339,9 @@ def _normalise_confusion(conf: np.ndarray, normalize: str | None) -> np.ndarray:
 
 
 def _confusion_matplotlib(m: np.ndarray, names: Sequence[str], title: str, normalized: bool) -> Image.Image:
-    # Figure + Agg canvas directly: no pyplot global state, no dependence on the active backend.
+    # Lazy: matplotlib is the optional ``hpseg[viz]`` extra (the caller falls back to Pillow
+    # without it) and costs a second to import. Figure + Agg canvas directly: no pyplot global
+    # state, no dependence on the active backend.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

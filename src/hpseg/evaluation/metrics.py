@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
@@ -209,8 +210,6 @@ class SegmentationMetrics:
         A no-op when ``torch.distributed`` is not initialised. Call it exactly once on every
         rank before :meth:`compute`; calling it twice would count the data again.
         """
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             return self
         buf = self.confusion
