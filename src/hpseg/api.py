@@ -195,7 +195,9 @@ class Segmenter:
         """Per-patch scores averaged over the windows: ((K, h, w), geometry).
 
         ``kind="logits"``: cluster head ``<s, c_k/||c_k||>`` / linear-probe logits (argmax =
-        label); ``kind="cosine"``: cluster head cosine similarities (for the CRF).
+        label); ``kind="cosine"``: cluster head cosine similarities; ``kind="segmentation"``:
+        the segmentation features s themselves, (D, h, w) (the CRF's cluster unaries need them
+        upsampled before the cosine, as the reference).
         """
         _check_head(head)
         resized, normalised, size, resized_size = self._prepare(image)
@@ -205,6 +207,8 @@ class Segmenter:
             from hpseg.inference import centroid_scores, cosine_scores
 
             segmentation = self.model.segmentation(self._backbone_features(windows))
+            if kind == "segmentation":
+                return segmentation
             if head == "linear":
                 return self.model.linear_probe(segmentation)
             if kind == "cosine":
@@ -223,14 +227,18 @@ class Segmenter:
         ``crf=True`` refines with the dense CRF (needs ``pip install 'hpseg[crf]'``).
         """
         from hpseg.crf import cluster_probabilities, crf_refine_batch
+        from hpseg.inference import cosine_scores
 
         _check_head(head)
-        grid, geometry = self.scores(image, head, kind="cosine" if crf and head == "cluster" else "logits")
+        grid, geometry = self.scores(image, head, kind="segmentation" if crf and head == "cluster" else "logits")
         size, resized_size = geometry["size"], geometry["resized_size"]
         p = self.tiling.patch
         if crf:
-            logits = cluster_probabilities(grid[None], log=True)[0] if head == "cluster" else grid
-            at_resized = resample(logits, resized_size, (1.0 / p, 1.0 / p))
+            at_resized = resample(grid, resized_size, (1.0 / p, 1.0 / p))
+            if head == "cluster":
+                # The reference's order: s upsampled first, then log_softmax(2 cos) (see hpseg.inference).
+                centroids = self.model.cluster_probe.centroids.float()
+                at_resized = cluster_probabilities(cosine_scores(at_resized[None], centroids), log=True)[0]
             refined = crf_refine_batch(geometry["resized"][None].cpu(), at_resized[None].cpu())[0].to(self.device)
             labels = resample_argmax(refined, size, (resized_size[0] / size[0], resized_size[1] / size[1]))
         else:
