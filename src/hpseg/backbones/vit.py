@@ -86,8 +86,10 @@ def _sdpa_scores(query: Tensor, key: Tensor, *_: Any, attn_mask: Tensor | None =
     if attn_mask is not None or is_causal:
         raise RuntimeError("the backbone's last attention uses a mask: its scores are not q·kᵀ·scale alone")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    # The reference's order: product first, then the scale (its `(q @ k.T) * scale`).
-    return (query.float() @ key.float().transpose(-2, -1)) * scale
+    # float32 even under autocast (which would run the product in half precision); the
+    # reference's order: product first, then the scale (its `(q @ k.T) * scale`).
+    with torch.autocast(query.device.type, enabled=False):
+        return (query.float() @ key.float().transpose(-2, -1)) * scale
 
 
 class Backbone(nn.Module):
