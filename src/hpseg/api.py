@@ -11,7 +11,7 @@
 The resizing and sliding-window geometry is :mod:`hpseg.predict`'s (the ``hpseg predict``
 command uses this class). Which backbone weights are used, in order: ``weights=`` given here,
 the checkpoint's ``backbone.weights`` file (looked up beside the checkpoint too, when the run
-folder moved), the official weights (Hugging Face cache), or -- for a checkpoint trained on a
+folder moved), the official weights (Hugging Face or torch.hub cache), or -- for a checkpoint trained on a
 randomly initialised backbone -- the same random initialisation (deterministic).
 """
 

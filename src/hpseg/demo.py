@@ -95,7 +95,7 @@ def _choose_backbone(out: Path, weights: str | None, backbone: str | None,
     if get_spec(name).has_official_weights:
         cached = _official_weights_in_cache(name)
         if cached is not None:
-            say(f"backbone: {name} with the official DINO weights found in the Hugging Face cache ({cached})")
+            say(f"backbone: {name} with the official DINO weights found in the cache ({cached})")
             return name, str(cached), True
     if backbone and get_spec(backbone).has_official_weights:
         raise ValueError(f"no weights for {backbone!r} in the cache: pass them with --weights FILE")
