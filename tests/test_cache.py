@@ -188,6 +188,19 @@ def test_invalid_caches_are_refused(data_root, tmp_path):
     validate_cache(good, other, prepared(data_root), SIGMA)
 
 
+def test_format_1_caches_are_refused_with_the_reason(data_root, tmp_path):
+    """Caches of format 1 hold LHP weights computed from the attention probabilities: refused."""
+    from hpseg.training.cache import CACHE_VERSION, META_NAME
+
+    assert CACHE_VERSION == 2
+    backbone = tiny_backbone()
+    cache = build(backbone, prepared(data_root), tmp_path / "old", dtype="float32")
+    meta = json.loads((cache / META_NAME).read_text())
+    (cache / META_NAME).write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(FeatureCacheError, match=r"format version 1.*probabilities.*pre-softmax scores.*--overwrite"):
+        validate_cache(cache, backbone, prepared(data_root), SIGMA)
+
+
 def test_training_stops_on_a_cache_that_does_not_fit(data_root, tmp_path):
     backbone = tiny_backbone()
     root = synthetic_prepared(tmp_path / "own")  # its own data: the default cache place is per data set

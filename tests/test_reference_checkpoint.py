@@ -17,6 +17,7 @@ from hpseg.checkpoints.store import CheckpointError, load_checkpoint
 from hpseg.cli.main import main
 from tests.helpers import Notices
 from tests.test_api import one_thread  # noqa: F401 - autouse fixture
+from tests.test_backbones import _dino_reference_positions
 
 C, D, N_CLASSES, PATCH = 64, 16, 5, 8  # vit_tiny_p8: width 64, patch 8, 2 blocks
 
@@ -56,7 +57,13 @@ def independent_segmentation(payload: dict, images: torch.Tensor) -> torch.Tenso
     vit.load_state_dict({k[len("model."):]: v for k, v in net.items() if k.startswith("model.")})
     vit.eval()
     with torch.no_grad():
-        tokens = vit.forward_features(images)[:, 1:]
+        # DINO's own position interpolation (the reference's ViT), written out in test_backbones.
+        patches = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([vit.cls_token.expand(len(images), -1, -1), patches], 1)
+        x = x + _dino_reference_positions(vit.pos_embed, images, PATCH)
+        for block in vit.blocks:
+            x = block(x)
+        tokens = vit.norm(x)[:, 1:]
         b, _, h, w = images.shape
         f = tokens.transpose(1, 2).reshape(b, C, h // PATCH, w // PATCH)
         linear = F.conv2d(f, net["cluster1.0.weight"], net["cluster1.0.bias"])

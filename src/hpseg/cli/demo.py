@@ -108,7 +108,7 @@ def _choose_backbone(out: Path, weights: str | None, backbone: str | None) -> tu
     if get_spec(name).has_official_weights:
         cached = _official_weights_in_cache(name)
         if cached is not None:
-            logger.info("backbone: %s with the official DINO weights found in the Hugging Face cache (%s)", name, cached)
+            logger.info("backbone: %s with the official DINO weights found in the cache (%s)", name, cached)
             return name, str(cached), True
     if backbone and get_spec(backbone).has_official_weights:
         raise UsageError(f"no weights for {backbone!r} in the cache: pass them with --weights FILE")

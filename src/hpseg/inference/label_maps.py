@@ -1,10 +1,15 @@
 """From backbone features to label maps at image resolution (spec §8), shared by
 evaluation, training-time validation, ``hpseg predict`` and the Python API.
 
-Both probes are read at full resolution without upsampling the D-channel features: the
-linear probe is affine, so upsampling its logits equals applying it to upsampled features,
-and a patch's cluster is the argmax of <s, c_k> / ||s||, where the norm does not depend on k,
-so the argmax of the upsampled <s, c_k> equals the argmax of the upsampled cosine.
+Without the CRF both probes are read at full resolution without upsampling the D-channel
+features: the linear probe is affine, so upsampling its logits equals applying it to upsampled
+features, and a pixel's cluster is the argmax of <s, c_k> / ||s||, where the norm does not
+depend on k, so the argmax of the upsampled <s, c_k> equals the argmax of the upsampled cosine.
+
+With the CRF the *values* matter, and the normalisation inside the cosine does not commute with
+upsampling: the cluster unaries are taken as the reference takes them, features upsampled to
+the label size first, then ``log_softmax(2 · cos(s, c_k))`` there (:func:`cluster_crf_unaries`).
+The linear unaries stay upsampled logits (exact, the probe being affine).
 """
 
 from __future__ import annotations
@@ -31,6 +36,14 @@ def _upsample(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
 
 
+def cluster_crf_unaries(features: torch.Tensor, centroids: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, D, h, w) features, (K, D) centroids -> (B, K, H, W) cluster log-probabilities for the CRF:
+    features upsampled bilinearly to ``size`` first, then ``log_softmax(2 · cos)`` (the reference's
+    order). One image at a time: a (D, H, W) upsampled map is the large intermediate."""
+    return torch.cat([cluster_probabilities(centroid_scores(_upsample(one[None], size), centroids), log=True)
+                      for one in features])
+
+
 @torch.no_grad()
 def label_maps(
     model: HiddenPositivesModel,
@@ -43,7 +56,8 @@ def label_maps(
     Args:
         features: (B, C, h, w) backbone features f.
         crf_images: (B, 3, H, W) uint8 images; when given, both maps are refined by the
-            dense CRF (cluster probabilities softmax(2 cos), as spec §8).
+            dense CRF (cluster probabilities softmax(2 cos) of the upsampled s, as the reference
+            and spec §8).
     """
     segmentation = model.segmentation(features)
     centroids = model.cluster_probe.centroids
@@ -52,8 +66,7 @@ def label_maps(
         clusters = _upsample(centroid_scores(segmentation, centroids, cosine=False), size).argmax(1)
         classes = _upsample(logits, size).argmax(1)
     else:
-        log_probs = cluster_probabilities(centroid_scores(segmentation, centroids), log=True)
-        clusters = crf_refine_batch(crf_images, log_probs).argmax(1)
+        clusters = crf_refine_batch(crf_images, cluster_crf_unaries(segmentation, centroids, size)).argmax(1)
         classes = crf_refine_batch(crf_images, logits.float()).argmax(1)
     return LabelMaps(clusters, classes)
 
@@ -65,5 +78,4 @@ def kmeans_label_maps(
     """(B, h, w) -> (B, H, W) cluster ids of raw features by cosine k-means centroids (the baseline)."""
     if crf_images is None:
         return _upsample(centroid_scores(features, centroids, cosine=False), size).argmax(1)
-    log_probs = cluster_probabilities(centroid_scores(features, centroids), log=True)
-    return crf_refine_batch(crf_images, log_probs).argmax(1)
+    return crf_refine_batch(crf_images, cluster_crf_unaries(features, centroids, size)).argmax(1)

@@ -192,16 +192,20 @@ class Segmenter:
         """Per-patch scores averaged over the windows: ((K, h, w), geometry).
 
         ``kind="logits"``: cluster head ``<s, c_k/||c_k||>`` / linear-probe logits (argmax =
-        label); ``kind="cosine"``: cluster head cosine similarities (for the CRF).
+        label); ``kind="cosine"``: cluster head cosine similarities; ``kind="segmentation"``:
+        the segmentation features s themselves, (D, h, w) (the CRF's cluster unaries need them
+        upsampled before the cosine, as the reference).
         """
         check_head(head)
-        if kind not in ("logits", "cosine"):
-            raise ValueError(f"kind must be 'logits' or 'cosine', got {kind!r}")
+        if kind not in ("logits", "cosine", "segmentation"):
+            raise ValueError(f"kind must be 'logits', 'cosine' or 'segmentation', got {kind!r}")
         resized, normalised, size, resized_size = self._prepare(image)
         centroids = self.model.cluster_probe.centroids.float()
 
         def compute(windows: torch.Tensor) -> torch.Tensor:
             segmentation = self.model.segmentation(self._backbone_features(windows))
+            if kind == "segmentation":
+                return segmentation
             if head == "linear":
                 return self.model.linear_probe(segmentation)
             return centroid_scores(segmentation, centroids, cosine=kind == "cosine")
@@ -220,12 +224,15 @@ class Segmenter:
         """
         check_head(head)
         crf = self.crf if crf is None else crf
-        grid, geometry = self.scores(image, head, kind="cosine" if crf and head == "cluster" else "logits")
+        grid, geometry = self.scores(image, head, kind="segmentation" if crf and head == "cluster" else "logits")
         size, resized_size = geometry["size"], geometry["resized_size"]
         p = self.tiling.patch
         if crf:
-            logits = cluster_probabilities(grid[None], log=True)[0] if head == "cluster" else grid
-            at_resized = resample(logits, resized_size, (1.0 / p, 1.0 / p))
+            at_resized = resample(grid, resized_size, (1.0 / p, 1.0 / p))
+            if head == "cluster":
+                # The reference's order: s upsampled first, then log_softmax(2 cos) (see inference.label_maps).
+                centroids = self.model.cluster_probe.centroids.float()
+                at_resized = cluster_probabilities(centroid_scores(at_resized[None], centroids), log=True)[0]
             refined = crf_refine_batch(geometry["resized"][None].cpu(), at_resized[None].cpu())[0].to(self.device)
             labels = resample_argmax(refined, size, (resized_size[0] / size[0], resized_size[1] / size[1]))
         else:

@@ -79,7 +79,9 @@ __all__ = [
 ]
 
 CACHE_FORMAT = "hpseg-feature-cache"
-CACHE_VERSION = 1
+#: 2: LHP weights from the pre-softmax attention scores and DINO's own position interpolation
+#: (version 1 caches hold weights computed from the probabilities: wrong, refused).
+CACHE_VERSION = 2
 META_NAME = "meta.json"
 PROGRESS_NAME = "progress.json"
 WEIGHTS_FILE = "neighbour_weights.f32"
@@ -87,6 +89,13 @@ CLAMP_QUANTILES = (0.1, 0.9)  # the defaults of attention_neighbour_weights (spe
 _FEATURE_FILES = {"float16": "features.f16", "float32": "features.f32"}
 _OFF = {"off", "false", "none", "no"}  # `data.feature_cache=off` arrives as "False" (YAML 1.1)
 _SAMPLED_IMAGES = 8
+
+
+_OLD_VERSION = {
+    1: ("it was built by an older hpseg (format version 1) whose LHP neighbour weights came from the "
+        "attention probabilities instead of the pre-softmax scores, and whose DINO features at grids "
+        "other than the native one used timm's position interpolation instead of DINO's"),
+}
 
 
 class FeatureCacheError(ValueError):
@@ -387,8 +396,8 @@ def build_feature_cache(
             images = batch["image"].to(device, non_blocking=True)
             with torch.no_grad(), autocast(device, amp_dtype):
                 out = backbone(images, with_attention=True)
-            neighbour = attention_neighbour_weights(out.attention, (h, w), backbone.num_prefix_tokens, sigma,
-                                                    clamp_quantiles=CLAMP_QUANTILES)
+            neighbour = attention_neighbour_weights(out.attention_scores, (h, w), backbone.num_prefix_tokens,
+                                                    sigma, clamp_quantiles=CLAMP_QUANTILES)
             if not torch.isfinite(out.features).all():
                 raise FeatureCacheError(f"the backbone gave non-finite features for crops {indices[0]}..{indices[-1]}")
             stored = out.features.float().to(getattr(torch, dtype))
@@ -454,6 +463,9 @@ def validate_cache(
     crops = TrainCrops(prepared_dir, with_augmented=False)
     identity = _identity(backbone, crops, sigma, fingerprint)
     problems = _mismatches(meta, identity)
+    if meta.get("format") == CACHE_FORMAT and meta.get("version") != CACHE_VERSION:
+        problems = [_OLD_VERSION.get(meta.get("version"), f"format version {meta.get('version')!r}, "
+                                     f"this hpseg reads version {CACHE_VERSION}")]
     if not problems:
         if meta.get("completed") != identity["data"]["n_crops"]:
             problems.append(f"completed crops: {meta.get('completed')} of {identity['data']['n_crops']}")

@@ -87,7 +87,9 @@ class BackboneFeatures:
             with autocast(self.device, self.amp_dtype):
                 out = self.backbone(images, with_attention=True)
             grid = (out.features.shape[-2], out.features.shape[-1])
-            weights = attention_neighbour_weights(out.attention, grid, self.backbone.num_prefix_tokens, self.sigma)
+            # LHP reads the pre-softmax scores, as the reference (spec §4), not the probabilities.
+            weights = attention_neighbour_weights(out.attention_scores, grid, self.backbone.num_prefix_tokens,
+                                                  self.sigma)
             aug = batch["image_aug"].to(self.device, non_blocking=True) if self.with_augmented else None
             yield StepInputs(out.features, weights, batch["label"].to(self.device, non_blocking=True), aug)
 

@@ -304,7 +304,9 @@ class Trainer:
                           if kind == "best" else "last step"),
             "config": self.config.to_dict(),
             "backbone": {"name": self.backbone.spec.name, "weights": self.config.backbone.weights,
-                         "pretrained": self.config.backbone.pretrained},
+                         "pretrained": self.config.backbone.pretrained,
+                         # Which official file the name stood for (dino_vits8: the 300-epoch run).
+                         "official_weights": _official_source(self.backbone.spec, self.config.backbone)},
             "class_names": self.class_names,
             "model": self.model.state_dict(),
             "metrics": _json_safe(metrics or {}),
@@ -402,3 +404,10 @@ def resume(run_dir: str | Path, *, backbone: Backbone | None = None, progress: b
         _truncate_jsonl(run_dir / "metrics.jsonl", trainer.state.step)
     trainer.fit()
     return run_dir
+
+
+def _official_source(spec: Any, backbone_config: Any) -> str | None:
+    """URL / Hub repository of the official weights a run loaded by name, None for a file or random init."""
+    if backbone_config.weights or not backbone_config.pretrained:
+        return None
+    return spec.download_url or (f"https://huggingface.co/{spec.hf_hub_id}" if spec.hf_hub_id else None)
