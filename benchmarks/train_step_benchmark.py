@@ -87,7 +87,7 @@ def build_cache(name: str, root: Path, crop_size: int, device: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # time a full build
     started, cpu_started = time.perf_counter(), time.process_time()
     build_feature_cache(backbone, config.data.prepared_path(), out, sigma=config.method.sigma, batch_size=8,
-                        device=dev, amp_dtype=amp_dtype(config.train.amp, dev), progress=False, log=None,
+                        device=dev, amp_dtype=amp_dtype(config.train.amp, dev), 
                         overwrite=True)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -106,18 +106,20 @@ def build_pools(trainer, full: bool) -> dict:
     """
     import itertools
 
+    from hpseg.training.step import ReferencePools
+
     features = trainer.features
     if full:
         maps = list(features.feature_maps(trainer._pool_batches()))
         features.feature_maps = lambda batches: itertools.cycle(maps)  # instance attribute: shadows the method
     try:
-        trainer.state.pool_agnostic = trainer.build_agnostic_pool()
-        trainer.state.pool_specific = trainer.build_specific_pool()
+        agnostic = trainer.build_agnostic_pool()
+        trainer.state.pools = ReferencePools(agnostic, trainer.build_specific_pool())
     finally:
         if full:
             del features.feature_maps
-    return {"pool_agnostic_rows": trainer.state.pool_agnostic.shape[0],
-            "pool_specific_rows": trainer.state.pool_specific.shape[0]}
+    return {"pool_agnostic_rows": trainer.state.pools.agnostic.shape[0],
+            "pool_specific_rows": trainer.state.pools.specific.shape[0]}
 
 
 def _timed_loss(original, times: list, cuda: bool):
@@ -141,7 +143,7 @@ def child(spec: dict) -> dict:
     """One configuration, in this process."""
     import torch
 
-    import hpseg.training.trainer
+    import hpseg.training.step
     from hpseg.config import load_preset
     from hpseg.training.trainer import Trainer
 
@@ -150,14 +152,14 @@ def child(spec: dict) -> dict:
                   "auto" if spec["mode"] == "cache" else "off", spec.get("num_workers", 0))
     )
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, Path(run_dir), progress=False)
+        trainer = Trainer(config, Path(run_dir))
         expected = "CachedFeatures" if spec["mode"] == "cache" else "BackboneFeatures"
         assert type(trainer.features).__name__ == expected, type(trainer.features).__name__
         cuda = trainer.device.type == "cuda"
         pools = build_pools(trainer, spec.get("full_pools", False))
         loss_times: list[float] = []
         if spec.get("time_loss"):
-            hpseg.training.trainer.hidden_positive_loss = _timed_loss(hpseg.training.trainer.hidden_positive_loss, loss_times, cuda)
+            hpseg.training.step.hidden_positive_loss = _timed_loss(hpseg.training.step.hidden_positive_loss, loss_times, cuda)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(trainer.device)
@@ -165,10 +167,10 @@ def child(spec: dict) -> dict:
         else:
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
             before = _proc_status("VmRSS")
-        batches = [b for epoch in range(100) for b in trainer._batches(epoch)][: spec["warmup"] + spec["steps"]]
-        steps = trainer.features.steps(batches)
+        n_steps = spec["warmup"] + spec["steps"]
+        steps = (inputs for epoch in range(100) for inputs in trainer._epoch_steps(epoch, 0))
         fetch, total, cpu, hp_values, loss_timed = [], [], [], [], []
-        for i in range(len(batches)):
+        for i in range(n_steps):
             if cuda:
                 torch.cuda.synchronize()
             start, cpu_start = time.perf_counter(), time.process_time()

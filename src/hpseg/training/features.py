@@ -130,7 +130,20 @@ def augmented_features(backbone: Backbone, images_aug: torch.Tensor, device: tor
         return backbone(images_aug.to(device, non_blocking=True)).features.float()
 
 
-class BackboneFeatures:
+class CropsSource:
+    """The part of a feature source that the prepared training crops (``dataset``) answer."""
+
+    dataset: TrainCrops
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.dataset.class_names)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+class BackboneFeatures(CropsSource):
     """Computes f and the LHP neighbour weights with the frozen backbone, batch by batch."""
 
     def __init__(
@@ -150,13 +163,6 @@ class BackboneFeatures:
         self.plain_dataset: Dataset = TrainCrops(prepared_dir, with_augmented=False) if with_augmented else self.dataset
         self.with_augmented = with_augmented
         self.sigma, self.device, self.amp_dtype, self.num_workers = sigma, device, amp_dtype, num_workers
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.dataset.class_names)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def steps(self, batches: Sequence[list[int]], seeds: Sequence[int]) -> Iterator[StepInputs]:
         for batch in make_loader(self.dataset, batches, self.num_workers, self.device, seeds):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _epoch_steps(self, epoch: int, position: int) -> Any:
+    def _epoch_steps(self, epoch: int, position: int) -> Iterator[StepInputs]:
         """The step inputs of ``epoch`` from batch ``position`` on (a resumed run starts mid-epoch)."""
         train, context = self.config.train, self.context
         batches = epoch_batches(len(self.features), train.batch_size, train.seed, epoch, context.rank,

@@ -27,7 +27,7 @@ from hpseg.training.cache.identity import (
     open_arrays,
     read_json,
 )
-from hpseg.training.features import StepInputs, augmented_features, make_loader
+from hpseg.training.features import CropsSource, StepInputs, augmented_features, make_loader
 
 logger = logging.getLogger(__name__)
 _OFF = {"off", "false", "none", "no"}  # `data.feature_cache=off` arrives as "False" (YAML 1.1)
@@ -122,7 +122,7 @@ class _CacheItems(Dataset):
         return item
 
 
-class CachedFeatures:
+class CachedFeatures(CropsSource):
     """Training inputs from a feature cache; a :class:`~hpseg.training.features.FeatureSource`.
 
     Features are read as stored (float16 by default) and converted to float32 on ``device``.
@@ -159,13 +159,6 @@ class CachedFeatures:
         self.device, self.num_workers = torch.device(device), num_workers
         self._steps = _CacheItems(self.cache_dir, self.meta, self.dataset)
         self._maps = _CacheItems(self.cache_dir, self.meta, None)
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.dataset.class_names)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
     def steps(self, batches: Sequence[list[int]], seeds: Sequence[int]) -> Iterator[StepInputs]:
         for batch in make_loader(self._steps, batches, self.num_workers, self.device, seeds):
