@@ -87,8 +87,7 @@ def build_cache(name: str, root: Path, crop_size: int, device: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # time a full build
     started, cpu_started = time.perf_counter(), time.process_time()
     build_feature_cache(backbone, config.data.prepared_path(), out, sigma=config.method.sigma, batch_size=8,
-                        device=dev, amp_dtype=amp_dtype(config.train.amp, dev), 
-                        overwrite=True)
+                        device=dev, amp_dtype=amp_dtype(config.train.amp, dev), overwrite=True)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     meta = json.loads((out / "meta.json").read_text())

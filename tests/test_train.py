@@ -197,7 +197,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
 def test_pool_renewal_counts_steps_within_the_epoch():
     epoch = [s for s in range(30) if renews_pool_before(s, steps_per_epoch=10, interval=4)]
     assert epoch == [4, 8, 14, 18, 24, 28]  # [ref quirk] the count restarts every epoch
-    run = [s for s in range(30) if renews_pool_before(s, steps_per_epoch=10, interval=4, count="global")]
+    run = [s for s in range(30) if renews_pool_before(s, steps_per_epoch=10, interval=4, counter="global")]
     assert run == [4, 8, 12, 16, 20, 24, 28]
 
 
@@ -207,17 +207,23 @@ def test_trainer_renews_the_pool_on_schedule(data_root, tmp_path, monkeypatch, c
     original = Trainer.build_specific_pool
     monkeypatch.setattr(Trainer, "build_specific_pool", lambda self: calls.append(self.state.step) or original(self))
     # 10 steps per epoch, renew_interval 5: "epoch" renews before step 5 only, "global" also before step 10
-    train(tiny_config(data_root, tmp_path, extra=["train.val_interval=100", f"method.renew_count={count}"]),
+    train(tiny_config(data_root, tmp_path, extra=["train.val_interval=100", f"method.renew_counter={count}"]),
           run_dir=tmp_path / "run")
     assert calls == [0, 5, 10][: 1 + renewals]
 
 
 def test_validation_also_at_every_epoch_end():
-    epoch = [s for s in range(1, 26) if validates_after(s, steps_per_epoch=10, interval=4, total_steps=25)]
-    assert epoch == [4, 8, 10, 14, 18, 20, 24, 25]
-    run = [s for s in range(1, 26) if validates_after(s, steps_per_epoch=10, interval=4, total_steps=25,
-                                                      count="global")]
-    assert run == [4, 8, 12, 16, 20, 24, 25]
+    # every 4 steps counted within each epoch of 10, at every epoch's end [ref quirk], at the last step
+    quirk = [s for s in range(1, 26) if validates_after(s, steps_per_epoch=10, interval=4, total_steps=25)]
+    assert quirk == [4, 8, 10, 14, 18, 20, 24, 25]
+    interval_only = [s for s in range(1, 26) if validates_after(s, steps_per_epoch=10, interval=4, total_steps=25,
+                                                                at_epoch_end=False)]
+    assert interval_only == [4, 8, 14, 18, 24, 25]
+
+
+def test_validation_on_the_interval_only(data_root, tmp_path):
+    run = train(tiny_config(data_root, tmp_path, extra=["train.validate_at_epoch_end=false"]), run_dir=tmp_path / "r")
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "validation" in r] == [6, 12]
 
 
 def test_best_is_chosen_among_epoch_end_validations(data_root, tmp_path, monkeypatch):
@@ -229,7 +235,7 @@ def test_best_is_chosen_among_epoch_end_validations(data_root, tmp_path, monkeyp
     assert not calls and load_checkpoint(run / "checkpoints" / "best.pt")["step"] == 10
 
 
-@pytest.mark.parametrize(("setting", "scale", "interval"), [("reference", 2048.0, 1000), ("torch", 65536.0, 2000)])
+@pytest.mark.parametrize(("setting", "scale", "interval"), [("reference", 2048.0, 1000), ("pytorch", 65536.0, 2000)])
 def test_grad_scaler_settings(data_root, tmp_path, setting, scale, interval):
     config = tiny_config(data_root, tmp_path, extra=[f"train.grad_scaler={setting}"])
     learner = build_learner(config, 64, torch.device("cpu"), torch.float16)  # float16: the scaler is on

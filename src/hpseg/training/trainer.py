@@ -63,28 +63,23 @@ class RunState:
     pools: ReferencePools | None = None
 
 
-def renews_pool_before(step: int, steps_per_epoch: int, interval: int, count: str = "epoch") -> bool:
+def renews_pool_before(step: int, steps_per_epoch: int, interval: int, counter: str = "epoch") -> bool:
     """Whether the task-specific pool is renewed before (0-based) ``step``.
 
-    count="epoch" [ref quirk]: the step's index within its epoch is a non-zero multiple of
+    counter="epoch" [ref quirk]: the step's index within its epoch is a non-zero multiple of
     ``interval``; "global": the step itself is.
     """
-    index = step % steps_per_epoch if count == "epoch" else step
+    index = step % steps_per_epoch if counter == "epoch" else step
     return index > 0 and index % interval == 0
 
 
-def validates_after(step: int, steps_per_epoch: int, interval: int, total_steps: int, count: str = "epoch") -> bool:
-    """Whether validation runs after the (1-based) ``step``-th step.
-
-    count="epoch" [ref quirk]: every ``interval`` steps counted within the epoch and at every
-    epoch's last step; "global": every ``interval`` steps of the run. Always at the last step.
-    """
-    if step == total_steps:
-        return True
-    if count == "epoch":
-        within = (step - 1) % steps_per_epoch + 1
-        return within % interval == 0 or within == steps_per_epoch
-    return step % interval == 0
+def validates_after(step: int, steps_per_epoch: int, interval: int, total_steps: int,
+                    at_epoch_end: bool = True) -> bool:
+    """Whether validation runs after the (1-based) ``step``-th step: every ``interval`` steps
+    counted within the epoch (as the reference), at the run's last step and, with
+    ``at_epoch_end`` [ref quirk], at every epoch's last step."""
+    within = (step - 1) % steps_per_epoch + 1
+    return within % interval == 0 or step == total_steps or (at_epoch_end and within == steps_per_epoch)
 
 
 class Trainer:
@@ -220,7 +215,7 @@ class Trainer:
             if steps is None or position == 0:
                 steps = self._epoch_steps(epoch, position)
             if renews_pool_before(step, self.steps_per_epoch, config.method.renew_interval,
-                                  config.method.renew_count):
+                                  config.method.renew_counter):
                 state.pools.specific = self.build_specific_pool()
             lmbd = lambda_schedule(step, config.method.warmup, self.total_steps)
             values = self.training_step(next(steps), lmbd)
@@ -243,7 +238,7 @@ class Trainer:
                 for key in ("loss", "hp", "consistency", "linear_probe", "cluster_probe", "lambda", "grad_norm"):
                     writer.add_scalar(f"train/{key}", values[key], step)
         if self.validation is not None and validates_after(step, self.steps_per_epoch, train.val_interval,
-                                                           self.total_steps, train.val_count):
+                                                           self.total_steps, train.validate_at_epoch_end):
             self.validate(metrics_file, writer)
         if self.context.is_main and (step % train.checkpoint_interval == 0 or is_last):
             self.save("last")
