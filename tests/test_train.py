@@ -15,7 +15,7 @@ import torch
 from hpseg.checkpoints.store import CheckpointError, load_checkpoint, save_atomic
 from hpseg.cli.main import main
 from hpseg.config import Config
-from hpseg.data import DatasetLayoutError
+from hpseg.data import DatasetLayoutError, make_synthetic_dataset
 from hpseg.training.step import build_learner
 from hpseg.training.trainer import Trainer, renews_pool_before, resume, train, validates_after
 from tests.helpers import synthetic_prepared, tiny_config, tiny_overrides
@@ -109,8 +109,6 @@ def test_interrupted_run_resumes_to_the_same_losses(data_root, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_cli_prepare_train_kill_resume_eval(tmp_path):
-    from hpseg.data import make_synthetic_dataset
-
     data = make_synthetic_dataset(tmp_path / "data", n_train=8, n_val=4, size=64, n_classes=4, seed=1)
     overrides = tiny_overrides(data, tmp_path / "runs", steps=40)
     assert main(["prepare", "--preset", "cocostuff27", "--data-root", str(data), "--no-progress",

@@ -27,7 +27,7 @@ class BackboneConfig:
 class DataConfig:
     dataset: str = "cocostuff27"  # cocostuff27 | cityscapes27 | potsdam3 | folder
     root: str = ""
-    prepared_dir: str | None = None  # five-crop cache; default <root>/hpseg_crops_<crop_size>
+    prepared_dir: str | None = None  # five-crop training set; default <root>/hpseg_prepared/train_<crop_size>
     crop_size: int = 224
     val_size: int = 320
     num_workers: int = 2
