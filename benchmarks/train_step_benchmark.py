@@ -68,6 +68,7 @@ def overrides(name: str, root: Path, crop_size: int, batch: int, alpha: float, d
         f"backbone.name={name}", "backbone.pretrained=false", "data.dataset=folder", f"data.root={root}",
         f"data.crop_size={crop_size}", f"data.num_workers={num_workers}", f"data.feature_cache={cache}",
         f"train.batch_size={batch}", f"method.alpha={alpha}", f"train.device={device}",
+        "method.n_classes=4",  # the synthetic data's classes (a mismatch stops training)
     ]
 
 
