@@ -68,6 +68,7 @@ def overrides(name: str, root: Path, crop_size: int, batch: int, alpha: float, d
         f"backbone.name={name}", "backbone.pretrained=false", "data.dataset=folder", f"data.root={root}",
         f"data.crop_size={crop_size}", f"data.num_workers={num_workers}", f"data.feature_cache={cache}",
         f"train.batch_size={batch}", f"method.alpha={alpha}", f"train.device={device}",
+        "method.n_classes=4",  # the synthetic data's classes (a mismatch stops training)
     ]
 
 
@@ -87,8 +88,7 @@ def build_cache(name: str, root: Path, crop_size: int, device: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # time a full build
     started, cpu_started = time.perf_counter(), time.process_time()
     build_feature_cache(backbone, config.data.prepared_path(), out, sigma=config.method.sigma, batch_size=8,
-                        device=dev, amp_dtype=amp_dtype(config.train.amp, dev), progress=False, log=None,
-                        overwrite=True)
+                        device=dev, amp_dtype=amp_dtype(config.train.amp, dev), overwrite=True)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     meta = json.loads((out / "meta.json").read_text())
@@ -106,18 +106,20 @@ def build_pools(trainer, full: bool) -> dict:
     """
     import itertools
 
+    from hpseg.training.step import ReferencePools
+
     features = trainer.features
     if full:
         maps = list(features.feature_maps(trainer._pool_batches()))
         features.feature_maps = lambda batches: itertools.cycle(maps)  # instance attribute: shadows the method
     try:
-        trainer.state.pool_agnostic = trainer.build_agnostic_pool()
-        trainer.state.pool_specific = trainer.build_specific_pool()
+        agnostic = trainer.build_agnostic_pool()
+        trainer.state.pools = ReferencePools(agnostic, trainer.build_specific_pool())
     finally:
         if full:
             del features.feature_maps
-    return {"pool_agnostic_rows": trainer.state.pool_agnostic.shape[0],
-            "pool_specific_rows": trainer.state.pool_specific.shape[0]}
+    return {"pool_agnostic_rows": trainer.state.pools.agnostic.shape[0],
+            "pool_specific_rows": trainer.state.pools.specific.shape[0]}
 
 
 def _timed_loss(original, times: list, cuda: bool):
@@ -141,7 +143,7 @@ def child(spec: dict) -> dict:
     """One configuration, in this process."""
     import torch
 
-    import hpseg.training.trainer
+    import hpseg.training.step
     from hpseg.config import load_preset
     from hpseg.training.trainer import Trainer
 
@@ -157,7 +159,7 @@ def child(spec: dict) -> dict:
         pools = build_pools(trainer, spec.get("full_pools", False))
         loss_times: list[float] = []
         if spec.get("time_loss"):
-            hpseg.training.trainer.hidden_positive_loss = _timed_loss(hpseg.training.trainer.hidden_positive_loss, loss_times, cuda)
+            hpseg.training.step.hidden_positive_loss = _timed_loss(hpseg.training.step.hidden_positive_loss, loss_times, cuda)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(trainer.device)
@@ -165,10 +167,10 @@ def child(spec: dict) -> dict:
         else:
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
             before = _proc_status("VmRSS")
-        batches = [b for epoch in range(100) for b in trainer._batches(epoch)][: spec["warmup"] + spec["steps"]]
-        steps = trainer.features.steps(batches)
+        n_steps = spec["warmup"] + spec["steps"]
+        steps = (inputs for epoch in range(100) for inputs in trainer._epoch_steps(epoch, 0))
         fetch, total, cpu, hp_values, loss_timed = [], [], [], [], []
-        for i in range(len(batches)):
+        for i in range(n_steps):
             if cuda:
                 torch.cuda.synchronize()
             start, cpu_start = time.perf_counter(), time.process_time()

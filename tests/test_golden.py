@@ -194,17 +194,17 @@ def test_training_lhp_weights_match_reference(path: Path, tmp_path: Path):
         source = BackboneFeatures(backbone, str(_prepared(tmp_path)), with_augmented=False, sigma=sigma,
                                   device=torch.device("cpu"), amp_dtype=None)
         source.dataset = _GoldenImages(images)
-        (step,) = list(source.steps([list(range(len(images)))]))
+        (step,) = list(source.steps([list(range(len(images)))], seeds=[0]))
         torch.testing.assert_close(step.neighbour_weights, expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(step.features, g[f"features_{size}"], rtol=1e-4, atol=1e-5)
     # The cache builder stores what BackboneFeatures computes on the same crops (float32 cache).
     prepared = _prepared(tmp_path)
     cache_dir = build_feature_cache(backbone, prepared, tmp_path / "cache", sigma=sigma, dtype="float32",
-                                    device=torch.device("cpu"), batch_size=4, progress=False, log=None)
+                                    device=torch.device("cpu"), batch_size=4)
     (cached,) = list(CachedFeatures(cache_dir, prepared, with_augmented=False, device=torch.device("cpu"))
-                     .steps([[0, 1, 2]]))
+                     .steps([[0, 1, 2]], seeds=[0]))
     (live,) = list(BackboneFeatures(backbone, str(prepared), with_augmented=False, sigma=sigma,
-                                    device=torch.device("cpu"), amp_dtype=None).steps([[0, 1, 2]]))
+                                    device=torch.device("cpu"), amp_dtype=None).steps([[0, 1, 2]], seeds=[0]))
     torch.testing.assert_close(cached.neighbour_weights, live.neighbour_weights, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cached.features, live.features, rtol=0, atol=0)
 

@@ -2,53 +2,55 @@
 
     hpseg train --preset cocostuff27 --data-root DIR [key=value ...]
 
-One step: backbone features f and LHP weights (from the backbone or the feature cache) ->
-S, S' (EMA), s^mix -> z, z^mix -> GHP + LHP loss (+ consistency, + online probes) -> AdamW /
-Adam steps with gradient clipping on S -> EMA update. Reference pools are built before the
-first step; the task-specific pool is renewed every ``renew_interval`` steps. Validation every
-``val_interval`` steps keeps a ``best`` checkpoint (sum of the four metrics, the reference's
-rule) beside ``last``; ``--resume RUN_DIR`` continues from ``last`` as if never interrupted.
+The inputs of a step come from a :class:`~hpseg.training.features.FeatureSource` (the backbone
+or the feature cache); the step itself is :func:`hpseg.training.step.training_step`. Reference
+pools are built before the first step; the task-specific pool is renewed every
+``renew_interval`` steps (counted within the epoch, [ref quirk]). Validation every
+``val_interval`` steps (within the epoch) and at the end of every epoch keeps a ``best``
+checkpoint (sum of the four metrics, the reference's rule) beside ``last``;
+``--resume RUN_DIR`` continues from ``last`` as if never interrupted.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from hpseg.backbones import Backbone, create_backbone
 from hpseg.checkpoints.store import FORMAT, VERSION, load_checkpoint, save_atomic
 from hpseg.config import Config
-from hpseg.data import ValCrops, build_raw_dataset
+from hpseg.data import DatasetLayoutError, ValCrops, build_raw_dataset
 from hpseg.evaluation.protocol import evaluate_model, selection_score, validation_loader
+from hpseg.logs import progress_bar
 from hpseg.method import (
-    HiddenPositivesModel,
+    ContrastDraw,
     IndependentContrastDraw,
     SharedContrastPattern,
     collect_pool,
-    consistency_loss,
-    hidden_positive_loss,
     lambda_schedule,
-    propagate_to_neighbours,
-    to_rows,
 )
-from hpseg.runtime import (
-    DistributedContext,
-    amp_dtype,
-    autocast,
-    average_gradients,
-    init_distributed,
-    resolve_device,
-    seed_everything,
-)
+from hpseg.runtime import DistributedContext, amp_dtype, init_distributed, resolve_device, seed_everything
 from hpseg.training.cache import open_feature_cache
-from hpseg.training.features import BackboneFeatures, StepInputs, epoch_batches
+from hpseg.training.features import BackboneFeatures, FeatureSource, StepInputs, batch_seeds, epoch_batches
+from hpseg.training.step import (
+    ReferencePools,
+    build_learner,
+    pool_dropout,
+    specific_pool_maps,
+    training_step,
+)
+
+logger = logging.getLogger(__name__)
+# Ranks other than the first show no progress bar: their bars log through a logger that is off.
+_other_ranks = logging.getLogger(f"{__name__}.other_ranks")
+_other_ranks.setLevel(logging.WARNING)
 
 
 @dataclass
@@ -58,51 +60,46 @@ class RunState:
     step: int = 0
     best_score: float = float("-inf")
     best_step: int = -1
-    pool_agnostic: torch.Tensor | None = None
-    pool_specific: torch.Tensor | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
+    pools: ReferencePools | None = None
+
+
+def renews_pool_before(step: int, steps_per_epoch: int, interval: int, counter: str = "epoch") -> bool:
+    """Whether the task-specific pool is renewed before (0-based) ``step``.
+
+    counter="epoch" [ref quirk]: the step's index within its epoch is a non-zero multiple of
+    ``interval``; "global": the step itself is.
+    """
+    index = step % steps_per_epoch if counter == "epoch" else step
+    return index > 0 and index % interval == 0
+
+
+def validates_after(step: int, steps_per_epoch: int, interval: int, total_steps: int,
+                    at_epoch_end: bool = True) -> bool:
+    """Whether validation runs after the (1-based) ``step``-th step: every ``interval`` steps
+    counted within the epoch (as the reference), at the run's last step and, with
+    ``at_epoch_end`` [ref quirk], at every epoch's last step."""
+    within = (step - 1) % steps_per_epoch + 1
+    return within % interval == 0 or step == total_steps or (at_epoch_end and within == steps_per_epoch)
 
 
 class Trainer:
     """Holds the model, optimisers and run state of one training run."""
 
-    def __init__(self, config: Config, run_dir: Path, *, backbone: Backbone | None = None, progress: bool = True,
-                 feature_source: Any | None = None) -> None:
-        self.config, self.run_dir, self.progress = config, run_dir, progress
+    def __init__(self, config: Config, run_dir: Path, *, backbone: Backbone | None = None,
+                 feature_source: FeatureSource | None = None) -> None:
+        self.config, self.run_dir = config, run_dir
         self.device = resolve_device(config.train.device)
         self.context: DistributedContext = init_distributed(self.device)
         self.amp_dtype = amp_dtype(config.train.amp, self.device)
         seed_everything(config.train.seed + self.context.rank)
-        method, optim = config.method, config.optim
-
         self.backbone = backbone or create_backbone(
             config.backbone.name, weights=config.backbone.weights, pretrained=config.backbone.pretrained
         )
         self.backbone.to(self.device)
-        # An explicit source, else the feature cache if data.feature_cache picks one (hpseg.training.cache).
-        self.features = feature_source or open_feature_cache(
-            config, self.backbone, device=self.device, say=self._say
-        ) or BackboneFeatures(
-            self.backbone,
-            str(config.data.prepared_path()),
-            with_augmented=method.alpha > 0,
-            sigma=method.sigma,
-            device=self.device,
-            amp_dtype=self.amp_dtype,
-            num_workers=config.data.num_workers,
-        )
-        self.class_names: list[str] = list(self.features.dataset.class_names)
-        self.model = HiddenPositivesModel(self.backbone.embed_dim, method.dim, method.n_classes, method.dropout)
-        self.model.to(self.device)
-        self.optimizers = {
-            "segmentation": torch.optim.AdamW(
-                self.model.segmentation.parameters(), lr=optim.head_lr, weight_decay=optim.head_weight_decay
-            ),
-            "projection": torch.optim.Adam(self.model.projection.parameters(), lr=optim.projection_lr),
-            "linear_probe": torch.optim.Adam(self.model.linear_probe.parameters(), lr=optim.linear_lr),
-            "cluster_probe": torch.optim.Adam(self.model.cluster_probe.parameters(), lr=optim.cluster_lr),
-        }
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.features: FeatureSource = feature_source or self._default_feature_source()
+        self.class_names: list[str] = list(self.features.class_names)
+        self.learner = build_learner(config, self.backbone.embed_dim, self.device, self.amp_dtype, self.context)
+        self.model, self.optimizers, self.scaler = self.learner.model, self.learner.optimizers, self.learner.scaler
         self.state = RunState()
         self.pool_generator = torch.Generator().manual_seed(config.train.seed + 1)
         self.contrast_generator = torch.Generator(device=self.device).manual_seed(config.train.seed + 2)
@@ -118,157 +115,133 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
+    def _default_feature_source(self) -> FeatureSource:
+        """The feature cache if ``data.feature_cache`` picks one (hpseg.training.cache), else the backbone."""
+        config = self.config
+        prepared = config.data.prepared_path()
+        with_augmented = config.method.alpha > 0
+        cached = open_feature_cache(
+            config.data.feature_cache, prepared, self.backbone, sigma=config.method.sigma,
+            with_augmented=with_augmented, device=self.device, amp_dtype=self.amp_dtype,
+            num_workers=config.data.num_workers,
+        )
+        return cached or BackboneFeatures(
+            self.backbone, str(prepared), with_augmented=with_augmented, sigma=config.method.sigma,
+            device=self.device, amp_dtype=self.amp_dtype, num_workers=config.data.num_workers,
+        )
+
     def _validation_set(self) -> ValCrops | None:
+        """The labelled validation split, or None when it is missing or unlabelled; any other
+        problem with it (a damaged layout, an unreadable file ...) stops training."""
         data = self.config.data
         try:
             raw = build_raw_dataset(data.dataset, data.root, "val", n_classes=self.config.method.n_classes,
                                     skip_bad_images=data.skip_bad_images)
-        except Exception as error:  # noqa: BLE001 - any layout problem means "no validation"
-            self._say(f"no validation: {error}")
+        except DatasetLayoutError as error:
+            if error.path is None or error.path.exists():
+                raise
+            self._notice(f"no validation: {error}")
             return None
         if not raw.has_labels:
-            self._say("no validation: the validation images have no labels")
+            self._notice("no validation: the validation images have no labels")
             return None
         return ValCrops(raw, size=data.val_size)
 
-    def _say(self, message: str) -> None:
+    def _notice(self, message: str) -> None:
         if self.context.is_main:
-            tqdm.write(message)
-
-    def _batches(self, epoch: int) -> list[list[int]]:
-        return epoch_batches(len(self.features), self.config.train.batch_size, self.config.train.seed, epoch,
-                             self.context.rank, self.context.world_size)
+            logger.info(message)
 
     def _pool_batches(self) -> list[list[int]]:
         order = torch.randperm(len(self.features), generator=self.pool_generator).tolist()
         size = self.config.train.batch_size
         return [order[i : i + size] for i in range(0, len(order), size)]
 
-    def _pool_dropout(self, maps: torch.Tensor) -> torch.Tensor:
-        # [ref quirk] the reference fills its pools in training mode: the same channel dropout
-        # as the similarity features of a step (similarity_dropout=False: clean features).
-        method = self.config.method
-        return F.dropout2d(maps, method.dropout, training=True) if method.similarity_dropout else maps
-
     @torch.no_grad()
     def build_agnostic_pool(self) -> torch.Tensor:
-        maps = (self._pool_dropout(f.float()) for f in self.features.feature_maps(self._pool_batches()))
-        return collect_pool(maps, self.config.method.pool_size, self.pool_generator).to(self.device)
+        method = self.config.method
+        maps = (pool_dropout(method, f.float()) for f in self.features.feature_maps(self._pool_batches()))
+        return collect_pool(maps, method.pool_size, self.pool_generator).to(self.device)
 
     @torch.no_grad()
     def build_specific_pool(self) -> torch.Tensor:
-        head = self.model.ema_segmentation
-        head.train(self.config.method.similarity_dropout)
-        maps = (self._pool_dropout(head(f.float())) for f in self.features.feature_maps(self._pool_batches()))
-        return collect_pool(maps, self.config.method.pool_size, self.pool_generator).to(self.device)
+        method = self.config.method
+        maps = (specific_pool_maps(self.model, method, f) for f in self.features.feature_maps(self._pool_batches()))
+        return collect_pool(maps, method.pool_size, self.pool_generator).to(self.device)
 
     # ------------------------------------------------------------------ one step
 
-    def training_step(self, inputs: StepInputs, lmbd: float) -> dict[str, float]:
+    def contrast_draw(self, patches_per_image: int, n_patches: int) -> ContrastDraw:
+        """This step's random part of the contrast sets (``method.contrast_draw``)."""
         method = self.config.method
-        model = self.model
-        model.train()
-        hw = inputs.features.shape[-2] * inputs.features.shape[-1]
-        with autocast(self.device, self.amp_dtype):
-            features = inputs.features.float()
-            segmentation = model.segmentation(features)
-            with torch.no_grad():
-                # [ref quirk] S' sees channel dropout on its input like S (train mode).
-                model.ema_segmentation.train(method.similarity_dropout)
-                specific = model.ema_segmentation(features)
-            mixed = propagate_to_neighbours(segmentation, inputs.neighbour_weights)
-            agnostic = features
-            if method.similarity_dropout:
-                # [ref quirk] a further dropout draw on f, s' and s^mix as the losses use them.
-                agnostic = F.dropout2d(agnostic, method.dropout, training=True)
-                specific = F.dropout2d(specific, method.dropout, training=True)
-                mixed = F.dropout2d(mixed, method.dropout, training=True)
-            z = model.projection(to_rows(segmentation))
-            z_mix = model.projection(to_rows(mixed))
-            if method.alpha > 0 and inputs.images_aug is not None:
-                augmented = self.backbone(inputs.images_aug).features.float()
-                z_aug = model.projection(to_rows(model.segmentation(augmented)))
-                consistency = consistency_loss(z, z_aug)
-            else:
-                consistency = torch.zeros((), device=self.device)
-            detached = segmentation.detach().float()
-            linear = model.linear_probe.loss(detached, inputs.labels)
-            cluster = model.cluster_probe.loss(detached)
-        # The EMA follows S before this step's update, as in the reference.
-        model.update_ema(method.ema_momentum)
-
         if method.contrast_draw == "shared":
-            draw = SharedContrastPattern.draw(hw, z.shape[0], method.rho, self.contrast_generator, self.device)
-        else:
-            seed = int(torch.randint(2**31 - 1, (1,), generator=self.contrast_generator, device=self.device))
-            draw = IndependentContrastDraw(method.rho, seed, self.device)
-        # Outside autocast: the loss picks its own product dtype and keeps softmax in float32.
-        hp = hidden_positive_loss(
-            z, z_mix, to_rows(agnostic.float()), to_rows(specific.float()),
-            self.state.pool_agnostic, self.state.pool_specific,
-            patches_per_image=hw, contrast_draw=draw, lmbd=lmbd, tau=method.tau, tau_base=method.tau_base,
-            temperature_factor=method.temperature_factor, reweighting=method.reweighting,
-            chunk_size=method.chunk_size or None,
-            matmul_dtype=self.amp_dtype if self.device.type == "cuda" and self.amp_dtype else torch.float32,
-        )
-        total = hp + method.alpha * consistency + linear + cluster
+            return SharedContrastPattern.draw(patches_per_image, n_patches, method.rho, self.contrast_generator,
+                                              self.device)
+        seed = int(torch.randint(2**31 - 1, (1,), generator=self.contrast_generator, device=self.device))
+        return IndependentContrastDraw(method.rho, seed, self.device)
 
-        for optimizer in self.optimizers.values():
-            optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        average_gradients([p for p in model.parameters() if p.requires_grad], self.context)
-        for optimizer in self.optimizers.values():
-            self.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.segmentation.parameters(), self.config.optim.grad_clip)
-        for optimizer in self.optimizers.values():
-            self.scaler.step(optimizer)
-        self.scaler.update()
-        return {
-            "loss": total.item(), "hp": hp.item(), "consistency": consistency.item(),
-            "linear_probe": linear.item(), "cluster_probe": cluster.item(), "grad_norm": grad_norm.item(),
-        }
+    def training_step(self, inputs: StepInputs, lmbd: float) -> dict[str, float]:
+        """The step of :func:`hpseg.training.step.training_step` with this run's pools and draws."""
+        assert self.state.pools is not None, "the reference pools are built before the first step"
+        features = inputs.features
+        hw = features.shape[-2] * features.shape[-1]
+        draw = self.contrast_draw(hw, features.shape[0] * hw)
+        return training_step(self.learner, inputs, self.state.pools, draw, lmbd)
 
     # ------------------------------------------------------------------ loop
 
+    def _epoch_steps(self, epoch: int, position: int) -> Iterator[StepInputs]:
+        """The step inputs of ``epoch`` from batch ``position`` on (a resumed run starts mid-epoch)."""
+        train, context = self.config.train, self.context
+        batches = epoch_batches(len(self.features), train.batch_size, train.seed, epoch, context.rank,
+                                context.world_size)
+        seeds = batch_seeds(train.seed, epoch, len(batches), context.rank)
+        return self.features.steps(batches[position:], seeds[position:])
+
     def fit(self) -> dict[str, Any]:
         config, state = self.config, self.state
-        if state.pool_agnostic is None:
-            self._say("building reference pools ...")
-            state.pool_agnostic = self.build_agnostic_pool()
-            state.pool_specific = self.build_specific_pool()
+        if state.pools is None:
+            self._notice("building reference pools ...")
+            agnostic = self.build_agnostic_pool()
+            state.pools = ReferencePools(agnostic, self.build_specific_pool())
         metrics_file = self.run_dir / "metrics.jsonl"
         writer = _tensorboard(self.run_dir) if self.context.is_main else None
-        bar = tqdm(total=self.total_steps, initial=state.step, desc="train", disable=not (self.progress and self.context.is_main),
-                   dynamic_ncols=True)
+        bar_logger = logger if self.context.is_main else _other_ranks
+        bar = progress_bar(range(state.step, self.total_steps), bar_logger, total=self.total_steps, initial=state.step,
+                           desc="train", dynamic_ncols=True)
         steps = None
         started = time.time()
-        while state.step < self.total_steps:
-            epoch, position = divmod(state.step, self.steps_per_epoch)
+        for step in bar:
+            epoch, position = divmod(step, self.steps_per_epoch)
             if steps is None or position == 0:
-                steps = self.features.steps(self._batches(epoch)[position:])
-            step = state.step
-            if step > 0 and step % config.method.renew_interval == 0:
-                state.pool_specific = self.build_specific_pool()
+                steps = self._epoch_steps(epoch, position)
+            if renews_pool_before(step, self.steps_per_epoch, config.method.renew_interval,
+                                  config.method.renew_counter):
+                state.pools.specific = self.build_specific_pool()
             lmbd = lambda_schedule(step, config.method.warmup, self.total_steps)
             values = self.training_step(next(steps), lmbd)
-            state.step += 1
+            state.step = step + 1
             values.update(step=state.step, epoch=epoch, **{"lambda": lmbd}, seconds=round(time.time() - started, 3))
-            bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.3f}", hp=f"{values['hp']:.3f}")
-            if self.context.is_main and (state.step % config.train.log_interval == 0 or state.step == self.total_steps):
-                _append_jsonl(metrics_file, values)
-                if writer is not None:
-                    for key in ("loss", "hp", "consistency", "linear_probe", "cluster_probe", "lambda", "grad_norm"):
-                        writer.add_scalar(f"train/{key}", values[key], state.step)
-            is_last = state.step == self.total_steps
-            if self.validation is not None and (state.step % config.train.val_interval == 0 or is_last):
-                self.validate(metrics_file, writer)
-            if self.context.is_main and (state.step % config.train.checkpoint_interval == 0 or is_last):
-                self.save("last")
+            self._after_step(values, metrics_file, writer)
         bar.close()
         if writer is not None:
             writer.close()
         return {"steps": state.step, "best_step": state.best_step, "best_score": state.best_score}
+
+    def _after_step(self, values: dict[str, Any], metrics_file: Path, writer: Any) -> None:
+        """Log the step's values, validate and write ``last`` when their intervals say so."""
+        train, step = self.config.train, self.state.step
+        is_last = step == self.total_steps
+        if self.context.is_main and (step % train.log_interval == 0 or is_last):
+            _append_jsonl(metrics_file, values)
+            if writer is not None:
+                for key in ("loss", "hp", "consistency", "linear_probe", "cluster_probe", "lambda", "grad_norm"):
+                    writer.add_scalar(f"train/{key}", values[key], step)
+        if self.validation is not None and validates_after(step, self.steps_per_epoch, train.val_interval,
+                                                           self.total_steps, train.validate_at_epoch_end):
+            self.validate(metrics_file, writer)
+        if self.context.is_main and (step % train.checkpoint_interval == 0 or is_last):
+            self.save("last")
 
     def validate(self, metrics_file: Path, writer: Any) -> dict[str, Any]:
         assert self.validation is not None
@@ -281,7 +254,7 @@ class Trainer:
             brief = {key: round(results[key], 4) for key in
                      ("unsupervised_accuracy", "unsupervised_miou", "linear_accuracy", "linear_miou")}
             _append_jsonl(metrics_file, {"step": self.state.step, "validation": brief})
-            self._say(f"step {self.state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in brief.items()))
+            self._notice(f"step {self.state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in brief.items()))
             if writer is not None:
                 for key, value in brief.items():
                     writer.add_scalar(f"val/{key}", value, self.state.step)
@@ -293,7 +266,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint(self, kind: str, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-        state = self.state
+        state, pools = self.state, self.state.pools
         rng = {"torch": torch.get_rng_state(), "pool": self.pool_generator.get_state(),
                "contrast": self.contrast_generator.get_state()}
         if self.device.type == "cuda":
@@ -313,7 +286,7 @@ class Trainer:
             "training": {
                 "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
                 "scaler": self.scaler.state_dict(),
-                "pool_agnostic": state.pool_agnostic, "pool_specific": state.pool_specific,
+                "pool_agnostic": pools.agnostic if pools else None, "pool_specific": pools.specific if pools else None,
                 "best_score": state.best_score, "best_step": state.best_step,
                 "total_steps": self.total_steps, "rng": rng,
             },
@@ -330,8 +303,8 @@ class Trainer:
         self.scaler.load_state_dict(training["scaler"])
         self.state.step = int(payload["step"])
         self.state.best_score, self.state.best_step = float(training["best_score"]), int(training["best_step"])
-        self.state.pool_agnostic = training["pool_agnostic"].to(self.device)
-        self.state.pool_specific = training["pool_specific"].to(self.device)
+        self.state.pools = ReferencePools(training["pool_agnostic"].to(self.device),
+                                          training["pool_specific"].to(self.device))
         rng = training["rng"]
         torch.set_rng_state(rng["torch"])
         self.pool_generator.set_state(rng["pool"])
@@ -365,9 +338,10 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 
 def _tensorboard(run_dir: Path) -> Any:
     try:
+        # Lazy: TensorBoard is optional, and importing it costs about a second.
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        tqdm.write("TensorBoard is not installed (pip install tensorboard): logging to metrics.jsonl only")
+        logger.warning("TensorBoard is not installed (pip install tensorboard): logging to metrics.jsonl only")
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
@@ -378,13 +352,17 @@ def default_run_dir(config: Config) -> Path:
 
 
 def train(config: Config, *, run_dir: str | Path | None = None, backbone: Backbone | None = None,
-          progress: bool = True, feature_source: Any | None = None) -> Path:
-    """Train a new run; returns its directory (config.yaml, metrics.jsonl, tensorboard/, checkpoints/)."""
+          feature_source: FeatureSource | None = None, progress: bool | None = None) -> Path:
+    """Train a new run; returns its directory (config.yaml, metrics.jsonl, tensorboard/, checkpoints/).
+
+    Progress and notices go to the ``hpseg.training`` loggers (``hpseg.logs``); ``progress`` is
+    ignored, kept for callers written before that.
+    """
     run_dir = Path(run_dir) if run_dir else default_run_dir(config)
     if (run_dir / "checkpoints" / "last.pt").exists():
         raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another name")
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, run_dir, backbone=backbone, progress=progress, feature_source=feature_source)
+    trainer = Trainer(config, run_dir, backbone=backbone, feature_source=feature_source)
     if trainer.context.is_main:
         (run_dir / "config.yaml").write_text(config.to_yaml())
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -392,13 +370,14 @@ def train(config: Config, *, run_dir: str | Path | None = None, backbone: Backbo
     return run_dir
 
 
-def resume(run_dir: str | Path, *, backbone: Backbone | None = None, progress: bool = True,
-           feature_source: Any | None = None) -> Path:
-    """Continue the run in ``run_dir`` from its ``last`` checkpoint, with the run's own config."""
+def resume(run_dir: str | Path, *, backbone: Backbone | None = None, feature_source: FeatureSource | None = None,
+           progress: bool | None = None) -> Path:
+    """Continue the run in ``run_dir`` from its ``last`` checkpoint, with the run's own config
+    (``progress``: ignored, as for :func:`train`)."""
     run_dir = Path(run_dir)
     payload = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     config = Config.from_dict(payload["config"])
-    trainer = Trainer(config, run_dir, backbone=backbone, progress=progress, feature_source=feature_source)
+    trainer = Trainer(config, run_dir, backbone=backbone, feature_source=feature_source)
     trainer.restore(payload)
     if trainer.context.is_main:
         _truncate_jsonl(run_dir / "metrics.jsonl", trainer.state.step)
