@@ -235,7 +235,11 @@ class RawDataset:
         return read_image(path)
 
     def _load_label(self, path: Path) -> np.ndarray:
-        raise NotImplementedError
+        """Class ids of a label PNG: its stored ids through the dataset's lookup table ``_lut``."""
+        lut = getattr(self, "_lut", None)
+        if lut is None:
+            raise NotImplementedError(f"{type(self).__name__} reads its labels its own way")
+        return _apply_lut(read_label(path), lut)
 
     def read(self, i: int) -> RawSample:
         """Read item ``i``; raises ImageReadError (naming the file) if it cannot be read."""
@@ -351,10 +355,6 @@ class CocoStuff27(RawDataset):
             skip_bad_images=skip_bad_images,
         )
 
-    def _load_label(self, path: Path) -> np.ndarray:
-        return _apply_lut(read_label(path), self._lut)
-
-
 # ------------------------------------------------------------------------------------------------
 # Cityscapes-27
 
@@ -413,10 +413,6 @@ class Cityscapes27(RawDataset):
             has_labels=True,
             skip_bad_images=skip_bad_images,
         )
-
-    def _load_label(self, path: Path) -> np.ndarray:
-        return _apply_lut(read_label(path), self._lut)
-
 
 # ------------------------------------------------------------------------------------------------
 # Potsdam-3
