@@ -342,8 +342,9 @@ def load(
 
     Args:
         checkpoint: an hpseg checkpoint (``checkpoints/last.pt`` / ``best.pt`` of a run, or one
-            written by ``hpseg import-checkpoint``), or an authors' reference checkpoint (converted
-            in memory).
+            written by ``hpseg import-checkpoint``), a run folder (the checkpoint its
+            ``train.selection`` chose), or
+            an authors' reference checkpoint (converted in memory).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
         weights: local backbone weights file, overriding the checkpoint's.
         mapping: cluster -> class mapping for the cluster head: a ``results.json`` of
@@ -355,9 +356,10 @@ def load(
         echo: where notices go (default: warnings).
     """
     from hpseg.runtime import amp_dtype, resolve_device
+    from hpseg.selection import resolve_checkpoint
 
     say = echo or (lambda message: warnings.warn(message, stacklevel=3))
-    path = Path(checkpoint)
+    path = resolve_checkpoint(checkpoint)  # a run folder: the checkpoint its train.selection chose
     payload = read_torch_file(path)
     if isinstance(payload, dict) and payload.get("format") != FORMAT and "net_model_state_dict" in payload:
         from hpseg.reference_checkpoint import convert_reference
@@ -379,7 +381,8 @@ def load(
     torch_device = resolve_device(device)
     if backbone is None:
         backbone = _backbone_for(payload, config, path, weights, say)
-    model = HiddenPositivesModel(backbone.embed_dim, config.method.dim, config.method.n_classes, config.method.dropout)
+    model = HiddenPositivesModel(backbone.embed_dim, config.method.dim, config.method.n_classes, config.method.dropout,
+                                 n_clusters=config.n_clusters)
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

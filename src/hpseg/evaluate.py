@@ -51,8 +51,20 @@ def _summarise(cluster: SegmentationMetrics | None, linear: SegmentationMetrics 
         out[f"{prefix}_confusion"] = result["confusion"].tolist()
         if prefix == "unsupervised":
             out["cluster_to_class"] = result["assignment"].tolist()
+            out["n_clusters"], out["matching"] = metrics.n_pred, "hungarian"
+            if metrics.n_pred > metrics.n_classes:
+                out.update(_majority_scores(metrics))
         out["n_pixels"] = result["n_pixels"]
     return out
+
+
+def _majority_scores(hungarian: SegmentationMetrics) -> dict[str, Any]:
+    """Over-clustering: the same K x C confusion scored by many-to-one majority matching."""
+    majority = SegmentationMetrics(hungarian.n_classes, hungarian.n_pred, matching="majority")
+    majority.confusion = hungarian.confusion.clone()
+    result = majority.compute()
+    return {"unsupervised_majority_accuracy": result["accuracy"], "unsupervised_majority_miou": result["miou"],
+            "cluster_to_class_majority": result["assignment"].tolist()}
 
 
 @torch.no_grad()
@@ -74,7 +86,7 @@ def evaluate_model(
     """
     was_training = model.training
     model.eval()
-    cluster = SegmentationMetrics(n_classes, hungarian=True)
+    cluster = SegmentationMetrics(n_classes, n_pred=model.cluster_probe.n_clusters, hungarian=True)
     linear = SegmentationMetrics(n_classes, hungarian=False)
     for batch in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
         labels = batch["label"].to(device)
@@ -136,13 +148,14 @@ def _training_patches(backbone: Backbone, crops: Dataset, device: torch.device, 
 
 def fit_baseline(backbone: Backbone, crops: Dataset, n_classes: int, device: torch.device,
                  amp_dtype: torch.dtype | None = None, *, seed: int = 0, max_patches: int = 200_000,
-                 linear_steps: int = 500) -> tuple[torch.Tensor, torch.nn.Module | None]:
-    """The paper's "DINO baseline": cosine k-means (K = n_classes) on raw features f of the
-    training crops, and a linear probe on f trained on their labels (None when unlabelled)."""
+                 linear_steps: int = 500, n_clusters: int | None = None) -> tuple[torch.Tensor, torch.nn.Module | None]:
+    """The paper's "DINO baseline": cosine k-means (K = n_clusters, default n_classes) on raw
+    features f of the training crops, and a linear probe on f trained on their labels (None when
+    unlabelled)."""
     from hpseg.kmeans import kmeans
 
     features, labels = _training_patches(backbone, crops, device, amp_dtype, max_patches, seed)
-    centroids, _ = kmeans(features.to(device), n_classes, seed=seed, cosine=True)
+    centroids, _ = kmeans(features.to(device), n_clusters or n_classes, seed=seed, cosine=True)
     valid = (labels >= 0) & (labels < n_classes)
     if not bool(valid.any()):
         return centroids, None
@@ -167,7 +180,7 @@ def evaluate_baseline(backbone: Backbone, centroids: torch.Tensor, probe: torch.
                       batches: Iterable[dict[str, torch.Tensor]], n_classes: int, device: torch.device,
                       amp_dtype: torch.dtype | None = None, crf: bool = False, progress: bool = False) -> dict[str, Any]:
     """The same protocol as :func:`evaluate_model` on raw backbone features."""
-    cluster = SegmentationMetrics(n_classes, hungarian=True)
+    cluster = SegmentationMetrics(n_classes, n_pred=centroids.shape[0], hungarian=True)
     linear = SegmentationMetrics(n_classes, hungarian=False) if probe is not None else None
     for batch in tqdm(batches, desc="baseline", disable=not progress, leave=False):
         labels = batch["label"].to(device)
@@ -215,13 +228,17 @@ def evaluate_checkpoint(
     max_images: int = 0,
     batch_size: int = 8,
     progress: bool = True,
+    extra_clusters: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on its dataset's validation split and write the results.
 
     Writes ``results.json`` (metrics, per-class IoU, checkpoint, selection rule, step, seed,
     CRF, config) and confusion-matrix images into ``out_dir`` (default: beside the checkpoint,
-    ``<run>/eval-<kind>[-crf]``). Returns the results dict.
+    ``<run>/eval-<kind>[-crf]``). Returns the results dict. ``checkpoint`` may be a run folder:
+    the checkpoint its ``train.selection`` chose. ``extra_clusters`` sets the baseline's
+    k-means K = n_classes + extra_clusters (default: the run's ``method.extra_clusters``).
     """
+    from hpseg.selection import resolve_checkpoint
     from hpseg.backbones import create_backbone
     from hpseg.checkpoint import load_checkpoint
     from hpseg.config import Config
@@ -229,7 +246,7 @@ def evaluate_checkpoint(
     from hpseg.runtime import amp_dtype, resolve_device
     from hpseg.visualize import confusion_image
 
-    checkpoint = Path(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint)
     payload = load_checkpoint(checkpoint)
     config = Config.from_dict(payload["config"])
     if data_root:
@@ -238,7 +255,8 @@ def evaluate_checkpoint(
     autocast_dtype = amp_dtype(config.train.amp, torch_device)
     backbone = create_backbone(config.backbone.name, weights=weights or config.backbone.weights,
                                pretrained=config.backbone.pretrained).to(torch_device)
-    model = HiddenPositivesModel(backbone.embed_dim, config.method.dim, config.method.n_classes, config.method.dropout)
+    model = HiddenPositivesModel(backbone.embed_dim, config.method.dim, config.method.n_classes, config.method.dropout,
+                                 n_clusters=config.n_clusters)
     model.load_state_dict(payload["model"])
     model.to(torch_device).eval()
     raw = build_raw_dataset(config.data.dataset, config.data.root, "val", n_classes=config.method.n_classes,
@@ -262,6 +280,9 @@ def evaluate_checkpoint(
         "checkpoint": str(checkpoint),
         "checkpoint_kind": payload.get("kind"),
         "selection": payload.get("selection"),
+        # The run's train.selection; only "best" lets validation labels choose the checkpoint.
+        "selection_rule": payload.get("selection_rule", config.train.selection),
+        "labels_used_for_selection": payload.get("kind") == "best",
         "step": payload.get("step"),
         "seed": config.train.seed,
         "crf": crf,
@@ -270,6 +291,8 @@ def evaluate_checkpoint(
         "backbone_weights": weights or config.backbone.weights or ("official" if config.backbone.pretrained else "random"),
         "n_images": min(len(validation), max_images) if max_images else len(validation),
         "hp": {key: results[key] for key in METRIC_KEYS},
+        "n_clusters": results["n_clusters"],
+        "matching": {"hp": "hungarian"},
         "hp_per_class_iou": {
             "unsupervised": _per_class_table(results, class_names, "unsupervised"),
             "linear": _per_class_table(results, class_names, "linear"),
@@ -277,15 +300,26 @@ def evaluate_checkpoint(
         "cluster_to_class": results["cluster_to_class"],
         "config": config.to_dict(),
     }
+    if "unsupervised_majority_miou" in results:
+        report["hp_majority"] = {key: results[f"unsupervised_majority_{key.split('_')[1]}"] for key in METRIC_KEYS[:2]}
+        report["matching"]["hp_majority"] = "majority (many-to-one)"
+        report["cluster_to_class_majority"] = results["cluster_to_class_majority"]
     text = [format_results(results, f"HP ({report['checkpoint_kind']} checkpoint, step {report['step']}, "
                                     f"CRF {'on' if crf else 'off'})")]
     if baseline:
         crops = TrainCrops(config.data.prepared_path(), with_augmented=False)
-        centroids, probe = fit_baseline(backbone, crops, n_classes, torch_device, autocast_dtype, seed=config.train.seed)
+        k = n_classes + (config.method.extra_clusters if extra_clusters is None else extra_clusters)
+        centroids, probe = fit_baseline(backbone, crops, n_classes, torch_device, autocast_dtype, seed=config.train.seed,
+                                        n_clusters=k)
         base = evaluate_baseline(backbone, centroids, probe, batches(), n_classes, torch_device, autocast_dtype, crf,
                                  progress)
         report["baseline"] = {key: base[key] for key in METRIC_KEYS if key in base}
-        report["baseline_method"] = (f"cosine k-means (K={n_classes}, seed {config.train.seed}) and a linear probe on "
+        report["matching"]["baseline"] = "hungarian"
+        if "unsupervised_majority_miou" in base:
+            report["baseline_majority"] = {"unsupervised_accuracy": base["unsupervised_majority_accuracy"],
+                                           "unsupervised_miou": base["unsupervised_majority_miou"]}
+            report["matching"]["baseline_majority"] = "majority (many-to-one)"
+        report["baseline_method"] = (f"cosine k-means (K={k}, seed {config.train.seed}) and a linear probe on "
                                      "raw backbone features of the training crops")
         text.append(format_results(base, "Baseline: k-means / linear probe on raw backbone features"))
 

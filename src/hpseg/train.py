@@ -40,6 +40,7 @@ from hpseg.method import (
     propagate_to_neighbours,
     to_rows,
 )
+from hpseg.selection import label_free_scores, probe_rows, selection_text
 from hpseg.runtime import (
     DistributedContext,
     amp_dtype,
@@ -58,6 +59,8 @@ class RunState:
     step: int = 0
     best_score: float = float("-inf")
     best_step: int = -1
+    unsupervised_score: float = float("-inf")  # train.selection=unsupervised: best criterion so far
+    unsupervised_step: int = -1
     pool_agnostic: torch.Tensor | None = None
     pool_specific: torch.Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -92,7 +95,8 @@ class Trainer:
             num_workers=config.data.num_workers,
         )
         self.class_names: list[str] = list(self.features.dataset.class_names)
-        self.model = HiddenPositivesModel(self.backbone.embed_dim, method.dim, method.n_classes, method.dropout)
+        self.model = HiddenPositivesModel(self.backbone.embed_dim, method.dim, method.n_classes, method.dropout,
+                                          n_clusters=config.n_clusters)
         self.model.to(self.device)
         self.optimizers = {
             "segmentation": torch.optim.AdamW(
@@ -115,6 +119,7 @@ class Trainer:
             )
         self.total_steps = config.train.max_steps or config.train.epochs * self.steps_per_epoch
         self.validation = self._validation_set()
+        self.label_free_batches = self._label_free_batches()
 
     # ------------------------------------------------------------------ setup
 
@@ -130,6 +135,13 @@ class Trainer:
             self._say("no validation: the validation images have no labels")
             return None
         return ValCrops(raw, size=data.val_size)
+
+    def _label_free_batches(self) -> list[list[int]]:
+        """A fixed sample of training crops for the label-free criteria (same for every checkpoint)."""
+        n = min(self.config.train.label_free_crops, len(self.features))
+        order = torch.randperm(len(self.features), generator=torch.Generator().manual_seed(self.config.train.seed + 3))
+        chosen, size = order[:n].tolist(), self.config.train.batch_size
+        return [chosen[i : i + size] for i in range(0, len(chosen), size)]
 
     def _say(self, message: str) -> None:
         if self.context.is_main:
@@ -263,12 +275,31 @@ class Trainer:
             is_last = state.step == self.total_steps
             if self.validation is not None and (state.step % config.train.val_interval == 0 or is_last):
                 self.validate(metrics_file, writer)
+            if self.label_free_batches and (state.step % config.train.val_interval == 0 or is_last):
+                self.score_label_free(metrics_file)
             if self.context.is_main and (state.step % config.train.checkpoint_interval == 0 or is_last):
                 self.save("last")
         bar.close()
         if writer is not None:
             writer.close()
-        return {"steps": state.step, "best_step": state.best_step, "best_score": state.best_score}
+        return {"steps": state.step, "best_step": state.best_step, "best_score": state.best_score,
+                "unsupervised_step": state.unsupervised_step}
+
+    @torch.no_grad()
+    def score_label_free(self, metrics_file: Path) -> dict[str, float]:
+        """The label-free criteria of the current weights on the fixed training sample (no labels);
+        keeps the ``unsupervised`` checkpoint under train.selection=unsupervised."""
+        train = self.config.train
+        maps = list(self.features.feature_maps(self.label_free_batches))
+        rows, ids = probe_rows(self.model, maps)
+        scores = label_free_scores(rows, ids, self.config.n_clusters, seed=train.seed)
+        if self.context.is_main:
+            _append_jsonl(metrics_file, {"step": self.state.step, "label_free": {k: round(v, 5) for k, v in scores.items()}})
+            if train.selection == "unsupervised" and scores[train.unsupervised_criterion] >= self.state.unsupervised_score:
+                self.state.unsupervised_score = scores[train.unsupervised_criterion]
+                self.state.unsupervised_step = self.state.step
+                self.save("unsupervised", metrics={"label_free": scores})
+        return scores
 
     def validate(self, metrics_file: Path, writer: Any) -> dict[str, Any]:
         assert self.validation is not None
@@ -285,7 +316,9 @@ class Trainer:
             if writer is not None:
                 for key, value in brief.items():
                     writer.add_scalar(f"val/{key}", value, self.state.step)
-            if score >= self.state.best_score:
+            # Only the reference's rule writes best.pt: under "last" / "unsupervised" no label-chosen
+            # checkpoint exists for eval or predict to pick up.
+            if score >= self.state.best_score and self.config.train.selection == "best":
                 self.state.best_score, self.state.best_step = score, self.state.step
                 self.save("best", metrics=results)
         return results
@@ -300,8 +333,8 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "format": FORMAT, "version": VERSION, "kind": kind, "step": state.step,
-            "selection": ("best sum of unsupervised and linear accuracy and mIoU on the validation set"
-                          if kind == "best" else "last step"),
+            "selection": selection_text(kind, self.config.train.unsupervised_criterion),
+            "selection_rule": self.config.train.selection,
             "config": self.config.to_dict(),
             "backbone": {"name": self.backbone.spec.name, "weights": self.config.backbone.weights,
                          "pretrained": self.config.backbone.pretrained},
@@ -313,6 +346,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "pool_agnostic": state.pool_agnostic, "pool_specific": state.pool_specific,
                 "best_score": state.best_score, "best_step": state.best_step,
+                "unsupervised_score": state.unsupervised_score, "unsupervised_step": state.unsupervised_step,
                 "total_steps": self.total_steps, "rng": rng,
             },
         }
@@ -328,6 +362,8 @@ class Trainer:
         self.scaler.load_state_dict(training["scaler"])
         self.state.step = int(payload["step"])
         self.state.best_score, self.state.best_step = float(training["best_score"]), int(training["best_step"])
+        self.state.unsupervised_score = float(training.get("unsupervised_score", float("-inf")))
+        self.state.unsupervised_step = int(training.get("unsupervised_step", -1))
         self.state.pool_agnostic = training["pool_agnostic"].to(self.device)
         self.state.pool_specific = training["pool_specific"].to(self.device)
         rng = training["rng"]
