@@ -210,3 +210,114 @@ def suggest_k(rows: Sequence[dict[str, Any]], criterion: str = DEFAULT_CRITERION
     if not scored:
         raise ValueError(f"no K could be scored by {criterion}")
     return int(max(scored, key=lambda r: sign * r[criterion])["k"])
+
+
+# ---------------------------------------------------------------------------- hpseg clusters
+
+
+def _feature_extractor(source: str, *, weights: str | None, random_backbone: bool, device: Any
+                       ) -> tuple[Any, Any, int, str]:
+    """-> (backbone, segmentation head or None, default image size, description) for ``source``:
+    an hpseg checkpoint or run folder (HP's segmentation features) or a backbone name (raw features)."""
+    from pathlib import Path
+
+    from hpseg.backbones import create_backbone
+
+    if Path(source).exists():
+        from hpseg.checkpoint import load_checkpoint
+        from hpseg.config import Config
+        from hpseg.method.model import HiddenPositivesModel
+        from hpseg.selection import resolve_checkpoint
+
+        path = resolve_checkpoint(source)
+        payload = load_checkpoint(path)
+        config = Config.from_dict(payload["config"])
+        backbone = create_backbone(config.backbone.name, weights=weights or config.backbone.weights,
+                                   pretrained=config.backbone.pretrained).to(device).eval()
+        model = HiddenPositivesModel(backbone.embed_dim, config.method.dim, config.method.n_classes,
+                                     config.method.dropout, n_clusters=config.n_clusters)
+        model.load_state_dict(payload["model"])
+        return backbone, model.segmentation.to(device).eval(), config.data.val_size, \
+            f"HP segmentation features of {path} (step {payload.get('step')}, {payload.get('selection')})"
+    backbone = create_backbone(source, weights=weights, pretrained=not random_backbone).to(device).eval()
+    kind = "random" if random_backbone else (weights or "official")
+    return backbone, None, 224, f"raw features of backbone {source} ({kind} weights)"
+
+
+@torch.no_grad()
+def image_patch_features(source: str, data_root: str, *, split: str = "train", size: int | None = None,
+                         max_images: int = 200, weights: str | None = None, random_backbone: bool = False,
+                         device: str = "auto") -> tuple[Tensor, str]:
+    """Patch features (N, C) of up to ``max_images`` unlabelled images of a folder dataset, and a
+    description of where they come from. Labels, if any, are never read."""
+    from hpseg.data import ValCrops, build_raw_dataset
+    from hpseg.runtime import resolve_device
+
+    torch_device = resolve_device(device)
+    backbone, head, default_size, description = _feature_extractor(source, weights=weights,
+                                                                   random_backbone=random_backbone,
+                                                                   device=torch_device)
+    raw = build_raw_dataset("folder", data_root, split)
+    raw.has_labels = False  # the count of clusters is found without labels: never read them
+    view = ValCrops(raw, size=size or default_size)
+    rows = []
+    for i in range(min(len(view), max_images) if max_images else len(view)):
+        features = backbone(view[i]["image"][None].to(torch_device)).features.float()
+        if head is not None:
+            features = head(features)
+        rows.append(features[0].flatten(1).T.cpu())
+    return torch.cat(rows), f"{description}; {len(rows)} images of {data_root} ({split}) at {view.size} px"
+
+
+def plot_sweep(rows: Sequence[dict[str, Any]], suggested: dict[str, int], path: Any, title: str) -> Any:
+    """One panel per criterion against K, the suggested K marked; None without matplotlib."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    import io
+
+    from PIL import Image
+
+    from hpseg.visualize import save_image_atomic
+
+    figure = Figure(figsize=(12, 3.2), dpi=100)
+    FigureCanvasAgg(figure)
+    ks = [r["k"] for r in rows]
+    for i, (criterion, higher) in enumerate(CRITERIA.items()):
+        axes = figure.add_subplot(1, len(CRITERIA), i + 1)
+        axes.plot(ks, [r[criterion] for r in rows], marker=".")
+        axes.axvline(suggested[criterion], color="tab:red", linestyle="--", linewidth=1)
+        axes.set_title(f"{criterion} ({'higher' if higher else 'lower'} is better): K={suggested[criterion]}", fontsize=8)
+        axes.set_xlabel("K")
+        axes.grid(alpha=0.3)
+    figure.suptitle(title, fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    save_image_atomic(Image.open(io.BytesIO(buffer.getvalue())), path)
+    return path
+
+
+def run_clusters(source: str, data_root: str, ks: Sequence[int], *, out_dir: str, criterion: str = DEFAULT_CRITERION,
+                 max_patches: int = 2000, seed: int = 0, **feature_options: Any) -> dict[str, Any]:
+    """``hpseg clusters``: sweep K on the images' patch features; writes clusters.json and clusters.png."""
+    from pathlib import Path
+
+    from hpseg.evaluate import write_json_atomic
+
+    features, description = image_patch_features(source, data_root, **feature_options)
+    rows = cluster_sweep(features, ks, seed=seed, max_patches=max_patches)
+    suggested = {name: suggest_k(rows, name) for name in CRITERIA}
+    out = Path(out_dir)
+    report = {
+        "features": description, "n_patches": int(features.shape[0]), "patches_scored": min(max_patches, features.shape[0]),
+        "seed": seed, "k": list(ks), "criterion": criterion, "suggested_k": suggested[criterion],
+        "suggested_k_by_criterion": suggested, "rows": rows,
+        "reliability": "see README 'How many clusters' for how often each criterion found the true K on known data",
+    }
+    write_json_atomic(report, out / "clusters.json")
+    plot = plot_sweep(rows, suggested, out / "clusters.png", description)
+    report["plot"] = str(plot) if plot else None
+    return report

@@ -1,0 +1,113 @@
+"""``hpseg train ... --seeds 0 1 2``: one configuration, several seeds, evaluated and reported.
+
+Each seed trains in ``<run-dir>/seed-<s>/`` (config identical but ``train.seed``), one after the
+other -- or, when several CUDA devices are visible and ``train.device=auto``, one seed per device
+in parallel (each a ``python -m hpseg train`` process) -- then each run's selected checkpoint (its
+``train.selection``) is evaluated and ``hpseg report`` writes ``<run-dir>/report/``.
+A seed whose run already finished is not trained again, so an interrupted sweep is continued by
+running the same command.
+"""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hpseg.config import Config
+
+__all__ = ["seed_run_dir", "train_seeds"]
+
+
+def seed_run_dir(run_dir: str | Path, seed: int) -> Path:
+    return Path(run_dir) / f"seed-{seed}"
+
+
+def _state(run: Path) -> str:
+    """"new", "partial" (a last.pt short of the run's total steps) or "finished"."""
+    from hpseg.checkpoint import load_checkpoint
+
+    last = run / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return "new"
+    payload = load_checkpoint(last)
+    return "finished" if payload["step"] >= payload["training"]["total_steps"] else "partial"
+
+
+def _devices(config: Config) -> list[str]:
+    import torch
+
+    if config.train.device != "auto" or not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return []
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+
+def _train_in_processes(configs: list[Config], runs: list[Path], devices: Sequence[str]) -> None:
+    """One ``python -m hpseg train`` process per run, at most one per device at a time."""
+    pending = list(zip(configs, runs))
+    active: list[tuple[subprocess.Popen, Path]] = []
+    free = list(devices)
+    while pending or active:
+        while pending and free:
+            config, run = pending.pop(0)
+            device = free.pop(0)
+            run.mkdir(parents=True, exist_ok=True)
+            preset = run / "requested-config.yaml"
+            preset.write_text(config.to_yaml())
+            command = [sys.executable, "-m", "hpseg", "train", "--preset", str(preset), "--run-dir", str(run),
+                       "--no-progress", f"train.device={device}"]
+            log = (run / "train.log").open("w")
+            active.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), run))
+            active[-1][0].device = device  # type: ignore[attr-defined]
+        process, run = active.pop(0)
+        if process.wait() != 0:
+            raise RuntimeError(f"training of {run} failed (exit {process.returncode}); see {run / 'train.log'}")
+        free.append(process.device)  # type: ignore[attr-defined]
+
+
+def train_seeds(config: Config, run_dir: str | Path, seeds: Sequence[int], *, evaluate: bool = True,
+                crf: bool = False, progress: bool = True, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``config`` once per seed, evaluate each run's selected checkpoint, write the report.
+
+    Returns ``{"runs": [run folders], "report": summary of hpseg.report.write_report or None}``.
+    """
+    from hpseg.train import resume, train
+
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {' '.join(map(str, seeds))}: each seed once")
+    run_dir = Path(run_dir)
+    configs, runs = [], []
+    for seed in seeds:
+        seeded = copy.deepcopy(config)
+        seeded.train.seed, seeded.train.run_name = int(seed), f"seed-{seed}"
+        configs.append(seeded)
+        runs.append(seed_run_dir(run_dir, seed))
+    states = [_state(r) for r in runs]
+    todo = [(c, r) for c, r, state in zip(configs, runs, states) if state == "new"]
+    for c, r, state in zip(configs, runs, states):
+        if state == "finished":
+            say(f"seed {c.train.seed}: {r} already finished, not trained again")
+        elif state == "partial":
+            say(f"seed {c.train.seed}: continuing the interrupted run in {r}")
+            resume(r, progress=progress)
+    devices = _devices(config)
+    if devices and len(todo) > 1:
+        say(f"training {len(todo)} seeds in parallel on {', '.join(devices)}")
+        _train_in_processes([c for c, _ in todo], [r for _, r in todo], devices)
+    else:
+        for seeded, run in todo:
+            say(f"seed {seeded.train.seed}: training into {run}")
+            train(seeded, run_dir=run, progress=progress)
+    if not evaluate:
+        return {"runs": runs, "report": None}
+    from hpseg.evaluate import evaluate_checkpoint
+    from hpseg.report import write_report
+
+    for run in runs:
+        result = evaluate_checkpoint(run, crf=crf, progress=progress)
+        say(f"{run}: evaluated {result['checkpoint']} ({result['selection_rule']} rule) -> {result['out_dir']}")
+    summary = write_report(runs, run_dir / "report")
+    return {"runs": runs, "report": summary}
