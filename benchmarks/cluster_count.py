@@ -79,8 +79,9 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     results = []
-    for name, make, n_classes in SETS:
-        for seed in args.seeds:
+    # seeds outermost: an interrupted run still covers every set
+    for seed in args.seeds:
+        for name, make, n_classes in SETS:
             work = args.work / f"{name}-{n_classes}-seed{seed}"
             data = work / "data"
             if not (data / "classes.txt").exists():

@@ -306,6 +306,9 @@ def evaluate_checkpoint(
         report["cluster_to_class_majority"] = results["cluster_to_class_majority"]
     text = [format_results(results, f"HP ({report['checkpoint_kind']} checkpoint, step {report['step']}, "
                                     f"CRF {'on' if crf else 'off'})")]
+    if "hp_majority" in report:
+        text.append(format_results(report["hp_majority"], f"HP over-clustered (K={report['n_clusters']}), many-to-one majority matching"))
+    text.append(f"  checkpoint chosen by train.selection={report['selection_rule']}: {report['selection']}")
     if baseline:
         crops = TrainCrops(config.data.prepared_path(), with_augmented=False)
         k = n_classes + (config.method.extra_clusters if extra_clusters is None else extra_clusters)
