@@ -157,6 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate_checkpoint(
         args.checkpoint, data_root=args.data_root, out_dir=args.out, crf=args.crf, baseline=args.baseline,
         device=args.device, weights=args.weights, max_images=args.max_images, progress=not args.no_progress,
+        extra_clusters=args.extra_clusters,
     )
     print(report["text"])
     print(f"results written to {report['out_dir']}/results.json")
@@ -248,11 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_cache)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (unsupervised and linear accuracy / mIoU)")
-    p.add_argument("checkpoint", help="checkpoint file (a run's checkpoints/best.pt or last.pt)")
+    p.add_argument("checkpoint", help="checkpoint file (a run's checkpoints/best.pt or last.pt), or a run folder: "
+                                      "the checkpoint its train.selection chose")
     p.add_argument("--data-root", help="dataset root, when it moved since training")
     p.add_argument("--out", help="output directory (default: <run>/eval-<kind>)")
     p.add_argument("--crf", action="store_true", help="refine with a dense CRF (pip install 'hpseg[crf]')")
     p.add_argument("--baseline", action="store_true", help="also evaluate k-means / linear probe on raw backbone features")
+    p.add_argument("--extra-clusters", type=int, default=None, metavar="N",
+                   help="k-means baseline with n_classes + N clusters, scored by Hungarian and majority matching "
+                        "(default: the run's method.extra_clusters)")
     p.add_argument("--weights", help="local backbone weights file (overrides the checkpoint's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-images", type=int, default=0, help="evaluate on the first N validation images only")
@@ -261,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment your own images (files, folders, globs) with a checkpoint")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("--checkpoint", required=True, help="hpseg checkpoint (or an authors' reference checkpoint)")
+    p.add_argument("--checkpoint", required=True, help="hpseg checkpoint, a run folder (the checkpoint its train.selection chose) "
+                                                     "or an authors' reference checkpoint")
     p.add_argument("--out", required=True, help="output folder (labels/, overlays/, figures/, predictions.json)")
     p.add_argument("--head", choices=("cluster", "linear"), default="cluster",
                    help="cluster probe (unsupervised, default) or linear probe (trained with labels)")

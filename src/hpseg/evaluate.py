@@ -246,6 +246,8 @@ def evaluate_checkpoint(
     from hpseg.runtime import amp_dtype, resolve_device
     from hpseg.visualize import confusion_image
 
+    if extra_clusters is not None and extra_clusters < 0:
+        raise ValueError(f"--extra-clusters {extra_clusters}: must be 0 or more")
     checkpoint = resolve_checkpoint(checkpoint)
     payload = load_checkpoint(checkpoint)
     config = Config.from_dict(payload["config"])
