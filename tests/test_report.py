@@ -99,3 +99,20 @@ def test_train_seeds_then_report(tmp_path):
     assert (tmp_path / "again" / "report.csv").read_text() == csv
     # a finished sweep is not trained again
     assert main(["train", "--run-dir", str(sweep), "--seeds", "0", "1", "--no-progress", "--no-eval", *overrides]) == 0
+
+
+@pytest.mark.slow
+def test_seeds_in_parallel_processes(tmp_path):
+    """The one-process-per-device path, with two CPU 'devices' standing in for GPUs."""
+    from hpseg.checkpoint import load_checkpoint
+    from hpseg.seeds import _train_in_processes
+
+    data = synthetic_prepared(tmp_path)
+    base = Config().override(tiny_overrides(data, tmp_path / "runs", steps=2) + ["train.val_interval=100"])
+    configs = [copy.deepcopy(base) for _ in range(2)]
+    for seed, config in enumerate(configs):
+        config.train.seed = seed
+    runs = [tmp_path / "sweep" / f"seed-{seed}" for seed in range(2)]
+    _train_in_processes(configs, runs, ["cpu", "cpu"])
+    assert [load_checkpoint(run / "checkpoints" / "last.pt")["config"]["train"]["seed"] for run in runs] == [0, 1]
+    assert all(load_checkpoint(run / "checkpoints" / "last.pt")["config"]["train"]["device"] == "cpu" for run in runs)
