@@ -238,12 +238,12 @@ def evaluate_checkpoint(
     the checkpoint its ``train.selection`` chose. ``extra_clusters`` sets the baseline's
     k-means K = n_classes + extra_clusters (default: the run's ``method.extra_clusters``).
     """
-    from hpseg.selection import resolve_checkpoint
     from hpseg.backbones import create_backbone
     from hpseg.checkpoint import load_checkpoint
     from hpseg.config import Config
     from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
     from hpseg.runtime import amp_dtype, resolve_device
+    from hpseg.selection import resolve_checkpoint
     from hpseg.visualize import confusion_image
 
     if extra_clusters is not None and extra_clusters < 0:

@@ -48,24 +48,23 @@ def _devices(config: Config) -> list[str]:
 def _train_in_processes(configs: list[Config], runs: list[Path], devices: Sequence[str]) -> None:
     """One ``python -m hpseg train`` process per run, at most one per device at a time."""
     pending = list(zip(configs, runs))
-    active: list[tuple[subprocess.Popen, Path]] = []
+    active: list[tuple[subprocess.Popen, Path, str]] = []
     free = list(devices)
     while pending or active:
         while pending and free:
             config, run = pending.pop(0)
             device = free.pop(0)
             run.mkdir(parents=True, exist_ok=True)
-            preset = run / "requested-config.yaml"
+            preset = run / "requested-config.yaml"  # the seed's full config, read back as a preset
             preset.write_text(config.to_yaml())
             command = [sys.executable, "-m", "hpseg", "train", "--preset", str(preset), "--run-dir", str(run),
                        "--no-progress", f"train.device={device}"]
-            log = (run / "train.log").open("w")
-            active.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), run))
-            active[-1][0].device = device  # type: ignore[attr-defined]
-        process, run = active.pop(0)
+            with (run / "train.log").open("w") as log:
+                active.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), run, device))
+        process, run, device = active.pop(0)
         if process.wait() != 0:
             raise RuntimeError(f"training of {run} failed (exit {process.returncode}); see {run / 'train.log'}")
-        free.append(process.device)  # type: ignore[attr-defined]
+        free.append(device)
 
 
 def train_seeds(config: Config, run_dir: str | Path, seeds: Sequence[int], *, evaluate: bool = True,

@@ -32,7 +32,8 @@ from torch import Tensor
 from hpseg.clusters import adjusted_rand_index, normalized_mutual_information, silhouette
 from hpseg.kmeans import kmeans
 
-__all__ = ["RULES", "checkpoint_file", "label_free_scores", "resolve_checkpoint", "selection_text"]
+__all__ = ["LABEL_FREE_CRITERIA", "RULES", "checkpoint_file", "label_free_scores", "probe_rows", "resolve_checkpoint",
+           "selection_text"]
 
 #: selection rule -> checkpoint kind written by training (checkpoints/<kind>.pt).
 RULES = {"best": "best", "last": "last", "unsupervised": "unsupervised"}

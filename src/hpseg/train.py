@@ -40,7 +40,6 @@ from hpseg.method import (
     propagate_to_neighbours,
     to_rows,
 )
-from hpseg.selection import label_free_scores, probe_rows, selection_text
 from hpseg.runtime import (
     DistributedContext,
     amp_dtype,
@@ -50,6 +49,7 @@ from hpseg.runtime import (
     resolve_device,
     seed_everything,
 )
+from hpseg.selection import label_free_scores, probe_rows, selection_text
 
 
 @dataclass
