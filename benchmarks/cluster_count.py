@@ -67,13 +67,36 @@ def summarise(results: list[dict]) -> dict:
     return table
 
 
+def table(summary: dict) -> str:
+    """README's table: per features and set, each criterion's exact / within-1 hits and its picks."""
+    lines = []
+    for features, sets in summary.items():
+        lines += [f"**{features}** — hits exact / within ±1 of n data seeds (the suggested Ks):", "",
+                  "| set (true K) | " + " | ".join(CRITERIA) + " |", "|---" * (len(CRITERIA) + 1) + "|"]
+        totals = {c: [0, 0, 0] for c in CRITERIA}
+        for name, cells in sets.items():
+            row = []
+            for c in CRITERIA:
+                cell = cells[c]
+                totals[c] = [totals[c][0] + cell["exact"], totals[c][1] + cell["within_1"], totals[c][2] + cell["n"]]
+                row.append(f"{cell['exact']} / {cell['within_1']} of {cell['n']} ({', '.join(map(str, cell['suggested']))})")
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+        lines.append("| **all** | " + " | ".join(f"**{t[0]} / {t[1]} of {t[2]}**" for t in totals.values()) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--work", type=Path, default=Path("hpseg-cluster-count"))
     parser.add_argument("--out", type=Path, default=Path("cluster-count.json"))
     parser.add_argument("--no-hp", action="store_true", help="random-backbone features only")
+    parser.add_argument("--table-only", action="store_true", help="print the table of an earlier --out")
     args = parser.parse_args()
+    if args.table_only:
+        print(table(json.loads(args.out.read_text())["summary"]))
+        raise SystemExit(0)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -99,3 +122,4 @@ if __name__ == "__main__":
                   flush=True)
             args.out.write_text(json.dumps({"runs": results, "summary": summarise(results),
                                             "criteria": list(CRITERIA)}, indent=1))
+    print(table(summarise(results)))

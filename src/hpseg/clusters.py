@@ -247,9 +247,13 @@ def _feature_extractor(source: str, *, weights: str | None, random_backbone: boo
 @torch.no_grad()
 def image_patch_features(source: str, data_root: str, *, split: str = "train", size: int | None = None,
                          max_images: int = 200, weights: str | None = None, random_backbone: bool = False,
-                         device: str = "auto") -> tuple[Tensor, str]:
+                         device: str = "auto", max_patches: int = 2000, seed: int = 0) -> tuple[Tensor, str]:
     """Patch features (N, C) of up to ``max_images`` unlabelled images of a folder dataset, and a
-    description of where they come from. Labels, if any, are never read."""
+    description of where they come from. Labels, if any, are never read.
+
+    Each image contributes at most 2 * max_patches / n_images random patches (seeded), so that
+    hundreds of large images never hold all their patches in memory at once.
+    """
     from hpseg.data import ValCrops, build_raw_dataset
     from hpseg.runtime import resolve_device
 
@@ -260,12 +264,18 @@ def image_patch_features(source: str, data_root: str, *, split: str = "train", s
     raw = build_raw_dataset("folder", data_root, split)
     raw.has_labels = False  # the count of clusters is found without labels: never read them
     view = ValCrops(raw, size=size or default_size)
+    n_images = min(len(view), max_images) if max_images else len(view)
+    per_image = max(1, math.ceil(2 * max_patches / n_images))
+    generator = torch.Generator().manual_seed(seed)
     rows = []
-    for i in range(min(len(view), max_images) if max_images else len(view)):
+    for i in range(n_images):
         features = backbone(view[i]["image"][None].to(torch_device)).features.float()
         if head is not None:
             features = head(features)
-        rows.append(features[0].flatten(1).T.cpu())
+        patches = features[0].flatten(1).T.cpu()  # (h * w, C)
+        if patches.shape[0] > per_image:
+            patches = patches[torch.randperm(patches.shape[0], generator=generator)[:per_image]]
+        rows.append(patches)
     return torch.cat(rows), f"{description}; {len(rows)} images of {data_root} ({split}) at {view.size} px"
 
 
@@ -307,7 +317,8 @@ def run_clusters(source: str, data_root: str, ks: Sequence[int], *, out_dir: str
 
     from hpseg.evaluate import write_json_atomic
 
-    features, description = image_patch_features(source, data_root, **feature_options)
+    features, description = image_patch_features(source, data_root, max_patches=max_patches, seed=seed,
+                                                 **feature_options)
     rows = cluster_sweep(features, ks, seed=seed, max_patches=max_patches)
     suggested = {name: suggest_k(rows, name) for name in CRITERIA}
     out = Path(out_dir)
