@@ -23,10 +23,12 @@ import shutil
 import time
 from pathlib import Path
 
-from hpseg.cli import main
-from hpseg.clusters import CRITERIA
+import torch
+
+from hpseg.cli.main import main
 from hpseg.data import make_synthetic_dataset
 from hpseg.data.mosaic import make_texture_mosaic_dataset
+from hpseg.evaluation.clusters import CRITERIA
 
 SETS = [("synthetic", make_synthetic_dataset, k) for k in (3, 6, 10)] + \
        [("mosaic", make_texture_mosaic_dataset, k) for k in (4, 6, 8)]
@@ -98,8 +100,6 @@ if __name__ == "__main__":
         print(table(json.loads(args.out.read_text())["summary"]))
         raise SystemExit(0)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
     torch.set_num_threads(1)
     results = []
     # seeds outermost: an interrupted run still covers every set

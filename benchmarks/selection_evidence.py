@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from hpseg.cli import main
+from hpseg.cli.main import main
 from hpseg.data import make_synthetic_dataset
 from hpseg.data.mosaic import make_texture_mosaic_dataset
-from hpseg.selection import LABEL_FREE_CRITERIA
+from hpseg.training.selection import LABEL_FREE_CRITERIA
 
 # name -> (generator, classes, steps). On synthetic-4 HP's validation peaks mid-run and eases
 # (README, "A longer run"): the case where choosing a checkpoint matters.

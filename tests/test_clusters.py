@@ -1,4 +1,4 @@
-"""Label-free criteria for the number of clusters (hpseg.clusters), texture mosaics, `hpseg clusters`."""
+"""Label-free criteria for the number of clusters (hpseg.evaluation.clusters), texture mosaics, `hpseg clusters`."""
 
 import json
 import math
@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hpseg.cli import main
-from hpseg.clusters import (
+from hpseg.cli.main import main
+from hpseg.data import make_synthetic_dataset
+from hpseg.evaluation.clusters import (
     adjusted_rand_index,
     cluster_sweep,
     davies_bouldin,
@@ -19,7 +20,6 @@ from hpseg.clusters import (
     silhouette,
     suggest_k,
 )
-from hpseg.data import make_synthetic_dataset
 
 T = torch.tensor
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from hpseg.config import Config
-from hpseg.evaluate import evaluate_checkpoint
-from hpseg.metrics import SegmentationMetrics, hungarian_match, majority_match
-from hpseg.train import train
+from hpseg.evaluation.metrics import SegmentationMetrics, hungarian_match, majority_match
+from hpseg.evaluation.protocol import evaluate_checkpoint
+from hpseg.training.trainer import train
 from tests.helpers import synthetic_prepared, tiny_config
 
 # 3 clusters x 2 classes: confusion[p, c] = pixels of cluster p labelled c.
@@ -62,8 +62,8 @@ def data_root(tmp_path_factory):
 
 def test_over_clustered_probe_and_baseline_are_scored_both_ways(data_root, tmp_path):
     config = tiny_config(data_root, tmp_path, steps=6, extra=["method.extra_clusters=3", "train.label_free_crops=0"])
-    run = train(config, run_dir=tmp_path / "run", progress=False)
-    report = evaluate_checkpoint(run / "checkpoints" / "last.pt", baseline=True, progress=False, max_images=4)
+    run = train(config, run_dir=tmp_path / "run")
+    report = evaluate_checkpoint(run / "checkpoints" / "last.pt", baseline=True, max_images=4)
     assert report["n_clusters"] == 7 and len(report["cluster_to_class"]) == 7
     assert report["matching"] == {"hp": "hungarian", "hp_majority": "majority (many-to-one)",
                                   "baseline": "hungarian", "baseline_majority": "majority (many-to-one)"}

@@ -2,12 +2,17 @@
 
 import copy
 import json
+import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
-from hpseg.cli import main
+from hpseg.checkpoints.store import load_checkpoint
+from hpseg.cli.main import main
 from hpseg.config import Config
-from hpseg.report import aggregate, collect_results, config_differences, write_report
+from hpseg.evaluation.report import aggregate, collect_results, config_differences, write_report
+from hpseg.training.seeds import _train_in_processes, train_command
 from tests.helpers import synthetic_prepared, tiny_overrides
 
 
@@ -101,18 +106,32 @@ def test_train_seeds_then_report(tmp_path):
     assert main(["train", "--run-dir", str(sweep), "--seeds", "0", "1", "--no-progress", "--no-eval", *overrides]) == 0
 
 
-@pytest.mark.slow
 def test_seeds_in_parallel_processes(tmp_path):
-    """The one-process-per-device path, with two CPU 'devices' standing in for GPUs."""
-    from hpseg.checkpoint import load_checkpoint
-    from hpseg.seeds import _train_in_processes
+    """The one-process-per-device path: every run gets its own device and config, a failed
+    process names its log. Processes here only record their arguments (starting torch twice costs
+    a minute on two shared cores); the command itself runs in-process in the test below."""
+    recorder = "import sys, pathlib; pathlib.Path(sys.argv[2], 'args').write_text(' '.join(sys.argv[1:]))"
+    configs = [Config().override([f"train.seed={seed}"]) for seed in range(3)]
+    runs = [tmp_path / f"seed-{seed}" for seed in range(3)]
+    _train_in_processes(configs, runs, ["cuda:0", "cuda:1"],
+                        command=lambda preset, run, device: [sys.executable, "-c", recorder, str(preset), str(run), device])
+    args = [(run / "args").read_text().split() for run in runs]
+    assert [a[-1] for a in args[:2]] == ["cuda:0", "cuda:1"] and args[2][-1] in ("cuda:0", "cuda:1")
+    assert [Config.from_dict(yaml.safe_load(Path(a[0]).read_text())).train.seed
+            for a in args] == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="train.log"):
+        _train_in_processes(configs[:1], runs[:1], ["cpu"], command=lambda *_: [sys.executable, "-c", "exit(3)"])
 
+
+def test_train_command_trains_the_seed_on_its_device(tmp_path):
     data = synthetic_prepared(tmp_path)
-    base = Config().override(tiny_overrides(data, tmp_path / "runs", steps=2) + ["train.val_interval=100"])
-    configs = [copy.deepcopy(base) for _ in range(2)]
-    for seed, config in enumerate(configs):
-        config.train.seed = seed
-    runs = [tmp_path / "sweep" / f"seed-{seed}" for seed in range(2)]
-    _train_in_processes(configs, runs, ["cpu", "cpu"])
-    assert [load_checkpoint(run / "checkpoints" / "last.pt")["config"]["train"]["seed"] for run in runs] == [0, 1]
-    assert all(load_checkpoint(run / "checkpoints" / "last.pt")["config"]["train"]["device"] == "cpu" for run in runs)
+    config = Config().override(tiny_overrides(data, tmp_path / "runs", steps=2) + ["train.val_interval=100",
+                                                                                   "train.seed=5"])
+    run = tmp_path / "seed-5"
+    run.mkdir()
+    (run / "requested-config.yaml").write_text(config.to_yaml())
+    command = train_command(run / "requested-config.yaml", run, "cpu")
+    assert command[:4] == [sys.executable, "-m", "hpseg", "train"]
+    assert main(command[3:]) == 0  # what `python -m hpseg` runs
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")["config"]["train"]
+    assert (saved["seed"], saved["device"]) == (5, "cpu")

@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from hpseg.checkpoint import load_checkpoint
-from hpseg.cli import main
+from hpseg.checkpoints.runs import resolve_checkpoint
+from hpseg.checkpoints.store import CheckpointError, load_checkpoint
+from hpseg.cli.main import main
 from hpseg.config import Config
-from hpseg.selection import label_free_scores, resolve_checkpoint
-from hpseg.train import train
+from hpseg.training.selection import label_free_scores
+from hpseg.training.trainer import train
 from tests.helpers import synthetic_prepared, tiny_config
 
 
@@ -25,10 +26,9 @@ def read_jsonl(path):
 def test_last_rule_writes_no_label_chosen_checkpoint(data_root, tmp_path):
     """train.selection=last: validation still logs curves, but no best.pt exists for eval or
     predict to pick up; the run folder resolves to last.pt and the results say so."""
-    run = train(tiny_config(data_root, tmp_path, extra=["train.selection=last"]), run_dir=tmp_path / "run",
-                progress=False)
+    run = train(tiny_config(data_root, tmp_path, extra=["train.selection=last"]), run_dir=tmp_path / "run")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
-    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "validation" in r] == [6, 12]
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "validation" in r] == [6, 10, 12]  # and at the epoch end (10 steps)
     assert resolve_checkpoint(run) == run / "checkpoints" / "last.pt"
     assert main(["eval", str(run), "--no-progress", "--max-images", "2"]) == 0
     report = json.loads((run / "eval-last" / "results.json").read_text())
@@ -37,17 +37,17 @@ def test_last_rule_writes_no_label_chosen_checkpoint(data_root, tmp_path):
 
 
 def test_best_rule_resolves_to_best(data_root, tmp_path):
-    run = train(tiny_config(data_root, tmp_path, steps=6), run_dir=tmp_path / "run", progress=False)
+    run = train(tiny_config(data_root, tmp_path, steps=6), run_dir=tmp_path / "run")
     assert resolve_checkpoint(run) == run / "checkpoints" / "best.pt"
     assert load_checkpoint(run / "checkpoints" / "best.pt")["selection_rule"] == "best"
 
 
 def test_unsupervised_rule_keeps_the_highest_label_free_score(data_root, tmp_path):
     extra = ["train.selection=unsupervised", "train.unsupervised_criterion=silhouette", "train.val_interval=3"]
-    run = train(tiny_config(data_root, tmp_path, extra=extra), run_dir=tmp_path / "run", progress=False)
+    run = train(tiny_config(data_root, tmp_path, extra=extra), run_dir=tmp_path / "run")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "unsupervised.pt"]
     scored = [(r["label_free"]["silhouette"], r["step"]) for r in read_jsonl(run / "metrics.jsonl") if "label_free" in r]
-    assert [step for _, step in scored] == [3, 6, 9, 12]
+    assert [step for _, step in scored] == [3, 6, 9, 10, 12]  # with the validation steps
     chosen = load_checkpoint(run / "checkpoints" / "unsupervised.pt")
     best_value = max(value for value, _ in scored)
     # ties go to the later step (>=), as for the reference's rule
@@ -77,9 +77,9 @@ def test_label_free_scores_by_hand():
 
 
 def test_resolve_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.yaml"):
+    with pytest.raises(CheckpointError, match="config.yaml"):
         resolve_checkpoint(tmp_path)
     (tmp_path / "config.yaml").write_text("train:\n  selection: last\n")
-    with pytest.raises(FileNotFoundError, match="last.pt"):
+    with pytest.raises(CheckpointError, match="last.pt"):
         resolve_checkpoint(tmp_path)
     assert resolve_checkpoint(tmp_path / "x.pt") == tmp_path / "x.pt"

@@ -1,6 +1,6 @@
 """hpseg: unsupervised semantic segmentation with Hidden Positives on frozen self-supervised ViTs.
 
-``hpseg.load(checkpoint)`` returns a :class:`hpseg.api.Segmenter` (see :mod:`hpseg.api`).
+``hpseg.load(checkpoint)`` returns a :class:`hpseg.inference.segmenter.Segmenter` (see :mod:`hpseg.inference.segmenter`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ __all__ = ["Segmenter", "__version__", "load"]
 def __getattr__(name: str) -> Any:
     # Lazy: ``import hpseg`` (e.g. for the CLI's --version) does not import torch.
     if name in ("load", "Segmenter"):
-        from hpseg import api
+        from hpseg.inference import segmenter as api
 
         return getattr(api, name)
     raise AttributeError(f"module 'hpseg' has no attribute {name!r}")

@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image
 
 from hpseg.data.synthetic import _scene_labels
+from hpseg.files import write_text_atomic
+from hpseg.visualize import save_image_atomic
 
 __all__ = ["TEXTURE_SOURCES", "make_texture_mosaic_dataset"]
 
@@ -29,6 +31,7 @@ TEXTURE_SOURCES = ("brick", "grass", "gravel", "coffee", "hubble_deep_field", "m
 def _sources(n_classes: int, size: int) -> list[np.ndarray]:
     """(H, W, 3) uint8 source of each class, resized so its shorter side is 2.5 x ``size``."""
     try:
+        # Lazy: scikit-image is a test/benchmark extra only, and only this function needs it.
         import skimage.data
     except ImportError:
         raise ImportError("texture mosaics need scikit-image: pip install scikit-image "
@@ -69,14 +72,11 @@ def make_texture_mosaic_dataset(out_dir: str | Path, *, n_train: int = 32, n_val
         raise ValueError(f"size must be at least 8, got {size}")
     out = Path(out_dir)
     sources = _sources(n_classes, size)
-    (out).mkdir(parents=True, exist_ok=True)
-    (out / "classes.txt").write_text("\n".join(TEXTURE_SOURCES[:n_classes]) + "\n")
+    write_text_atomic("\n".join(TEXTURE_SOURCES[:n_classes]) + "\n", out / "classes.txt")
     for split, n, stream in zip(("train", "val"), (n_train, n_val), np.random.SeedSequence(seed).spawn(2)):
         rng = np.random.default_rng(stream)
-        for sub in ("images", "labels"):
-            (out / split / sub).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             label = _scene_labels(size, n_classes, i % n_classes, rng)
-            Image.fromarray(_render(label, sources, rng), "RGB").save(out / split / "images" / f"{i:05d}.png")
-            Image.fromarray(label, "L").save(out / split / "labels" / f"{i:05d}.png")
+            save_image_atomic(Image.fromarray(_render(label, sources, rng), "RGB"), out / split / "images" / f"{i:05d}.png")
+            save_image_atomic(Image.fromarray(label, "L"), out / split / "labels" / f"{i:05d}.png")
     return out
