@@ -42,7 +42,7 @@ def hp_run(work: Path, data: Path, n_classes: int, seed: int) -> Path:
     common = ["--preset", "cocostuff27", "--data-root", str(data), "data.dataset=folder", "data.crop_size=32",
               "data.val_size=64", "data.num_workers=0", f"method.n_classes={n_classes}", "method.dim=32",
               "method.pool_size=256", "method.renew_interval=20", "method.warmup=50", "train.batch_size=16",
-              "train.max_steps=200", "train.val_interval=200", "train.checkpoint_interval=200",
+              "train.max_steps=200", "train.val_interval=200", "train.validate_at_epoch_end=false", "train.checkpoint_interval=200",
               "train.selection=last", "train.label_free_crops=0"]
     assert main(["prepare", *common, "--no-progress"]) == 0
     assert main(["train", *common, "--backbone", "vit_tiny_p8", "--random-backbone", "--run-dir", str(run),

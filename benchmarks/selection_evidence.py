@@ -2,7 +2,7 @@
 
 For each data set (synthetic, 6 and 4 classes; texture mosaic of skimage photographs, 5 classes) and
 seed, trains HP with the real commands (`hpseg prepare`, `hpseg train`, random `vit_tiny_p8`,
-the demo's sizes) validating every 25 steps (300 steps; 500 on synthetic-4, 4 classes, where HP's validation
+the demo's sizes) validating every 10 steps, at each epoch end (300 steps; 500 on synthetic-4, 4 classes, where HP's validation
 peaks mid-run and then eases, the case where choosing a checkpoint matters). Every validation step logs, in metrics.jsonl, the
 validation metrics (with labels) and the three label-free criteria (no labels). From these logs:
 
@@ -43,7 +43,9 @@ def settings(n_classes: int, steps: int) -> list[str]:
     return [
         "data.dataset=folder", "data.crop_size=32", "data.val_size=64", "data.num_workers=0",
         f"method.n_classes={n_classes}", "method.dim=32", "method.pool_size=256", "method.renew_interval=20",
-        "method.warmup=50", "train.batch_size=16", f"train.max_steps={steps}", "train.val_interval=25",
+        "method.warmup=50", "train.batch_size=16", f"train.max_steps={steps}",
+        # 160 crops / 16 = 10 steps an epoch; validation counts within the epoch: every epoch end
+        "train.val_interval=10",
         "train.log_interval=25", f"train.checkpoint_interval={steps}", "train.selection=last",
     ]
 
