@@ -50,6 +50,9 @@ class DataConfig:
 class MethodConfig:
     dim: int = 512  # D, segmentation feature width
     n_classes: int = 27  # K, clusters of the cluster probe and classes of the linear probe
+    # Over-clustering (STEGO / PiCIE): the cluster probe (and the k-means baseline) get
+    # n_classes + extra_clusters clusters, scored by Hungarian and many-to-one majority matching.
+    extra_clusters: int = 0
     dropout: float = 0.1  # channel dropout on the head input
     ema_momentum: float = 0.99  # m of the EMA head
     pool_size: int = 2048
@@ -102,9 +105,16 @@ class TrainConfig:
     # among all of them); False validates on the interval only.
     validate_at_epoch_end: bool = True
     val_max_images: int = 0  # > 0 evaluates on the first images only during training
-    # [ref quirk] "best" keeps the checkpoint with the best sum of the four validation metrics
-    # (labelled data used for model selection); "last" reports the final weights.
-    selection: Literal["best", "last"] = "best"
+    # Which checkpoint `hpseg eval RUN` / `predict` use (hpseg.checkpoints.runs). [ref quirk] "best" keeps
+    # the best sum of the four validation metrics (validation labels choose the model); "last" is
+    # the final weights; "unsupervised" the best label-free criterion below (no label used).
+    selection: Literal["best", "last", "unsupervised"] = "best"
+    # The criterion of selection=unsupervised (hpseg.training.selection): the silhouette tracked the
+    # validation mIoU best across checkpoints in README's measurements ("Label-free checkpoint selection").
+    unsupervised_criterion: Literal["probe_agreement", "stability", "silhouette"] = "silhouette"
+    # Training crops whose head features the label-free criteria score at every validation step
+    # (logged to metrics.jsonl for any rule); 0 = none, only allowed when selection is not unsupervised.
+    label_free_crops: int = 32
     log_interval: int = 10
     checkpoint_interval: int = 100  # steps between "last" checkpoints (also written at the end)
     output_dir: str = "runs"
@@ -130,7 +140,7 @@ class Config:
                 raise ValueError(f"unknown config section {section!r}; expected one of {_sections()}")
             for key, value in entries.items():
                 _set_field(getattr(config, section), f"{section}.{key}", key, value)
-        return config
+        return config.check()
 
     def override(self, assignments: list[str]) -> Config:
         """Apply ``section.field=value`` strings (values parsed as YAML scalars)."""
@@ -144,7 +154,23 @@ class Config:
             if section not in _sections():
                 raise ValueError(f"unknown config section {section!r}; expected one of {_sections()}")
             _set_field(getattr(self, section), dotted, key, yaml.safe_load(raw) if raw else None)
+        return self.check()
+
+    def check(self) -> Config:
+        """Value checks that types alone cannot express; returns ``self``."""
+        if self.method.extra_clusters < 0:
+            raise ValueError(f"method.extra_clusters={self.method.extra_clusters}: must be 0 or more")
+        if self.train.label_free_crops < 0:
+            raise ValueError(f"train.label_free_crops={self.train.label_free_crops}: must be 0 or more")
+        if self.train.selection == "unsupervised" and self.train.label_free_crops == 0:
+            raise ValueError("train.selection=unsupervised scores checkpoints on train.label_free_crops training "
+                             "crops: set train.label_free_crops to 1 or more (default 32)")
         return self
+
+    @property
+    def n_clusters(self) -> int:
+        """Clusters of the cluster probe and of the k-means baseline: n_classes + extra_clusters."""
+        return self.method.n_classes + self.method.extra_clusters
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

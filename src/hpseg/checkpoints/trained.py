@@ -27,6 +27,7 @@ import torch
 from hpseg.backbones import Backbone, BackboneWeightsError, create_backbone
 from hpseg.checkpoints.mapping import find_mapping, read_mapping
 from hpseg.checkpoints.reference import ConvertedReference, convert_reference, is_reference_checkpoint
+from hpseg.checkpoints.runs import resolve_checkpoint
 from hpseg.checkpoints.store import CheckpointError, check_format, read_torch_file
 from hpseg.config import Config
 from hpseg.method.model import HiddenPositivesModel
@@ -83,8 +84,9 @@ class TrainedCheckpoint:
 
 
 def read_trained(path: str | Path) -> TrainedCheckpoint:
-    """Read ``path`` once: an hpseg checkpoint, or an authors' reference one (converted in memory)."""
-    path = Path(path)
+    """Read ``path`` once: an hpseg checkpoint, or an authors' reference one (converted in memory);
+    a run folder stands for the checkpoint its ``train.selection`` chose."""
+    path = resolve_checkpoint(path)
     raw = read_torch_file(path)
     reference = None
     if is_reference_checkpoint(raw):
@@ -143,7 +145,8 @@ def _trained_heads(checkpoint: TrainedCheckpoint, backbone: Backbone) -> HiddenP
     method = checkpoint.config.method
     # The initial values are all overwritten: build them without advancing the caller's RNG.
     with torch.random.fork_rng(devices=[]):
-        model = HiddenPositivesModel(backbone.embed_dim, method.dim, method.n_classes, method.dropout)
+        model = HiddenPositivesModel(backbone.embed_dim, method.dim, method.n_classes, method.dropout,
+                                     n_clusters=checkpoint.config.n_clusters)
     try:
         model.load_state_dict(checkpoint.payload["model"])
     except RuntimeError as error:

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from hpseg import __version__
+from hpseg.cli.errors import UsageError
 from hpseg.logs import configure_logging
 
 #: Exit status of a failure hpseg explains in one line, and of an unexpected one.
@@ -80,6 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # Under torchrun every rank runs this; only the first one talks.
     is_main = os.environ.get("RANK", "0") == "0"
+    if args.seeds:
+        return _train_seeds(args)
     if args.resume:
         run_dir = resume(args.resume, progress=not args.no_progress)
     else:
@@ -88,7 +91,55 @@ def cmd_train(args: argparse.Namespace) -> int:
             print("resolved config:\n" + config.to_yaml())
         run_dir = train(config, run_dir=args.run_dir, progress=not args.no_progress)
     if is_main:
-        print(f"run written to {run_dir} (checkpoints/last.pt, checkpoints/best.pt when validated, metrics.jsonl)")
+        from hpseg.checkpoints.runs import resolve_checkpoint
+        from hpseg.checkpoints.store import CheckpointError
+
+        try:
+            chosen = f"the checkpoint train.selection chose: {resolve_checkpoint(run_dir)}"
+        except CheckpointError as error:
+            chosen = str(error)
+        print(f"run written to {run_dir} (checkpoints/, metrics.jsonl); {chosen}")
+    return 0
+
+
+def _train_seeds(args: argparse.Namespace) -> int:
+    from hpseg.training.seeds import train_seeds
+
+    if args.resume or not args.run_dir:
+        raise UsageError("--seeds needs --run-dir DIR (one folder seed-<s>/ per seed inside it) and no --resume")
+    result = train_seeds(_config_from(args), args.run_dir, args.seeds, evaluate=not args.no_eval, crf=args.crf)
+    if result["report"]:
+        print(result["report"]["markdown"])
+        print(f"report written to {result['report']['out_dir']} (report.md, report.csv, curves.png)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from hpseg.evaluation.report import write_report
+
+    summary = write_report(args.paths, args.out)
+    print(summary["markdown"])
+    print(f"report written to {summary['out_dir']} (report.md, report.csv"
+          + (", curves.png)" if summary["curves"] else "; no curves.png: no metrics.jsonl found, or no matplotlib)"))
+    return 0
+
+
+def cmd_clusters(args: argparse.Namespace) -> int:
+    from hpseg.evaluation.clusters import DEFAULT_CRITERION, parse_k_range, run_clusters
+
+    report = run_clusters(args.source, args.data_root, parse_k_range(args.k), out_dir=args.out,
+                          criterion=args.criterion or DEFAULT_CRITERION, max_patches=args.max_patches, seed=args.seed, split=args.split,
+                          size=args.size, max_images=args.max_images, weights=args.weights,
+                          random_backbone=args.random_backbone, device=args.device)
+    print(f"features: {report['features']}")
+    print("   K  silhouette  davies-bouldin  stability  eigengap")
+    for row in report["rows"]:
+        print(f"{row['k']:4d}  {row['silhouette']:10.3f}  {row['davies_bouldin']:14.3f}  {row['stability']:9.3f}  "
+              f"{row['eigengap']:8.4f}")
+    print(f"suggested K = {report['suggested_k']} (by {report['criterion']}; by each criterion: "
+          f"{report['suggested_k_by_criterion']}). How often this was right on data with known classes: README, "
+          "'How many clusters'.")
+    print(f"written to {args.out}/clusters.json" + (" and clusters.png" if report["plot"] else ""))
     return 0
 
 
@@ -122,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     report = evaluate_checkpoint(
         args.checkpoint, data_root=args.data_root, out_dir=args.out, crf=args.crf, baseline=args.baseline,
-        device=args.device, weights=args.weights, max_images=args.max_images,
+        device=args.device, weights=args.weights, max_images=args.max_images, extra_clusters=args.extra_clusters,
     )
     print(report["text"])
     print(f"results written to {report['out_dir']}/results.json")
@@ -211,8 +262,36 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_arguments(p)
     p.add_argument("--run-dir", help="run directory (default: <train.output_dir>/<dataset>-<backbone>-<time>)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="train once per seed into RUN_DIR/seed-<s>/, evaluate each and write RUN_DIR/report/")
+    p.add_argument("--crf", action="store_true", help="with --seeds: evaluate with the dense CRF")
+    p.add_argument("--no-eval", action="store_true", help="with --seeds: train only")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("report", help="mean ± std over seeds of evaluations (Markdown, CSV, validation curves)")
+    p.add_argument("paths", nargs="+", metavar="RUN_OR_RESULTS",
+                   help="results.json files, evaluation folders, run folders or a --seeds folder")
+    p.add_argument("--out", default="report", help="output folder (default: report)")
+    p.set_defaults(run=cmd_report)
+
+    p = sub.add_parser("clusters", help="how many clusters do unlabelled images hold? (label-free criteria per K)")
+    p.add_argument("source", metavar="CHECKPOINT_OR_BACKBONE",
+                   help="an hpseg checkpoint or run folder (HP's features) or a backbone name (raw features)")
+    p.add_argument("--data-root", required=True, help="folder dataset: DIR/images or DIR/<split>/images")
+    p.add_argument("--split", default="train")
+    p.add_argument("--k", default="2..40", help="Ks to try: LOW..HIGH or a list 3,5,8 (default 2..40)")
+    p.add_argument("--criterion", default=None, help="criterion of the suggestion: silhouette, davies_bouldin, "
+                                                     "stability or eigengap (default: the best on known data)")
+    p.add_argument("--max-images", type=int, default=200, help="images read (default 200; 0 = all)")
+    p.add_argument("--max-patches", type=int, default=2000, help="patches sampled and clustered (default 2000)")
+    p.add_argument("--size", type=int, default=None, help="image side (default: the checkpoint's data.val_size, else 224)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="clusters", help="output folder (default: clusters)")
+    p.add_argument("--weights", help="local backbone weights file")
+    p.add_argument("--random-backbone", action="store_true", help="randomly initialised backbone (no weights)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=cmd_clusters)
 
     p = sub.add_parser("cache", help="precompute the frozen backbone's features of the training crops (optional)")
     _add_config_arguments(p)
@@ -227,12 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_cache)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (unsupervised and linear accuracy / mIoU)")
-    p.add_argument("checkpoint", help="checkpoint file (a run's checkpoints/best.pt or last.pt)")
+    p.add_argument("checkpoint", help="checkpoint file (a run's checkpoints/best.pt or last.pt), or a run folder: "
+                                      "the checkpoint its train.selection chose")
     p.add_argument("--data-root", help="dataset root, when it moved since training")
     p.add_argument("--out", help="output directory (default: <run>/eval-<name>[-crf] for a run's checkpoints/<name>.pt, "
                                  "eval-<name>[-crf] beside any other checkpoint)")
     p.add_argument("--crf", action="store_true", help="refine with a dense CRF (pip install 'hpseg[crf]')")
     p.add_argument("--baseline", action="store_true", help="also evaluate k-means / linear probe on raw backbone features")
+    p.add_argument("--extra-clusters", type=int, default=None, metavar="N",
+                   help="k-means baseline with n_classes + N clusters, scored by Hungarian and majority matching "
+                        "(default: the run's method.extra_clusters)")
     p.add_argument("--weights", help="local backbone weights file (overrides the checkpoint's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-images", type=int, default=0, help="evaluate on the first N validation images only")
@@ -241,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment your own images (files, folders, globs) with a checkpoint")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("--checkpoint", required=True, help="hpseg checkpoint (or an authors' reference checkpoint)")
+    p.add_argument("--checkpoint", required=True, help="hpseg checkpoint, a run folder (the checkpoint its train.selection chose) "
+                                                     "or an authors' reference checkpoint")
     p.add_argument("--out", required=True, help="output folder (labels/, overlays/, figures/, predictions.json)")
     p.add_argument("--head", choices=("cluster", "linear"), default="cluster",
                    help="cluster probe (unsupervised, default) or linear probe (trained with labels)")

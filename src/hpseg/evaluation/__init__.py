@@ -1,4 +1,5 @@
 """Evaluation with the paper's protocol: metrics and Hungarian matching (:mod:`.metrics`),
 cosine k-means (:mod:`.kmeans`), the evaluation loop, the DINO baseline and the results
-writer (:mod:`.protocol`).
+writer (:mod:`.protocol`), label-free cluster-count criteria (:mod:`.clusters`, ``hpseg clusters``)
+and the mean ± std over seeds of evaluations (:mod:`.report`, ``hpseg report``).
 """

@@ -41,6 +41,7 @@ __all__ = [
     "apply_assignment",
     "confusion_matrix",
     "hungarian_match",
+    "majority_match",
     "segmentation_scores",
 ]
 
@@ -116,6 +117,22 @@ def hungarian_match(confusion: Tensor | np.ndarray) -> np.ndarray:
     return assignment
 
 
+def majority_match(confusion: Tensor | np.ndarray) -> np.ndarray:
+    """Many-to-one assignment for over-clustering: each cluster goes to its most frequent class.
+
+    Args:
+        confusion: ``(n_pred, n_classes)`` counts, rows = clusters, columns = classes.
+
+    Returns:
+        ``(n_pred,)`` int64 class per cluster (ties: the lowest class id); -1 for clusters
+        that hold no valid pixel. Several clusters may share a class.
+    """
+    conf = _to_numpy(confusion)
+    if conf.ndim != 2:
+        raise ValueError(f"confusion must be 2-D, got shape {conf.shape}")
+    return np.where(conf.sum(axis=1) > 0, conf.argmax(axis=1), -1).astype(np.int64)
+
+
 def apply_assignment(pred: Tensor, assignment: np.ndarray | Tensor) -> Tensor:
     """Map cluster ids to class ids with an assignment from :func:`hungarian_match`.
 
@@ -176,7 +193,8 @@ class SegmentationMetrics:
     GPU; only :meth:`compute` copies the small matrix to the host.
     """
 
-    def __init__(self, n_classes: int, n_pred: int | None = None, hungarian: bool = True) -> None:
+    def __init__(self, n_classes: int, n_pred: int | None = None, hungarian: bool = True,
+                 matching: str | None = None) -> None:
         if n_classes <= 0:
             raise ValueError(f"n_classes must be positive, got {n_classes}")
         self.n_classes = int(n_classes)
@@ -184,6 +202,11 @@ class SegmentationMetrics:
         if self.n_pred <= 0:
             raise ValueError(f"n_pred must be positive, got {self.n_pred}")
         self.hungarian = bool(hungarian)
+        # "hungarian" (one-to-one), "majority" (many-to-one, for n_pred > n_classes) or "identity"
+        self.matching = matching or ("hungarian" if self.hungarian else "identity")
+        if self.matching not in ("hungarian", "majority", "identity"):
+            raise ValueError(f"matching must be 'hungarian', 'majority' or 'identity', got {self.matching!r}")
+        self.hungarian = self.matching == "hungarian"
         self.confusion: Tensor = torch.zeros(self.n_pred, self.n_classes, dtype=torch.int64)
 
     def reset(self) -> None:
@@ -221,7 +244,9 @@ class SegmentationMetrics:
         return self
 
     def assignment(self) -> np.ndarray:
-        """``(n_pred,)`` class of each predicted id: Hungarian mapping or identity (-1 = none)."""
+        """``(n_pred,)`` class of each predicted id: Hungarian, majority or identity (-1 = none)."""
+        if self.matching == "majority":
+            return majority_match(self.confusion)
         if self.hungarian:
             return hungarian_match(self.confusion)
         ids = np.arange(self.n_pred, dtype=np.int64)
@@ -242,8 +267,8 @@ class SegmentationMetrics:
         assignment = self.assignment()
         matched = np.zeros((self.n_classes, self.n_classes), dtype=np.int64)
         mapped = assignment >= 0
-        # Both mappings are one-to-one, so matching is a row permutation of the mapped ids.
-        matched[assignment[mapped]] = raw[mapped]
+        # Clusters mapped to one class add up (majority matching maps many to one).
+        np.add.at(matched, assignment[mapped], raw[mapped])
         unmatched = raw[~mapped].sum(axis=0).astype(np.int64)
         scores = segmentation_scores(np.vstack([matched, unmatched[None, :]]))
         scores.update(
@@ -260,6 +285,7 @@ class SegmentationMetrics:
             "n_classes": self.n_classes,
             "n_pred": self.n_pred,
             "hungarian": self.hungarian,
+            "matching": self.matching,
             "confusion": self.confusion.detach().cpu().clone(),
         }
 
@@ -271,6 +297,7 @@ class SegmentationMetrics:
                 f"state confusion has shape {tuple(conf.shape)}, expected {(self.n_pred, self.n_classes)}"
             )
         self.hungarian = bool(state.get("hungarian", self.hungarian))
+        self.matching = state.get("matching", "hungarian" if self.hungarian else "identity")
         self.confusion = conf.to(self.confusion.device).clone()
 
     def __repr__(self) -> str:

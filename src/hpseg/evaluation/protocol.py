@@ -59,8 +59,20 @@ def _summarise(cluster: SegmentationMetrics | None, linear: SegmentationMetrics 
         out[f"{prefix}_confusion"] = result["confusion"].tolist()
         if prefix == "unsupervised":
             out["cluster_to_class"] = result["assignment"].tolist()
+            out["n_clusters"], out["matching"] = metrics.n_pred, "hungarian"
+            if metrics.n_pred > metrics.n_classes:
+                out.update(_majority_scores(metrics))
         out["n_pixels"] = result["n_pixels"]
     return out
+
+
+def _majority_scores(hungarian: SegmentationMetrics) -> dict[str, Any]:
+    """Over-clustering: the same K x C confusion scored by many-to-one majority matching."""
+    majority = SegmentationMetrics(hungarian.n_classes, hungarian.n_pred, matching="majority")
+    majority.confusion = hungarian.confusion.clone()
+    result = majority.compute()
+    return {"unsupervised_majority_accuracy": result["accuracy"], "unsupervised_majority_miou": result["miou"],
+            "cluster_to_class_majority": result["assignment"].tolist()}
 
 
 @torch.no_grad()
@@ -81,7 +93,7 @@ def evaluate_model(
     """
     was_training = model.training
     model.eval()
-    cluster = SegmentationMetrics(n_classes, hungarian=True)
+    cluster = SegmentationMetrics(n_classes, n_pred=model.cluster_probe.n_clusters, hungarian=True)
     linear = SegmentationMetrics(n_classes, hungarian=False)
     for batch in progress_bar(batches, logger, desc="evaluate", leave=False):
         labels = batch["label"].to(device)
@@ -132,11 +144,12 @@ def _training_patches(backbone: Backbone, crops: Dataset, device: torch.device, 
 
 def fit_baseline(backbone: Backbone, crops: Dataset, n_classes: int, device: torch.device,
                  amp_dtype: torch.dtype | None = None, *, seed: int = 0, max_patches: int = 200_000,
-                 linear_steps: int = 500) -> tuple[torch.Tensor, torch.nn.Module | None]:
-    """The paper's "DINO baseline": cosine k-means (K = n_classes) on raw features f of the
-    training crops, and a linear probe on f trained on their labels (None when unlabelled)."""
+                 linear_steps: int = 500, n_clusters: int | None = None) -> tuple[torch.Tensor, torch.nn.Module | None]:
+    """The paper's "DINO baseline": cosine k-means (K = n_clusters, default n_classes) on raw
+    features f of the training crops, and a linear probe on f trained on their labels (None when
+    unlabelled)."""
     features, labels = _training_patches(backbone, crops, device, amp_dtype, max_patches, seed)
-    centroids, _ = kmeans(features.to(device), n_classes, seed=seed, cosine=True)
+    centroids, _ = kmeans(features.to(device), n_clusters or n_classes, seed=seed, cosine=True)
     valid = (labels >= 0) & (labels < n_classes)
     if not bool(valid.any()):
         return centroids, None
@@ -161,7 +174,7 @@ def evaluate_baseline(backbone: Backbone, centroids: torch.Tensor, probe: torch.
                       batches: Iterable[dict[str, torch.Tensor]], n_classes: int, device: torch.device,
                       amp_dtype: torch.dtype | None = None, crf: bool = False) -> dict[str, Any]:
     """The same protocol as :func:`evaluate_model` on raw backbone features."""
-    cluster = SegmentationMetrics(n_classes, hungarian=True)
+    cluster = SegmentationMetrics(n_classes, n_pred=centroids.shape[0], hungarian=True)
     linear = SegmentationMetrics(n_classes, hungarian=False) if probe is not None else None
     for batch in progress_bar(batches, logger, desc="baseline", leave=False):
         labels = batch["label"].to(device)
@@ -210,10 +223,13 @@ def _hp_report(trained: TrainedModel, results: dict[str, Any], class_names: list
                n_images: int) -> dict[str, Any]:
     """What ``results.json`` says about HP's results and the checkpoint that produced them."""
     config = trained.config
-    return {
+    report: dict[str, Any] = {
         "checkpoint": str(trained.path),
         "checkpoint_kind": trained.payload.get("kind"),
         "selection": trained.payload.get("selection"),
+        # The run's train.selection; only "best" lets validation labels choose the checkpoint.
+        "selection_rule": trained.payload.get("selection_rule", config.train.selection),
+        "labels_used_for_selection": trained.payload.get("kind") == "best",
         "step": trained.checkpoint.step,
         "seed": config.train.seed,
         "crf": crf,
@@ -222,6 +238,8 @@ def _hp_report(trained: TrainedModel, results: dict[str, Any], class_names: list
         "backbone_weights": trained.weights_source,
         "n_images": n_images,
         "hp": {key: results[key] for key in METRIC_KEYS},
+        "n_clusters": results["n_clusters"],
+        "matching": {"hp": "hungarian"},
         "hp_per_class_iou": {
             "unsupervised": _per_class_table(results, class_names, "unsupervised"),
             "linear": _per_class_table(results, class_names, "linear"),
@@ -229,20 +247,38 @@ def _hp_report(trained: TrainedModel, results: dict[str, Any], class_names: list
         "cluster_to_class": results["cluster_to_class"],
         "config": config.to_dict(),
     }
+    if "unsupervised_majority_miou" in results:
+        report["hp_majority"] = _majority_section(results)
+        report["matching"]["hp_majority"] = "majority (many-to-one)"
+        report["cluster_to_class_majority"] = results["cluster_to_class_majority"]
+    return report
 
 
-def _baseline_report(trained: TrainedModel, batches: Callable[[], DataLoader], crf: bool) -> dict[str, Any]:
-    """The DINO baseline fitted on the training crops and scored like HP."""
+def _majority_section(results: dict[str, Any]) -> dict[str, float]:
+    """The over-clustered scores of :func:`_majority_scores` under the usual metric names."""
+    return {"unsupervised_accuracy": results["unsupervised_majority_accuracy"],
+            "unsupervised_miou": results["unsupervised_majority_miou"]}
+
+
+def _baseline_report(trained: TrainedModel, batches: Callable[[], DataLoader], crf: bool,
+                     extra_clusters: int | None = None) -> dict[str, Any]:
+    """The DINO baseline fitted on the training crops and scored like HP; its k-means has
+    n_classes + extra_clusters clusters (default: the run's ``method.extra_clusters``)."""
     config, n_classes, seed = trained.config, trained.config.method.n_classes, trained.config.train.seed
+    k = n_classes + (config.method.extra_clusters if extra_clusters is None else extra_clusters)
     crops = TrainCrops(config.data.prepared_path(), with_augmented=False)
-    centroids, probe = fit_baseline(trained.backbone, crops, n_classes, trained.device, trained.amp_dtype, seed=seed)
+    centroids, probe = fit_baseline(trained.backbone, crops, n_classes, trained.device, trained.amp_dtype, seed=seed,
+                                    n_clusters=k)
     base = evaluate_baseline(trained.backbone, centroids, probe, batches(), n_classes, trained.device,
                              trained.amp_dtype, crf)
-    return {
+    report: dict[str, Any] = {
         "baseline": {key: base[key] for key in METRIC_KEYS if key in base},
-        "baseline_method": (f"cosine k-means (K={n_classes}, seed {seed}) and a linear probe on raw backbone "
+        "baseline_method": (f"cosine k-means (K={k}, seed {seed}) and a linear probe on raw backbone "
                             "features of the training crops"),
     }
+    if "unsupervised_majority_miou" in base:
+        report["baseline_majority"] = _majority_section(base)
+    return report
 
 
 def _write_results(report: dict[str, Any], results: dict[str, Any], class_names: list[str], out: Path) -> None:
@@ -263,6 +299,7 @@ def evaluate_checkpoint(
     weights: str | None = None,
     max_images: int = 0,
     batch_size: int = 8,
+    extra_clusters: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on its dataset's validation split and write the results.
 
@@ -270,8 +307,12 @@ def evaluate_checkpoint(
     CRF, config) and confusion-matrix images into ``out_dir`` (default:
     :func:`hpseg.checkpoints.mapping.evaluation_dir`, ``<run>/eval-<name>[-crf]`` for a run's
     checkpoint, ``eval-<name>[-crf]`` beside any other). Returns the results dict with ``text``
-    (a summary table) and ``out_dir``.
+    (a summary table) and ``out_dir``. ``checkpoint`` may be a run folder: the checkpoint its
+    ``train.selection`` chose. ``extra_clusters`` sets the baseline's k-means K = n_classes +
+    extra_clusters (default: the run's ``method.extra_clusters``).
     """
+    if extra_clusters is not None and extra_clusters < 0:
+        raise ValueError(f"extra_clusters={extra_clusters} (--extra-clusters): must be 0 or more")
     if crf:
         require_crf()  # fail before any work when the extra is missing
     trained = load_trained(checkpoint, device, weights)
@@ -290,8 +331,15 @@ def evaluate_checkpoint(
     report = _hp_report(trained, results, class_names, crf, n_images)
     text = [format_results(results, f"HP ({report['checkpoint_kind']} checkpoint, step {report['step']}, "
                                     f"CRF {'on' if crf else 'off'})")]
+    if "hp_majority" in report:
+        text.append(format_results(report["hp_majority"],
+                                   f"HP over-clustered (K={report['n_clusters']}), many-to-one majority matching"))
+    text.append(f"  checkpoint chosen by train.selection={report['selection_rule']}: {report['selection']}")
     if baseline:
-        report.update(_baseline_report(trained, batches, crf))
+        report.update(_baseline_report(trained, batches, crf, extra_clusters))
+        report["matching"]["baseline"] = "hungarian"
+        if "baseline_majority" in report:
+            report["matching"]["baseline_majority"] = "majority (many-to-one)"
         text.append(format_results(report["baseline"], "Baseline: k-means / linear probe on raw backbone features"))
     out = Path(out_dir) if out_dir else evaluation_dir(trained.path, crf)
     _write_results(report, results, class_names, out)

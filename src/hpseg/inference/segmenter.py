@@ -294,8 +294,8 @@ def load(
 
     Args:
         checkpoint: an hpseg checkpoint (``checkpoints/last.pt`` / ``best.pt`` of a run, or one
-            written by ``hpseg import-checkpoint``), or an authors' reference checkpoint (converted
-            in memory).
+            written by ``hpseg import-checkpoint``), a run folder (the checkpoint its
+            ``train.selection`` chose), or an authors' reference checkpoint (converted in memory).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...; the precision
             follows the device (a model trained in float16 on a GPU runs in float32 on the CPU).
         weights: local backbone weights file, overriding the checkpoint's.

@@ -20,13 +20,15 @@ class HiddenPositivesModel(nn.Module):
     Shapes: backbone features f (B, C, h, w) -> segmentation features s (B, D, h, w).
     """
 
-    def __init__(self, feature_dim: int, dim: int, n_classes: int, dropout: float = 0.1) -> None:
+    def __init__(self, feature_dim: int, dim: int, n_classes: int, dropout: float = 0.1,
+                 n_clusters: int | None = None) -> None:
         super().__init__()
+        # n_clusters > n_classes over-clusters the cluster probe (method.extra_clusters)
         self.feature_dim, self.dim, self.n_classes = feature_dim, dim, n_classes
         self.segmentation = SegmentationHead(feature_dim, dim, dropout)
         self.ema_segmentation = make_ema_copy(self.segmentation)
         self.projection = ProjectionHead(dim)
-        self.cluster_probe = ClusterProbe(dim, n_classes)
+        self.cluster_probe = ClusterProbe(dim, n_clusters or n_classes)
         self.linear_probe = LinearProbe(dim, n_classes)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,8 @@ def build_learner(config: Config, feature_dim: int, device: torch.device, amp_dt
     """The model of a run with feature width C = ``feature_dim``, on ``device``, and its optimisers
     (AdamW on S; Adam on P and on each probe, as the reference)."""
     method, optim = config.method, config.optim
-    model = HiddenPositivesModel(feature_dim, method.dim, method.n_classes, method.dropout).to(device)
+    model = HiddenPositivesModel(feature_dim, method.dim, method.n_classes, method.dropout,
+                                 n_clusters=config.n_clusters).to(device)
     optimizers: dict[str, torch.optim.Optimizer] = {
         "segmentation": torch.optim.AdamW(
             model.segmentation.parameters(), lr=optim.head_lr, weight_decay=optim.head_weight_decay

@@ -7,7 +7,9 @@ or the feature cache); the step itself is :func:`hpseg.training.step.training_st
 pools are built before the first step; the task-specific pool is renewed every
 ``renew_interval`` steps (counted within the epoch, [ref quirk]). Validation every
 ``val_interval`` steps (within the epoch) and at the end of every epoch keeps a ``best``
-checkpoint (sum of the four metrics, the reference's rule) beside ``last``;
+checkpoint (sum of the four metrics, the reference's rule) beside ``last`` under
+``train.selection=best``; the label-free criteria are scored at the same steps
+(:mod:`hpseg.training.selection`) and keep ``unsupervised`` under that rule;
 ``--resume RUN_DIR`` continues from ``last`` as if never interrupted.
 """
 
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from hpseg.backbones import Backbone, create_backbone
+from hpseg.checkpoints.runs import selection_text
 from hpseg.checkpoints.store import FORMAT, VERSION, load_checkpoint, save_atomic
 from hpseg.config import Config
 from hpseg.data import DatasetLayoutError, ValCrops, build_raw_dataset
@@ -39,6 +42,7 @@ from hpseg.method import (
 from hpseg.runtime import DistributedContext, amp_dtype, init_distributed, resolve_device, seed_everything
 from hpseg.training.cache import open_feature_cache
 from hpseg.training.features import BackboneFeatures, FeatureSource, StepInputs, batch_seeds, epoch_batches
+from hpseg.training.selection import label_free_batches, label_free_scores, probe_rows
 from hpseg.training.step import (
     ReferencePools,
     build_learner,
@@ -60,6 +64,8 @@ class RunState:
     step: int = 0
     best_score: float = float("-inf")
     best_step: int = -1
+    unsupervised_score: float = float("-inf")  # train.selection=unsupervised: best criterion so far
+    unsupervised_step: int = -1
     pools: ReferencePools | None = None
 
 
@@ -112,6 +118,8 @@ class Trainer:
             )
         self.total_steps = config.train.max_steps or config.train.epochs * self.steps_per_epoch
         self.validation = self._validation_set()
+        self.label_free_batches = label_free_batches(len(self.features), config.train.label_free_crops,
+                                                     config.train.batch_size, config.train.seed + 3)
 
     # ------------------------------------------------------------------ setup
 
@@ -226,7 +234,8 @@ class Trainer:
         bar.close()
         if writer is not None:
             writer.close()
-        return {"steps": state.step, "best_step": state.best_step, "best_score": state.best_score}
+        return {"steps": state.step, "best_step": state.best_step, "best_score": state.best_score,
+                "unsupervised_step": state.unsupervised_step}
 
     def _after_step(self, values: dict[str, Any], metrics_file: Path, writer: Any) -> None:
         """Log the step's values, validate and write ``last`` when their intervals say so."""
@@ -237,9 +246,12 @@ class Trainer:
             if writer is not None:
                 for key in ("loss", "hp", "consistency", "linear_probe", "cluster_probe", "lambda", "grad_norm"):
                     writer.add_scalar(f"train/{key}", values[key], step)
-        if self.validation is not None and validates_after(step, self.steps_per_epoch, train.val_interval,
-                                                           self.total_steps, train.validate_at_epoch_end):
-            self.validate(metrics_file, writer)
+        if validates_after(step, self.steps_per_epoch, train.val_interval, self.total_steps,
+                           train.validate_at_epoch_end):
+            if self.validation is not None:
+                self.validate(metrics_file, writer)
+            if self.label_free_batches:
+                self.score_label_free(metrics_file)
         if self.context.is_main and (step % train.checkpoint_interval == 0 or is_last):
             self.save("last")
 
@@ -258,10 +270,26 @@ class Trainer:
             if writer is not None:
                 for key, value in brief.items():
                     writer.add_scalar(f"val/{key}", value, self.state.step)
-            if score >= self.state.best_score:
+            # Only the reference's rule writes best.pt: under "last" / "unsupervised" no label-chosen
+            # checkpoint exists for eval or predict to pick up.
+            if score >= self.state.best_score and self.config.train.selection == "best":
                 self.state.best_score, self.state.best_step = score, self.state.step
                 self.save("best", metrics=results)
         return results
+
+    @torch.no_grad()
+    def score_label_free(self, metrics_file: Path) -> dict[str, float]:
+        """The label-free criteria of the current weights on the fixed training sample (no labels);
+        keeps the ``unsupervised`` checkpoint under train.selection=unsupervised."""
+        train, state = self.config.train, self.state
+        rows, ids = probe_rows(self.model, self.features.feature_maps(self.label_free_batches))
+        scores = label_free_scores(rows, ids, self.config.n_clusters, seed=train.seed)
+        if self.context.is_main:
+            _append_jsonl(metrics_file, {"step": state.step, "label_free": {k: round(v, 5) for k, v in scores.items()}})
+            if train.selection == "unsupervised" and scores[train.unsupervised_criterion] >= state.unsupervised_score:
+                state.unsupervised_score, state.unsupervised_step = scores[train.unsupervised_criterion], state.step
+                self.save("unsupervised", metrics={"label_free": scores})
+        return scores
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -273,8 +301,8 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "format": FORMAT, "version": VERSION, "kind": kind, "step": state.step,
-            "selection": ("best sum of unsupervised and linear accuracy and mIoU on the validation set"
-                          if kind == "best" else "last step"),
+            "selection": selection_text(kind, self.config.train.unsupervised_criterion),
+            "selection_rule": self.config.train.selection,
             "config": self.config.to_dict(),
             "backbone": {"name": self.backbone.spec.name, "weights": self.config.backbone.weights,
                          "pretrained": self.config.backbone.pretrained,
@@ -288,6 +316,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "pool_agnostic": pools.agnostic if pools else None, "pool_specific": pools.specific if pools else None,
                 "best_score": state.best_score, "best_step": state.best_step,
+                "unsupervised_score": state.unsupervised_score, "unsupervised_step": state.unsupervised_step,
                 "total_steps": self.total_steps, "rng": rng,
             },
         }
@@ -303,6 +332,8 @@ class Trainer:
         self.scaler.load_state_dict(training["scaler"])
         self.state.step = int(payload["step"])
         self.state.best_score, self.state.best_step = float(training["best_score"]), int(training["best_step"])
+        self.state.unsupervised_score = float(training.get("unsupervised_score", float("-inf")))
+        self.state.unsupervised_step = int(training.get("unsupervised_step", -1))
         self.state.pools = ReferencePools(training["pool_agnostic"].to(self.device),
                                           training["pool_specific"].to(self.device))
         rng = training["rng"]

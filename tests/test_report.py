@@ -1,0 +1,137 @@
+"""`hpseg report`: mean ± std over seeds, refusals, CSV / Markdown / curves; `hpseg train --seeds`."""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hpseg.checkpoints.store import load_checkpoint
+from hpseg.cli.main import main
+from hpseg.config import Config
+from hpseg.evaluation.report import aggregate, collect_results, config_differences, write_report
+from hpseg.training.seeds import _train_in_processes, train_command
+from tests.helpers import synthetic_prepared, tiny_overrides
+
+
+def fake_results(seed: int, miou: float, *, crf: bool = False, config: Config | None = None, kind: str = "last",
+                 run=None) -> dict:
+    config = copy.deepcopy(config or Config())
+    config.train.seed = seed
+    return {
+        "checkpoint": str(run / "checkpoints" / f"{kind}.pt") if run else f"/nowhere/{kind}.pt",
+        "checkpoint_kind": kind, "selection": "last step", "selection_rule": kind, "step": 100, "seed": seed,
+        "crf": crf, "dataset": "folder", "backbone": "vit_tiny_p8", "n_images": 8,
+        "hp": {"unsupervised_accuracy": 0.8, "unsupervised_miou": miou, "linear_accuracy": 0.9, "linear_miou": 0.7},
+        "matching": {"hp": "hungarian"}, "config": config.to_dict(),
+    }
+
+
+def write(path, results):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps(results))
+    return path
+
+
+def test_mean_std_min_max_by_hand(tmp_path):
+    paths = [write(tmp_path / f"s{seed}", fake_results(seed, miou)) for seed, miou in ((0, 0.5), (1, 0.6), (2, 0.7))]
+    summary = write_report(paths, tmp_path / "report")
+    (group,) = summary["groups"]
+    row = next(r for r in group["rows"] if r["metric"] == "HP: unsupervised miou")
+    # mean 0.6; sample std sqrt(((-0.1)^2 + 0 + 0.1^2) / 2) = 0.1
+    assert row == pytest.approx({"metric": row["metric"], "n": 3, "mean": 0.6, "std": 0.1, "min": 0.5, "max": 0.7})
+    assert group["seeds"] == [0, 1, 2] and group["selection_rule"] == "last"
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| HP: unsupervised miou | 60.0 ± 10.0 | 50.0 | 70.0 | 3 |" in markdown
+    assert "`train.selection=last`" in markdown and "Seeds: 0, 1, 2" in markdown and "hungarian" in markdown
+    csv = (tmp_path / "report" / "report.csv").read_text().splitlines()
+    assert '"HP: unsupervised miou",false,last,last,0 1 2,3,0.600000,0.100000,0.500000,0.700000' in csv
+
+
+def test_crf_on_and_off_are_separate_tables(tmp_path):
+    paths = [write(tmp_path / f"s{s}{crf}", fake_results(s, 0.5 + s / 10, crf=crf)) for s in (0, 1) for crf in (False, True)]
+    summary = aggregate(collect_results(paths))
+    assert [g["crf"] for g in summary["groups"]] == [False, True]
+    assert all(g["seeds"] == [0, 1] for g in summary["groups"])
+
+
+def test_refuses_configs_that_differ_beyond_the_seed(tmp_path):
+    other = Config().override(["method.dim=64", "train.batch_size=8"])
+    paths = [write(tmp_path / "a", fake_results(0, 0.5)), write(tmp_path / "b", fake_results(1, 0.6, config=other))]
+    with pytest.raises(ValueError, match=r"method\.dim: 512, 64; train\.batch_size: 64, 8"):
+        aggregate(collect_results(paths))
+    assert config_differences([Config().to_dict(), other.to_dict()]) == ["method.dim", "train.batch_size"]
+
+
+def test_refuses_mixed_rules_and_repeated_seeds(tmp_path):
+    mixed = [write(tmp_path / "a", fake_results(0, 0.5)), write(tmp_path / "b", fake_results(1, 0.6, kind="best"))]
+    with pytest.raises(ValueError, match="checkpoint_kind: best, last"):
+        aggregate(collect_results(mixed))
+    twice = [write(tmp_path / "c", fake_results(0, 0.5)), write(tmp_path / "d", fake_results(0, 0.6))]
+    with pytest.raises(ValueError, match="seed 0 appears"):
+        aggregate(collect_results(twice))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no results.json"):
+        collect_results([tmp_path / "empty"])
+
+
+def test_curves_from_each_runs_metrics_log(tmp_path):
+    paths = []
+    for seed in (0, 1):
+        run = tmp_path / f"run{seed}"
+        (run / "checkpoints").mkdir(parents=True)
+        log = [{"step": s, "validation": {"unsupervised_miou": 0.1 * s, "linear_miou": 0.2}} for s in (5, 10)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"step": 1, "loss": 3.0}, *log]))
+        paths.append(write(run / "eval-last", fake_results(seed, 0.5, run=run)))
+    summary = write_report([tmp_path / "run0", tmp_path / "run1"], tmp_path / "report")  # run folders: eval-*/ found
+    pytest.importorskip("matplotlib")
+    assert summary["curves"] and (tmp_path / "report" / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_train_seeds_then_report(tmp_path):
+    data = synthetic_prepared(tmp_path)
+    overrides = tiny_overrides(data, tmp_path / "runs", steps=4) + ["train.selection=last", "train.val_interval=2"]
+    sweep = tmp_path / "sweep"
+    assert main(["train", "--run-dir", str(sweep), "--seeds", "0", "1", "--no-progress", *overrides]) == 0
+    assert (sweep / "seed-0" / "eval-last" / "results.json").exists()
+    csv = (sweep / "report" / "report.csv").read_text()
+    assert "0 1,2," in csv and (sweep / "report" / "curves.png").exists()
+    # the second command of the two: the same table from the sweep folder
+    assert main(["report", str(sweep), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "report.csv").read_text() == csv
+    # a finished sweep is not trained again
+    assert main(["train", "--run-dir", str(sweep), "--seeds", "0", "1", "--no-progress", "--no-eval", *overrides]) == 0
+
+
+def test_seeds_in_parallel_processes(tmp_path):
+    """The one-process-per-device path: every run gets its own device and config, a failed
+    process names its log. Processes here only record their arguments (starting torch twice costs
+    a minute on two shared cores); the command itself runs in-process in the test below."""
+    recorder = "import sys, pathlib; pathlib.Path(sys.argv[2], 'args').write_text(' '.join(sys.argv[1:]))"
+    configs = [Config().override([f"train.seed={seed}"]) for seed in range(3)]
+    runs = [tmp_path / f"seed-{seed}" for seed in range(3)]
+    _train_in_processes(configs, runs, ["cuda:0", "cuda:1"],
+                        command=lambda preset, run, device: [sys.executable, "-c", recorder, str(preset), str(run), device])
+    args = [(run / "args").read_text().split() for run in runs]
+    assert [a[-1] for a in args[:2]] == ["cuda:0", "cuda:1"] and args[2][-1] in ("cuda:0", "cuda:1")
+    assert [Config.from_dict(yaml.safe_load(Path(a[0]).read_text())).train.seed
+            for a in args] == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="train.log"):
+        _train_in_processes(configs[:1], runs[:1], ["cpu"], command=lambda *_: [sys.executable, "-c", "exit(3)"])
+
+
+def test_train_command_trains_the_seed_on_its_device(tmp_path):
+    data = synthetic_prepared(tmp_path)
+    config = Config().override(tiny_overrides(data, tmp_path / "runs", steps=2) + ["train.val_interval=100",
+                                                                                   "train.seed=5"])
+    run = tmp_path / "seed-5"
+    run.mkdir()
+    (run / "requested-config.yaml").write_text(config.to_yaml())
+    command = train_command(run / "requested-config.yaml", run, "cpu")
+    assert command[:4] == [sys.executable, "-m", "hpseg", "train"]
+    assert main(command[3:]) == 0  # what `python -m hpseg` runs
+    saved = load_checkpoint(run / "checkpoints" / "last.pt")["config"]["train"]
+    assert (saved["seed"], saved["device"]) == (5, "cpu")
