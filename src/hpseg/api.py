@@ -344,6 +344,9 @@ def load(
         checkpoint: an hpseg checkpoint (``checkpoints/last.pt`` / ``best.pt`` of a run, or one
             written by ``hpseg import-checkpoint``), or an authors' reference checkpoint (converted
             in memory).
+            Or a folder written by ``hpseg export --format hub``, or ``"hf://owner/name[@revision]"``
+            (that folder on the Hugging Face Hub, through its cache; ``mapping="auto"`` then uses
+            the mapping stored in it).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...
         weights: local backbone weights file, overriding the checkpoint's.
         mapping: cluster -> class mapping for the cluster head: a ``results.json`` of
@@ -354,9 +357,14 @@ def load(
         window: sliding-window side (default ``size``; 0 = whole images in one pass).
         echo: where notices go (default: warnings).
     """
+    from hpseg.export.hub import hub_folder, load_hub
     from hpseg.runtime import amp_dtype, resolve_device
 
     say = echo or (lambda message: warnings.warn(message, stacklevel=3))
+    folder = hub_folder(checkpoint)  # a folder of `hpseg export --format hub`, or hf://owner/name
+    if folder is not None:
+        return load_hub(folder, device=device, weights=weights, mapping=mapping, size=size, window=window,
+                        batch_size=batch_size, label=str(checkpoint))
     path = Path(checkpoint)
     payload = read_torch_file(path)
     if isinstance(payload, dict) and payload.get("format") != FORMAT and "net_model_state_dict" in payload:

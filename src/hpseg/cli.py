@@ -135,6 +135,49 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from hpseg.export.commands import run_export
+
+    return run_export(args)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from hpseg.export.commands import run_push
+
+    return run_push(args)
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from hpseg.app import run_cli
+
+    return run_cli(args)
+
+
+def _add_use_elsewhere_commands(sub: argparse._SubParsersAction) -> None:
+    """``export``, ``push`` and ``app``: using a trained segmenter outside this repository."""
+    from hpseg.export import commands  # argparse only: no torch import for the parser
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or to a Hugging Face Hub folder")
+    commands.add_export_arguments(p)
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("push", help="upload a hub folder to the Hugging Face Hub (your token)")
+    commands.add_push_arguments(p)
+    p.set_defaults(run=cmd_push)
+
+    p = sub.add_parser("app", help="a local web app to segment images (pip install 'hpseg[app]')")
+    p.add_argument("--checkpoint", required=True, help="checkpoint, hub folder or hf://owner/name[@revision]")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--mapping", metavar="RESULTS_JSON", help="cluster->class mapping (default: as hpseg predict)")
+    p.add_argument("--no-mapping", action="store_true", help="show raw cluster ids")
+    p.add_argument("--size", type=int, default=None, help="shorter side images are resized to")
+    p.add_argument("--window", type=int, default=None, help="sliding-window side")
+    p.add_argument("--weights", help="local backbone weights file")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=cmd_app)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpseg", description="Unsupervised semantic segmentation with Hidden Positives.")
     parser.add_argument("--version", action="version", version=f"hpseg {__version__}")
@@ -183,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment your own images (files, folders, globs) with a checkpoint")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("--checkpoint", required=True, help="hpseg checkpoint (or an authors' reference checkpoint)")
+    p.add_argument("--checkpoint", help="hpseg checkpoint, authors' reference checkpoint, hub folder or "
+                                        "hf://owner/name[@revision]")
+    p.add_argument("--onnx", metavar="MODEL", help="segment with a model of `hpseg export --format onnx` "
+                                                   "(onnxruntime, instead of --checkpoint)")
     p.add_argument("--out", required=True, help="output folder (labels/, overlays/, figures/, predictions.json)")
     p.add_argument("--head", choices=("cluster", "linear"), default="cluster",
                    help="cluster probe (unsupervised, default) or linear probe (trained with labels)")
@@ -218,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="backbone name (default: inferred from the weights' shapes)")
     p.add_argument("--data-root", help="dataset root to record, for `hpseg eval`")
     p.set_defaults(run=cmd_import_checkpoint)
+    _add_use_elsewhere_commands(sub)
     return parser
 
 

@@ -433,6 +433,7 @@ def predict_paths(
     alpha: float = 0.5,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    onnx: str | Path | None = None,
 ) -> dict[str, Any]:
     """Segment the images named by ``inputs`` and write the outputs to ``out_dir``.
 
@@ -463,8 +464,15 @@ def predict_paths(
     if not jobs:
         raise ValueError("no images to segment in " + ", ".join(map(str, inputs)))
 
-    segmenter = load(checkpoint, device=device, weights=weights,
-                     mapping=(mapping if head == "cluster" else None), size=size, window=window, echo=say)
+    if onnx:  # the exported graph through onnxruntime, with the same geometry (hpseg.export.runtime)
+        from hpseg.export.runtime import OnnxSegmenter
+
+        segmenter = OnnxSegmenter(onnx, size=size, window=window, batch_size=batch_size,
+                                  use_mapping=mapping is not None)
+        checkpoint = onnx
+    else:
+        segmenter = load(checkpoint, device=device, weights=weights,
+                         mapping=(mapping if head == "cluster" else None), size=size, window=window, echo=say)
     segmenter.batch_size = batch_size
     names = segmenter.label_names(head)
     if head == "cluster" and segmenter.cluster_to_class is None:
@@ -506,10 +514,17 @@ def predict_paths(
 
 def run_cli(args: Any) -> int:
     """``hpseg predict`` (see :func:`predict_paths`); exit status 1 when no image succeeded."""
+    onnx = getattr(args, "onnx", None)
+    if (args.checkpoint is None) == (onnx is None):
+        raise ValueError("give either --checkpoint or --onnx")
+    if onnx and (args.crf or args.mapping or args.weights):
+        raise ValueError("--crf, --mapping and --weights need --checkpoint: an ONNX model has its mapping and "
+                         "weights built in, and no CRF")
     summary = predict_paths(
         args.paths, args.checkpoint, args.out, head=args.head, crf=args.crf, figure=args.figure,
         mapping=None if args.no_mapping else (args.mapping or "auto"), size=args.size, window=args.window,
         weights=args.weights, device=args.device, batch_size=args.batch_size, progress=not args.no_progress,
+        onnx=onnx,
     )
     n_ok, n_bad = summary["succeeded"], len(summary["skipped"])
     print(f"segmented {n_ok} image(s) into {args.out} (labels/, overlays/{', figures/' if args.figure else ''}; "
