@@ -39,7 +39,7 @@ def describe(segmenter: Any) -> str:
             f"resize {segmenter.tiling.size or 'off'}, window {segmenter.tiling.window or 'whole image'}")
 
 
-def panel(image: Any, overlaid: Any, labels: np.ndarray, names: Sequence[str], cell: int = 384) -> Any:
+def panel(image: Any, overlaid: Any, labels: np.ndarray, names: Sequence[str], cell: int = 320) -> Any:
     """image | overlay side by side, with a legend of the labels present (hpseg's colours)."""
     from PIL import Image
 
@@ -138,7 +138,8 @@ def build_app(segmenter: Any) -> Any:
                 button = gr.Button("Segment", variant="primary", elem_id="segment")
             with gr.Column(scale=2):
                 message = gr.Markdown(elem_id="message")
-                gallery = gr.Gallery(label="image | overlay | legend", columns=1, format="png", elem_id="panels")
+                gallery = gr.Gallery(label="image | overlay | legend", columns=1, format="png", elem_id="panels",
+                                     height=600, object_fit="contain", preview=True)
                 downloads = gr.File(label="Label PNGs and overlays", file_count="multiple", elem_id="downloads")
         inputs, outputs = [files, head, crf, opacity], [gallery, downloads, message]
         button.click(run, inputs, outputs)
