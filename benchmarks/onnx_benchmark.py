@@ -104,10 +104,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         # Export in a child too, so the parent stays small and the children's RSS are their own.
         model = Path(scratch) / "model.onnx"
-        code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+        code = (f"import sys; sys.path.insert(0, {str(ROOT / 'src')!r}); sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
                 "from onnx_benchmark import build_segmenter\nfrom hpseg.export.onnx import export_onnx\n"
-                "export_onnx(build_segmenter(%r, %d), %r)") % (str(ROOT / "src"), str(ROOT / "benchmarks"),
-                                                               args.backbone, args.size, str(model))
+                f"export_onnx(build_segmenter({args.backbone!r}, {args.size}), {str(model)!r})")
         start = time.perf_counter()
         subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
         export_s = time.perf_counter() - start

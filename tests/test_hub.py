@@ -118,11 +118,15 @@ def test_hf_reference_loads_offline_from_the_cache(folder: Path, tmp_path: Path,
     Image.fromarray(_image(37, 53)).save(photos / "a.png")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(Path(hpseg.__file__).resolve().parent.parent)}
-    for reference in ("hf://someone/hp-tiny", f"hf://someone/hp-tiny@{SHA}"):
+    references = ("hf://someone/hp-tiny", f"hf://someone/hp-tiny@{SHA}")
+    # One fresh process for both references (importing torch twice would double the cost).
+    script = "import sys\nfrom hpseg.cli import main\n" + "".join(
+        f"assert main(['predict', {str(photos)!r}, '--checkpoint', {reference!r}, '--out', "
+        f"{str(tmp_path / 'preds' / reference[-6:])!r}, '--no-progress']) == 0\n" for reference in references)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    for reference in references:
         out = tmp_path / "preds" / reference[-6:]
-        done = subprocess.run([sys.executable, "-m", "hpseg", "predict", str(photos), "--checkpoint", reference,
-                               "--out", str(out), "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr
         summary = json.loads((out / "predictions.json").read_text())
         assert summary["mapping"] == f"{reference}/config.json" and summary["values"].startswith("class ids")
         expected = hpseg.load(run_with_eval / "checkpoints" / "last.pt", device="cpu", mapping="auto",
@@ -168,3 +172,17 @@ def test_push_builds_one_commit_of_the_folder(folder: Path) -> None:
     assert api.calls[1][2] == [op.path_in_repo for op in operations]
     with pytest.raises(ValueError, match="not a folder written by"):
         push_operations(folder.parent / "nowhere")
+
+
+def test_official_weights_are_named_not_copied() -> None:
+    from types import SimpleNamespace
+
+    from hpseg.backbones import get_spec
+    from hpseg.export.hub import _backbone_entry
+
+    segmenter = SimpleNamespace(backbone=SimpleNamespace(spec=get_spec("dino_vits8")))
+    official = _backbone_entry(segmenter, {"backbone": {"name": "dino_vits8", "weights": None, "pretrained": True}})
+    assert official["weights"] == "official" and official["hf_hub_id"] == "timm/vit_small_patch8_224.dino"
+    assert official["licence"].startswith("Apache-2.0")
+    local = _backbone_entry(segmenter, {"backbone": {"name": "dino_vits8", "weights": "/w/mine.pth", "pretrained": True}})
+    assert local["weights"] == "backbone.safetensors" and local["hf_hub_id"] is None and "mine.pth" in local["licence"]
