@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 IMPLEMENTATIONS = ("baseline", "hpseg")
 PAPER_BATCH = 64
 
@@ -103,12 +102,12 @@ def synthetic_inputs(args: argparse.Namespace, batch: int) -> dict:
     return dict(z=z, z_mix=z_mix, f=f, s_ema=s_ema, pool_ag=pool_ag, pool_sp=pool_sp, pattern=pattern, hw=hw)
 
 
-def loss_function(implementation: str, args: argparse.Namespace, matmul_dtype=None):
+def loss_function(implementation: str, args: argparse.Namespace, matmul_dtype=None, backend="auto"):
     """A callable (z, z_mix, inputs) -> scalar loss for the implementation.
 
-    ``matmul_dtype`` (hpseg only): the dtype of its dense products (default: the loss's, float32).
+    ``matmul_dtype`` and ``backend`` (hpseg only): the dtype of its products (default: the loss's,
+    float32) and its ``LossBackend`` or its name.
     """
-    sys.path.insert(0, str(HERE))
     if implementation == "baseline":
         from reference_style_loss import reference_style_loss
 
@@ -120,7 +119,7 @@ def loss_function(implementation: str, args: argparse.Namespace, matmul_dtype=No
     else:
         from hpseg.method import SharedContrastPattern, hidden_positive_loss
 
-        options = {} if matmul_dtype is None else {"matmul_dtype": matmul_dtype}
+        options = {"backend": backend} | ({} if matmul_dtype is None else {"matmul_dtype": matmul_dtype})
 
         def run(z, z_mix, x):
             return hidden_positive_loss(
@@ -213,8 +212,9 @@ def run_case(args: argparse.Namespace, implementation: str, batch: int, repeats:
     return _run_child(command, args, f"{implementation} at batch {batch}")
 
 
-def hpseg_on_golden(g: dict, device="cpu", matmul_dtype=None):
-    """hpseg's loss and gradients of z and z_mix on one golden case (``golden_cases``), on ``device``."""
+def hpseg_on_golden(g: dict, device="cpu", matmul_dtype=None, backend="auto"):
+    """hpseg's loss and gradients of z and z_mix on one golden case (``golden_cases``), on ``device``,
+    through ``backend`` (a ``LossBackend`` or its name)."""
     from hpseg.method import SharedContrastPattern, hidden_positive_loss
 
     g = {key: value.to(device) for key, value in g.items()}
@@ -223,34 +223,25 @@ def hpseg_on_golden(g: dict, device="cpu", matmul_dtype=None):
         z, z_mix, g["f"], g["s_ema"], g["pool_ag"], g["pool_sp"], patches_per_image=int(g["side"]) ** 2,
         contrast_draw=SharedContrastPattern.from_uniform(g["uniform"], float(g["rho"])),
         lmbd=float(g["lmbd"]), tau=float(g["tau"]), tau_base=float(g["base_tau"]),
-        reweighting=bool(g["reweighting"]), **({} if matmul_dtype is None else {"matmul_dtype": matmul_dtype}),
+        reweighting=bool(g["reweighting"]), backend=backend,
+        **({} if matmul_dtype is None else {"matmul_dtype": matmul_dtype}),
     )
     loss.backward()
     return loss.detach(), z.grad, z_mix.grad
 
 
 def check_hpseg_paths_against_golden() -> None:
-    """hpseg on the golden files with every tile forced through the dense, then the sparse kernels."""
-    sys.path.insert(0, str(HERE))
+    """hpseg on the golden files with every tile through the dense, then the sparse products."""
     from reference_style_loss import assert_matches_golden, golden_cases
 
-    import hpseg.method.losses as losses
-
-    limit = losses.SPARSE_DENSITY_LIMIT
-    try:
-        for forced in (-1.0, 2.0):  # every tile dense, every tile sparse
-            losses.SPARSE_DENSITY_LIMIT = forced
-            for name, g in golden_cases():
-                assert_matches_golden(f"{name} (limit {forced})", g, *hpseg_on_golden(g))
-    finally:
-        losses.SPARSE_DENSITY_LIMIT = limit
+    for backend in ("torch-dense", "torch-sparse"):
+        for name, g in golden_cases():
+            assert_matches_golden(f"{name} ({backend})", g, *hpseg_on_golden(g, backend=backend))
 
 
 def check_correctness(args: argparse.Namespace) -> None:
     """The baseline against the golden files, and hpseg against the baseline on synthetic inputs."""
     import torch
-
-    sys.path.insert(0, str(HERE))
     from reference_style_loss import check_against_golden
 
     count = check_against_golden()

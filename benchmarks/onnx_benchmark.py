@@ -42,10 +42,10 @@ def _images(n: int, size: int) -> list:
 def build_segmenter(backbone: str, size: int):
     import torch
 
-    from hpseg.api import Segmenter
     from hpseg.backbones import create_backbone
+    from hpseg.inference.segmenter import Segmenter
+    from hpseg.inference.tiling import Tiling
     from hpseg.method.model import HiddenPositivesModel
-    from hpseg.predict import Tiling
 
     net = create_backbone(backbone, pretrained=False)
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from hpseg.cli import main
+from hpseg.cli.main import main
 from hpseg.data import make_synthetic_dataset
 
 SETTINGS = [

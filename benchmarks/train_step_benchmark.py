@@ -3,9 +3,9 @@
 For each backbone / crop size / batch size / α it measures, in a fresh child process each (so
 that peak resident memory is that configuration's own):
 
-* ``backbone``: :class:`hpseg.features.BackboneFeatures` — the frozen ViT runs with attention
+* ``backbone``: :class:`hpseg.training.features.BackboneFeatures` — the frozen ViT runs with attention
   capture on every batch, then the §4 processing of the attention;
-* ``cache``: :class:`hpseg.cache.CachedFeatures` — f and the LHP weights read from the cache
+* ``cache``: :class:`hpseg.training.cache.CachedFeatures` — f and the LHP weights read from the cache
   (float16 features), the backbone only for the photometric view when α > 0.
 
 A step is timed from fetching its inputs (reading crops, or the cache) to the optimiser update,
@@ -24,7 +24,7 @@ on the weights. Data: a synthetic folder dataset, five-cropped at the crop size.
     python benchmarks/train_step_benchmark.py                       # tiny ViT 32 px + ViT-S/8 224 px
     python benchmarks/train_step_benchmark.py --configs dino_vits8:224:4,8 --alphas 0.05 --steps 3
 
-GPU options (``benchmarks/gpu_benchmark.py`` uses them for the paper-scale step):
+GPU options (``benchmarks/gpu_step.py`` uses them for the paper-scale step):
 ``--num-workers N`` reads and augments the crops in N loader processes (default 0: in the
 step's own process, which on a GPU can dominate the step); ``--full-pools`` fills the reference
 pools to ``method.pool_size`` (2048) rows by drawing further random patches from one pass over a
@@ -58,7 +58,7 @@ def prepare(work: Path, crop_size: int, n_images: int) -> Path:
     if not (root / "hpseg_prepared" / f"train_{crop_size}" / "manifest.json").exists():
         make_synthetic_dataset(root, n_train=n_images, n_val=2, size=max(64, crop_size * 2), n_classes=4, seed=0)
         raw = build_raw_dataset("folder", root, "train")
-        prepare_five_crops(raw, root / "hpseg_prepared" / f"train_{crop_size}", crop_size=crop_size, progress=False)
+        prepare_five_crops(raw, root / "hpseg_prepared" / f"train_{crop_size}", crop_size=crop_size)
     return root
 
 
@@ -68,6 +68,7 @@ def overrides(name: str, root: Path, crop_size: int, batch: int, alpha: float, d
         f"backbone.name={name}", "backbone.pretrained=false", "data.dataset=folder", f"data.root={root}",
         f"data.crop_size={crop_size}", f"data.num_workers={num_workers}", f"data.feature_cache={cache}",
         f"train.batch_size={batch}", f"method.alpha={alpha}", f"train.device={device}",
+        "method.n_classes=4",  # the synthetic data's classes (a mismatch stops training)
     ]
 
 
@@ -76,9 +77,9 @@ def build_cache(name: str, root: Path, crop_size: int, device: str) -> dict:
     import torch
 
     from hpseg.backbones import create_backbone
-    from hpseg.cache import build_feature_cache, default_cache_dir
     from hpseg.config import load_preset
     from hpseg.runtime import amp_dtype, resolve_device
+    from hpseg.training.cache import build_feature_cache, default_cache_dir
 
     config = load_preset("cocostuff27").override(overrides(name, root, crop_size, 8, 0.0, device, "auto"))
     dev = resolve_device(device)
@@ -87,8 +88,7 @@ def build_cache(name: str, root: Path, crop_size: int, device: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # time a full build
     started, cpu_started = time.perf_counter(), time.process_time()
     build_feature_cache(backbone, config.data.prepared_path(), out, sigma=config.method.sigma, batch_size=8,
-                        device=dev, amp_dtype=amp_dtype(config.train.amp, dev), progress=False, log=None,
-                        overwrite=True)
+                        device=dev, amp_dtype=amp_dtype(config.train.amp, dev), overwrite=True)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     meta = json.loads((out / "meta.json").read_text())
@@ -106,18 +106,20 @@ def build_pools(trainer, full: bool) -> dict:
     """
     import itertools
 
+    from hpseg.training.step import ReferencePools
+
     features = trainer.features
     if full:
         maps = list(features.feature_maps(trainer._pool_batches()))
         features.feature_maps = lambda batches: itertools.cycle(maps)  # instance attribute: shadows the method
     try:
-        trainer.state.pool_agnostic = trainer.build_agnostic_pool()
-        trainer.state.pool_specific = trainer.build_specific_pool()
+        agnostic = trainer.build_agnostic_pool()
+        trainer.state.pools = ReferencePools(agnostic, trainer.build_specific_pool())
     finally:
         if full:
             del features.feature_maps
-    return {"pool_agnostic_rows": trainer.state.pool_agnostic.shape[0],
-            "pool_specific_rows": trainer.state.pool_specific.shape[0]}
+    return {"pool_agnostic_rows": trainer.state.pools.agnostic.shape[0],
+            "pool_specific_rows": trainer.state.pools.specific.shape[0]}
 
 
 def _timed_loss(original, times: list, cuda: bool):
@@ -141,23 +143,23 @@ def child(spec: dict) -> dict:
     """One configuration, in this process."""
     import torch
 
-    import hpseg.train
+    import hpseg.training.step
     from hpseg.config import load_preset
-    from hpseg.train import Trainer
+    from hpseg.training.trainer import Trainer
 
     config = load_preset("cocostuff27").override(
         overrides(spec["name"], Path(spec["root"]), spec["crop"], spec["batch"], spec["alpha"], spec["device"],
                   "auto" if spec["mode"] == "cache" else "off", spec.get("num_workers", 0))
     )
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(config, Path(run_dir), progress=False)
+        trainer = Trainer(config, Path(run_dir))
         expected = "CachedFeatures" if spec["mode"] == "cache" else "BackboneFeatures"
         assert type(trainer.features).__name__ == expected, type(trainer.features).__name__
         cuda = trainer.device.type == "cuda"
         pools = build_pools(trainer, spec.get("full_pools", False))
         loss_times: list[float] = []
         if spec.get("time_loss"):
-            hpseg.train.hidden_positive_loss = _timed_loss(hpseg.train.hidden_positive_loss, loss_times, cuda)
+            hpseg.training.step.hidden_positive_loss = _timed_loss(hpseg.training.step.hidden_positive_loss, loss_times, cuda)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(trainer.device)
@@ -165,10 +167,10 @@ def child(spec: dict) -> dict:
         else:
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
             before = _proc_status("VmRSS")
-        batches = [b for epoch in range(100) for b in trainer._batches(epoch)][: spec["warmup"] + spec["steps"]]
-        steps = trainer.features.steps(batches)
+        n_steps = spec["warmup"] + spec["steps"]
+        steps = (inputs for epoch in range(100) for inputs in trainer._epoch_steps(epoch, 0))
         fetch, total, cpu, hp_values, loss_timed = [], [], [], [], []
-        for i in range(len(batches)):
+        for i in range(n_steps):
             if cuda:
                 torch.cuda.synchronize()
             start, cpu_start = time.perf_counter(), time.process_time()

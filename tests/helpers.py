@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ def synthetic_prepared(root: Path, n_train: int = 8, n_val: int = 4) -> Path:
     if not (data / "hpseg_prepared" / "train_32" / "manifest.json").exists():
         make_synthetic_dataset(data, n_train=n_train, n_val=n_val, size=64, n_classes=4, seed=0)
         raw = build_raw_dataset("folder", data, "train")
-        prepare_five_crops(raw, data / "hpseg_prepared" / "train_32", crop_size=32, progress=False)
+        prepare_five_crops(raw, data / "hpseg_prepared" / "train_32", crop_size=32)
     return data
 
 
@@ -56,3 +57,14 @@ def clustered_batch(hw: int, batch: int, width_f: int, dim: int, rho: float, see
     z = F.normalize(s + 0.5 * torch.randn(n, dim, generator=g), dim=1)
     z_mix = F.normalize(z + 0.3 * torch.randn(n, dim, generator=g), dim=1)
     return f, s, z, z_mix, pool_ag, pool_sp, torch.rand(hw, n, generator=g) < rho
+
+
+class Notices(logging.Handler):
+    """The messages of the ``hpseg`` logger's records (INFO and above); see the ``notices`` fixture."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())

@@ -11,10 +11,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import save_file
 
 import hpseg
-from hpseg.checkpoint import CheckpointError
-from hpseg.predict import Tiling, resample, resample_argmax, resized_shape, window_starts
+from hpseg.backbones import BackboneWeightsError, create_backbone
+from hpseg.checkpoints.mapping import evaluation_dir, find_mapping
+from hpseg.checkpoints.store import CheckpointError
+from hpseg.checkpoints.trained import inference_dtype, load_trained
+from hpseg.cli.main import main
+from hpseg.config import Config
+from hpseg.data import ValCrops, build_raw_dataset
+from hpseg.evaluation.protocol import evaluate_model, validation_loader
+from hpseg.inference.label_maps import label_maps
+from hpseg.inference.tiling import Tiling, resample, resample_argmax, resized_shape, window_starts
+from hpseg.runtime import DistributedContext
+from hpseg.training.trainer import train
 from tests.helpers import synthetic_prepared, tiny_config
 
 STEPS = 6  # validated once (val_interval 6): the run has best.pt with its metrics
@@ -35,8 +46,6 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.getbasetemp()
     run = base / "hpseg-tiny-run"
     if not (run / "checkpoints" / "best.pt").exists():
-        from hpseg.train import train
-
         data = synthetic_prepared(base / "hpseg-tiny-data")
         shutil.rmtree(run, ignore_errors=True)
         train(tiny_config(data, base / "runs", steps=STEPS), run_dir=run, progress=False)
@@ -50,7 +59,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def segmenter(run_dir: Path) -> hpseg.Segmenter:
-    return hpseg.load(run_dir / "checkpoints" / "last.pt", device="cpu", echo=lambda _: None)
+    return hpseg.load(run_dir / "checkpoints" / "last.pt", device="cpu")
 
 
 def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -112,10 +121,6 @@ def test_segment_accepts_pil_numpy_and_tensors_at_their_size(segmenter: hpseg.Se
 
 
 def test_single_window_equals_the_evaluation_label_maps(segmenter: hpseg.Segmenter, run_dir: Path) -> None:
-    from hpseg.config import Config
-    from hpseg.data import ValCrops, build_raw_dataset
-    from hpseg.inference import label_maps
-
     config = Config.from_dict(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["config"])
     validation = ValCrops(build_raw_dataset("folder", config.data.root, "val"), size=config.data.val_size)
     item = validation[0]
@@ -141,14 +146,9 @@ def test_features_are_the_backbone_and_head_outputs(segmenter: hpseg.Segmenter) 
 
 def test_random_backbone_is_rebuilt_exactly(run_dir: Path) -> None:
     """The checkpoint's validation metrics are reproduced: same random backbone as in training."""
-    from hpseg.config import Config
-    from hpseg.data import ValCrops, build_raw_dataset
-    from hpseg.evaluate import evaluate_model, validation_loader
-    from hpseg.runtime import DistributedContext
-
     best = torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True)
     config = Config.from_dict(best["config"])
-    segmenter = hpseg.load(run_dir / "checkpoints" / "best.pt", device="cpu", echo=lambda _: None)
+    segmenter = hpseg.load(run_dir / "checkpoints" / "best.pt", device="cpu")
     validation = ValCrops(build_raw_dataset("folder", config.data.root, "val"), size=config.data.val_size)
     loader = validation_loader(validation, 16, 0, DistributedContext(), config.train.val_max_images)
     results = evaluate_model(segmenter.model, segmenter.backbone, loader, config.method.n_classes, torch.device("cpu"))
@@ -161,18 +161,18 @@ def test_mapping_gives_class_ids_and_names(run_dir: Path, tmp_path: Path) -> Non
     payload = torch.load(checkpoint, weights_only=True)
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"checkpoint": str(checkpoint), "step": payload["step"], "cluster_to_class": [2, 0, 3, 1]}))
-    plain = hpseg.load(checkpoint, device="cpu", echo=lambda _: None)
-    mapped = hpseg.load(checkpoint, device="cpu", mapping=results, echo=lambda _: None)
+    plain = hpseg.load(checkpoint, device="cpu")
+    mapped = hpseg.load(checkpoint, device="cpu", mapping=results)
     image = _image(40, 24, seed=5)
     assert np.array_equal(mapped.segment(image), np.array([2, 0, 3, 1])[plain.segment(image)])
     assert mapped.label_names("cluster") == plain.class_names == mapped.class_names
     assert plain.label_names("cluster") == [f"cluster {k}" for k in range(4)]
     results.write_text(json.dumps({"step": payload["step"] + 1, "cluster_to_class": [0, 1, 2, 3]}))
     with pytest.raises(ValueError, match="step"):
-        hpseg.load(checkpoint, device="cpu", mapping=results, echo=lambda _: None)
+        hpseg.load(checkpoint, device="cpu", mapping=results)
     results.write_text(json.dumps({"cluster_to_class": [0, 1]}))
     with pytest.raises(ValueError, match="4 integers"):
-        hpseg.load(checkpoint, device="cpu", mapping=results, echo=lambda _: None)
+        hpseg.load(checkpoint, device="cpu", mapping=results)
 
 
 def test_load_refuses_what_is_not_a_checkpoint(tmp_path: Path) -> None:
@@ -186,3 +186,93 @@ def test_load_refuses_what_is_not_a_checkpoint(tmp_path: Path) -> None:
         hpseg.load(other)
     with pytest.raises(CheckpointError, match="does not exist"):
         hpseg.load(tmp_path / "missing.pt")
+
+
+def _copy_checkpoint(run_dir: Path, to: Path, **changes: object) -> Path:
+    """The tiny run's last.pt saved at ``to`` with top-level entries replaced by ``changes``."""
+    payload = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    payload.update(changes)
+    to.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, to)
+    return to
+
+
+def test_inference_precision_follows_the_device() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [inference_dtype(amp, cpu) for amp in ("auto", "fp16", "bf16", "none")] == [None, None, torch.bfloat16, None]
+    assert [inference_dtype(amp, cuda) for amp in ("auto", "fp16", "bf16", "none")] == [
+        torch.float16, torch.float16, torch.bfloat16, None]
+
+
+def test_a_checkpoint_trained_in_float16_loads_on_the_cpu(run_dir: Path, tmp_path: Path,
+                                                          segmenter: hpseg.Segmenter) -> None:
+    """Defect: ``hpseg.load(device="cpu")`` raised "amp=fp16 needs a CUDA device"."""
+    config = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["config"]
+    config["train"]["amp"] = "fp16"
+    path = _copy_checkpoint(run_dir, tmp_path / "run" / "checkpoints" / "last.pt", config=config)
+    on_cpu = hpseg.load(path, device="cpu")
+    assert on_cpu.amp_dtype is None  # float32: the CPU has no float16 autocast
+    image = _image(40, 24, seed=2)
+    assert np.array_equal(on_cpu.segment(image), segmenter.segment(image))
+
+
+def test_loading_leaves_the_callers_random_numbers_alone(run_dir: Path) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    hpseg.load(run_dir / "checkpoints" / "last.pt", device="cpu")
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_evaluation_dir_is_beside_the_checkpoint() -> None:
+    assert evaluation_dir(Path("/runs/r1/checkpoints/best.pt")) == Path("/runs/r1/eval-best")
+    assert evaluation_dir(Path("/runs/r1/checkpoints/last.pt"), crf=True) == Path("/runs/r1/eval-last-crf")
+    assert evaluation_dir(Path("/models/hp.pt")) == Path("/models/eval-hp")
+    assert evaluation_dir(Path("hp.pt"), crf=True) == Path("eval-hp-crf")
+
+
+def test_find_mapping_prefers_the_evaluation_with_the_same_crf_setting(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.pt"
+    plain, crf = tmp_path / "run" / "eval-last" / "results.json", tmp_path / "run" / "eval-last-crf" / "results.json"
+    assert find_mapping(checkpoint, 6) is None
+    for path in (plain, crf):
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"checkpoint": str(checkpoint), "step": 6, "cluster_to_class": [0, 1]}))
+    assert find_mapping(checkpoint, 6) == plain and find_mapping(checkpoint, 6, crf=True) == crf
+    assert find_mapping(checkpoint, 7) is None  # recorded for another step
+    plain.unlink()
+    assert find_mapping(checkpoint, 6) == crf  # the other setting's when that is all there is
+
+
+def _moved_checkpoint(run_dir: Path, folder: Path) -> Path:
+    """The tiny run's checkpoint as if trained on a weights file that moved with it into ``folder``."""
+    weights = folder / "backbone.safetensors"
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in create_backbone("vit_tiny_p8", pretrained=False).model.state_dict().items()},
+              str(weights))
+    recorded = {"name": "vit_tiny_p8", "weights": "/gone/elsewhere/backbone.safetensors", "pretrained": True}
+    return _copy_checkpoint(run_dir, folder / "hp.pt", backbone=recorded)
+
+
+def test_weights_beside_a_moved_checkpoint_serve_load_and_eval(run_dir: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = _moved_checkpoint(run_dir, tmp_path / "models")
+    assert load_trained(checkpoint, "cpu").weights_source == str(tmp_path / "models" / "backbone.safetensors")
+    assert main(["--quiet", "eval", str(checkpoint), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    (tmp_path / "models" / "backbone.safetensors").unlink()
+    with pytest.raises(BackboneWeightsError, match=r"hp.pt.*/gone/elsewhere/backbone.safetensors.*--weights"):
+        load_trained(checkpoint, "cpu")
+
+
+def test_eval_of_a_checkpoint_outside_a_run_writes_beside_it(run_dir: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Defect: ``hpseg eval /models/hp.pt`` wrote to ``/eval-imported``."""
+    checkpoint = _copy_checkpoint(run_dir, tmp_path / "models" / "hp.pt", kind="imported")
+    assert main(["--quiet", "eval", str(checkpoint), "--device", "cpu"]) == 0
+    results = json.loads((tmp_path / "models" / "eval-hp" / "results.json").read_text())
+    assert results["checkpoint"] == str(checkpoint) and results["checkpoint_kind"] == "imported"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+    assert f"{tmp_path / 'models' / 'eval-hp'}/results.json" in capsys.readouterr().out
+    # ... where hpseg.load finds its mapping again.
+    assert hpseg.load(checkpoint, device="cpu", mapping="auto").cluster_to_class == results["cluster_to_class"]

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import hpseg
-from hpseg.app import segment_files
+from hpseg.cli.app import segment_files
 from tests.test_api import one_thread, tiny_run  # noqa: F401 - one_thread: autouse fixture
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -23,7 +23,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 @pytest.fixture(scope="module")
 def segmenter(tmp_path_factory: pytest.TempPathFactory) -> hpseg.Segmenter:
-    return hpseg.load(tiny_run(tmp_path_factory) / "checkpoints" / "last.pt", device="cpu", echo=lambda _: None)
+    return hpseg.load(tiny_run(tmp_path_factory) / "checkpoints" / "last.pt", device="cpu")
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_app_command_without_gradio_says_how_to_install(monkeypatch: pytest.Monk
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     import sys
 
-    from hpseg.cli import main
+    from hpseg.cli.main import main
 
     monkeypatch.setitem(sys.modules, "gradio", None)
     assert main(["app", "--checkpoint", "whatever.pt"]) == 2
@@ -82,7 +82,7 @@ def test_app_in_headless_chromium(segmenter: hpseg.Segmenter, tmp_path_factory: 
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from hpseg.app import serve
+    from hpseg.cli.app import serve
 
     port = _free_port()
     app = serve(segmenter, port=port, block=False)

@@ -1,4 +1,5 @@
-"""Tests of hpseg.backbones: geometry, attention capture, eval/no-grad, weight files, offline errors.
+"""Tests of hpseg.backbones: geometry, attention-score capture, position interpolation,
+eval/no-grad, weight files, offline errors.
 
 Everything runs on tiny random ViTs (2 blocks, width 64, patch 8, 32x32 inputs) except one
 test that builds the registered ViT-S architectures (random weights, tiny inputs) to check
@@ -36,6 +37,7 @@ from hpseg.backbones.vit import build_timm_model
 REGISTERED = {
     # name: (patch, width, heads, prefix tokens, depth)
     "dino_vits8": (8, 384, 6, 1, 12),
+    "dino_vits8_800ep": (8, 384, 6, 1, 12),
     "dino_vits16": (16, 384, 6, 1, 12),
     "dino_vitb8": (8, 768, 12, 1, 12),
     "dino_vitb16": (16, 768, 12, 1, 12),
@@ -142,15 +144,15 @@ def test_registered_architecture_matches_spec(name: str) -> None:
         model = build_timm_model(dataclasses.replace(spec, timm_kwargs=(("depth", 1),)))
     bb = Backbone(spec, model)  # raises if patch / width / heads / prefix differ from the spec
     assert bb.patch_size == spec.patch_size
-    if spec.has_official_weights:
+    if spec.hf_hub_id:
         assert spec.timm_name in timm.list_models(pretrained=True)
         assert timm.models.get_pretrained_cfg(spec.timm_name).hf_hub_id == spec.hf_hub_id
     if name in RUN_FOR_REAL:
         p, c, heads, prefix, _ = REGISTERED[name]
         out = bb(_images(1, 2 * p, 3 * p), with_attention=True)
         assert out.features.shape == (1, c, 2, 3)
-        assert out.attention.shape == (1, heads, prefix + 6, prefix + 6)  # registers count in T
-        torch.testing.assert_close(out.attention.sum(-1), torch.ones(1, heads, prefix + 6))
+        assert out.attention_scores.shape == (1, heads, prefix + 6, prefix + 6)  # registers count in T
+        torch.testing.assert_close(out.attention_probabilities().sum(-1), torch.ones(1, heads, prefix + 6))
 
 
 # --------------------------------------------------------------------------------------
@@ -161,11 +163,13 @@ def test_shapes_and_attention_rows(tiny: Backbone) -> None:
     out = tiny(_images(), with_attention=True)
     assert isinstance(out, BackboneOutput)
     assert out.features.shape == (2, 64, 4, 4) and out.features.dtype == torch.float32
-    assert out.attention.shape == (2, 4, 17, 17) and out.attention.dtype == torch.float32
-    torch.testing.assert_close(out.attention.sum(-1), torch.ones(2, 4, 17))
-    assert out.attention.min() >= 0
-    assert out.attention.max() > 0.2, "sharpened attention should not be uniform (1/17)"
-    assert tiny(_images()).attention is None
+    scores = out.attention_scores
+    assert scores.shape == (2, 4, 17, 17) and scores.dtype == torch.float32
+    assert scores.min() < 0, "scores before the softmax, not probabilities"
+    probs = out.attention_probabilities()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 17))
+    assert probs.max() > 0.2, "sharpened attention should not be uniform (1/17)"
+    assert tiny(_images()).attention_scores is None
 
 
 def test_features_are_final_norm_patch_tokens(tiny: Backbone) -> None:
@@ -176,10 +180,15 @@ def test_features_are_final_norm_patch_tokens(tiny: Backbone) -> None:
 
 
 def _v_and_output_of_last_attention(bb: Backbone, x: torch.Tensor, with_attention: bool):
-    """Run ``bb`` and return (attention, v, output of the last attention module, features)."""
+    """Run ``bb`` and return (output, (q, k, v) before the q/k norms and RoPE, output of the last
+    attention module, the RoPE tensor it was given or None)."""
     attn = bb.model.blocks[-1].attn
     seen = {}
-    pre = attn.register_forward_pre_hook(lambda _m, args: seen.__setitem__("x", args[0]))
+
+    def record_input(_m, args, kwargs):
+        seen["x"], seen["rope"] = args[0], kwargs.get("rope")
+
+    pre = attn.register_forward_pre_hook(record_input, with_kwargs=True)
     post = attn.register_forward_hook(lambda _m, _a, out: seen.__setitem__("out", out))
     try:
         out = bb(x, with_attention=with_attention)
@@ -194,7 +203,30 @@ def _v_and_output_of_last_attention(bb: Backbone, x: torch.Tensor, with_attentio
     else:
         qkv = attn.qkv(tokens)
     q, k, v = qkv.reshape(B, T, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    return out, (q, k, v), seen["out"]
+    return out, (q, k, v), seen["out"], seen["rope"]
+
+
+def _rotate(x: torch.Tensor, rope: torch.Tensor, half: bool) -> torch.Tensor:
+    """RoPE written out: rope = [sin | cos] along the last dim; pairs are the two halves of the
+    head (``half``) or interleaved neighbours."""
+    sin, cos = rope.tensor_split(2, -1)
+    if half:
+        a, b = x.chunk(2, -1)
+        turned = torch.cat([-b, a], -1)
+    else:
+        turned = torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+    return x * cos + turned * sin
+
+
+def _independent_scores(bb: Backbone, q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
+    """q·kᵀ/√d of the last block from its q and k, q/k norms and RoPE applied here."""
+    attn = bb.model.blocks[-1].attn
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if rope is not None:
+        n, half = bb.num_prefix_tokens, bool(getattr(attn, "rotate_half", False))
+        q = torch.cat([q[:, :, :n], _rotate(q[:, :, n:], rope, half)], 2)
+        k = torch.cat([k[:, :, :n], _rotate(k[:, :, n:], rope, half)], 2)
+    return (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
 
 
 @pytest.mark.parametrize("which", ["tiny", "tiny_v2", "tiny_v3"])
@@ -203,29 +235,41 @@ def test_attention_is_what_the_fused_path_computes(which: str, request: pytest.F
     (proj(attn @ v)), so they are the ones the model uses — also for DINOv3 with RoPE."""
     bb = request.getfixturevalue(which)
     x = _images(2, 32, 24)
-    fused, _, fused_attn_out = _v_and_output_of_last_attention(bb, x, with_attention=False)
-    explicit, (_, _, v), _ = _v_and_output_of_last_attention(bb, x, with_attention=True)
-    A = explicit.attention
+    fused, _, fused_attn_out, _ = _v_and_output_of_last_attention(bb, x, with_attention=False)
+    explicit, (_, _, v), _, _ = _v_and_output_of_last_attention(bb, x, with_attention=True)
+    A = explicit.attention_probabilities()
     B, _, T, _ = A.shape
     assert T == bb.num_prefix_tokens + 4 * 3
     attn = bb.model.blocks[-1].attn
     rebuilt = attn.proj(attn.norm((A @ v).transpose(1, 2).reshape(B, T, -1)))
     torch.testing.assert_close(rebuilt, fused_attn_out, rtol=1e-4, atol=1e-5)
-    # Switching the last block to the explicit path does not change the features.
-    torch.testing.assert_close(explicit.features, fused.features, rtol=1e-5, atol=1e-5)
+    # Capturing the scores does not change the features.
+    torch.testing.assert_close(explicit.features, fused.features, rtol=0, atol=0)
 
 
-def test_attention_matches_softmax_qk_for_plain_vit(tiny: Backbone) -> None:
-    out, (q, k, _), _ = _v_and_output_of_last_attention(tiny, _images(), with_attention=True)
-    attn = tiny.model.blocks[-1].attn
-    torch.testing.assert_close(out.attention, ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1))
+@pytest.mark.parametrize("which", ["tiny", "tiny_v2", "tiny_v3"])
+def test_scores_are_q_k_scale_before_the_softmax(which: str, request: pytest.FixtureRequest) -> None:
+    """The scores themselves (not only their softmax, which forgives a per-row offset) equal an
+    independent q·kᵀ/√d: DINO-style ViT, DINOv2 with registers, DINOv3/Eva with RoPE."""
+    bb = request.getfixturevalue(which)
+    out, (q, k, _), _, rope = _v_and_output_of_last_attention(bb, _images(2, 32, 24), with_attention=True)
+    assert (rope is not None) == (which == "tiny_v3")
+    expected = _independent_scores(bb, q, k, rope)
+    torch.testing.assert_close(out.attention_scores, expected, rtol=1e-5, atol=1e-5)
+    # Not the log of the probabilities: rows keep their own offsets.
+    assert (out.attention_scores.logsumexp(-1) - 0).abs().max() > 1e-2
 
 
 def test_attention_capture_leaves_no_state(tiny: Backbone) -> None:
     attn = tiny.model.blocks[-1].attn
     fused_before = attn.fused_attn
+
+    def clean() -> bool:
+        return (attn.fused_attn == fused_before and not attn._forward_hooks and not attn._forward_pre_hooks
+                and not torch._C._is_torch_function_mode_enabled())
+
     tiny(_images(), with_attention=True)
-    assert attn.fused_attn == fused_before and not attn.attn_drop._forward_hooks
+    assert clean()
 
     def boom(*_args):
         raise RuntimeError("boom")
@@ -236,21 +280,22 @@ def test_attention_capture_leaves_no_state(tiny: Backbone) -> None:
             tiny(_images(), with_attention=True)
     finally:
         handle.remove()
-    assert attn.fused_attn == fused_before and not attn.attn_drop._forward_hooks
-    assert tiny(_images()).attention is None
+    assert clean()
+    assert tiny(_images()).attention_scores is None
 
 
 def test_attention_under_autocast_is_float32(tiny: Backbone) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = tiny(_images(), with_attention=True)
-    assert out.attention.dtype == torch.float32 and out.features.dtype == torch.float32
-    torch.testing.assert_close(out.attention.sum(-1), torch.ones(2, 4, 17), rtol=0, atol=2e-2)
+    assert out.attention_scores.dtype == torch.float32 and out.features.dtype == torch.float32
+    exact = tiny(_images(), with_attention=True).attention_scores
+    torch.testing.assert_close(out.attention_scores, exact, rtol=0, atol=5e-2 * exact.abs().max().item())
 
 
 def test_any_multiple_of_the_patch_works(tiny: Backbone) -> None:
     out = tiny(_images(1, 40, 32), with_attention=True)
     assert out.features.shape == (1, 64, 5, 4)
-    assert out.attention.shape == (1, 4, 21, 21)
+    assert out.attention_scores.shape == (1, 4, 21, 21)
     with pytest.raises(ValueError, match="multiples of its patch size 8"):
         tiny(_images(1, 30, 32))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
@@ -264,9 +309,87 @@ def test_always_eval_and_frozen(tiny: Backbone) -> None:
     assert all(not p.requires_grad for p in tiny.parameters())
     x = _images().requires_grad_(True)
     out = tiny(x, with_attention=True)
-    assert not out.features.requires_grad and not out.attention.requires_grad
+    assert not out.features.requires_grad and not out.attention_scores.requires_grad
     # Dropout-free and deterministic despite .train():
     torch.testing.assert_close(tiny(x).features, tiny(x).features, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# Position embeddings at other grids
+
+
+def _manual_tokens_forward(bb: Backbone, images: torch.Tensor, tokens_with_positions) -> torch.Tensor:
+    """Patch embedding -> ``tokens_with_positions(patches (B, h*w, C), h, w)`` -> blocks -> final
+    norm, prefix dropped: (B, C, h, w)."""
+    m = bb.model
+    patches = m.patch_embed.proj(images)
+    b, c, h, w = patches.shape
+    x = tokens_with_positions(patches.flatten(2).transpose(1, 2), h, w)
+    for block in m.blocks:
+        x = block(x)
+    return m.norm(x)[:, bb.num_prefix_tokens:].transpose(1, 2).reshape(b, c, h, w)
+
+
+def _dino_reference_positions(pos_embed: torch.Tensor, images: torch.Tensor, patch: int) -> torch.Tensor:
+    """DINO's interpolate_pos_encoding, written as DINO writes it (its ``w`` is the image's
+    height): an independent check of hpseg's version."""
+    import math
+
+    _, _, w, h = images.shape
+    n = pos_embed.shape[1] - 1
+    if (w // patch) * (h // patch) == n and w == h:
+        return pos_embed
+    w0, h0 = w // patch + 0.1, h // patch + 0.1
+    grid = pos_embed[:, 1:].reshape(1, int(math.sqrt(n)), int(math.sqrt(n)), -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, scale_factor=(w0 / math.sqrt(n), h0 / math.sqrt(n)), mode="bicubic")
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, pos_embed.shape[-1])], 1)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 48), (40, 24), (24, 56)])
+def test_dino_position_interpolation_at_any_size(tiny: Backbone, size: tuple[int, int]) -> None:
+    """Square and non-square grids: features equal a forward with DINO's own interpolation, and
+    differ from timm's antialiased resize (the old behaviour) away from the native grid."""
+    from timm.layers import resample_abs_pos_embed
+
+    x = _images(2, *size)
+    m = tiny.model
+    pos = _dino_reference_positions(m.pos_embed, x, 8)
+
+    def dino(patches: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        return torch.cat([m.cls_token.expand(len(patches), -1, -1), patches], 1) + pos
+
+    torch.testing.assert_close(tiny(x).features, _manual_tokens_forward(tiny, x, dino), rtol=1e-5, atol=1e-5)
+    if size != (32, 32):
+        timm_pos = resample_abs_pos_embed(m.pos_embed, (size[0] // 8, size[1] // 8), num_prefix_tokens=1)
+        assert (timm_pos - pos).abs().max() > 1e-3
+
+
+def test_dinov2_interpolation_is_dinov2s_own(tiny_v2: Backbone) -> None:
+    """DINOv2 with registers at a non-native, non-square grid, against DINOv2's hub setting
+    written here: bicubic to the target size, antialiased, in float32 (interpolate_offset 0,
+    interpolate_antialias True); registers carry no position and sit after the class token."""
+    m = tiny_v2.model
+    x = _images(2, 40, 24)
+    native = int(m.pos_embed.shape[1] ** 0.5)
+
+    def dinov2(patches: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        grid = m.pos_embed.float().reshape(1, native, native, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=True)
+        patches = patches + grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        b = len(patches)
+        return torch.cat([m.cls_token.expand(b, -1, -1), m.reg_token.expand(b, -1, -1), patches], 1)
+
+    assert (5, 3) != (native, native)
+    torch.testing.assert_close(tiny_v2(x).features, _manual_tokens_forward(tiny_v2, x, dinov2),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_each_family_states_its_position_interpolation() -> None:
+    expected = {"dino": "dino", "random": "dino", "dinov2": "timm", "dinov3": "rope"}
+    for spec in list_backbones():
+        assert spec.position_interpolation == expected[spec.family], spec.name
+    table = format_backbone_table()
+    assert "positions" in table and "(grid + 0.1)" in table and "antialias" in table
 
 
 # --------------------------------------------------------------------------------------
@@ -286,7 +409,7 @@ def test_load_dino_teacher_checkpoint_exactly(tiny: Backbone, tmp_path: Path) ->
     loaded = create_backbone("vit_tiny_p8", weights=path)
     x = _images()
     a, b = tiny(x, with_attention=True), loaded(x, with_attention=True)
-    assert torch.equal(a.features, b.features) and torch.equal(a.attention, b.attention)
+    assert torch.equal(a.features, b.features) and torch.equal(a.attention_scores, b.attention_scores)
 
 
 def test_load_full_dino_training_checkpoint_takes_the_teacher(tiny: Backbone, tmp_path: Path) -> None:
@@ -451,11 +574,11 @@ def test_offline_error_is_actionable_and_fast(empty_hub_cache: Path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     with pytest.raises(BackboneWeightsError) as info:
-        create_backbone("dino_vits8")
+        create_backbone("dino_vits8_800ep")
     # No network attempt: the unpatched hub client would first hang for about 47 s.
     assert time.perf_counter() - start < 10
     msg = str(info.value)
-    for fragment in ("dino_vits8", "--weights FILE", "weights=FILE", "model.safetensors",
+    for fragment in ("dino_vits8_800ep", "--weights FILE", "weights=FILE", "model.safetensors",
                      "https://huggingface.co/timm/vit_small_patch8_224.dino", "dino_deitsmall8_pretrain.pth"):
         assert fragment in msg, msg
     assert info.value.__cause__ is None
@@ -492,6 +615,97 @@ def test_offline_uses_the_hub_cache(tiny: Backbone, empty_hub_cache: Path, monke
               str(repo / "snapshots" / commit / "model.safetensors"))
     loaded = create_backbone(spec)
     assert torch.equal(loaded(_images()).features, tiny(_images()).features)
+
+
+#: Each DINO name and the authors' file it stands for (HP's ViT-S/8 is the 300-epoch run).
+DINO_FILES = {
+    "dino_vits8": "dino_deitsmall8_300ep_pretrain.pth",
+    "dino_vits8_800ep": "dino_deitsmall8_pretrain.pth",
+    "dino_vits16": "dino_deitsmall16_pretrain.pth",
+    "dino_vitb8": "dino_vitbase8_pretrain.pth",
+    "dino_vitb16": "dino_vitbase16_pretrain.pth",
+}
+
+
+def test_each_dino_name_is_pinned_to_its_file() -> None:
+    dino = {s.name for s in list_backbones() if s.family == "dino"}
+    assert dino == set(DINO_FILES)
+    for name, filename in DINO_FILES.items():
+        spec = get_spec(name)
+        assert spec.weights_url == f"https://dl.fbaipublicfiles.com/dino/{filename[:-4]}/{filename}"
+        assert filename in spec.weights_source
+    paper = get_spec("dino_vits8")
+    # timm's Hub copy of ViT-S/8 is the 800-epoch file: the paper's comes from its own URL.
+    assert paper.download_url == paper.weights_url and not paper.hf_hub_id
+    assert paper.weights_file == "dino_deitsmall8_300ep_pretrain.pth"
+    assert get_spec("dino_vits8_800ep").hf_hub_id == "timm/vit_small_patch8_224.dino"
+    for name in ("dino_vits16", "dino_vitb8", "dino_vitb16"):
+        assert get_spec(name).hf_hub_id == f"timm/{get_spec(name).timm_name}" and not get_spec(name).download_url
+
+
+@pytest.fixture
+def empty_torch_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """torch.hub's directory in tmp_path (its checkpoints/ is where direct downloads go)."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return Path(torch.hub.get_dir())
+
+
+def test_paper_vits8_offline_error_names_the_url(empty_torch_hub: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneWeightsError) as info:
+        create_backbone("dino_vits8")
+    msg = str(info.value)
+    for fragment in ("dino_vits8", "--weights FILE", "dino_deitsmall8_300ep_pretrain.pth",
+                     "https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_300ep_pretrain/"
+                     "dino_deitsmall8_300ep_pretrain.pth", str(empty_torch_hub / "checkpoints")):
+        assert fragment in msg, msg
+    assert info.value.__cause__ is None
+
+
+def _url_spec() -> BackboneSpec:
+    return dataclasses.replace(get_spec("vit_tiny_p8"), download_url="https://example.invalid/dino/tiny_300ep.pth")
+
+
+def test_direct_download_weights_come_from_torch_hub_cache(tiny: Backbone, empty_torch_hub: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache laid out by the test: the DINO-format file in torch.hub's checkpoints/, offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (empty_torch_hub / "checkpoints").mkdir(parents=True)
+    torch.save(_dino_teacher_checkpoint(tiny), empty_torch_hub / "checkpoints" / "tiny_300ep.pth")
+    loaded = create_backbone(_url_spec())
+    assert torch.equal(loaded(_images()).features, tiny(_images()).features)
+
+
+def test_direct_download_goes_to_torch_hub_cache(tiny: Backbone, empty_torch_hub: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def fake_download(url: str, dst: str, *args, **kwargs) -> None:  # stands for the network
+        calls.append((url, dst))
+        torch.save(_dino_teacher_checkpoint(tiny), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    loaded = create_backbone(_url_spec())
+    assert calls == [("https://example.invalid/dino/tiny_300ep.pth",
+                      str(empty_torch_hub / "checkpoints" / "tiny_300ep.pth"))]
+    assert torch.equal(loaded(_images()).features, tiny(_images()).features)
+    create_backbone(_url_spec())  # now cached: no second download
+    assert len(calls) == 1
+
+    def no_network(*_args, **_kwargs) -> None:
+        raise ConnectionError("Name or service not known")
+
+    (empty_torch_hub / "checkpoints" / "tiny_300ep.pth").unlink()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    with pytest.raises(BackboneWeightsError, match="--weights FILE") as info:
+        create_backbone(_url_spec())
+    assert "https://example.invalid/dino/tiny_300ep.pth" in str(info.value) and "ConnectionError" in str(info.value)
 
 
 def test_no_official_weights_for_the_tiny_model() -> None:

@@ -1,4 +1,4 @@
-"""Feature cache (hpseg.cache, `hpseg cache`): same training, resumable build, checked validity."""
+"""Feature cache (hpseg.training.cache, `hpseg cache`): same training, resumable build, checked validity."""
 
 import json
 import shutil
@@ -9,19 +9,26 @@ import pytest
 import torch
 
 from hpseg.backbones import create_backbone
-from hpseg.cache import (
+from hpseg.cli.main import main
+from hpseg.training.cache import (
     CachedFeatures,
     FeatureCacheError,
     build_feature_cache,
     default_cache_dir,
     validate_cache,
 )
-from hpseg.cli import main
-from hpseg.features import BackboneFeatures
-from hpseg.train import train
+from hpseg.training.features import BackboneFeatures
+from hpseg.training.trainer import train
 from tests.helpers import synthetic_prepared, tiny_config, tiny_overrides
 
 SIGMA = 28.0
+
+
+def messages(notices) -> str:
+    """What the hpseg logger said since the last call (the ``notices`` fixture of conftest)."""
+    text = "\n".join(notices.messages)
+    notices.messages.clear()
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +49,7 @@ def tiny_backbone(perturbed=False):
 
 
 def build(backbone, prepared_dir, cache_dir, **kwargs):
-    options = {"sigma": SIGMA, "batch_size": 4, "progress": False, "log": None, **kwargs}
+    options = {"sigma": SIGMA, "batch_size": 4, **kwargs}
     return build_feature_cache(backbone, prepared_dir, cache_dir, **options)
 
 
@@ -58,18 +65,20 @@ def test_cached_inputs_equal_backbone_inputs(data_root, tmp_path):
     live = BackboneFeatures(backbone, str(prepared(data_root)), with_augmented=False, sigma=SIGMA,
                             device=torch.device("cpu"), amp_dtype=None)
     cached = CachedFeatures(cache, prepared(data_root), with_augmented=False, device=torch.device("cpu"))
-    assert len(cached) == len(live) == 40 and cached.dataset.class_names == live.dataset.class_names
+    assert len(cached) == len(live) == 40 and cached.class_names == live.class_names
+    assert len(live.class_names) == 4
     batches = [[7, 0, 31, 12], [39, 5, 22, 18]]  # other batch compositions than the build's
-    for a, b in zip(live.steps(batches), cached.steps(batches)):
+    seeds = [3, 4]
+    for a, b in zip(live.steps(batches, seeds), cached.steps(batches, seeds)):
         assert b.features.dtype == torch.float32 and b.features.shape == a.features.shape == (4, 64, 4, 4)
         torch.testing.assert_close(b.features, a.features, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b.neighbour_weights, a.neighbour_weights, rtol=1e-5, atol=1e-5)
-        assert torch.equal(b.labels, a.labels) and b.images_aug is None
+        assert torch.equal(b.labels, a.labels) and b.features_aug is None
     for a, b in zip(live.feature_maps(batches), cached.feature_maps(batches)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
-def test_training_from_the_cache_gives_the_same_loss_curve(data_root, tmp_path, capsys):
+def test_training_from_the_cache_gives_the_same_loss_curve(data_root, tmp_path, notices):
     """alpha = 0: nothing random differs. float32 storage: equal to float rounding (rel 1e-5);
     float16 storage (the default): within rel 1e-2 at every step, median under 1e-3 (measured:
     max 1.6e-3, median 1e-5)."""
@@ -77,21 +86,21 @@ def test_training_from_the_cache_gives_the_same_loss_curve(data_root, tmp_path, 
     # On the CPU also where a GPU is present: equal loss curves need float32 arithmetic (CUDA runs fp16 AMP).
     extra = ["method.alpha=0.0", "train.val_interval=100", "train.device=cpu"]
     reference = losses(train(tiny_config(data_root, tmp_path, extra=extra + ["train.run_name=live"]),
-                             backbone=backbone, progress=False))
-    assert "no feature cache at" in capsys.readouterr().out
+                             backbone=backbone))
+    assert "no feature cache at" in messages(notices)
 
     exact = build(backbone, prepared(data_root), tmp_path / "f32", dtype="float32")
     run = train(tiny_config(data_root, tmp_path, extra=extra + ["train.run_name=f32", f"data.feature_cache={exact}"]),
-                backbone=backbone, progress=False)
+                backbone=backbone)
     np.testing.assert_allclose(losses(run), reference, rtol=1e-5)
 
     # float16 at the default place, picked up without naming it
     default = build(backbone, prepared(data_root), default_cache_dir(prepared(data_root), "vit_tiny_p8"))
     try:
-        capsys.readouterr()
+        notices.messages.clear()
         run = train(tiny_config(data_root, tmp_path, extra=extra + ["train.run_name=f16"]),
-                    backbone=backbone, progress=False)
-        assert "training from the feature cache" in capsys.readouterr().out
+                    backbone=backbone)
+        assert "training from the feature cache" in messages(notices)
         half = losses(run)
         relative = np.abs(half - reference) / np.abs(reference)
         # Rounding f moves a few similarities across a positive threshold now and then: a step may
@@ -109,10 +118,10 @@ def test_photometric_view_still_uses_the_backbone(data_root, tmp_path):
     # On the CPU also where a GPU is present: equal loss curves need float32 arithmetic (CUDA runs fp16 AMP).
     extra = ["method.alpha=0.5", "train.val_interval=100", "train.max_steps=6", "train.device=cpu"]
     reference = losses(train(tiny_config(data_root, tmp_path, extra=extra + ["train.run_name=live"]),
-                             backbone=backbone, progress=False))
+                             backbone=backbone))
     cache = build(backbone, prepared(data_root), tmp_path / "c", dtype="float32")
     run = train(tiny_config(data_root, tmp_path, extra=extra + ["train.run_name=cached", f"data.feature_cache={cache}"]),
-                backbone=backbone, progress=False)
+                backbone=backbone)
     np.testing.assert_allclose(losses(run), reference, rtol=1e-5)
     consistency = [json.loads(x)["consistency"] for x in (run / "metrics.jsonl").read_text().splitlines()
                    if "consistency" in x]
@@ -188,52 +197,65 @@ def test_invalid_caches_are_refused(data_root, tmp_path):
     validate_cache(good, other, prepared(data_root), SIGMA)
 
 
+def test_format_1_caches_are_refused_with_the_reason(data_root, tmp_path):
+    """Caches of format 1 hold LHP weights computed from the attention probabilities: refused."""
+    from hpseg.training.cache.identity import CACHE_VERSION, META_NAME
+
+    assert CACHE_VERSION == 2
+    backbone = tiny_backbone()
+    cache = build(backbone, prepared(data_root), tmp_path / "old", dtype="float32")
+    meta = json.loads((cache / META_NAME).read_text())
+    (cache / META_NAME).write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(FeatureCacheError, match=r"format version 1.*probabilities.*pre-softmax scores.*--overwrite"):
+        validate_cache(cache, backbone, prepared(data_root), SIGMA)
+
+
 def test_training_stops_on_a_cache_that_does_not_fit(data_root, tmp_path):
     backbone = tiny_backbone()
     root = synthetic_prepared(tmp_path / "own")  # its own data: the default cache place is per data set
     build(tiny_backbone(perturbed=True), prepared(root), default_cache_dir(prepared(root), "vit_tiny_p8"))
     with pytest.raises(FeatureCacheError, match=r"does not fit this run.*data.feature_cache=off"):
-        train(tiny_config(root, tmp_path, steps=2), backbone=backbone, progress=False)
+        train(tiny_config(root, tmp_path, steps=2), backbone=backbone)
     # off: the backbone is used, the cache ignored
     run = train(tiny_config(root, tmp_path, steps=2, extra=["data.feature_cache=off", "train.run_name=off"]),
-                backbone=backbone, progress=False)
+                backbone=backbone)
     assert len(losses(run)) == 2
     # a named cache must exist
     with pytest.raises(FeatureCacheError, match="no feature cache in"):
         train(tiny_config(root, tmp_path, steps=2, extra=[f"data.feature_cache={tmp_path / 'missing'}",
-                                                          "train.run_name=m"]), backbone=backbone, progress=False)
+                                                          "train.run_name=m"]), backbone=backbone)
 
 
 def test_disk_too_small(data_root, tmp_path, monkeypatch):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr("hpseg.cache.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr("hpseg.training.cache.builder.shutil.disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
     with pytest.raises(FeatureCacheError, match=r"not enough disk space .* in .*small.* needs 104960 bytes .* 1000 bytes"):
         build(tiny_backbone(), prepared(data_root), tmp_path / "small")
     assert not (tmp_path / "small" / "features.f16").exists()
 
 
-def test_size_estimate_is_printed_first(data_root, tmp_path):
-    lines = []
-    build(tiny_backbone(), prepared(data_root), tmp_path / "c", log=lines.append)
+def test_size_estimate_is_logged_first(data_root, tmp_path, notices):
+    build(tiny_backbone(), prepared(data_root), tmp_path / "c")
+    lines = notices.messages
     assert "40 crops" in lines[0] and "160.0 KiB (float16)" not in lines[0] and "80.0 KiB (float16)" in lines[0]
     assert "22.5 KiB (float32)" in lines[0]
     assert (tmp_path / "c" / "features.f16").stat().st_size == 40 * 64 * 16 * 2
 
 
-def test_cli_cache_then_train_reads_it(tmp_path, capsys):
+def test_cli_cache_then_train_reads_it(tmp_path, capsys, notices):
     root = synthetic_prepared(tmp_path / "cli")
     overrides = tiny_overrides(root, tmp_path / "runs", steps=2) + ["method.alpha=0.0"]
-    assert main(["cache", "--preset", "potsdam3", "--no-progress", *overrides]) == 0
-    out = capsys.readouterr().out
+    assert main(["cache", "--preset", "potsdam3", *overrides]) == 0
     cache = default_cache_dir(prepared(root), "vit_tiny_p8")
-    assert "feature cache of 40 crops" in out and f"feature cache ready in {cache}" in out
+    assert "feature cache of 40 crops" in messages(notices)
+    assert f"feature cache ready in {cache}" in capsys.readouterr().out
     assert json.loads((cache / "meta.json").read_text())["completed"] == 40
     # the random backbone of `hpseg cache` is the one `hpseg train` builds: the cache fits
-    assert main(["train", "--preset", "potsdam3", "--no-progress", *overrides, "train.run_name=r"]) == 0
-    assert "training from the feature cache" in capsys.readouterr().out
+    assert main(["train", "--preset", "potsdam3", *overrides, "train.run_name=r"]) == 0
+    assert "training from the feature cache" in messages(notices)
     # a second `hpseg cache` finds it complete
-    assert main(["cache", "--preset", "potsdam3", "--no-progress", *overrides]) == 0
-    assert "complete and up to date" in capsys.readouterr().out
+    assert main(["cache", "--preset", "potsdam3", *overrides]) == 0
+    assert "complete and up to date" in messages(notices)
     # another sigma: refused without --overwrite, with a message and exit status 2
-    assert main(["cache", "--preset", "potsdam3", "--no-progress", *overrides, "method.sigma=10"]) == 2
+    assert main(["cache", "--preset", "potsdam3", *overrides, "method.sigma=10"]) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Tests of hpseg.crf: missing-extra error, probability helpers, and (when installed) refinement."""
+"""Tests of hpseg.inference.crf: missing-extra error, probability helpers, and (when installed) refinement."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from hpseg import crf
-from hpseg.crf import (
+from hpseg.inference import crf
+from hpseg.inference.crf import (
     CRFUnavailableError,
     cluster_probabilities,
     crf_available,
@@ -110,3 +110,69 @@ def test_crf_refine_batch_upsamples_and_matches_single():
 def test_crf_refine_batch_rejects_float_images():
     with pytest.raises(ValueError, match="images_to_uint8"):
         crf_refine_batch(torch.zeros(1, 3, 8, 8), torch.zeros(1, 2, 8, 8))
+
+
+# ------------------------------------------------------------------ the reference's CRF unaries
+
+
+def _reference_cluster_unaries(segmentation: torch.Tensor, centroids: torch.Tensor, size) -> torch.Tensor:
+    """The reference's evaluation order, written out: s upsampled to the label size, then the
+    cosine to each centroid, then log_softmax(2 · cos)."""
+    up = torch.nn.functional.interpolate(segmentation, size=size, mode="bilinear", align_corners=False)
+    cos = torch.einsum("bdhw,kd->bkhw", torch.nn.functional.normalize(up, dim=1),
+                       torch.nn.functional.normalize(centroids, dim=1))
+    return torch.log_softmax(2 * cos, dim=1)
+
+
+def _model_and_features(seed: int = 0):
+    from hpseg.method.model import HiddenPositivesModel
+
+    torch.manual_seed(seed)
+    model = HiddenPositivesModel(feature_dim=16, dim=8, n_classes=3).eval().requires_grad_(False)
+    features = torch.randn(2, 16, 4, 4)
+    return model, features
+
+
+def test_cluster_crf_unaries_upsample_the_features_first():
+    from hpseg.inference.label_maps import cluster_crf_unaries
+    from hpseg.method.probes import centroid_scores
+
+    model, features = _model_and_features()
+    segmentation = model.segmentation(features)
+    centroids = model.cluster_probe.centroids
+    size = (32, 32)
+    ours = cluster_crf_unaries(segmentation, centroids, size)
+    torch.testing.assert_close(ours, _reference_cluster_unaries(segmentation, centroids, size), rtol=1e-5, atol=1e-6)
+    # The former order (cosine at patch resolution, log-probabilities upsampled) is not the same.
+    former = torch.nn.functional.interpolate(cluster_probabilities(centroid_scores(segmentation, centroids), log=True),
+                                             size=size, mode="bilinear", align_corners=False)
+    assert (former - ours).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("baseline", [False, True], ids=["hp", "kmeans"])
+def test_crf_label_maps_are_the_references(baseline: bool):
+    """Evaluation with CRF, end to end: hpseg's cluster maps (HP's probe, and the k-means
+    baseline on raw features) equal CRF(softmax(reference unaries)).argmax; linear maps too."""
+    pytest.importorskip("pydensecrf.densecrf")
+    from hpseg.inference.label_maps import kmeans_label_maps, label_maps
+
+    model, features = _model_and_features(1)
+    size = (32, 32)
+    images = torch.randint(0, 256, (2, 3, *size), dtype=torch.uint8)
+    rgb = images.permute(0, 2, 3, 1).numpy()
+
+    def reference_crf(log_probs: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(log_probs.detach(), 1).numpy()
+        return torch.from_numpy(np.stack([dense_crf(rgb[i], probs[i]) for i in range(len(probs))])).argmax(1)
+
+    if baseline:
+        centroids = torch.randn(3, 16)
+        ours = kmeans_label_maps(features, centroids, size, images)
+        assert torch.equal(ours, reference_crf(_reference_cluster_unaries(features, centroids, size)))
+        return
+    maps = label_maps(model, features, size, images)
+    segmentation = model.segmentation(features)
+    expected = reference_crf(_reference_cluster_unaries(segmentation, model.cluster_probe.centroids, size))
+    assert torch.equal(maps.clusters, expected)
+    up = torch.nn.functional.interpolate(segmentation, size=size, mode="bilinear", align_corners=False)
+    assert torch.equal(maps.classes, reference_crf(torch.log_softmax(model.linear_probe(up), 1)))

@@ -6,6 +6,7 @@ Every dataset is written by the test itself, in the real on-disk layout, with ti
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -283,7 +284,7 @@ def test_corrupt_image_error_and_skip(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per file only
         ds[1]
-    out = prepare_five_crops(ds, tmp_path / "crops", crop_size=8, progress=False)
+    out = prepare_five_crops(ds, tmp_path / "crops", crop_size=8)
     m = json.loads((out / "manifest.json").read_text())
     assert m["skipped"] == [str(bad)] and len(m["crops"]) == 15
     with pytest.raises(ImageReadError):
@@ -307,7 +308,7 @@ def _position_dataset(root: Path, h: int = 8, w: int = 12) -> np.ndarray:
 def test_five_crop_geometry(tmp_path):
     _position_dataset(tmp_path / "src")
     raw = build_raw_dataset("folder", tmp_path / "src", "train")
-    out = prepare_five_crops(raw, tmp_path / "crops", crop_size=8, progress=False)
+    out = prepare_five_crops(raw, tmp_path / "crops", crop_size=8)
     # 8x12 image -> crops of 4x6 at (top, left) = TL (0,0), TR (0,6), BL (4,0), BR (4,6), centre (2,3);
     # each resized x2 (nearest) to 8x12, centre-cropped to 8x8 -> columns 2..9 of the 8x12.
     origins = [(0, 0), (0, 6), (4, 0), (4, 6), (2, 3)]
@@ -329,11 +330,11 @@ def test_five_crop_geometry(tmp_path):
 def test_prepare_idempotent_and_resumable(tmp_path):
     _make_folder(tmp_path / "src")
     raw = build_raw_dataset("folder", tmp_path / "src", "train")
-    out = prepare_five_crops(raw, tmp_path / "crops", crop_size=16, progress=False)
+    out = prepare_five_crops(raw, tmp_path / "crops", crop_size=16)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     assert len(files) == 4 * 5 * 2 + 1
     mtimes = {p: p.stat().st_mtime_ns for p in files}
-    prepare_five_crops(raw, out, crop_size=16, progress=False)
+    prepare_five_crops(raw, out, crop_size=16)
     assert {p: p.stat().st_mtime_ns for p in files} == mtimes  # nothing rewritten
     # resume after losing some crops: only those are written again
     lost = [out / "images/a__img2_3.png", out / "labels/img3_0.png"]
@@ -341,16 +342,16 @@ def test_prepare_idempotent_and_resumable(tmp_path):
         p.unlink()
     with pytest.raises(DatasetLayoutError, match="hpseg prepare"):
         TrainCrops(out)
-    prepare_five_crops(raw, out, crop_size=16, progress=False)
+    prepare_five_crops(raw, out, crop_size=16)
     for p in files:
         assert p.exists()
         if p not in lost and p.name != "manifest.json":
             assert p.stat().st_mtime_ns == mtimes[p], p
     assert not [p for p in out.rglob(".*")]  # no temporary files left
     with pytest.raises(DatasetLayoutError, match="crop_size"):
-        prepare_five_crops(raw, out, crop_size=32, progress=False)
+        prepare_five_crops(raw, out, crop_size=32)
     # threaded preparation writes the same files
-    out2 = prepare_five_crops(raw, tmp_path / "crops2", crop_size=16, progress=False, num_workers=2)
+    out2 = prepare_five_crops(raw, tmp_path / "crops2", crop_size=16, num_workers=2)
     for p in files:
         if p.suffix == ".png":
             assert (out2 / p.relative_to(out)).read_bytes() == p.read_bytes()
@@ -365,7 +366,7 @@ def test_train_crops(tmp_path):
     raw = build_raw_dataset("folder", tmp_path / "src", "train")
     with pytest.raises(DatasetLayoutError, match="hpseg prepare"):
         TrainCrops(tmp_path / "crops")
-    out = prepare_five_crops(raw, tmp_path / "crops", crop_size=16, progress=False)
+    out = prepare_five_crops(raw, tmp_path / "crops", crop_size=16)
     ds = TrainCrops(out)
     assert len(ds) == 20 and ds.n_classes == 3 and ds.crop_size == 16
     torch.manual_seed(0)
@@ -383,7 +384,7 @@ def test_train_crops(tmp_path):
 def test_train_crops_unlabelled(tmp_path):
     _make_folder(tmp_path / "src", labels=False)
     raw = build_raw_dataset("folder", tmp_path / "src", "train", n_classes=3)
-    out = prepare_five_crops(raw, tmp_path / "crops", crop_size=8, progress=False)
+    out = prepare_five_crops(raw, tmp_path / "crops", crop_size=8)
     assert not (out / "labels").exists()
     item = TrainCrops(out)[3]
     assert (item["label"] == -1).all() and item["label"].shape == (8, 8)
@@ -440,3 +441,67 @@ def test_registry():
     assert DATASETS == ("cocostuff27", "cityscapes27", "potsdam3", "folder")
     with pytest.raises(ValueError, match="unknown dataset"):
         build_raw_dataset("imagenet", ".", "train")
+
+
+# ------------------------------------------------------------------- bad inputs of folder datasets
+
+
+def _folder(tmp_path: Path, names: list[str]) -> Path:
+    root = tmp_path / "ds"
+    for i, name in enumerate(names):
+        _save_png(_rgb(i), root / "images" / name)
+    return root
+
+
+def test_tiny_image_is_named_and_skippable(tmp_path):
+    root = _folder(tmp_path, ["ok.png"])
+    _save_png(_rgb(1, 1, 1), root / "images" / "tiny.png")
+    raw = build_raw_dataset("folder", root, "train", n_classes=2)
+    with pytest.raises(ImageReadError, match=r"tiny\.png: image of 1x1 pixels is too small"):
+        prepare_five_crops(raw, tmp_path / "crops", crop_size=8)
+    raw = build_raw_dataset("folder", root, "train", n_classes=2, skip_bad_images=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = prepare_five_crops(raw, tmp_path / "crops2", crop_size=8)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"] == [str(root / "images" / "tiny.png")]
+    assert manifest["crops"] == [f"ok_{k}" for k in range(5)]
+
+
+def test_symlink_loop_is_named_not_followed(tmp_path):
+    root = _folder(tmp_path, ["a/one.png"])
+    (root / "images" / "a" / "loop").symlink_to(root / "images" / "a", target_is_directory=True)
+    with pytest.raises(DatasetLayoutError, match=r"a/loop \(already read through another path"):
+        build_raw_dataset("folder", root, "train", n_classes=2)
+    with pytest.warns(UserWarning, match=r"left out 1 folder"):
+        raw = build_raw_dataset("folder", root, "train", n_classes=2, skip_bad_images=True)
+    assert [raw.path_of(i).name for i in range(len(raw))] == ["one.png"]
+
+
+def test_unreadable_subfolder_stops_or_is_listed(tmp_path, monkeypatch):
+    root = _folder(tmp_path, ["top.png", "private/hidden.png"])
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        # root can read any folder, so permission-denied is simulated where os.walk lists one.
+        if Path(path).name == "private":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DatasetLayoutError, match=r"private \(Permission denied\).*skip_bad_images"):
+        build_raw_dataset("folder", root, "train", n_classes=2)
+    with pytest.warns(UserWarning, match=r"private \(Permission denied\)"):
+        raw = build_raw_dataset("folder", root, "train", n_classes=2, skip_bad_images=True)
+    assert [raw.path_of(i).name for i in range(len(raw))] == ["top.png"]
+
+
+def test_non_ascii_names_keep_unique_readable_keys(tmp_path):
+    root = _folder(tmp_path, ["猫.png", "犬.png", "a b.png", "a_b.png"])
+    raw = build_raw_dataset("folder", root, "train", n_classes=2)
+    keys = {raw.path_of(i).name: raw.key_of(i) for i in range(len(raw))}
+    assert keys["猫.png"] == "猫" and keys["犬.png"] == "犬"
+    assert keys["a b.png"] != keys["a_b.png"]
+    assert keys["a b.png"].startswith("a_b-") and keys["a_b.png"].startswith("a_b-")
+    out = prepare_five_crops(raw, tmp_path / "crops", crop_size=8)
+    assert (out / "images" / "猫_0.png").is_file()

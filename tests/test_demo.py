@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,21 +12,25 @@ import pytest
 import torch
 from PIL import Image
 
-from hpseg import demo
-from hpseg.cli import main
+from hpseg.backbones import create_backbone
+from hpseg.cli import demo
+from hpseg.cli.main import main
+from tests.helpers import Notices
 from tests.test_api import one_thread  # noqa: F401 - autouse fixture
 
 # On the CPU also where a GPU is present: the checks of equal numbers assume one device's arithmetic
 # (on an H200 the figure's k-means and the evaluation's differed in the 4th digit).
 FAST = ["--steps", "4", "--image-size", "32", "--crop-size", "16", "--n-train", "8", "--n-val", "4",
-        "--batch-size", "8", "--no-progress", "--device", "cpu"]
+        "--batch-size", "8", "--quiet", "--device", "cpu"]
 
 
 def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), *FAST]) == 0
-    text = capsys.readouterr().out
-    assert "RANDOMLY INITIALISED" in text and "What the numbers mean" in text and "Hungarian" in text
+    captured = capsys.readouterr()
+    assert "RANDOMLY INITIALISED" in captured.err  # a warning: shown even with --quiet
+    text = captured.out
+    assert "What the numbers mean" in text and "Hungarian" in text and "The backbone is random here" in text
     assert str(out / "figure.png") in text and str(out / "metrics.json") in text
     metrics = json.loads((out / "metrics.json").read_text())
     for side in ("hp", "baseline"):
@@ -46,41 +52,56 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 23, 3), dtype=np.uint8)).save(image)
     predictions = tmp_path / "predictions"
     assert main(["predict", str(image), "--checkpoint", str(out / "run" / "checkpoints" / "last.pt"),
-                 "--out", str(predictions), "--no-progress"]) == 0
+                 "--out", str(predictions), "--quiet"]) == 0
     summary = json.loads((predictions / "predictions.json").read_text())
     assert summary["mapping"] == str(out / "run" / "eval-last" / "results.json")
     assert summary["labels"][0]["name"] == "class 0 (stripes)" and len(summary["labels"]) == 6
     assert np.array(Image.open(predictions / "labels" / "photo.png")).shape == (45, 23)
 
 
-def test_backbone_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    notes: list[str] = []
-    name, weights, pretrained = demo._choose_backbone(tmp_path, None, None, notes.append)
+def test_backbone_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, notices: Notices) -> None:
+    notes = notices.messages
+    name, weights, pretrained = demo._choose_backbone(tmp_path, None, None)
     assert (name, pretrained) == ("vit_tiny_p8", False) and "RANDOMLY INITIALISED" in notes[-1]
     # The random initialisation is saved, so evaluation and prediction use exactly these weights.
-    from hpseg.backbones import create_backbone
-
     expected = create_backbone("vit_tiny_p8", pretrained=False).model.state_dict()
     loaded = create_backbone("vit_tiny_p8", weights=weights).model.state_dict()
     assert all(torch.equal(expected[k], loaded[k]) for k in expected)
 
     # A weights file given on the command line is used as it is.
-    name, used, pretrained = demo._choose_backbone(tmp_path, weights, "vit_tiny_p8", notes.append)
+    name, used, pretrained = demo._choose_backbone(tmp_path, weights, "vit_tiny_p8")
     assert (name, used, pretrained) == ("vit_tiny_p8", weights, True) and "with the weights in" in notes[-1]
 
     # Official weights already in the Hugging Face cache are found without any download.
     monkeypatch.setattr(demo, "_official_weights_in_cache", lambda name: Path("/cache/dino.safetensors"))
-    name, used, pretrained = demo._choose_backbone(tmp_path, None, None, notes.append)
+    name, used, pretrained = demo._choose_backbone(tmp_path, None, None)
     assert (name, used, pretrained) == ("dino_vits16", "/cache/dino.safetensors", True)
     assert "official DINO weights" in notes[-1]
 
 
-def test_cache_lookup_is_offline_and_fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-    import time
+def test_cache_lookup_is_offline_and_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The lookup reads the Hub cache only (never downloads), answers at once and restores the
+    environment; what it answers is what the cache holds."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
 
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the demo's cache lookup tried to download")
+
+    looked_up: list[tuple[str, bool]] = []
+    cached: dict[str, str] = {}
+
+    def from_cache(repo_id: str, filename: str, *args: object, **kwargs: object) -> str | None:
+        looked_up.append((repo_id, os.environ.get("HF_HUB_OFFLINE") == "1"))
+        return cached.get(filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", from_cache)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     started = time.time()
-    assert demo._official_weights_in_cache("dino_vits16") is None or True  # never raises
+    assert demo._official_weights_in_cache("dino_vits16") is None  # nothing cached
+    assert looked_up and all(offline for _, offline in looked_up)  # looked up with the Hub offline
+    cached.update({name: str(tmp_path / name) for name in ("model.safetensors", "pytorch_model.bin")})
+    found = demo._official_weights_in_cache("dino_vits16")
+    assert found is not None and found.parent == tmp_path
     assert time.time() - started < 5
     assert "HF_HUB_OFFLINE" not in os.environ  # restored

@@ -1,5 +1,5 @@
 """ONNX export: the graph agrees with hpseg's PyTorch path (DINO-style ViT, DINOv2-style ViT with
-registers, an authors' checkpoint), the torch-free runner reproduces ``hpseg predict``, and the
+registers), the torch-free runner reproduces ``hpseg predict``, and the
 README example runs where torch cannot be imported."""
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import hpseg  # noqa: E402
-from hpseg.api import Segmenter  # noqa: E402
 from hpseg.backbones import create_backbone, get_spec  # noqa: E402
-from hpseg.cli import main  # noqa: E402
+from hpseg.backbones.vit import dino_position_embedding  # noqa: E402
+from hpseg.cli.main import main  # noqa: E402
 from hpseg.data.transforms import normalize  # noqa: E402
-from hpseg.export.onnx import OPSET, export_onnx  # noqa: E402
+from hpseg.export.onnx import OPSET, export_onnx, exportable_dino_position_embedding  # noqa: E402
 from hpseg.export.runtime import OnnxSegmenter, OnnxTiling  # noqa: E402
-from hpseg.inference import centroid_scores  # noqa: E402
+from hpseg.inference.segmenter import Segmenter  # noqa: E402
+from hpseg.inference.tiling import Tiling, resized_shape  # noqa: E402
 from hpseg.method.model import HiddenPositivesModel  # noqa: E402
-from hpseg.predict import Tiling  # noqa: E402
+from hpseg.method.probes import centroid_scores  # noqa: E402
 from tests.test_api import one_thread, tiny_run  # noqa: E402,F401 - one_thread: autouse fixture
 from tests.test_readme import README, code_blocks  # noqa: E402
-from tests.test_reference_checkpoint import reference_payload  # noqa: E402
 
 MAPPING = [2, 0, -1, 1]  # one cluster matched to no class: -1 must survive the graph
 
@@ -49,7 +49,7 @@ def dino(tmp_path_factory: pytest.TempPathFactory) -> tuple[Segmenter, Path]:
     results = tmp_path_factory.mktemp("mapping") / "results.json"
     step = torch.load(checkpoint, weights_only=True)["step"]
     results.write_text(json.dumps({"checkpoint": str(checkpoint), "step": step, "cluster_to_class": MAPPING}))
-    return hpseg.load(checkpoint, device="cpu", mapping=results, echo=lambda _: None), results
+    return hpseg.load(checkpoint, device="cpu", mapping=results), results
 
 
 @pytest.fixture(scope="module")
@@ -72,18 +72,12 @@ def registers_segmenter() -> Segmenter:
                      device=torch.device("cpu"), cluster_to_class=[4, 3, 2, 1, 0], mapping_source="test")
 
 
-def reference_segmenter(tmp_path: Path) -> Segmenter:
-    path = tmp_path / "reference.pth"
-    torch.save(reference_payload(seed=3), path)
-    return hpseg.load(path, device="cpu", echo=lambda _: None)
-
-
 def _torch_outputs(segmenter: Segmenter, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """hpseg's own path on (B, H, W, 3) images: cluster logits, linear logits, mapped cluster labels."""
     x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2))
     with torch.no_grad():
         s = segmenter.model.segmentation(segmenter.backbone(x).features)
-        cluster = centroid_scores(s, segmenter.model.cluster_probe.centroids)
+        cluster = centroid_scores(s, segmenter.model.cluster_probe.centroids, cosine=False)
         linear = segmenter.model.linear_probe(s)
     whole = dataclasses.replace(segmenter.tiling, size=0, window=0)
     segmenter.tiling, kept = whole, segmenter.tiling
@@ -94,13 +88,32 @@ def _torch_outputs(segmenter: Segmenter, images: np.ndarray) -> tuple[np.ndarray
     return cluster.numpy(), linear.numpy(), labels
 
 
-@pytest.mark.parametrize("kind", ["dino", "registers", "reference"])
+def test_exportable_position_embedding_is_dinos() -> None:
+    """The matrix form of DINO's bicubic scale-factor interpolation gives DINO's numbers at many
+    grids (shrunk, enlarged, non-square, one patch; the native grid untouched, bit for bit)."""
+    pos_embed = torch.randn(1, 1 + 16, 24, generator=torch.Generator().manual_seed(0))
+    for grid in [(4, 4), (2, 3), (8, 5), (1, 1), (1, 9), (12, 12), (5, 4), (37, 3)]:
+        expected = dino_position_embedding(pos_embed, grid)
+        got = exportable_dino_position_embedding(pos_embed, grid)
+        assert got.shape == expected.shape == (1, 1 + grid[0] * grid[1], 24)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert torch.equal(exportable_dino_position_embedding(pos_embed, (4, 4)), pos_embed)
+    # Resizing to the grid (scale = grid / native) is a different function: the test can tell.
+    assert not torch.allclose(exportable_dino_position_embedding(pos_embed, (8, 5))[:, 1:].reshape(8, 5, 24),
+                              torch.nn.functional.interpolate(pos_embed[:, 1:].reshape(1, 4, 4, 24).permute(0, 3, 1, 2),
+                                                              size=(8, 5), mode="bicubic")[0].permute(1, 2, 0),
+                              atol=1e-3)
+
+
+# An authors' checkpoint is a DINO-style ViT like "dino" (same graph, other weights): its export is
+# not repeated here (each costs tens of seconds); tests/test_hub.py loads one through the hub format.
+@pytest.mark.parametrize("kind", ["dino", "registers"])
 def test_graph_agrees_with_pytorch_at_several_sizes(kind: str, dino: tuple[Segmenter, Path], dino_onnx: Path,
                                                     tmp_path: Path) -> None:
     if kind == "dino":
         segmenter, path = dino[0], dino_onnx
     else:
-        segmenter = registers_segmenter() if kind == "registers" else reference_segmenter(tmp_path)
+        segmenter = registers_segmenter()
         path = export_onnx(segmenter, tmp_path / f"{kind}.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     # Batch and both sides vary, including grids smaller and larger than the native 4x4.
@@ -156,13 +169,11 @@ def test_runner_reproduces_the_tiled_pytorch_path(dino: tuple[Segmenter, Path], 
 
 
 def test_runner_geometry_is_predicts() -> None:
-    """The torch-free copy of the tiling equals hpseg.predict's on many shapes."""
+    """The torch-free copy of the tiling equals hpseg.inference.tiling's on many shapes."""
     for size, window, patch in [(32, None, 8), (320, None, 8), (0, 0, 14), (224, 112, 16)]:
         ours = Tiling.create(size, window, patch)
         copy = OnnxTiling(ours.size, ours.window, ours.patch)
         for height, width in [(1, 1), (37, 53), (500, 333), (224, 224), (1000, 31)]:
-            from hpseg.predict import resized_shape
-
             resized = resized_shape(height, width, size)
             assert copy.resized(height, width) == resized
             padded = ours.padded(*resized)

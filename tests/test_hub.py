@@ -18,7 +18,7 @@ from PIL import Image
 pytest.importorskip("huggingface_hub")
 
 import hpseg  # noqa: E402
-from hpseg.cli import main  # noqa: E402
+from hpseg.cli.main import main  # noqa: E402
 from hpseg.export.hub import export_hub, push, push_operations  # noqa: E402
 from tests.test_api import one_thread, tiny_run  # noqa: E402,F401 - one_thread: autouse fixture
 from tests.test_reference_checkpoint import reference_payload  # noqa: E402
@@ -76,7 +76,7 @@ def test_folder_holds_config_heads_backbone_and_card(folder: Path) -> None:
 
 
 def test_folder_round_trips(folder: Path, run_with_eval: Path) -> None:
-    original = hpseg.load(run_with_eval / "checkpoints" / "last.pt", device="cpu", mapping="auto", echo=lambda _: None)
+    original = hpseg.load(run_with_eval / "checkpoints" / "last.pt", device="cpu", mapping="auto")
     loaded = hpseg.load(folder, device="cpu", mapping="auto")
     assert loaded.cluster_to_class == MAPPING == original.cluster_to_class
     assert loaded.tiling == original.tiling and loaded.class_names == original.class_names
@@ -91,12 +91,12 @@ def test_folder_round_trips(folder: Path, run_with_eval: Path) -> None:
 def test_authors_checkpoint_exports_with_its_backbone(tmp_path: Path) -> None:
     reference = tmp_path / "reference.pth"
     torch.save(reference_payload(seed=2), reference)
-    out = export_hub(reference, tmp_path / "hub", echo=lambda _: None)
+    out = export_hub(reference, tmp_path / "hub")
     config = json.loads((out / "config.json").read_text())
     assert config["backbone"]["weights"] == "backbone.safetensors" and (out / "backbone.safetensors").is_file()
     assert config["checkpoint"]["selection"].startswith("imported from the authors'")
     image = _image(40, 48)
-    direct = hpseg.load(reference, device="cpu", echo=lambda _: None)
+    direct = hpseg.load(reference, device="cpu")
     assert np.array_equal(hpseg.load(out, device="cpu").segment(image), direct.segment(image))
 
 
@@ -120,7 +120,7 @@ def test_hf_reference_loads_offline_from_the_cache(folder: Path, tmp_path: Path,
            "PYTHONPATH": str(Path(hpseg.__file__).resolve().parent.parent)}
     references = ("hf://someone/hp-tiny", f"hf://someone/hp-tiny@{SHA}")
     # One fresh process for both references (importing torch twice would double the cost).
-    script = "import sys\nfrom hpseg.cli import main\n" + "".join(
+    script = "import sys\nfrom hpseg.cli.main import main\n" + "".join(
         f"assert main(['predict', {str(photos)!r}, '--checkpoint', {reference!r}, '--out', "
         f"{str(tmp_path / 'preds' / reference[-6:])!r}, '--no-progress']) == 0\n" for reference in references)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -129,8 +129,7 @@ def test_hf_reference_loads_offline_from_the_cache(folder: Path, tmp_path: Path,
         out = tmp_path / "preds" / reference[-6:]
         summary = json.loads((out / "predictions.json").read_text())
         assert summary["mapping"] == f"{reference}/config.json" and summary["values"].startswith("class ids")
-        expected = hpseg.load(run_with_eval / "checkpoints" / "last.pt", device="cpu", mapping="auto",
-                              echo=lambda _: None).segment(Image.open(photos / "a.png"))
+        expected = hpseg.load(run_with_eval / "checkpoints" / "last.pt", device="cpu", mapping="auto").segment(Image.open(photos / "a.png"))
         labels = np.array(Image.open(out / "labels" / "a.png")).astype(np.int64)
         assert np.array_equal(labels, expected)
 
@@ -175,14 +174,12 @@ def test_push_builds_one_commit_of_the_folder(folder: Path) -> None:
 
 
 def test_official_weights_are_named_not_copied() -> None:
-    from types import SimpleNamespace
-
     from hpseg.backbones import get_spec
     from hpseg.export.hub import _backbone_entry
 
-    segmenter = SimpleNamespace(backbone=SimpleNamespace(spec=get_spec("dino_vits8")))
-    official = _backbone_entry(segmenter, {"backbone": {"name": "dino_vits8", "weights": None, "pretrained": True}})
-    assert official["weights"] == "official" and official["hf_hub_id"] == "timm/vit_small_patch8_224.dino"
+    spec = get_spec("dino_vits8")
+    official = _backbone_entry(spec, "official")
+    assert official["weights"] == "official" and official["source"] == spec.weights_source and "dino" in official["source"]
     assert official["licence"].startswith("Apache-2.0")
-    local = _backbone_entry(segmenter, {"backbone": {"name": "dino_vits8", "weights": "/w/mine.pth", "pretrained": True}})
+    local = _backbone_entry(spec, "/w/mine.pth")
     assert local["weights"] == "backbone.safetensors" and local["hf_hub_id"] is None and "mine.pth" in local["licence"]

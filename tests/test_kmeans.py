@@ -1,4 +1,4 @@
-"""Tests of hpseg.kmeans: blob recovery, determinism, chunking invariance, empty clusters."""
+"""Tests of hpseg.evaluation.kmeans: blob recovery, determinism, chunking invariance, empty clusters."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpseg.kmeans import assign, kmeans
-from hpseg.metrics import SegmentationMetrics, confusion_matrix, hungarian_match
+from hpseg.evaluation.kmeans import assign, kmeans
+from hpseg.evaluation.metrics import SegmentationMetrics, confusion_matrix, hungarian_match
 
 
 def _blobs(k: int = 5, per: int = 200, dim: int = 16, spread: float = 0.05, seed: int = 0):

@@ -1,6 +1,7 @@
 """Hand-computed cases and properties of the HP method (spec §1-§5)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ from hpseg.method import (
     propagate_to_neighbours,
 )
 from hpseg.method.local_positives import row_quantile
+from hpseg.method.loss import LossBackend, reference_loss
+from hpseg.method.probes import centroid_scores
 from tests.helpers import clustered_batch
 
 
@@ -168,34 +171,10 @@ def test_lhp_edge_patch_divides_by_six():
 # ---------------------------------------------------------------- losses
 
 
-def dense_reference_loss(z, z_mix, f, s, pool_ag, pool_sp, hw, pattern, lmbd, tau, tau_base=0.07, reweighting=True):
-    """Straightforward per-image implementation of spec §5 with full N x N matrices."""
-    masks = hidden_positive_masks(f, s, pool_ag, pool_sp, hw, SharedContrastPattern(pattern))
-    weights = masks.task_agnostic.float() + lmbd * masks.task_specific.float()
-    total = 0.0
-    batch = z.shape[0] // hw
-    for emb in (z, z_mix):
-        logits = emb @ emb.T / tau
-        log_prob = logits - logits.masked_fill(~masks.contrast, float("-inf")).logsumexp(1, keepdim=True)
-        for b in range(batch):
-            rows = slice(b * hw, (b + 1) * hw)
-            kept = masks.task_agnostic[rows].any(1)
-            if not kept.any():
-                continue
-            w = weights[rows][kept]
-            m = (w * log_prob[rows][kept].nan_to_num(neginf=0.0)).sum(1) / w.sum(1)
-            omega = w.sum(1) / w.sum(1).mean() if reweighting else 1.0
-            total = total - (tau / tau_base * m * omega).mean()
-    return total / (2 * batch)
-
-
-@pytest.mark.parametrize("density_limit", [2.0, -1.0], ids=["all-sparse", "all-dense"])
+@pytest.mark.parametrize("backend", ["torch-sparse", "torch-dense"])
 @pytest.mark.parametrize("lmbd,rho,reweighting", [(0.0, 1.0, True), (0.7, 0.3, True), (0.3, 0.5, False)])
-def test_chunked_loss_equals_dense_loss_and_gradients(monkeypatch, lmbd, rho, reweighting, density_limit):
-    """Both kernel paths of the loss (sparse sampled products, dense products) match the oracle."""
-    import hpseg.method.losses as losses
-
-    monkeypatch.setattr(losses, "SPARSE_DENSITY_LIMIT", density_limit)
+def test_chunked_loss_equals_reference_loss_and_gradients(lmbd, rho, reweighting, backend):
+    """Both tile paths of the torch loss (sparse sampled products, dense products) match the reference."""
     torch.manual_seed(0)
     hw, batch = 9, 3
     n = hw * batch
@@ -204,17 +183,33 @@ def test_chunked_loss_equals_dense_loss_and_gradients(monkeypatch, lmbd, rho, re
     f, s = torch.randn(n, 5), torch.randn(n, 6)
     pool_ag, pool_sp = torch.randn(7, 5), torch.randn(7, 6)
     pattern = torch.rand(hw, n) < rho
-    loss = hidden_positive_loss(
-        z, z_mix, f, s, pool_ag, pool_sp, patches_per_image=hw, contrast_draw=SharedContrastPattern(pattern),
-        lmbd=lmbd, tau=0.5, reweighting=reweighting, chunk_size=4,
-    )
+    kwargs = dict(patches_per_image=hw, contrast_draw=SharedContrastPattern(pattern), lmbd=lmbd, tau=0.5,
+                  reweighting=reweighting)
+    loss = hidden_positive_loss(z, z_mix, f, s, pool_ag, pool_sp, chunk_size=4, backend=backend, **kwargs)
     gz, gm = torch.autograd.grad(loss, (z, z_mix))
     z2, m2 = z.detach().clone().requires_grad_(), z_mix.detach().clone().requires_grad_()
-    expected = dense_reference_loss(z2, m2, f, s, pool_ag, pool_sp, hw, pattern, lmbd, 0.5, reweighting=reweighting)
+    expected = reference_loss(z2, m2, f, s, pool_ag, pool_sp, **kwargs)
     ez, em = torch.autograd.grad(expected, (z2, m2))
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gz, ez, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gm, em, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown loss backend"):
+        LossBackend("cuda")
+
+
+def test_triton_backend_refuses_inputs_the_kernels_cannot_take():
+    """Asked for by name, the kernels never silently give way to the torch path."""
+    f = torch.randn(8, 4)
+    z = F.normalize(torch.randn(8, 4), dim=1)
+    kwargs = dict(patches_per_image=4, lmbd=0.2, tau=0.5, backend="triton")
+    with pytest.raises(ValueError, match="independent contrast draw"):
+        hidden_positive_loss(z, z, f, f, f[:3], f[:3], contrast_draw=IndependentContrastDraw(0.5, seed=0), **kwargs)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="float16 / bfloat16"):
+            hidden_positive_loss(z, z, f, f, f[:3], f[:3], contrast_draw=full_contrast(4, 8), **kwargs)
 
 
 def test_loss_gradcheck_float64_with_independent_draw():
@@ -295,8 +290,8 @@ def test_segmentation_head_shapes_and_dropout_only_in_training():
 def test_model_probes_predict_shapes():
     model = HiddenPositivesModel(feature_dim=8, dim=6, n_classes=4).eval()
     f = torch.randn(2, 8, 3, 3)
-    assert model.predict_clusters(f).shape == (2, 4, 3, 3)
-    assert model.predict_classes(f).shape == (2, 4, 3, 3)
+    assert centroid_scores(model(f), model.cluster_probe.centroids).shape == (2, 4, 3, 3)
+    assert model.linear_probe(model(f)).shape == (2, 4, 3, 3)
     labels = torch.full((2, 12, 12), -1)
     labels[0, 0, 0] = 2
     loss = model.linear_probe.loss(model(f).detach(), labels)
@@ -315,18 +310,15 @@ def test_bit_packing_torch_path_matches_numpy():
     assert torch.equal(_unpack_rows_torch(packed, 21), mask)
 
 
-@pytest.mark.parametrize("density_limit", [None, -1.0], ids=["default", "all-dense"])
+@pytest.mark.parametrize("backend", ["torch", "torch-dense"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_products_match_float32(monkeypatch, dtype, density_limit):
+def test_half_precision_products_match_float32(dtype, backend):
     """Half-precision products (as under AMP on CUDA) keep loss and gradients close to float32's,
     also when the gradients are far below float16's range (tau_base = 1e5 scales the loss by 1e-5).
 
     The features are clustered with wide margins around the thresholds, so that half-precision
     similarities do not flip positives (as near-threshold pairs would, like the reference's under AMP).
     """
-    import hpseg.method.losses as losses
-
-    monkeypatch.setattr(losses, "SPARSE_DENSITY_LIMIT", density_limit)
     hw = 16
     f, s, z, z_mix, pool_ag, pool_sp, pattern = clustered_batch(hw, 3, 24, 32, rho=0.3)
     results = []
@@ -334,7 +326,7 @@ def test_half_precision_products_match_float32(monkeypatch, dtype, density_limit
         a, b = z.clone().requires_grad_(), z_mix.clone().requires_grad_()
         loss = hidden_positive_loss(
             a, b, f, s, pool_ag, pool_sp, patches_per_image=hw, contrast_draw=SharedContrastPattern(pattern),
-            lmbd=0.5, tau=0.8, tau_base=1e5, matmul_dtype=matmul_dtype,
+            lmbd=0.5, tau=0.8, tau_base=1e5, matmul_dtype=matmul_dtype, backend=backend,
         )
         loss.backward()
         results.append((loss.detach(), a.grad, b.grad))

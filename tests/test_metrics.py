@@ -1,4 +1,4 @@
-"""Tests of hpseg.metrics against hand-computed confusion matrices and scores."""
+"""Tests of hpseg.evaluation.metrics against hand-computed confusion matrices and scores."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import multiprocessing
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpseg.metrics import (
+from hpseg.evaluation.metrics import (
     SegmentationMetrics,
     apply_assignment,
     confusion_matrix,
@@ -181,8 +182,6 @@ def test_all_reduce_is_noop_without_distributed():
 
 
 def _ddp_worker(rank: int, store: str, queue) -> None:
-    import torch.distributed as dist
-
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         m = SegmentationMetrics(3, hungarian=False)
@@ -194,7 +193,7 @@ def _ddp_worker(rank: int, store: str, queue) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_all_reduce_sums_over_two_ranks(tmp_path, monkeypatch):
     # fork keeps this fast (no re-import of torch); the workers use gloo over loopback only.
     ctx = multiprocessing.get_context("fork")

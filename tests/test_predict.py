@@ -10,8 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from hpseg.cli import main
-from hpseg.predict import collect_images
+import hpseg.cli.predict
+import hpseg.inference.crf
+from hpseg.cli.main import main
+from hpseg.cli.predict import collect_images
 from tests.test_api import one_thread, tiny_run  # noqa: F401 - one_thread: autouse fixture
 
 
@@ -116,12 +118,10 @@ def test_nothing_readable_exits_nonzero(tmp_path: Path, checkpoint: Path, capsys
 
 def test_crf_missing_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
-    import hpseg.crf
-
     def unavailable() -> None:
-        raise hpseg.crf.CRFUnavailableError()
+        raise hpseg.inference.crf.CRFUnavailableError()
 
-    monkeypatch.setattr(hpseg.crf, "_import_densecrf", unavailable)
+    monkeypatch.setattr(hpseg.inference.crf, "_import_densecrf", unavailable)  # behind require_crf
     image = _save(tmp_path / "i.png", 10, 10)
     out = tmp_path / "out"
     # The checkpoint does not even exist: the CRF check comes first.
@@ -137,14 +137,32 @@ def test_crf_output_at_input_size(tmp_path: Path, checkpoint: Path) -> None:
     assert np.array(Image.open(out / "labels" / "i.png")).shape == (29, 45)
 
 
+def test_crf_prefers_the_mapping_of_a_crf_evaluation(checkpoint: Path, tmp_path: Path) -> None:
+    """Defect: ``hpseg predict --crf`` took the plain evaluation's matching over the CRF one's."""
+    pytest.importorskip("pydensecrf.densecrf")
+    copy = tmp_path / "run" / "checkpoints" / "last.pt"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(checkpoint.read_bytes())
+    step = torch.load(checkpoint, weights_only=True)["step"]
+    evaluations = {}
+    for name, mapping in (("eval-last", [0, 1, 2, 3]), ("eval-last-crf", [3, 2, 1, 0])):
+        evaluations[name] = tmp_path / "run" / name / "results.json"
+        evaluations[name].parent.mkdir()
+        evaluations[name].write_text(json.dumps({"checkpoint": str(copy), "step": step, "cluster_to_class": mapping}))
+    image = _save(tmp_path / "i.png", 16, 24)
+    for flags, expected in (([], "eval-last"), (["--crf"], "eval-last-crf")):
+        out = tmp_path / f"out{len(flags)}"
+        assert main(["predict", str(image), "--checkpoint", str(copy), "--out", str(out), "--quiet", *flags]) == 0
+        summary = json.loads((out / "predictions.json").read_text())
+        assert summary["mapping"] == str(evaluations[expected]) and summary["crf"] == bool(flags)
+
+
 def test_a_failed_write_leaves_no_partial_output(inputs: Path, checkpoint: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import hpseg.visualize
-
     def full_disk(*args: object, **kwargs: object) -> None:
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(hpseg.visualize, "overlay", full_disk)
+    monkeypatch.setattr(hpseg.cli.predict, "overlay", full_disk)  # the second file of an image
     out = tmp_path / "out"
     rc = main(["predict", str(inputs / "c.png"), "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress"])
     assert rc == 2

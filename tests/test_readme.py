@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hpseg.cli import build_parser
+from hpseg.cli.main import build_parser
 from tests.test_api import one_thread, tiny_run  # noqa: F401 - one_thread: autouse fixture
 
 README = Path(__file__).resolve().parent.parent / "README.md"

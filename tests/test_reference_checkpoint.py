@@ -7,21 +7,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
 import hpseg
-from hpseg.checkpoint import CheckpointError, load_checkpoint
-from hpseg.cli import main
-from hpseg.reference_checkpoint import infer_backbone
+from hpseg.checkpoints.reference import infer_backbone
+from hpseg.checkpoints.store import CheckpointError, load_checkpoint
+from hpseg.cli.main import main
+from tests.helpers import Notices
 from tests.test_api import one_thread  # noqa: F401 - autouse fixture
+from tests.test_backbones import _dino_reference_positions
 
 C, D, N_CLASSES, PATCH = 64, 16, 5, 8  # vit_tiny_p8: width 64, patch 8, 2 blocks
 
 
 def _tiny_vit():
-    import timm
-
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
                              patch_size=8, embed_dim=64, depth=2, num_heads=4, img_size=32)
 
@@ -56,7 +57,13 @@ def independent_segmentation(payload: dict, images: torch.Tensor) -> torch.Tenso
     vit.load_state_dict({k[len("model."):]: v for k, v in net.items() if k.startswith("model.")})
     vit.eval()
     with torch.no_grad():
-        tokens = vit.forward_features(images)[:, 1:]
+        # DINO's own position interpolation (the reference's ViT), written out in test_backbones.
+        patches = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
+        x = torch.cat([vit.cls_token.expand(len(images), -1, -1), patches], 1)
+        x = x + _dino_reference_positions(vit.pos_embed, images, PATCH)
+        for block in vit.blocks:
+            x = block(x)
+        tokens = vit.norm(x)[:, 1:]
         b, _, h, w = images.shape
         f = tokens.transpose(1, 2).reshape(b, C, h // PATCH, w // PATCH)
         linear = F.conv2d(f, net["cluster1.0.weight"], net["cluster1.0.bias"])
@@ -98,7 +105,7 @@ def test_import_round_trip_gives_the_reference_features(reference_file: tuple[Pa
 
     image = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
     expected = independent_segmentation(payload, _normalised(image))[0]
-    segmenter = hpseg.load(out, device="cpu", size=0, window=0, echo=lambda _: None)
+    segmenter = hpseg.load(out, device="cpu", size=0, window=0)
     features = segmenter.features(image)
     torch.testing.assert_close(features.segmentation, expected, rtol=1e-4, atol=1e-5)
     # The cluster head is the argmax of <s, c_k / ||c_k||>, upsampled.
@@ -109,19 +116,27 @@ def test_import_round_trip_gives_the_reference_features(reference_file: tuple[Pa
     # The pair of files moves together: the weights are found beside the checkpoint.
     moved = tmp_path / "moved"
     shutil.move(str(out.parent), str(moved))
-    again = hpseg.load(moved / "hp.pt", device="cpu", size=0, window=0, echo=lambda _: None)
+    again = hpseg.load(moved / "hp.pt", device="cpu", size=0, window=0)
     torch.testing.assert_close(again.features(image).segmentation, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_reference_file_loads_directly(reference_file: tuple[Path, dict]) -> None:
+def test_reference_file_loads_directly(reference_file: tuple[Path, dict], notices: Notices) -> None:
     path, payload = reference_file
-    notes: list[str] = []
-    segmenter = hpseg.load(path, device="cpu", size=0, window=0, echo=notes.append)
-    assert "reference checkpoint" in notes[0]
+    segmenter = hpseg.load(path, device="cpu", size=0, window=0)
+    assert "reference checkpoint" in notices.messages[0] and str(path) in notices.messages[0]
     image = np.random.default_rng(1).integers(0, 256, (16, 24, 3), dtype=np.uint8)
     torch.testing.assert_close(segmenter.features(image).segmentation,
                                independent_segmentation(payload, _normalised(image))[0], rtol=1e-4, atol=1e-5)
     assert segmenter.segment(image, head="linear").shape == (16, 24)
+
+
+def test_loading_a_reference_file_leaves_the_callers_random_numbers_alone(reference_file: tuple[Path, dict]) -> None:
+    """Defect: the conversion called ``torch.manual_seed(0)``, reseeding the caller's generator."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    hpseg.load(reference_file[0], device="cpu")
+    assert torch.equal(torch.rand(4), expected)
 
 
 def test_backbone_inferred_from_shapes() -> None:

@@ -1,18 +1,23 @@
 """Training end to end on synthetic data with a tiny random ViT (spec §6)."""
 
+import copy
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from hpseg.checkpoint import CheckpointError, load_checkpoint, save_atomic
-from hpseg.cli import main
-from hpseg.train import Trainer, resume, train
+from hpseg.checkpoints.store import CheckpointError, load_checkpoint, save_atomic
+from hpseg.cli.main import main
+from hpseg.config import Config
+from hpseg.data import DatasetLayoutError, make_synthetic_dataset
+from hpseg.training.step import build_learner
+from hpseg.training.trainer import Trainer, renews_pool_before, resume, train, validates_after
 from tests.helpers import synthetic_prepared, tiny_config, tiny_overrides
 
 
@@ -26,14 +31,15 @@ def read_jsonl(path):
 
 
 def test_train_writes_run_and_checkpoints(data_root, tmp_path):
-    run = train(tiny_config(data_root, tmp_path), run_dir=tmp_path / "run", progress=False)
+    run = train(tiny_config(data_root, tmp_path), run_dir=tmp_path / "run")
     records = read_jsonl(run / "metrics.jsonl")
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, 13))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
     lambdas = [r["lambda"] for r in records if "loss" in r]
     assert lambdas[:4] == [0.0] * 4 and lambdas[-1] == pytest.approx(8 / 9)  # warmup 3 of 12 steps
-    assert [r["step"] for r in records if "validation" in r] == [6, 12]
+    # 10 steps per epoch (40 crops, batch 4): every 6 steps within an epoch, at its end, at the last step
+    assert [r["step"] for r in records if "validation" in r] == [6, 10, 12]
     last = load_checkpoint(run / "checkpoints" / "last.pt")
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     assert last["kind"] == "last" and last["step"] == 12 and best["kind"] == "best"
@@ -44,26 +50,40 @@ def test_train_writes_run_and_checkpoints(data_root, tmp_path):
 
 
 def test_refuses_to_overwrite_a_run(data_root, tmp_path):
-    train(tiny_config(data_root, tmp_path, steps=2), run_dir=tmp_path / "run", progress=False)
+    train(tiny_config(data_root, tmp_path, steps=2), run_dir=tmp_path / "run")
     with pytest.raises(FileExistsError, match="--resume"):
-        train(tiny_config(data_root, tmp_path, steps=2), run_dir=tmp_path / "run", progress=False)
+        train(tiny_config(data_root, tmp_path, steps=2), run_dir=tmp_path / "run")
 
 
 def test_ema_follows_and_probes_learn(data_root, tmp_path):
     config = tiny_config(data_root, tmp_path, steps=6, extra=["train.val_interval=100"])
-    trainer = Trainer(config, tmp_path / "run", progress=False)
+    trainer = Trainer(config, tmp_path / "run")
     (tmp_path / "run").mkdir()
     before = trainer.model.ema_segmentation.linear.weight.detach().clone()
+    untrained = copy.deepcopy(trainer.model)
     trainer.fit()
     after = trainer.model.ema_segmentation.linear.weight.detach()
     head = trainer.model.segmentation.linear.weight.detach()
     assert not torch.equal(before, after)
     # m = 0.99: after 6 steps the EMA moved only a little of the way towards S
     assert (after - before).norm() < (head - before).norm()
+    # The probes learnt: on the trained head's features of the training crops, the trained probes
+    # have a lower loss than the untrained ones.
+    inputs = next(trainer._epoch_steps(0, 0))
+    with torch.no_grad():
+        segmentation = trainer.model.segmentation.eval()(inputs.features)
+        for probe in ("linear_probe", "cluster_probe"):
+            args = (segmentation, inputs.labels) if probe == "linear_probe" else (segmentation,)
+            trained, initial = getattr(trainer.model, probe).loss(*args), getattr(untrained, probe).loss(*args)
+            assert trained < initial - 1e-3, probe
 
 
-def test_interrupted_run_resumes_to_the_same_losses(data_root, tmp_path, monkeypatch):
-    reference = train(tiny_config(data_root, tmp_path, extra=["train.run_name=a"]), progress=False)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_interrupted_run_resumes_to_the_same_losses(data_root, tmp_path, monkeypatch, workers):
+    """Also with DataLoader workers (the default data.num_workers=2): the photometric view's
+    random draws must not depend on where the resumed loader starts."""
+    extra = [f"data.num_workers={workers}"]
+    reference = train(tiny_config(data_root, tmp_path, extra=extra + ["train.run_name=a"]))
     expected = [r["loss"] for r in read_jsonl(reference / "metrics.jsonl") if "loss" in r]
 
     original = Trainer.training_step
@@ -77,11 +97,11 @@ def test_interrupted_run_resumes_to_the_same_losses(data_root, tmp_path, monkeyp
 
     monkeypatch.setattr(Trainer, "training_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(data_root, tmp_path, extra=["train.run_name=b"]), progress=False)
+        train(tiny_config(data_root, tmp_path, extra=extra + ["train.run_name=b"]))
     monkeypatch.setattr(Trainer, "training_step", original)
     run = tmp_path / "b"
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 8
-    resume(run, progress=False)
+    resume(run)
     records = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 13))  # no repeats, no restart
     torch.testing.assert_close(torch.tensor([r["loss"] for r in records]), torch.tensor(expected), rtol=1e-4, atol=1e-4)
@@ -89,8 +109,6 @@ def test_interrupted_run_resumes_to_the_same_losses(data_root, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_cli_prepare_train_kill_resume_eval(tmp_path):
-    from hpseg.data import make_synthetic_dataset
-
     data = make_synthetic_dataset(tmp_path / "data", n_train=8, n_val=4, size=64, n_classes=4, seed=1)
     overrides = tiny_overrides(data, tmp_path / "runs", steps=40)
     assert main(["prepare", "--preset", "cocostuff27", "--data-root", str(data), "--no-progress",
@@ -153,7 +171,7 @@ def test_checkpoint_refuses_arbitrary_pickles(tmp_path):
 def test_missing_prepared_data_says_what_to_run(tmp_path):
     config = tiny_config(tmp_path / "nowhere", tmp_path)
     with pytest.raises(Exception, match="hpseg prepare"):
-        train(config, run_dir=tmp_path / "run", progress=False)
+        train(config, run_dir=tmp_path / "run")
 
 
 @pytest.mark.slow
@@ -172,3 +190,72 @@ def test_torchrun_two_cpu_processes(tmp_path):
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 7))
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 6
+
+
+def test_pool_renewal_counts_steps_within_the_epoch():
+    epoch = [s for s in range(30) if renews_pool_before(s, steps_per_epoch=10, interval=4)]
+    assert epoch == [4, 8, 14, 18, 24, 28]  # [ref quirk] the count restarts every epoch
+    run = [s for s in range(30) if renews_pool_before(s, steps_per_epoch=10, interval=4, counter="global")]
+    assert run == [4, 8, 12, 16, 20, 24, 28]
+
+
+@pytest.mark.parametrize(("count", "renewals"), [("epoch", 1), ("global", 2)])
+def test_trainer_renews_the_pool_on_schedule(data_root, tmp_path, monkeypatch, count, renewals):
+    calls = []
+    original = Trainer.build_specific_pool
+    monkeypatch.setattr(Trainer, "build_specific_pool", lambda self: calls.append(self.state.step) or original(self))
+    # 10 steps per epoch, renew_interval 5: "epoch" renews before step 5 only, "global" also before step 10
+    train(tiny_config(data_root, tmp_path, extra=["train.val_interval=100", f"method.renew_counter={count}"]),
+          run_dir=tmp_path / "run")
+    assert calls == [0, 5, 10][: 1 + renewals]
+
+
+def test_validation_also_at_every_epoch_end():
+    # every 4 steps counted within each epoch of 10, at every epoch's end [ref quirk], at the last step
+    quirk = [s for s in range(1, 26) if validates_after(s, steps_per_epoch=10, interval=4, total_steps=25)]
+    assert quirk == [4, 8, 10, 14, 18, 20, 24, 25]
+    interval_only = [s for s in range(1, 26) if validates_after(s, steps_per_epoch=10, interval=4, total_steps=25,
+                                                                at_epoch_end=False)]
+    assert interval_only == [4, 8, 14, 18, 24, 25]
+
+
+def test_validation_on_the_interval_only(data_root, tmp_path):
+    run = train(tiny_config(data_root, tmp_path, extra=["train.validate_at_epoch_end=false"]), run_dir=tmp_path / "r")
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "validation" in r] == [6, 12]
+
+
+def test_best_is_chosen_among_epoch_end_validations(data_root, tmp_path, monkeypatch):
+    scores = {6: 1.0, 10: 3.0, 12: 2.0}  # the epoch-end validation (step 10) is the best
+    trainer_module = sys.modules[Trainer.__module__]
+    monkeypatch.setattr(trainer_module, "selection_score", lambda results: scores[calls.pop(0)])
+    calls = [6, 10, 12]
+    run = train(tiny_config(data_root, tmp_path), run_dir=tmp_path / "run")
+    assert not calls and load_checkpoint(run / "checkpoints" / "best.pt")["step"] == 10
+
+
+@pytest.mark.parametrize(("setting", "scale", "interval"), [("reference", 2048.0, 1000), ("pytorch", 65536.0, 2000)])
+def test_grad_scaler_settings(data_root, tmp_path, setting, scale, interval):
+    config = tiny_config(data_root, tmp_path, extra=[f"train.grad_scaler={setting}"])
+    learner = build_learner(config, 64, torch.device("cpu"), torch.float16)  # float16: the scaler is on
+    assert learner.scaler.is_enabled() and learner.scaler.get_scale() == scale
+    assert learner.scaler.get_growth_interval() == interval
+    assert Config().train.grad_scaler == "reference"  # [ref quirk] the default
+
+
+def test_missing_validation_split_means_no_validation(data_root, tmp_path, monkeypatch):
+    def missing(*args, **kwargs):
+        raise DatasetLayoutError("missing directory (split 'val')", tmp_path / "data" / "val")
+
+    monkeypatch.setattr(sys.modules[Trainer.__module__], "build_raw_dataset", missing)
+    assert Trainer(tiny_config(data_root, tmp_path), tmp_path / "run").validation is None
+
+
+@pytest.mark.parametrize("error", [ValueError("classes.txt lists 3 classes, labels hold 5"),
+                                   DatasetLayoutError("empty class list", Path(__file__))])
+def test_other_validation_set_problems_stop_training(data_root, tmp_path, monkeypatch, error):
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(sys.modules[Trainer.__module__], "build_raw_dataset", broken)
+    with pytest.raises(type(error), match=str(error.args[0])):
+        Trainer(tiny_config(data_root, tmp_path), tmp_path / "run")

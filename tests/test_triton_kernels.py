@@ -1,4 +1,4 @@
-"""The fused Triton kernels of the HP loss (``hpseg.method.triton_kernels``).
+"""The fused Triton kernels of the HP loss (``hpseg.method.loss.triton_kernels``).
 
 They run on CUDA in training; here Triton's interpreter runs them on CPU tensors. The interpreter
 is chosen when Triton is imported, so ``test_kernels_under_the_interpreter`` runs this file again
@@ -17,19 +17,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import hpseg.method.losses as losses
-from hpseg.method import IndependentContrastDraw, SharedContrastPattern, hidden_positive_loss
-from hpseg.method import triton_kernels
+from hpseg.method import IndependentContrastDraw, LossBackend, SharedContrastPattern, hidden_positive_loss
+from hpseg.method.loss import reference_loss, triton_kernels
 from hpseg.method.positives import PositiveInputs
 from tests.helpers import clustered_batch
-from tests.test_golden import GOLDEN, load
-from tests.test_method import dense_reference_loss, full_contrast
+from tests.test_golden import GOLDEN, golden_id, load
+from tests.test_method import full_contrast
 
 pytestmark = pytest.mark.skipif(not triton_kernels.AVAILABLE, reason="Triton is not installed")
 interpreted = pytest.mark.skipif(
     not triton_kernels.INTERPRETED, reason="runs inside test_kernels_under_the_interpreter (TRITON_INTERPRET=1)"
 )
-N_INTERPRETED = 11  # tests marked ``interpreted`` (parametrised cases counted), checked below
+# Tests marked ``interpreted`` (parametrised cases counted: one per golden file), checked below.
+N_INTERPRETED = 8 + len(GOLDEN)
 
 
 def test_kernels_under_the_interpreter():
@@ -52,7 +52,7 @@ def test_a_cpu_run_does_not_import_triton():
     """Importing Triton costs memory and time a CPU run does not need: the loss imports it on first use."""
     code = (
         "import sys, torch, torch.nn.functional as F\n"
-        "import hpseg.cli, hpseg.train\n"
+        "import hpseg.cli.main, hpseg.training.trainer\n"
         "from hpseg.method import SharedContrastPattern, hidden_positive_loss\n"
         "z = F.normalize(torch.randn(8, 4), dim=1).requires_grad_()\n"
         "f = torch.randn(8, 4)\n"
@@ -84,10 +84,9 @@ class Calls:
         monkeypatch.setattr(triton_kernels, "symmetric_pair_gradients", counted_gradients)
 
 
-def loss_and_grads(z, z_mix, *args, triton: bool, monkeypatch, **kwargs):
-    monkeypatch.setattr(losses, "TRITON_KERNELS", triton)
+def loss_and_grads(z, z_mix, *args, backend, **kwargs):
     z, z_mix = z.detach().clone().requires_grad_(), z_mix.detach().clone().requires_grad_()
-    loss = hidden_positive_loss(z, z_mix, *args, **kwargs)
+    loss = hidden_positive_loss(z, z_mix, *args, backend=backend, **kwargs)
     loss.backward()
     return loss.detach(), z.grad, z_mix.grad
 
@@ -129,7 +128,7 @@ def test_row_statistics_equal_brute_force():
 
 
 @interpreted
-@pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", GOLDEN, ids=golden_id)
 def test_golden_values_through_the_kernels(path, monkeypatch):
     g = load(path)
     calls = Calls(monkeypatch)
@@ -139,13 +138,13 @@ def test_golden_values_through_the_kernels(path, monkeypatch):
         contrast_draw=SharedContrastPattern.from_uniform(g["uniform"], float(g["rho"])),
         lmbd=float(g["lmbd"]), tau=float(g["tau"]), tau_base=float(g["base_tau"]), reweighting=bool(g["reweighting"]),
     )
-    loss, gz, gm = loss_and_grads(g["z"], g["z_mix"], *args, triton=True, monkeypatch=monkeypatch, **kwargs)
+    loss, gz, gm = loss_and_grads(g["z"], g["z_mix"], *args, backend="triton", **kwargs)
     assert calls.statistics == 1 and calls.gradients >= 1
     assert loss.item() == pytest.approx(g["loss"].item(), rel=1e-3)
     for grad, key in ((gz, "grad_z"), (gm, "grad_z_mix")):
         assert (grad - g[key]).abs().max() <= 1e-3 * g[key].abs().max(), key
     # and the torch path's float32 result to rounding
-    torch_loss, tz, tm = loss_and_grads(g["z"], g["z_mix"], *args, triton=False, monkeypatch=monkeypatch, **kwargs)
+    torch_loss, tz, tm = loss_and_grads(g["z"], g["z_mix"], *args, backend="torch", **kwargs)
     torch.testing.assert_close(loss, torch_loss, rtol=1e-5, atol=0.0)
     torch.testing.assert_close(gz, tz, rtol=1e-4, atol=1e-5 * tz.abs().max().item())
     torch.testing.assert_close(gm, tm, rtol=1e-4, atol=1e-5 * tm.abs().max().item())
@@ -153,10 +152,9 @@ def test_golden_values_through_the_kernels(path, monkeypatch):
 
 @interpreted
 @pytest.mark.parametrize("lmbd,rho,reweighting", [(0.0, 1.0, True), (0.7, 0.3, True), (0.3, 0.5, False)])
-def test_kernels_equal_the_dense_oracle(lmbd, rho, reweighting, monkeypatch):
+def test_kernels_equal_the_reference_loss(lmbd, rho, reweighting, monkeypatch):
     """Without TS (lambda = 0), every patch in the contrast set (rho = 1), no reweighting; the pair
     gradient in two blocks of rows (16 and 11)."""
-    monkeypatch.setattr(losses, "_PAIR_GRADIENT_ROWS", 16)
     torch.manual_seed(0)
     hw, batch = 9, 3
     n = hw * batch
@@ -165,13 +163,14 @@ def test_kernels_equal_the_dense_oracle(lmbd, rho, reweighting, monkeypatch):
     pool_ag, pool_sp = torch.randn(7, 5), torch.randn(7, 6)
     pattern = torch.rand(hw, n) < rho
     calls = Calls(monkeypatch)
+    kwargs = dict(patches_per_image=hw, contrast_draw=SharedContrastPattern(pattern), lmbd=lmbd, tau=0.5,
+                  reweighting=reweighting)
     loss, gz, gm = loss_and_grads(
-        z, z_mix, f, s, pool_ag, pool_sp, patches_per_image=hw, contrast_draw=SharedContrastPattern(pattern),
-        lmbd=lmbd, tau=0.5, reweighting=reweighting, triton=True, monkeypatch=monkeypatch,
+        z, z_mix, f, s, pool_ag, pool_sp, backend=LossBackend("triton", pair_gradient_rows=16), **kwargs
     )
     assert calls.statistics == 1 and calls.gradients == 2
     z2, m2 = z.clone().requires_grad_(), z_mix.clone().requires_grad_()
-    expected = dense_reference_loss(z2, m2, f, s, pool_ag, pool_sp, hw, pattern, lmbd, 0.5, reweighting=reweighting)
+    expected = reference_loss(z2, m2, f, s, pool_ag, pool_sp, **kwargs)
     ez, em = torch.autograd.grad(expected, (z2, m2))
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gz, ez, rtol=1e-4, atol=1e-5)
@@ -188,10 +187,10 @@ def test_half_precision_kernels_match_float32(monkeypatch):
     f, s, z, z_mix, pool_ag, pool_sp, pattern = clustered_batch(hw, 3, 24, 32, rho=0.3)
     kwargs = dict(patches_per_image=hw, contrast_draw=SharedContrastPattern(pattern), lmbd=0.5, tau=0.8, tau_base=1e5)
     calls = Calls(monkeypatch)
-    half = loss_and_grads(z, z_mix, f, s, pool_ag, pool_sp, triton=True, monkeypatch=monkeypatch,
+    half = loss_and_grads(z, z_mix, f, s, pool_ag, pool_sp, backend="triton",
                           matmul_dtype=torch.float16, **kwargs)
     assert calls.statistics == 1
-    full = loss_and_grads(z, z_mix, f, s, pool_ag, pool_sp, triton=False, monkeypatch=monkeypatch, **kwargs)
+    full = loss_and_grads(z, z_mix, f, s, pool_ag, pool_sp, backend="torch", **kwargs)
     assert 0 < full[1].abs().max() < 1e-6  # far below float16's smallest normal number
     torch.testing.assert_close(half[0], full[0], rtol=1e-3, atol=0.0)
     for h, f32 in zip(half[1:], full[1:]):
@@ -207,12 +206,11 @@ def test_gradient_of_one_side_only_and_image_without_positives(monkeypatch):
     z_mix = F.normalize(torch.randn(8, 4), dim=1)
     kwargs = dict(patches_per_image=4, contrast_draw=full_contrast(4, 8), lmbd=0.0, tau=0.5)
     calls = Calls(monkeypatch)
-    monkeypatch.setattr(losses, "TRITON_KERNELS", True)
     b = z_mix.clone().requires_grad_()
-    loss = hidden_positive_loss(z, b, f, f, pool, pool, **kwargs)
+    loss = hidden_positive_loss(z, b, f, f, pool, pool, backend="triton", **kwargs)
     loss.backward()
     assert calls.statistics == 1 and calls.gradients >= 1
-    expected = loss_and_grads(z, z_mix, f, f, pool, pool, triton=False, monkeypatch=monkeypatch, **kwargs)
+    expected = loss_and_grads(z, z_mix, f, f, pool, pool, backend="torch", **kwargs)
     torch.testing.assert_close(loss.detach(), expected[0])
     torch.testing.assert_close(b.grad, expected[2])
     assert torch.isfinite(b.grad).all()
@@ -221,7 +219,6 @@ def test_gradient_of_one_side_only_and_image_without_positives(monkeypatch):
 @interpreted
 def test_independent_draw_takes_the_torch_path(monkeypatch):
     calls = Calls(monkeypatch)
-    monkeypatch.setattr(losses, "TRITON_KERNELS", True)
     f = torch.randn(8, 4)
     z = F.normalize(torch.randn(8, 4), dim=1)
     loss = hidden_positive_loss(z, z, f, f, f[:3], f[:3], patches_per_image=4,
@@ -235,16 +232,19 @@ def test_failing_kernels_warn_and_fall_back_to_the_torch_path(monkeypatch):
         raise RuntimeError("no GPU compiler here")
 
     monkeypatch.setattr(triton_kernels, "row_statistics", broken)
-    monkeypatch.setattr(losses, "TRITON_KERNELS", True)
-    monkeypatch.setattr(losses, "_triton_failed", False)
     f = torch.randn(8, 4)
     z = F.normalize(torch.randn(8, 4), dim=1)
     kwargs = dict(patches_per_image=4, contrast_draw=full_contrast(4, 8), lmbd=0.2, tau=0.5)
+    backend = LossBackend("auto")
     with pytest.warns(UserWarning, match="Triton kernels failed"):
-        loss = hidden_positive_loss(z, z, f, f, f[:3], f[:3], **kwargs)
-    assert losses._triton_failed
-    monkeypatch.setattr(losses, "TRITON_KERNELS", False)
-    assert loss.item() == hidden_positive_loss(z, z, f, f, f[:3], f[:3], **kwargs).item()
+        loss = hidden_positive_loss(z, z, f, f, f[:3], f[:3], backend=backend, **kwargs)
+    assert backend.triton_failed and not LossBackend("auto").triton_failed  # the state is the backend's
+    calls = Calls(monkeypatch)
+    assert loss.item() == hidden_positive_loss(z, z, f, f, f[:3], f[:3], backend=backend, **kwargs).item()
+    assert calls.statistics == 0  # from then on the torch path, without trying the kernels again
+    assert loss.item() == hidden_positive_loss(z, z, f, f, f[:3], f[:3], backend="torch", **kwargs).item()
+    with pytest.raises(RuntimeError, match="no GPU compiler"):  # asked for by name: no fallback
+        hidden_positive_loss(z, z, f, f, f[:3], f[:3], backend="triton", **kwargs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or triton_kernels.INTERPRETED, reason="needs CUDA")
@@ -256,10 +256,10 @@ def test_compiled_kernels_match_the_torch_path_on_cuda(dtype, monkeypatch):
     f, s, z, z_mix, pool_ag, pool_sp, pattern = (t.cuda() for t in tensors)
     kwargs = dict(patches_per_image=hw, contrast_draw=SharedContrastPattern(pattern), lmbd=0.5, tau=0.8)
     calls = Calls(monkeypatch)
-    half = loss_and_grads(z, z_mix, f, s, pool_ag, pool_sp, triton=True, monkeypatch=monkeypatch,
+    half = loss_and_grads(z, z_mix, f, s, pool_ag, pool_sp, backend="triton",
                           matmul_dtype=dtype, **kwargs)
-    assert calls.statistics == 1 and not losses._triton_failed
-    full = loss_and_grads(z, z_mix, f, s, pool_ag, pool_sp, triton=False, monkeypatch=monkeypatch, **kwargs)
+    assert calls.statistics == 1
+    full = loss_and_grads(z, z_mix, f, s, pool_ag, pool_sp, backend="torch", **kwargs)
     torch.testing.assert_close(half[0], full[0], rtol=2e-3, atol=0.0)
     for h, f32 in zip(half[1:], full[1:]):
         assert (h - f32).norm() <= 1e-2 * f32.norm()

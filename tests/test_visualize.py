@@ -12,9 +12,12 @@ from hpseg.visualize import (
     confusion_image,
     figure_grid,
     index_png,
+    legend,
     overlay,
     palette,
     save_image_atomic,
+    segmentation_figure,
+    with_legend,
 )
 
 
@@ -86,6 +89,34 @@ def test_figure_grid_size():
     arr = np.asarray(figure_grid([[img]], cell=40))
     assert (arr[pad + 5 + 15, pad + 20] == (10, 20, 30)).all()
     assert (arr[pad + 1, pad + 20] == 255).all()
+
+
+def test_legend_squares_wrap_and_sit_below_the_image():
+    red, green = (200, 0, 0), (0, 150, 0)
+    strip = np.asarray(legend([("road", red), ("tree", green)], width=400))
+    # Square k: 14 px from x = 8 (first) at y = 8..22 (6 px top margin + 2), outlined in black.
+    assert (strip[15, 15] == red).all() and (strip[8, 8] == 0).all() and (strip[15, 4] == 255).all()
+    one_line = strip.shape[0]
+    narrow = legend([("road", red), ("tree", green)], width=60)  # no room for two: a second line
+    assert narrow.height == one_line + 22 and (np.asarray(narrow)[15 + 22, 15] == green).all()
+    image = Image.new("RGB", (400, 30), (1, 2, 3))
+    combined = with_legend(image, [("road", red)])
+    assert combined.size == (400, 30 + one_line) and combined.getpixel((5, 5)) == (1, 2, 3)
+    assert combined.getpixel((15, 30 + 15)) == red
+
+
+def test_segmentation_figure_lists_the_labels_present():
+    labels = np.array([[0, 2], [2, 255]])
+    figure = segmentation_figure(np.zeros((2, 2, 3), np.uint8), labels, ["sky", "road", "tree"], cell=200)
+    colours = palette(3)
+    # image | segmentation (2 cells of 200 px, 4 px gaps, 22 px titles), then a one-line legend:
+    # the squares of sky, tree and of "unmatched / ignored" (black), not of the absent road.
+    grid_height = 22 + 200 + 2 * 4
+    row = np.asarray(figure)[grid_height + 15]
+    squares = [tuple(int(v) for v in pixel) for pixel in row if tuple(pixel) not in ((255, 255, 255), (0, 0, 0))]
+    assert tuple(colours[0]) in squares and tuple(colours[2]) in squares and tuple(colours[1]) not in squares
+    assert figure.height == grid_height + legend([("x", (0, 0, 0))], figure.width).height  # one line
+    assert (row == 0).all(axis=1).sum() >= 14  # the black square's inside, 14 px wide
 
 
 @pytest.mark.parametrize("backend", ["pil", "matplotlib"])

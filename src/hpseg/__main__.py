@@ -1,5 +1,5 @@
 import sys
 
-from hpseg.cli import main
+from hpseg.cli.main import main
 
 sys.exit(main())

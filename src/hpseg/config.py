@@ -27,12 +27,12 @@ class BackboneConfig:
 class DataConfig:
     dataset: str = "cocostuff27"  # cocostuff27 | cityscapes27 | potsdam3 | folder
     root: str = ""
-    prepared_dir: str | None = None  # five-crop cache; default <root>/hpseg_crops_<crop_size>
+    prepared_dir: str | None = None  # five-crop training set; default <root>/hpseg_prepared/train_<crop_size>
     crop_size: int = 224
     val_size: int = 320
     num_workers: int = 2
     skip_bad_images: bool = False  # skip (and report) unreadable images instead of stopping
-    # Backbone feature cache (`hpseg cache`, hpseg.cache): None/"auto" = use
+    # Backbone feature cache (`hpseg cache`, hpseg.training.cache): None/"auto" = use
     # <prepared_dir>/feature_cache/<backbone> when it exists (it must then be valid); a path = that
     # cache (must be valid); "off" = always compute features with the backbone.
     feature_cache: str | None = None
@@ -54,6 +54,9 @@ class MethodConfig:
     ema_momentum: float = 0.99  # m of the EMA head
     pool_size: int = 2048
     renew_interval: int = 100  # steps between task-specific pool renewals
+    # [ref quirk] "epoch": renew when the step's index within its epoch is a non-zero multiple of
+    # renew_interval (the count restarts every epoch); "global": count the run's steps.
+    renew_counter: Literal["epoch", "global"] = "epoch"
     rho: float = 0.02  # random fraction of the contrast set
     tau: float = 0.8
     tau_base: float = 0.07
@@ -90,7 +93,14 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: Literal["auto", "fp16", "bf16", "none"] = "auto"  # auto = fp16 on CUDA, none on CPU
+    # [ref quirk] float16 loss scaling as the reference, GradScaler(init_scale=2048,
+    # growth_interval=1000); "pytorch" = PyTorch's defaults (65,536 and 2,000).
+    grad_scaler: Literal["reference", "pytorch"] = "reference"
     val_interval: int = 100
+    # Validation runs every val_interval steps counted within the epoch (as the reference) and at
+    # the run's last step; [ref quirk] also at the last step of every epoch ("best" is chosen
+    # among all of them); False validates on the interval only.
+    validate_at_epoch_end: bool = True
     val_max_images: int = 0  # > 0 evaluates on the first images only during training
     # [ref quirk] "best" keeps the checkpoint with the best sum of the four validation metrics
     # (labelled data used for model selection); "last" reports the final weights.

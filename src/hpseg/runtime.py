@@ -38,6 +38,19 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"unknown amp setting {amp!r}; expected auto, fp16, bf16 or none")
 
 
+# [ref quirk] the reference's GradScaler(init_scale=2048, growth_interval=1000); PyTorch's defaults
+# (65,536 and 2,000) skip the first float16 steps while the scale falls to a workable value.
+_GRAD_SCALER_SETTINGS = {"reference": {"init_scale": 2048.0, "growth_interval": 1000},
+                         "pytorch": {"init_scale": 65536.0, "growth_interval": 2000}}
+
+
+def make_grad_scaler(setting: str, device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    """The loss scaler of float16 training: ``setting`` = "reference" or "pytorch" (``train.grad_scaler``)."""
+    if setting not in _GRAD_SCALER_SETTINGS:
+        raise ValueError(f"unknown grad scaler setting {setting!r}; expected one of {sorted(_GRAD_SCALER_SETTINGS)}")
+    return torch.amp.GradScaler(device.type, enabled=enabled, **_GRAD_SCALER_SETTINGS[setting])
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Iterator[None]:
     if dtype is None:

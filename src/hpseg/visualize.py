@@ -11,30 +11,35 @@ Conventions:
   ``m > n``), so a class keeps its colour whatever the number of ids in a given image.
 * Files are written atomically: to a temporary file in the destination directory, then
   ``os.replace``; a reader never sees a half-written PNG and a crash leaves no partial file.
-* Confusion matrices follow :mod:`hpseg.metrics`: rows = predictions, columns = true classes.
+* Confusion matrices follow :mod:`hpseg.evaluation.metrics`: rows = predictions, columns = true classes.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from hpseg.files import atomic_write
 
 __all__ = [
     "colorize",
     "confusion_image",
     "figure_grid",
     "index_png",
+    "legend",
     "overlay",
     "palette",
     "save_image_atomic",
+    "segmentation_figure",
+    "with_legend",
 ]
+
+#: A legend entry: a name and its colour.
+LegendEntry = tuple[str, tuple[int, int, int]]
 
 IGNORE_INDEX = 255
 
@@ -123,25 +128,6 @@ def colorize(
     return Image.fromarray(rgb, mode="RGB")
 
 
-@contextmanager
-def _atomic_path(path: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
-    """Binary file handle whose content replaces ``path`` only if the block succeeds."""
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
-    # os.open with 0o666 honours the umask, unlike mkstemp's 0o600, so outputs stay readable.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _format_for(path: str | os.PathLike[str]) -> str:
     ext = Path(path).suffix.lower()
     fmt = Image.registered_extensions().get(ext)
@@ -156,7 +142,7 @@ def save_image_atomic(img: Image.Image, path: str | os.PathLike[str]) -> None:
     Creates missing parent directories.
     """
     fmt = _format_for(path)
-    with _atomic_path(path) as fh:
+    with atomic_write(path) as fh:
         img.save(fh, format=fmt)
 
 
@@ -181,7 +167,7 @@ def index_png(
         colours[ignore_index] = 0
     img = Image.fromarray(ids.astype(np.uint8), mode="P")
     img.putpalette(colours.reshape(-1).tolist())
-    with _atomic_path(path) as fh:
+    with atomic_write(path) as fh:
         img.save(fh, format="PNG")
 
 
@@ -294,6 +280,54 @@ def figure_grid(
     return canvas
 
 
+def legend(entries: Sequence[LegendEntry], width: int) -> Image.Image:
+    """A white strip with one coloured square and name per entry, wrapped to ``width`` pixels."""
+    font = _font(13)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    box, gap, line, margin = 14, 16, 22, 8
+    x, y, placed = margin, 6, []
+    for name, colour in entries:
+        w = box + 6 + int(probe.textlength(name, font=font))
+        if x > margin and x + w > width - margin:
+            x, y = margin, y + line
+        placed.append((x, y, name, colour))
+        x += w + gap
+    strip = Image.new("RGB", (width, y + line + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for x, y, name, colour in placed:
+        draw.rectangle([x, y + 2, x + box, y + 2 + box], fill=tuple(int(c) for c in colour), outline=(0, 0, 0))
+        draw.text((x + box + 6, y + 2 + box // 2), name, fill=(0, 0, 0), font=font, anchor="lm")
+    return strip
+
+
+def with_legend(image: Image.Image, entries: Sequence[LegendEntry]) -> Image.Image:
+    """``image`` with :func:`legend` of ``entries`` below it, as wide as the image."""
+    strip = legend(entries, image.width)
+    out = Image.new("RGB", (image.width, image.height + strip.height), (255, 255, 255))
+    out.paste(image, (0, 0))
+    out.paste(strip, (0, image.height))
+    return out
+
+
+def segmentation_figure(image: Image.Image | np.ndarray, labels: np.ndarray, names: Sequence[str],
+                        cell: int = 384) -> Image.Image:
+    """image | segmentation side by side, with a legend of the labels present (``names[id]``;
+    negative ids and :data:`IGNORE_INDEX` are "unmatched / ignored", drawn black)."""
+    grid = figure_grid([[image, labels]], titles=["image", "segmentation"], cell=cell)
+    return with_legend(grid, label_entries(labels, names))
+
+
+def label_entries(labels: np.ndarray, names: Sequence[str]) -> list[LegendEntry]:
+    """The :func:`legend` entries of the labels present in ``labels`` (``names[id]`` in the
+    palette's colours; negative ids and :data:`IGNORE_INDEX` as one black "unmatched / ignored")."""
+    present = [int(v) for v in np.unique(labels) if 0 <= v < IGNORE_INDEX]
+    colours = palette(max(present) + 1) if present else np.zeros((0, 3), np.uint8)
+    entries = [(names[v] if v < len(names) else f"id {v}", tuple(int(c) for c in colours[v])) for v in present]
+    if (labels < 0).any() or (labels == IGNORE_INDEX).any():
+        entries.append(("unmatched / ignored", (0, 0, 0)))
+    return entries
+
+
 def _normalise_confusion(conf: np.ndarray, normalize: str | None) -> np.ndarray:
     """``conf`` is (true, pred) here; returns floats normalised as requested."""
     m = conf.astype(np.float64)
@@ -311,7 +345,9 @@ def _normalise_confusion(conf: np.ndarray, normalize: str | None) -> np.ndarray:
 
 
 def _confusion_matplotlib(m: np.ndarray, names: Sequence[str], title: str, normalized: bool) -> Image.Image:
-    # Figure + Agg canvas directly: no pyplot global state, no dependence on the active backend.
+    # Lazy: matplotlib is the optional ``hpseg[viz]`` extra (the caller falls back to Pillow
+    # without it) and costs a second to import. Figure + Agg canvas directly: no pyplot global
+    # state, no dependence on the active backend.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -407,5 +443,5 @@ def confusion_image(
                 raise
     if img is None:
         img = _confusion_pil(m, class_names, title)
-    with _atomic_path(path) as fh:
+    with atomic_write(path) as fh:
         img.save(fh, format="PNG")

@@ -4,10 +4,11 @@
 >>> bb = create_backbone("vit_tiny_p8", pretrained=False)
 >>> out = bb(images, with_attention=True)   # images (B, 3, H, W), ImageNet-normalised
 >>> out.features.shape                      # (B, C, H/p, W/p)
->>> out.attention.shape                     # (B, heads, prefix + h*w, prefix + h*w)
+>>> out.attention_scores.shape              # (B, heads, prefix + h*w, prefix + h*w), before softmax
 
-Modules: :mod:`.registry` (names and specs), :mod:`.vit` (the wrapper, attention capture),
-:mod:`.weights` (safe, strict weight loading; official weights via the Hub cache),
+Modules: :mod:`.registry` (names and specs), :mod:`.vit` (the wrapper, attention-score
+capture, DINO position interpolation), :mod:`.weights` (safe, strict weight loading; official
+weights via the Hub cache or torch.hub's checkpoint cache),
 :mod:`.factory` (``create_backbone``).
 """
 

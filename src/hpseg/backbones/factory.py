@@ -5,9 +5,11 @@ Where the weights come from, in order:
 1. ``weights=FILE``: a local checkpoint, loaded strictly (see :mod:`hpseg.backbones.weights`);
    ``pretrained`` is then ignored.
 2. ``pretrained=True`` (default): the official weights from timm's Hugging Face Hub copy
-   (``spec.hf_hub_id``), taken from the usual Hub cache or downloaded into it. Offline and not
-   cached, or when the download fails, a ``BackboneWeightsError`` says which file to get and to
-   pass it with ``--weights FILE``.
+   (``spec.hf_hub_id``), taken from the usual Hub cache or downloaded into it -- or, where the
+   official file has no Hub copy (``spec.download_url``: ``dino_vits8``, DINO's 300-epoch file),
+   from torch.hub's checkpoint cache or the authors' URL. Offline and not cached, or when the
+   download fails, a ``BackboneWeightsError`` says which file to get and to pass it with
+   ``--weights FILE``.
 3. ``pretrained=False``: random initialisation (tests, benchmarks, demo without weights),
    always from seed ``RANDOM_INIT_SEED`` so that the same name gives the same network.
 """

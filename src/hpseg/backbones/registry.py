@@ -6,8 +6,21 @@ official weights come from. ``list_backbones`` / ``get_spec`` look entries up an
 ``format_backbone_table`` renders them for the ``hpseg backbones`` CLI command.
 
 Official weights are fetched through timm's Hugging Face Hub copies (``hf_hub_id``), which
-hold the authors' weights converted to timm's key names; the authors' original files
-(``weights_url``) load as well when passed as a local file.
+hold the authors' weights converted to timm's key names, or -- where the paper's file has no
+Hub copy (DINO ViT-S/8, 300 epochs) -- straight from the authors' URL (``download_url``) into
+torch.hub's checkpoint cache. The authors' original files (``weights_url``) load as well when
+passed as a local file.
+
+Which DINO file each name means (HP, like STEGO, uses the 300-epoch ViT-S/8 run; timm's Hub
+copy ``vit_small_patch8_224.dino`` is the other, 800-epoch run):
+
+====================  ==========================================
+``dino_vits8``        ``dino_deitsmall8_300ep_pretrain.pth`` (the paper's)
+``dino_vits8_800ep``  ``dino_deitsmall8_pretrain.pth``
+``dino_vits16``       ``dino_deitsmall16_pretrain.pth``
+``dino_vitb8``        ``dino_vitbase8_pretrain.pth``
+``dino_vitb16``       ``dino_vitbase16_pretrain.pth``
+====================  ==========================================
 """
 
 from __future__ import annotations
@@ -38,6 +51,12 @@ class BackboneSpec:
         family: ``"dino"``, ``"dinov2"``, ``"dinov3"`` or ``"random"`` (no official weights).
         hf_hub_id: Hub repository timm downloads the weights from ("" if none).
         weights_url: the authors' original checkpoint file, if they publish a direct link.
+        download_url: official weights downloaded from this URL (not from the Hub) into
+            torch.hub's checkpoint directory; "" to use ``hf_hub_id``.
+        position_interpolation: how position embeddings reach a grid other than the native
+            one: ``"dino"`` (DINO's ViT: bicubic, ``scale_factor = (grid + 0.1) / native``, no
+            antialiasing), ``"timm"`` (timm's resize to the grid, antialiased bicubic = DINOv2
+            with registers' own setting) or ``"rope"`` (DINOv3: RoPE for the grid, as timm).
         timm_kwargs: extra keyword arguments for ``timm.create_model`` as (key, value) pairs
             (a tuple, not a dict, so the frozen spec stays hashable).
     """
@@ -55,10 +74,17 @@ class BackboneSpec:
     hf_hub_id: str = ""
     weights_url: str = ""
     timm_kwargs: tuple[tuple[str, Any], ...] = ()
+    download_url: str = ""
+    position_interpolation: str = "dino"
 
     @property
     def has_official_weights(self) -> bool:
-        return bool(self.hf_hub_id)
+        return bool(self.hf_hub_id or self.download_url)
+
+    @property
+    def weights_file(self) -> str:
+        """Name of the official file: the authors' for a direct download, else the Hub's."""
+        return self.download_url.rsplit("/", 1)[-1] if self.download_url else "model.safetensors"
 
     @property
     def arch_label(self) -> str:
@@ -75,13 +101,21 @@ _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{0}/{0}_reg4_pretrain.pth"
 _DINOV3_PAGE = "https://github.com/facebookresearch/dinov3 (weights after accepting the DINOv3 licence)"
 
 
-def _dino(name: str, timm_name: str, patch: int, dim: int, heads: int, fb_name: str, desc: str) -> BackboneSpec:
-    hub = f"timm/{timm_name}"
+def _dino(name: str, timm_name: str, patch: int, dim: int, heads: int, fb_name: str, desc: str,
+          hub: bool = True) -> BackboneSpec:
+    """A DINO backbone; ``hub=False``: timm's Hub copy is another file, download ``fb_name`` itself."""
     url = _DINO_URL.format(fb_name)
+    if not hub:
+        return BackboneSpec(
+            name=name, timm_name=timm_name, patch_size=patch, embed_dim=dim, num_heads=heads,
+            num_prefix_tokens=1, weights_source=f"the official DINO file {url}",
+            description=desc, family="dino", weights_url=url, download_url=url,
+        )
+    hub_id = f"timm/{timm_name}"
     return BackboneSpec(
         name=name, timm_name=timm_name, patch_size=patch, embed_dim=dim, num_heads=heads,
-        num_prefix_tokens=1, weights_source=f"{_HF}{hub} (or the official DINO file {url})",
-        description=desc, family="dino", hf_hub_id=hub, weights_url=url,
+        num_prefix_tokens=1, weights_source=f"{_HF}{hub_id} (= the official DINO file {url})",
+        description=desc, family="dino", hf_hub_id=hub_id, weights_url=url,
     )
 
 
@@ -91,7 +125,7 @@ def _dinov2(name: str, timm_name: str, dim: int, heads: int, fb_name: str, desc:
     return BackboneSpec(
         name=name, timm_name=timm_name, patch_size=14, embed_dim=dim, num_heads=heads,
         num_prefix_tokens=5, weights_source=f"{_HF}{hub} (or the official DINOv2 file {url})",
-        description=desc, family="dinov2", hf_hub_id=hub, weights_url=url,
+        description=desc, family="dinov2", hf_hub_id=hub, weights_url=url, position_interpolation="timm",
     )
 
 
@@ -102,13 +136,16 @@ def _dinov3(name: str, timm_name: str, dim: int, heads: int, desc: str) -> Backb
     return BackboneSpec(
         name=name, timm_name=timm_name, patch_size=16, embed_dim=dim, num_heads=heads,
         num_prefix_tokens=5, weights_source=f"{_HF}{hub} (or Meta's original file: {_DINOV3_PAGE})",
-        description=desc, family="dinov3", hf_hub_id=hub,
+        description=desc, family="dinov3", hf_hub_id=hub, position_interpolation="rope",
     )
 
 
 _SPECS: tuple[BackboneSpec, ...] = (
-    _dino("dino_vits8", "vit_small_patch8_224.dino", 8, 384, 6, "dino_deitsmall8_pretrain",
-          "DINO ViT-S/8 (HP default)"),
+    # timm's Hub copy of ViT-S/8 is the 800-epoch run; the paper's is the 300-epoch one.
+    _dino("dino_vits8", "vit_small_patch8_224.dino", 8, 384, 6, "dino_deitsmall8_300ep_pretrain",
+          "DINO ViT-S/8, 300 epochs (HP default, the paper's weights)", hub=False),
+    _dino("dino_vits8_800ep", "vit_small_patch8_224.dino", 8, 384, 6, "dino_deitsmall8_pretrain",
+          "DINO ViT-S/8, 800 epochs (timm's Hub copy; not the paper's)"),
     _dino("dino_vits16", "vit_small_patch16_224.dino", 16, 384, 6, "dino_deitsmall16_pretrain",
           "DINO ViT-S/16"),
     _dino("dino_vitb8", "vit_base_patch8_224.dino", 8, 768, 12, "dino_vitbase8_pretrain",
@@ -123,6 +160,8 @@ _SPECS: tuple[BackboneSpec, ...] = (
             "DINOv3 ViT-S/16 (RoPE, 4 registers)"),
     _dinov3("dinov3_vitb16", "vit_base_patch16_dinov3_qkvb.lvd1689m", 768, 12,
             "DINOv3 ViT-B/16 (RoPE, 4 registers)"),
+    # A DINO-style architecture (class token with a position, no registers): DINO's
+    # position interpolation, as the reference's ViT of the same shape (tests/data/backbone_a.npz).
     BackboneSpec(
         name="vit_tiny_p8", timm_name="vit_tiny_patch16_224", patch_size=8, embed_dim=64, num_heads=4,
         num_prefix_tokens=1, weights_source="", depth=2, family="random",
@@ -150,10 +189,10 @@ def get_spec(name: str) -> BackboneSpec:
 
 def format_backbone_table() -> str:
     """Plain-text table of the registered backbones (for ``hpseg backbones``)."""
-    header = ("name", "patch", "width", "heads", "prefix", "weights")
+    header = ("name", "patch", "width", "heads", "prefix", "positions", "weights")
     rows = [
         (s.name, str(s.patch_size), str(s.embed_dim), str(s.num_heads), str(s.num_prefix_tokens),
-         s.weights_source or "none (random init only)")
+         s.position_interpolation, s.weights_source or "none (random init only)")
         for s in _REGISTRY.values()
     ]
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
@@ -164,5 +203,11 @@ def format_backbone_table() -> str:
 
     sep = "  ".join("-" * w for w in widths) + "  " + "-" * len(header[-1])
     notes = ("prefix = class + register tokens before the patch tokens; "
-             "inputs are ImageNet-normalised, H and W multiples of the patch size.")
+             "inputs are ImageNet-normalised, H and W multiples of the patch size.\n"
+             "positions = how position embeddings reach a grid other than the native one:\n"
+             "  dino: as DINO's ViT (bicubic, scale_factor (grid + 0.1) / native grid, no antialiasing);\n"
+             "  timm: resized to the grid with antialiased bicubic, DINOv2-with-registers' own setting\n"
+             "        (its hub code: interpolate_offset 0, interpolate_antialias True);\n"
+             "  rope: DINOv3's rotary embeddings computed for the grid, as timm does.\n"
+             "LHP uses the last block's attention scores before the softmax (q.k^T/sqrt(d)), as the reference.")
     return "\n".join([line(header), sep, *(line(r) for r in rows), "", notes])

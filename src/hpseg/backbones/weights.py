@@ -12,8 +12,12 @@ Two jobs:
   raises :class:`BackboneWeightsError` naming the file, the backbone and offending keys.
 * :func:`resolve_official_weights` finds the official weights file in the Hugging Face Hub
   cache, downloading it if needed (the same repositories and cache timm's ``pretrained=True``
-  uses). Offline or on any download failure it raises :class:`BackboneWeightsError` telling the
-  user which file to fetch and to pass it with ``--weights FILE``.
+  uses) -- or, for a backbone whose official file has no Hub copy (``spec.download_url``, e.g.
+  DINO's 300-epoch ViT-S/8), in torch.hub's checkpoint directory
+  (``torch.hub.get_dir()/checkpoints``, where ``torch.hub.load`` of DINO puts it too),
+  downloading it there from the authors' URL. Offline or on any download failure it raises
+  :class:`BackboneWeightsError` telling the user which file to fetch and to pass it with
+  ``--weights FILE``.
 """
 
 from __future__ import annotations
@@ -31,8 +35,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpseg.checkpoint import strip_key_prefixes
-
 from .registry import BackboneSpec
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,18 @@ _NESTING_KEYS = ("teacher", "state_dict", "model", "module", "model_ema", "stude
 _KEY_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 #: The Hub files timm's pretrained mechanism looks for, safest first.
 _HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def strip_key_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
+    """``key`` without any of ``prefixes`` in front, repeatedly ("module.backbone.x" -> "x"): the
+    wrappers that training code adds (DataParallel, torch.compile, a backbone attribute)."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in prefixes:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
 
 
 class BackboneWeightsError(RuntimeError):
@@ -295,6 +309,8 @@ def resolve_official_weights(spec: BackboneSpec) -> Path:
             f"backbone {spec.name!r} has no official pretrained weights: use pretrained=False for a "
             "random initialisation, or pass a weights file with --weights FILE (Python: weights=FILE)"
         )
+    if spec.download_url:
+        return _resolve_url_weights(spec)
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
@@ -321,10 +337,34 @@ def resolve_official_weights(spec: BackboneSpec) -> Path:
     raise BackboneWeightsError(_unavailable_message(spec, reason or "no weights file in the repository")) from None
 
 
+def url_weights_path(spec: BackboneSpec) -> Path:
+    """Where a direct-download official file lives: ``torch.hub.get_dir()/checkpoints/<file>``,
+    the path ``torch.hub.load_state_dict_from_url`` uses for the same URL."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / spec.weights_file
+
+
+def _resolve_url_weights(spec: BackboneSpec) -> Path:
+    """The file of ``spec.download_url`` from torch.hub's checkpoint cache, downloaded if missing."""
+    target = url_weights_path(spec)
+    if target.is_file():
+        return target
+    if _offline():
+        raise BackboneWeightsError(_unavailable_message(
+            spec, f"offline mode (HF_HUB_OFFLINE) and not in torch.hub's cache ({target})"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # Writes a temporary file beside the target and renames it: no half file is left behind.
+        torch.hub.download_url_to_file(spec.download_url, str(target), progress=sys.stderr.isatty())
+    except Exception as exc:  # noqa: BLE001 -- URLError, HTTPError, OSError, ...: same advice
+        raise BackboneWeightsError(_unavailable_message(spec, f"download failed ({type(exc).__name__}: "
+                                                               f"{_short(exc)})")) from None
+    return target
+
+
 def _unavailable_message(spec: BackboneSpec, reason: str) -> str:
     return (
         f"cannot get pretrained weights for backbone {spec.name!r} ({spec.description}): {reason}. "
-        f"It needs the file {_HUB_FILENAMES[0]} from {spec.weights_source}. "
+        f"It needs the file {spec.weights_file} from {spec.download_url or spec.weights_source}. "
         f"Download it where there is internet access and pass it with --weights FILE "
         f"(Python: create_backbone({spec.name!r}, weights=FILE)), or use pretrained=False for random weights."
     )

@@ -5,8 +5,8 @@ training crops and validation views, transforms, and a synthetic dataset generat
 Typical use::
 
     raw = build_raw_dataset("cocostuff27", "/data/cocostuff", "train")
-    prepare_five_crops(raw, "/data/cocostuff/hpseg_crops_224", crop_size=224)
-    train = TrainCrops("/data/cocostuff/hpseg_crops_224")          # dicts: image, image_aug, label, index
+    prepare_five_crops(raw, "/data/cocostuff/hpseg_prepared/train_224", crop_size=224)
+    train = TrainCrops("/data/cocostuff/hpseg_prepared/train_224")          # dicts: image, image_aug, label, index
     val = ValCrops(build_raw_dataset("cocostuff27", "/data/cocostuff", "val"), size=320)
 """
 

@@ -58,6 +58,14 @@ class TrainCrops(Dataset):
     def image_path(self, i: int) -> Path:
         return self.root / "images" / f"{self.crops[i]}.png"
 
+    def label(self, i: int) -> torch.Tensor:
+        """(S, S) int64 class ids of crop ``i``, −1 = ignore (all −1 when the dataset has no labels)."""
+        s = self.crop_size
+        if not self.has_labels:
+            return torch.full((s, s), -1, dtype=torch.int64)
+        stored = read_label(self.root / "labels" / f"{self.crops[i]}.png")
+        return torch.from_numpy(np.where(stored == IGNORE_U8, -1, stored).astype(np.int64))
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         stem = self.crops[i]
         rgb = pil_to_uint8_tensor(read_image(self.root / "images" / f"{stem}.png"))
@@ -66,15 +74,10 @@ class TrainCrops(Dataset):
             raise ValueError(
                 f"crop {self.image_path(i)} is {tuple(rgb.shape[1:])}, expected {(s, s)}; re-prepare"
             )
-        if self.has_labels:
-            lab = read_label(self.root / "labels" / f"{stem}.png")
-            label = torch.from_numpy(np.where(lab == IGNORE_U8, -1, lab).astype(np.int64))
-        else:
-            label = torch.full((s, s), -1, dtype=torch.int64)
         out: dict[str, Any] = {"image": normalize(rgb)}
         if self.with_augmented:
             out["image_aug"] = normalize(photometric_augment(rgb))
-        out["label"] = label
+        out["label"] = self.label(i)
         out["index"] = i
         return out
 

@@ -27,7 +27,7 @@ Datasets (``DATASETS``):
     {0, 4 → 0 roads and cars; 1, 5 → 1 buildings and clutter; 2, 3 → 2 trees and vegetation;
     anything else → −1}.
 ``folder``
-    Users' own images: ``root/images/**`` (any nesting; .jpg .jpeg .png .tif .tiff in any case),
+    Users' own images: ``root/images/**`` (any nesting; any ending of ``IMAGE_SUFFIXES`` in any case),
     optional ``root/labels/**`` single-channel PNGs with the same relative stems (values = class
     ids, 255 → −1). If ``root/{split}/images`` exists that split folder is used instead of
     ``root`` (otherwise every split reads ``root/images``). Class names come from
@@ -42,10 +42,13 @@ under its conventional name (``cocostuff/``, ``cityscapes/``, ``potsdam/``, as i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import warnings
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -55,12 +58,11 @@ import numpy as np
 from PIL import Image
 
 from .errors import DatasetLayoutError, ImageReadError
-from .images import array_to_rgb, read_image, read_label
+from .images import IMAGE_SUFFIXES, array_to_rgb, read_image, read_label
 
 __all__ = [
     "CITYSCAPES27_CLASS_NAMES",
     "DATASETS",
-    "IMAGE_EXTENSIONS",
     "POTSDAM3_CLASS_NAMES",
     "Cityscapes27",
     "CocoStuff27",
@@ -72,7 +74,6 @@ __all__ = [
     "load_cocostuff27_mapping",
 ]
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
 CITYSCAPES27_CLASS_NAMES = [
     "road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail",
@@ -104,12 +105,24 @@ class _Item:
     key: str
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._+=-]")
+_UNSAFE = re.compile(r"[^\w.+=-]")  # \w: letters and digits of any script, and _
 
 
 def safe_key(relative: str) -> str:
-    """Relative path (no extension) -> filesystem-safe key: '/' -> '__', odd characters -> '_'."""
+    """Relative path (no extension) -> filesystem-safe key: '/' -> '__', odd characters -> '_'.
+
+    Letters and digits of any script are kept (``猫`` stays ``猫``), so keys stay readable.
+    """
     return _UNSAFE.sub("_", relative.replace("\\", "/").replace("/", "__"))
+
+
+def unique_keys(relatives: list[str]) -> list[str]:
+    """:func:`safe_key` of each relative path, made unique: keys that two paths share (``a b``
+    and ``a_b``) get a short hash of their own path appended."""
+    keys = [safe_key(rel) for rel in relatives]
+    counts = Counter(keys)
+    return [f"{key}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}" if counts[key] > 1 else key
+            for key, rel in zip(keys, relatives)]
 
 
 def _apply_lut(values: np.ndarray, lut: np.ndarray) -> np.ndarray:
@@ -516,6 +529,96 @@ _FOLDER_LAYOUT = """\
         classes.txt"""
 
 
+def _check_image_folder(root: Path, split: str, img_dir: Path) -> None:
+    """A clear layout error when a folder dataset's ``images/`` is missing."""
+    if img_dir.is_dir():
+        return
+    if not root.is_dir():
+        raise _layout_error("missing dataset root", root, _FOLDER_LAYOUT)
+    # With per-split folders present, the split's own folder is what is missing.
+    split_layout = any(p.is_dir() and (p / "images").is_dir() for p in root.iterdir())
+    missing = root / split / "images" if split_layout else img_dir
+    raise _layout_error(f"missing directory (split {split!r})", missing, _FOLDER_LAYOUT)
+
+
+def _walk_files(folder: Path, keep: Callable[[str], bool]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files under ``folder`` whose name passes ``keep``, and the folders that were left out.
+
+    Links are followed, hidden entries skipped. A folder reached twice (a symlink loop, or two
+    links to one folder) is read once; an unreadable folder is left out. Both are returned as
+    (folder, reason) so the caller can say so instead of silently losing images.
+    """
+    files: list[Path] = []
+    left_out: list[tuple[Path, str]] = []
+    seen: set[tuple[int, int]] = set()
+
+    def unreadable(error: OSError) -> None:
+        left_out.append((Path(error.filename or folder), error.strerror or str(error)))
+
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True, onerror=unreadable):
+        identity = os.stat(dirpath)
+        if (identity.st_dev, identity.st_ino) in seen:
+            left_out.append((Path(dirpath), "already read through another path (symlink loop?)"))
+            dirnames[:] = []
+            continue
+        seen.add((identity.st_dev, identity.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files.extend(Path(dirpath) / f for f in filenames if not f.startswith(".") and keep(f))
+    return files, left_out
+
+
+def _report_left_out(left_out: list[tuple[Path, str]], skip: bool) -> None:
+    """Stop on folders that could not be read (or warn, listing them, when skipping is asked for)."""
+    if not left_out:
+        return
+    listing = "; ".join(f"{path} ({reason})" for path, reason in left_out)
+    if not skip:
+        raise DatasetLayoutError(f"cannot read every folder of the dataset: {listing}; fix the permissions "
+                                 "or links, or set data.skip_bad_images=true to leave them out", left_out[0][0])
+    warnings.warn(f"left out {len(left_out)} folder(s) of the dataset: {listing}", stacklevel=3)
+
+
+def _image_files(img_dir: Path, skip: bool) -> list[Path]:
+    """The images under ``img_dir`` in the order of their relative paths (layout error if none)."""
+    files, left_out = _walk_files(img_dir, lambda name: name.lower().endswith(IMAGE_SUFFIXES))
+    _report_left_out(left_out, skip)
+    if not files:
+        raise _layout_error(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under", img_dir, _FOLDER_LAYOUT)
+    return sorted(files, key=lambda p: p.relative_to(img_dir).as_posix())
+
+
+def _pair_with_labels(files: list[Path], img_dir: Path, lbl_dir: Path | None, skip: bool) -> list[_Item]:
+    """One item per image, with the label PNG of the same relative path when ``lbl_dir`` is given."""
+    labels: dict[str, Path] = {}
+    if lbl_dir is not None:
+        label_files, left_out = _walk_files(lbl_dir, lambda name: name.lower().endswith(".png"))
+        _report_left_out(left_out, skip)
+        for path in label_files:
+            labels[path.relative_to(lbl_dir).with_suffix("").as_posix()] = path
+    relatives = [file.relative_to(img_dir).with_suffix("").as_posix() for file in files]
+    items = []
+    for file, rel, key in zip(files, relatives, unique_keys(relatives)):
+        label = labels.get(rel) if lbl_dir is not None else None
+        if lbl_dir is not None and label is None:
+            raise _layout_error(f"missing label for image {file}", lbl_dir / f"{rel}.png", _FOLDER_LAYOUT)
+        items.append(_Item(file, label, key))
+    return items
+
+
+def _class_names(root: Path, base: Path, n_classes: int | None) -> list[str] | None:
+    """The names in the split's or the root's ``classes.txt`` (checked against ``n_classes``), or None."""
+    for candidate in (base / "classes.txt", root / "classes.txt"):
+        if not candidate.is_file():
+            continue
+        names = [line.strip() for line in candidate.read_text().splitlines() if line.strip()]
+        if not names:
+            raise DatasetLayoutError(f"empty class list {candidate}", candidate)
+        if n_classes is not None and n_classes != len(names):
+            raise ValueError(f"n_classes={n_classes} but {candidate} lists {len(names)} classes")
+        return names
+    return None
+
+
 class FolderDataset(RawDataset):
     """A folder of images, optionally with class-id PNG labels (see the module docstring)."""
 
@@ -532,54 +635,11 @@ class FolderDataset(RawDataset):
         root = Path(root)
         base = root / split if (root / split / "images").is_dir() else root
         img_dir, lbl_dir = base / "images", base / "labels"
-        if not img_dir.is_dir():
-            if not root.is_dir():
-                raise _layout_error("missing dataset root", root, _FOLDER_LAYOUT)
-            # With per-split folders present, the split's own folder is what is missing.
-            split_layout = any(p.is_dir() and (p / "images").is_dir() for p in root.iterdir())
-            missing = root / split / "images" if split_layout else img_dir
-            raise _layout_error(f"missing directory (split {split!r})", missing, _FOLDER_LAYOUT)
-        files = []
-        for dirpath, dirnames, filenames in os.walk(img_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in filenames:
-                if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                    files.append(Path(dirpath) / f)
-        files.sort(key=lambda p: p.relative_to(img_dir).as_posix())
-        if not files:
-            raise _layout_error(
-                f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under", img_dir, _FOLDER_LAYOUT
-            )
+        _check_image_folder(root, split, img_dir)
         has_labels = lbl_dir.is_dir()
-        label_files: dict[str, Path] = {}
-        if has_labels:
-            for dirpath, dirnames, filenames in os.walk(lbl_dir, followlinks=True):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                for f in filenames:
-                    if f.lower().endswith(".png") and not f.startswith("."):
-                        p = Path(dirpath) / f
-                        label_files[p.relative_to(lbl_dir).with_suffix("").as_posix()] = p
-        items = []
-        for f in files:
-            rel = f.relative_to(img_dir).with_suffix("").as_posix()
-            label = None
-            if has_labels:
-                label = label_files.get(rel)
-                if label is None:
-                    raise _layout_error(
-                        f"missing label for image {f}", lbl_dir / f"{rel}.png", _FOLDER_LAYOUT
-                    )
-            items.append(_Item(f, label, safe_key(rel)))
-
-        names = None
-        for cand in (base / "classes.txt", root / "classes.txt"):
-            if cand.is_file():
-                names = [ln.strip() for ln in cand.read_text().splitlines() if ln.strip()]
-                if not names:
-                    raise DatasetLayoutError(f"empty class list {cand}", cand)
-                if n_classes is not None and n_classes != len(names):
-                    raise ValueError(f"n_classes={n_classes} but {cand} lists {len(names)} classes")
-                break
+        files = _image_files(img_dir, skip_bad_images)
+        items = _pair_with_labels(files, img_dir, lbl_dir if has_labels else None, skip_bad_images)
+        names = _class_names(root, base, n_classes)
         if names is None:
             if n_classes is None:
                 if not has_labels:
@@ -589,19 +649,11 @@ class FolderDataset(RawDataset):
                         root / "classes.txt",
                     )
                 # Costs a read of every label; a classes.txt or n_classes avoids it.
-                n_classes = 1 + max(self._max_label(it.label) for it in items if it.label is not None)
-                n_classes = max(n_classes, 1)
+                n_classes = max(1, 1 + max(self._max_label(it.label) for it in items if it.label is not None))
             names = [f"class {k}" for k in range(n_classes)]
         self.base = base  # the folder actually read: root or root/split
-        super().__init__(
-            root,
-            split,
-            items,
-            n_classes=len(names),
-            class_names=names,
-            has_labels=has_labels,
-            skip_bad_images=skip_bad_images,
-        )
+        super().__init__(root, split, items, n_classes=len(names), class_names=names, has_labels=has_labels,
+                         skip_bad_images=skip_bad_images)
 
     @staticmethod
     def _max_label(path: Path) -> int:

@@ -40,6 +40,10 @@ __all__ = ["array_to_rgb", "read_image", "read_label", "to_rgb"]
 
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
+#: File name endings taken as images when a folder is walked (a dataset's ``images/``, a folder
+#: given to ``hpseg predict``); a file named explicitly is tried whatever its ending.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".ppm", ".pgm")
+
 
 def _open_and_load(path: Path) -> Image.Image:
     img = None

@@ -23,15 +23,19 @@ corner crops.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+
+from hpseg.files import atomic_write, remove_stale_temporaries, write_json_atomic
+from hpseg.logs import progress_bar
 
 from .datasets import RawDataset
 from .errors import DatasetLayoutError, ImageReadError
@@ -50,6 +54,8 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 IGNORE_U8 = 255  # ignore value of the uint8 label PNGs (−1 in memory)
 N_CROPS = 5
+
+_log = logging.getLogger(__name__)
 
 
 def five_crop_boxes(height: int, width: int) -> list[tuple[int, int, int, int]]:
@@ -99,32 +105,10 @@ def five_crops(
     return out
 
 
-def _atomic_save_png(img: Image.Image, path: Path) -> None:
-    # The temporary name starts with '.' and ends in '.tmp' so listings of crops never see it.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
+def _save_png(img: Image.Image, path: Path) -> None:
+    with atomic_write(path) as handle:
         # compress_level 1: ~3x faster than the default for a few percent more disk.
-        img.save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _remove_stale_temps(directory: Path) -> None:
-    for name in os.listdir(directory):
-        if name.startswith(".") and name.endswith(".tmp"):
-            (directory / name).unlink(missing_ok=True)
+        img.save(handle, format="PNG", compress_level=1)
 
 
 def load_manifest(prepared_dir: str | Path, *, check_files: bool = True) -> dict[str, Any]:
@@ -196,131 +180,152 @@ def _check_compatible(m: dict[str, Any], raw: RawDataset, crop_size: int, out_di
         )
 
 
-def prepare_five_crops(
-    raw: RawDataset,
-    out_dir: str | Path,
-    crop_size: int = 224,
-    progress: bool = True,
-    *,
-    num_workers: int = 0,
-) -> Path:
+@dataclass
+class _Outputs:
+    """The crop folders of one preparation and the file names already in them."""
+
+    images: Path
+    labels: Path | None
+    have_images: set[str]
+    have_labels: set[str]
+
+    @classmethod
+    def open(cls, out_dir: Path, has_labels: bool) -> _Outputs:
+        images, labels = out_dir / "images", (out_dir / "labels" if has_labels else None)
+        for folder in (images, labels):
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+        return cls(images, labels, set(os.listdir(images)), set(os.listdir(labels)) if labels else set())
+
+    def has(self, name: str) -> bool:
+        return name in self.have_images and (self.labels is None or name in self.have_labels)
+
+
+def _previous_manifest(out_dir: Path, raw: RawDataset, crop_size: int) -> dict[str, Any] | None:
+    """The manifest of an earlier run into ``out_dir``, checked to be compatible (None if absent or damaged)."""
+    path = out_dir / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # a damaged manifest is rewritten
+    _check_compatible(manifest, raw, crop_size, out_dir)
+    return manifest
+
+
+def _is_complete(manifest: dict[str, Any], raw: RawDataset, outputs: _Outputs) -> bool:
+    """Whether ``manifest`` records a complete preparation of exactly ``raw``'s images."""
+    skipped = set(manifest.get("skipped_keys", []))
+    expected = [f"{raw.key_of(i)}_{k}" for i in range(len(raw)) if raw.key_of(i) not in skipped for k in range(N_CROPS)]
+    return (manifest.get("n_source_images") == len(raw) and manifest.get("crops") == expected
+            and all(outputs.has(stem + ".png") for stem in expected))
+
+
+def _check_existing_crop_size(outputs: _Outputs, crop_size: int, out_dir: Path) -> None:
+    """Crops of an interrupted run must have ``crop_size``: resuming must not mix two sizes."""
+    first = next((n for n in sorted(outputs.have_images) if n.endswith(".png") and not n.startswith(".")), None)
+    if first is None:
+        return
+    try:
+        with Image.open(outputs.images / first) as probe:
+            size = probe.size
+    except OSError:
+        return  # unreadable: not evidence of another size
+    if size != (crop_size, crop_size):
+        raise DatasetLayoutError(
+            f"{outputs.images / first} is {size[0]}x{size[1]}, not {crop_size}x{crop_size}: "
+            f"{out_dir} holds crops of another size; choose another output directory or delete it",
+            outputs.images / first,
+        )
+
+
+def _check_croppable(image: Image.Image, path: Path) -> None:
+    """An image too small for five half-size crops is a bad image of the dataset, named as such."""
+    width, height = image.size
+    if width < 2 or height < 2:
+        raise ImageReadError(f"{path}: image of {width}x{height} pixels is too small for five half-size "
+                             "crops (at least 2x2); remove it or set data.skip_bad_images=true", path)
+
+
+def _crop_image(raw: RawDataset, i: int, outputs: _Outputs, crop_size: int) -> ImageReadError | None:
+    """Write the missing crops of item ``i``; returns the read error of a skipped image."""
+    names = [f"{raw.key_of(i)}_{k}.png" for k in range(N_CROPS)]
+    if all(outputs.has(name) for name in names):
+        return None
+    try:
+        sample = raw.read(i)
+        _check_croppable(sample.image, raw.path_of(i))
+    except ImageReadError as error:
+        if not raw.skip_bad_images:
+            raise
+        return error
+    for name, (image, label) in zip(names, five_crops(sample.image, sample.label, crop_size)):
+        if name not in outputs.have_images:
+            _save_png(image, outputs.images / name)
+        if label is not None and outputs.labels is not None and name not in outputs.have_labels:
+            _save_png(label, outputs.labels / name)
+    return None
+
+
+def _crop_all(raw: RawDataset, outputs: _Outputs, crop_size: int, num_workers: int) -> Iterator[ImageReadError | None]:
+    """``_crop_image`` of every item in order, in ``num_workers`` threads (0: this thread)."""
+    items = range(len(raw))
+    if num_workers <= 0:
+        yield from (_crop_image(raw, i, outputs, crop_size) for i in items)
+        return
+    # Pillow releases the GIL while decoding, resizing and encoding, so threads scale.
+    with ThreadPoolExecutor(max_workers=num_workers) as pool:
+        try:
+            yield from pool.map(lambda i: _crop_image(raw, i, outputs, crop_size), items)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def prepare_five_crops(raw: RawDataset, out_dir: str | Path, crop_size: int = 224, *, num_workers: int = 0) -> Path:
     """Write the five-crop training set of ``raw`` to ``out_dir`` and return ``out_dir``.
 
-    ``num_workers`` > 0 decodes/encodes in that many threads (Pillow releases the GIL while
-    decoding, resizing and encoding). Unreadable images raise ImageReadError, or are skipped
-    (recorded under ``"skipped"`` in the manifest) when ``raw.skip_bad_images`` is set; a
-    complete rerun does not retry them — delete ``manifest.json`` to do so.
+    ``num_workers`` > 0 decodes/encodes in that many threads. Unreadable images raise
+    ImageReadError, or are skipped (recorded under ``"skipped"`` in the manifest) when
+    ``raw.skip_bad_images`` is set; a complete rerun does not retry them — delete
+    ``manifest.json`` to do so. Progress is shown when the ``hpseg`` logger shows INFO.
     """
     if crop_size < 1:
         raise ValueError(f"crop_size must be positive, got {crop_size}")
     out_dir = Path(out_dir)
-    manifest_path = out_dir / MANIFEST_NAME
-    old = None
-    if manifest_path.is_file():
-        try:
-            old = json.loads(manifest_path.read_text())
-        except (OSError, ValueError):
-            old = None  # a damaged manifest is rewritten below
-        if old is not None:
-            _check_compatible(old, raw, crop_size, out_dir)
-
-    img_dir, lbl_dir = out_dir / "images", out_dir / "labels"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    if raw.has_labels:
-        lbl_dir.mkdir(parents=True, exist_ok=True)
-    have_img = set(os.listdir(img_dir))
-    have_lbl = set(os.listdir(lbl_dir)) if raw.has_labels else set()
-
-    # Fast path: a complete preparation of the same images — nothing to read or write.
-    if old is not None:
-        skipped_keys = set(old.get("skipped_keys", []))
-        expected = [
-            f"{raw.key_of(i)}_{k}"
-            for i in range(len(raw))
-            if raw.key_of(i) not in skipped_keys
-            for k in range(N_CROPS)
-        ]
-        if (
-            old.get("n_source_images") == len(raw)
-            and old.get("crops") == expected
-            and all(
-                s + ".png" in have_img and (not raw.has_labels or s + ".png" in have_lbl) for s in expected
-            )
-        ):
-            return out_dir
-        # Anything else is an incomplete/outdated run: drop the manifest so that nobody trains
-        # on it while we resume.
-        manifest_path.unlink(missing_ok=True)
-
-    # Existing crops of an interrupted run without a manifest: make sure their size matches.
-    first = next((n for n in sorted(have_img) if n.endswith(".png") and not n.startswith(".")), None)
-    if first is not None:
-        try:
-            with Image.open(img_dir / first) as probe:
-                probe_size = probe.size
-        except OSError:
-            probe_size = (crop_size, crop_size)  # unreadable: not evidence of another size
-        if probe_size != (crop_size, crop_size):
-            raise DatasetLayoutError(
-                f"{img_dir / first} is {probe_size[0]}x{probe_size[1]}, not {crop_size}x{crop_size}: "
-                f"{out_dir} holds crops of another size; choose another output directory or delete it",
-                img_dir / first,
-            )
-    _remove_stale_temps(img_dir)
-    if raw.has_labels:
-        _remove_stale_temps(lbl_dir)
-
-    def process(i: int) -> tuple[str, bool, ImageReadError | None]:
-        """Crop item i; returns (key, ok, error-if-skipped)."""
-        key = raw.key_of(i)
-        names = [f"{key}_{k}.png" for k in range(N_CROPS)]
-        if all(n in have_img and (not raw.has_labels or n in have_lbl) for n in names):
-            return key, True, None
-        try:
-            sample = raw.read(i)
-        except ImageReadError as e:
-            if not raw.skip_bad_images:
-                raise
-            return key, False, e
-        for name, (ci, cl) in zip(names, five_crops(sample.image, sample.label, crop_size)):
-            if name not in have_img:
-                _atomic_save_png(ci, img_dir / name)
-            if cl is not None and name not in have_lbl:
-                _atomic_save_png(cl, lbl_dir / name)
-        return key, True, None
+    previous = _previous_manifest(out_dir, raw, crop_size)
+    outputs = _Outputs.open(out_dir, raw.has_labels)
+    if previous is not None:
+        if _is_complete(previous, raw, outputs):
+            return out_dir  # nothing to read or write
+        # An incomplete or outdated run: drop its manifest so nobody trains on it while we resume.
+        (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    _check_existing_crop_size(outputs, crop_size, out_dir)
+    for folder in (outputs.images, outputs.labels):
+        if folder is not None:
+            remove_stale_temporaries(folder)
 
     crops: list[str] = []
     skipped_paths: list[str] = []
     skipped_keys: list[str] = []
-    bar = tqdm(total=len(raw), disable=not progress, desc=f"five-crop {raw.name}/{raw.split}", unit="img")
-
-    def collect(i: int, result: tuple[str, bool, ImageReadError | None]) -> None:
-        key, ok, err = result
-        if ok:
+    results = _crop_all(raw, outputs, crop_size, num_workers)
+    bar = progress_bar(results, _log, total=len(raw), desc=f"five-crop {raw.name}/{raw.split}", unit="img")
+    for i, error in enumerate(bar):
+        key = raw.key_of(i)
+        if error is None:
             crops.extend(f"{key}_{k}" for k in range(N_CROPS))
         else:
-            raw.note_skipped(raw.path_of(i), err)
+            raw.note_skipped(raw.path_of(i), error)
             skipped_paths.append(str(raw.path_of(i)))
             skipped_keys.append(key)
-        bar.update(1)
+    write_json_atomic(_manifest(raw, crop_size, crops, skipped_paths, skipped_keys), out_dir / MANIFEST_NAME, indent=1)
+    return out_dir
 
-    try:
-        if num_workers > 0:
-            pool = ThreadPoolExecutor(max_workers=num_workers)
-            try:
-                for i, result in enumerate(pool.map(process, range(len(raw)))):
-                    collect(i, result)
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-            pool.shutdown(wait=True)
-        else:
-            for i in range(len(raw)):
-                collect(i, process(i))
-    finally:
-        bar.close()
 
-    manifest = {
+def _manifest(raw: RawDataset, crop_size: int, crops: list[str], skipped_paths: list[str],
+              skipped_keys: list[str]) -> dict[str, Any]:
+    return {
         "format_version": FORMAT_VERSION,
         "dataset": raw.name,
         "split": raw.split,
@@ -334,5 +339,3 @@ def prepare_five_crops(
         "skipped_keys": skipped_keys,
         "crops": crops,
     }
-    _atomic_write_text(json.dumps(manifest, indent=1), manifest_path)
-    return out_dir

@@ -16,6 +16,7 @@ starts at ``int(round((extent - size) / 2))``.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -63,23 +64,18 @@ def pil_to_uint8_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
-_photometric = None
-
-
+@functools.cache
 def _photometric_transform():
-    # Built lazily: importing torchvision.transforms.v2 costs ~0.3 s and is not always needed.
-    global _photometric
-    if _photometric is None:
-        from torchvision.transforms import v2
+    # Built on first use: importing torchvision.transforms.v2 costs ~0.3 s and is not always needed.
+    from torchvision.transforms import v2
 
-        _photometric = v2.Compose(
-            [
-                v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1),
-                v2.RandomGrayscale(p=0.2),
-                v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.5),
-            ]
-        )
-    return _photometric
+    return v2.Compose(
+        [
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.1),
+            v2.RandomGrayscale(p=0.2),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.5),
+        ]
+    )
 
 
 def photometric_augment(img: T) -> T:
@@ -102,15 +98,25 @@ def photometric_augment(img: T) -> T:
     return tf(img)
 
 
+def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """(H', W') of an image whose shorter side is resized to ``size`` (0: unchanged).
+
+    Same rounding as the validation view (torchvision's): the long side becomes
+    ``int(size * long / short)``, at least 1.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"empty image of size {width}x{height}")
+    if size <= 0:
+        return height, width
+    if height <= width:
+        return size, max(1, int(size * width / height))
+    return max(1, int(size * height / width)), size
+
+
 def resize_shorter_side(img: Image.Image, size: int, resample: int = Image.Resampling.NEAREST) -> Image.Image:
     """Resize so that the shorter side becomes ``size`` (aspect kept, torchvision rounding)."""
     w, h = img.size
-    if min(w, h) < 1:
-        raise ValueError(f"cannot resize an empty image of size {w}x{h}")
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
+    new_h, new_w = resized_shape(h, w, size)
     if (new_w, new_h) == (w, h):
         return img
     return img.resize((new_w, new_h), resample)

@@ -17,14 +17,26 @@ Only JSON and safetensors are read back: nothing is unpickled.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
-from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+
+from hpseg.backbones import BackboneSpec, create_backbone
+from hpseg.checkpoints.mapping import read_mapping
+from hpseg.checkpoints.trained import load_trained
 from hpseg.export import missing_extra
+from hpseg.files import atomic_write, write_json_atomic, write_text_atomic
+from hpseg.inference.segmenter import Segmenter, from_trained
+from hpseg.inference.segmenter import load as load_checkpoint
+from hpseg.inference.tiling import Tiling
+from hpseg.method.model import HiddenPositivesModel
+from hpseg.runtime import resolve_device
+from hpseg.visualize import palette
 
 FORMAT = "hpseg-hub"
 VERSION = 1
@@ -41,32 +53,6 @@ WEIGHTS_LICENCE = {
 
 
 # ---------------------------------------------------------------------------------------- writing
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file beside ``path``, then rename it into place."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-
-
-def _checkpoint_payload(path: Path) -> dict[str, Any]:
-    """The hpseg checkpoint dict of ``path`` (an authors' file converted in memory)."""
-    from hpseg.checkpoint import FORMAT as CHECKPOINT_FORMAT
-    from hpseg.checkpoint import load_checkpoint, read_torch_file
-
-    payload = read_torch_file(path)
-    if isinstance(payload, dict) and payload.get("format") != CHECKPOINT_FORMAT and "net_model_state_dict" in payload:
-        from hpseg.reference_checkpoint import convert_reference
-
-        converted = convert_reference(payload, path).checkpoint
-        converted["backbone"]["weights"] = str(path)  # the authors' file carries its own backbone weights
-        return converted
-    return load_checkpoint(path)
 
 
 def _evaluation(payload: dict[str, Any], mapping_source: str | None) -> dict[str, Any]:
@@ -88,27 +74,37 @@ def _evaluation(payload: dict[str, Any], mapping_source: str | None) -> dict[str
             "step": payload.get("step"), "checkpoint_kind": payload.get("kind"), "selection": selection}
 
 
-def _backbone_entry(segmenter: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    spec = segmenter.backbone.spec
-    stored = payload.get("backbone") or {}
-    official = bool(stored.get("pretrained")) and not stored.get("weights") and spec.has_official_weights
-    licence = WEIGHTS_LICENCE.get(spec.family, "see the weights' source") if official or spec.family == "random" \
-        else f"that of the weights file it was trained with ({Path(str(stored.get('weights'))).name})"
+def _backbone_entry(spec: BackboneSpec, weights_source: str) -> dict[str, Any]:
+    """Which backbone, and whether its weights are the official ones (named, not copied) or
+    travel in ``backbone.safetensors``; ``weights_source`` is :class:`TrainedModel`'s."""
+    official = weights_source == "official" and spec.has_official_weights
+    random = weights_source == "random"
+    if official or random:
+        licence = WEIGHTS_LICENCE.get(spec.family if official else "random", "see the weights' source")
+    else:
+        licence = f"that of the weights it was trained with ({Path(weights_source.split(' ')[0]).name})"
     return {"name": spec.name, "weights": "official" if official else BACKBONE,
-            "source": spec.weights_source if official else (stored.get("weights") or "random initialisation"),
+            "source": spec.weights_source if official else ("random initialisation" if random else weights_source),
             "hf_hub_id": spec.hf_hub_id if official else None, "licence": licence,
             "patch_size": spec.patch_size, "embed_dim": spec.embed_dim}
 
 
-def hub_config(segmenter: Any, payload: dict[str, Any]) -> dict[str, Any]:
-    """The ``config.json`` of a hub folder for ``segmenter`` (loaded from ``payload``)."""
-    from hpseg import __version__
-    from hpseg.visualize import palette
+def _hpseg_version() -> str:
+    # From the installed package's metadata: importing ``hpseg.__version__`` here would close an
+    # import cycle (``hpseg.load`` is this module's :func:`load`).
+    try:
+        return version("hpseg")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
+
+def hub_config(segmenter: Segmenter, payload: dict[str, Any], weights_source: str) -> dict[str, Any]:
+    """The ``config.json`` of a hub folder for ``segmenter``, loaded from the checkpoint ``payload``
+    with the backbone weights of ``weights_source``."""
     method = payload["config"]["method"]
     return {
-        "format": FORMAT, "version": VERSION, "hpseg_version": __version__, "library_name": "hpseg",
-        "backbone": _backbone_entry(segmenter, payload),
+        "format": FORMAT, "version": VERSION, "hpseg_version": _hpseg_version(), "library_name": "hpseg",
+        "backbone": _backbone_entry(segmenter.backbone.spec, weights_source),
         "model": {"feature_dim": segmenter.backbone.embed_dim, "dim": method["dim"], "n_classes": method["n_classes"],
                   "n_clusters": segmenter.n_clusters, "dropout": method.get("dropout", 0.1)},
         "tiling": {"size": segmenter.tiling.size, "window": segmenter.tiling.window, "patch": segmenter.tiling.patch},
@@ -123,31 +119,29 @@ def hub_config(segmenter: Any, payload: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def export_hub(checkpoint: str | Path, out: str | Path, *, mapping: str | Path | None = "auto",
-               echo: Callable[[str], None] | None = None) -> Path:
+def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_write(path) as handle:
+        handle.write(safetensors_bytes(data, metadata=metadata))
+
+
+def export_hub(checkpoint: str | Path, out: str | Path, *, mapping: str | Path | None = "auto") -> Path:
     """Write the hub folder of ``checkpoint`` to ``out`` (each file atomically); returns ``out``.
 
     ``mapping``: the cluster->class mapping to store ("auto": the evaluation found beside the
     run, as ``hpseg predict``; a results.json; None: none).
     """
-    from safetensors.torch import save_file
-
-    from hpseg.api import load
-
-    checkpoint, out = Path(checkpoint), Path(out)
-    segmenter = load(checkpoint, device="cpu", mapping=mapping, echo=echo)
-    payload = _checkpoint_payload(checkpoint)
-    config = hub_config(segmenter, payload)
-    out.mkdir(parents=True, exist_ok=True)
-    heads = {k: v.detach().cpu().contiguous() for k, v in segmenter.model.state_dict().items()}
-    _write_atomic(out / HEADS, lambda path: save_file(heads, str(path), metadata={"format": FORMAT}))
+    out = Path(out)
+    trained = load_trained(checkpoint, device="cpu")
+    segmenter = from_trained(trained, mapping=mapping)
+    config = hub_config(segmenter, trained.payload, trained.weights_source)
+    _write_safetensors(segmenter.model.state_dict(), out / HEADS, metadata={"format": FORMAT})
     if config["backbone"]["weights"] == BACKBONE:
-        weights = {k: v.detach().cpu().contiguous() for k, v in segmenter.backbone.model.state_dict().items()}
-        _write_atomic(out / BACKBONE, lambda path: save_file(weights, str(path)))
+        _write_safetensors(segmenter.backbone.model.state_dict(), out / BACKBONE)
     else:
         (out / BACKBONE).unlink(missing_ok=True)  # a stale file would contradict config.json
-    _write_atomic(out / CONFIG, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
-    _write_atomic(out / CARD, lambda path: path.write_text(model_card(config)))
+    write_json_atomic(config, out / CONFIG)
+    write_text_atomic(model_card(config), out / CARD)
     return out
 
 
@@ -290,19 +284,11 @@ def read_hub_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def load_hub(folder: Path, *, device: str = "auto", weights: str | None = None, mapping: Any = None,
-             size: int | None = None, window: int | None = None, batch_size: int = 8,
-             label: str | None = None) -> Any:
-    """A :class:`hpseg.api.Segmenter` from a hub folder (see :func:`hpseg.api.load` for the
-    arguments; ``mapping="auto"`` is the folder's stored mapping)."""
-    from safetensors.torch import load_file
-
-    from hpseg.api import Segmenter, read_mapping
-    from hpseg.backbones import create_backbone
-    from hpseg.method.model import HiddenPositivesModel
-    from hpseg.predict import Tiling
-    from hpseg.runtime import resolve_device
-
+def load_hub(folder: Path, *, device: str = "auto", weights: str | None = None, mapping: str | Path | None = None,
+             crf: bool = False, size: int | None = None, window: int | None = None, batch_size: int = 8,
+             label: str | None = None) -> Segmenter:
+    """A :class:`Segmenter` from a hub folder (the arguments are :func:`load`'s; ``mapping="auto"``
+    is the folder's stored mapping; ``label`` names the folder, e.g. its ``hf://`` reference)."""
     config = read_hub_config(folder)
     spec, sizes = config["backbone"], config["model"]
     if weights:
@@ -311,7 +297,8 @@ def load_hub(folder: Path, *, device: str = "auto", weights: str | None = None, 
         backbone = create_backbone(spec["name"], pretrained=True)
     else:
         backbone = create_backbone(spec["name"], weights=folder / BACKBONE)
-    model = HiddenPositivesModel(backbone.embed_dim, sizes["dim"], sizes["n_classes"], sizes.get("dropout", 0.1))
+    with torch.random.fork_rng(devices=[]):  # the initial values are overwritten: leave the caller's RNG be
+        model = HiddenPositivesModel(backbone.embed_dim, sizes["dim"], sizes["n_classes"], sizes.get("dropout", 0.1))
     try:
         model.load_state_dict(load_file(str(folder / HEADS)))
     except (OSError, RuntimeError) as error:
@@ -325,9 +312,25 @@ def load_hub(folder: Path, *, device: str = "auto", weights: str | None = None, 
         source = str(mapping)
     torch_device = resolve_device(device)
     tiling = Tiling.create(config["tiling"]["size"] if size is None else size, window, backbone.patch_size)
-    return Segmenter(model.to(torch_device), backbone.to(torch_device), class_names=config["class_names"],
+    return Segmenter(model.to(torch_device).eval(), backbone.to(torch_device), class_names=config["class_names"],
                      tiling=tiling, device=torch_device, cluster_to_class=cluster_to_class, mapping_source=source,
-                     checkpoint=label or str(folder), batch_size=batch_size)
+                     checkpoint=label or str(folder), batch_size=batch_size, crf=crf)
+
+
+def load(checkpoint: str | Path, device: str = "auto", weights: str | None = None, *,
+         mapping: str | Path | None = None, crf: bool = False, size: int | None = None, window: int | None = None,
+         batch_size: int = 8) -> Segmenter:
+    """``hpseg.load``: :func:`hpseg.inference.segmenter.load` (its arguments), and a hub folder.
+
+    ``checkpoint`` may also be a folder written by ``hpseg export --format hub`` or
+    ``"hf://owner/name[@revision]"`` (that folder on the Hugging Face Hub, through its cache);
+    ``mapping="auto"`` then uses the mapping stored in it.
+    """
+    options = {"mapping": mapping, "crf": crf, "size": size, "window": window, "batch_size": batch_size}
+    folder = hub_folder(checkpoint)
+    if folder is None:
+        return load_checkpoint(checkpoint, device, weights, **options)
+    return load_hub(folder, device=device, weights=weights, label=str(checkpoint), **options)
 
 
 # ---------------------------------------------------------------------------------------- pushing

@@ -4,7 +4,7 @@
     model = OnnxSegmenter("model.onnx")
     labels = model.segment(Image.open("photo.jpg"))        # (H, W) int64, as `hpseg predict`
 
-The geometry is ``hpseg predict``'s (see :mod:`hpseg.predict`): resize the shorter side to
+The geometry is ``hpseg predict``'s (see :mod:`hpseg.inference.tiling`): resize the shorter side to
 ``size`` (bilinear, antialiased, rounded to uint8), pad bottom/right by repeating edge pixels to
 whole patches, slide square windows with a stride of about two thirds of a window, average the
 patch logits where windows overlap, resample them bilinearly to the input's own resolution and
@@ -31,7 +31,7 @@ __all__ = ["OnnxSegmenter", "OnnxTiling"]
 
 @dataclass(frozen=True)
 class OnnxTiling:
-    """``hpseg.predict.Tiling`` without torch: shorter side ``size`` (0 = keep), square windows
+    """``hpseg.inference.tiling.Tiling`` without torch: shorter side ``size`` (0 = keep), square windows
     of ``window`` pixels (0 = whole image), backbone patch ``patch``."""
 
     size: int
@@ -80,7 +80,7 @@ def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _source(n_out: int, n_in: int, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bilinear source indices and weights, align_corners=False (as hpseg.predict)."""
+    """Bilinear source indices and weights, align_corners=False (as hpseg.inference.tiling)."""
     src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
@@ -123,7 +123,7 @@ def to_rgb_array(image: Any) -> np.ndarray:
 
 class OnnxSegmenter:
     """An exported hpseg model, with the same ``segment`` / ``label_names`` interface as
-    :class:`hpseg.api.Segmenter` (so ``hpseg predict --onnx`` runs through the same code).
+    :class:`hpseg.inference.segmenter.Segmenter` (so ``hpseg predict --onnx`` runs through the same code).
 
     Attributes: ``info`` (the model's metadata), ``class_names``, ``cluster_to_class``,
     ``n_clusters``, ``mapping_source``, ``tiling``, ``batch_size``, ``checkpoint`` (the .onnx path).
@@ -162,6 +162,7 @@ class OnnxSegmenter:
         self.mapping_source = self.info["mapping_source"] if self.cluster_to_class is not None else None
         self.checkpoint = str(path)
         self.batch_size = batch_size
+        self.crf = False  # the dense CRF is not part of the graph
 
     def label_names(self, head: str = "cluster") -> list[str]:
         """Names of the ids :meth:`segment` returns for ``head``."""

@@ -4,8 +4,8 @@
 - ``probes``: cluster and linear probes;  ``model``: all trainable parts in one module
 - ``pools``: reference pools;  ``positives``: global hidden positives and contrast sets
 - ``local_positives``: attention processing and 3x3 propagation (LHP)
-- ``losses``: the GHP + LHP loss (chunked) and the consistency loss
-- ``triton_kernels``: the GHP + LHP loss's pair work as fused GPU kernels (used by ``losses`` on CUDA)
+- ``loss``: the GHP + LHP loss by backend (torch path: CPU, sparse, dense; Triton kernels on CUDA),
+  its dense reference definition, and the consistency loss
 - ``schedule``: the lambda schedule
 """
 
@@ -17,7 +17,7 @@ from hpseg.method.local_positives import (
     neighbourhood_counts,
     propagate_to_neighbours,
 )
-from hpseg.method.losses import consistency_loss, hidden_positive_loss
+from hpseg.method.loss import LossBackend, consistency_loss, hidden_positive_loss
 from hpseg.method.model import HiddenPositivesModel
 from hpseg.method.pools import collect_pool, one_patch_per_image
 from hpseg.method.positives import (
@@ -38,6 +38,7 @@ __all__ = [
     "HiddenPositivesModel",
     "IndependentContrastDraw",
     "LinearProbe",
+    "LossBackend",
     "PositiveMasks",
     "ProjectionHead",
     "SegmentationHead",

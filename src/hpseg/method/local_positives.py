@@ -1,7 +1,10 @@
 """Local hidden positives (LHP, spec §4): attention-weighted propagation to 3x3 neighbours.
 
 The last-block attention of the frozen backbone says which neighbours of a patch belong with
-it. Each patch keeps at most 9 weights (its 3x3 neighbourhood, itself included), so we store
+it. Its input is the attention *scores before the softmax* (q·kᵀ/√d), as the reference's
+``get_intermediate_feat`` returns them (``Backbone(..., with_attention=True).attention_scores``);
+fed the probabilities instead, the percentile clamp and softmax of steps 2-3 act on numbers
+around 1/T and the weights come out nearly uniform. Each patch keeps at most 9 weights (its 3x3 neighbourhood, itself included), so we store
 and use them as a (B, hw, 9) tensor instead of the (B, hw, hw) matrix that is mostly zeros.
 Neighbour k of patch (y, x) is (y + dy, x + dx) with (dy, dx) = NEIGHBOUR_OFFSETS[k].
 """
@@ -67,7 +70,8 @@ def attention_neighbour_weights(
     5. keep the 3x3 neighbourhood of each patch.
 
     Args:
-        attention: (B, heads, P + hw, P + hw) attention probabilities, prefix tokens first.
+        attention: (B, heads, P + hw, P + hw) last-block attention scores before the softmax
+            (q·kᵀ/√d), prefix tokens first.
         grid: (h, w) patch grid, h * w = hw.
     Returns:
         (B, hw, 9) float32 weights a_ij of neighbour k = NEIGHBOUR_OFFSETS[k]; 0 outside the grid.

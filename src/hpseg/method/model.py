@@ -35,13 +35,3 @@ class HiddenPositivesModel(nn.Module):
 
     def update_ema(self, momentum: float) -> None:
         ema_update_(self.ema_segmentation, self.segmentation, momentum)
-
-    @torch.no_grad()
-    def predict_clusters(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) -> (B, K, h, w) cluster cosine similarities (argmax = cluster id)."""
-        return self.cluster_probe.cosine(self.segmentation(features))
-
-    @torch.no_grad()
-    def predict_classes(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) -> (B, n_classes, h, w) linear-probe logits."""
-        return self.linear_probe(self.segmentation(features))

@@ -10,6 +10,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def centroid_scores(features: torch.Tensor, centroids: torch.Tensor, *, cosine: bool = True) -> torch.Tensor:
+    """(B, D, h, w) features and (K, D) centroids -> (B, K, h, w) scores of every centroid.
+
+    ``cosine=True``: cosine similarities ``<f/||f||, c_k/||c_k||>`` (the probe's loss, the CRF's
+    unaries). ``cosine=False``: ``<f, c_k/||c_k||>``, whose argmax over k is the same (``||f||``
+    does not depend on k) and which is linear in f, so it can be upsampled before the argmax
+    (label maps at full resolution, see :mod:`hpseg.inference.label_maps`). Computed in float32.
+    """
+    features = F.normalize(features.float(), dim=1) if cosine else features.float()
+    return torch.einsum("bdhw,kd->bkhw", features, F.normalize(centroids.float(), dim=1))
+
+
 class ClusterProbe(nn.Module):
     """K learnable centroids; a patch belongs to the centroid of highest cosine similarity.
 
@@ -21,20 +33,10 @@ class ClusterProbe(nn.Module):
         self.n_clusters = n_clusters
         self.centroids = nn.Parameter(torch.randn(n_clusters, dim))
 
-    def cosine(self, segmentation: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) -> (B, K, h, w) cosine similarity to every centroid."""
-        return torch.einsum(
-            "bdhw,kd->bkhw", F.normalize(segmentation.float(), dim=1), F.normalize(self.centroids.float(), dim=1)
-        )
-
     def loss(self, segmentation: torch.Tensor) -> torch.Tensor:
-        cosine = self.cosine(segmentation)
+        cosine = centroid_scores(segmentation, self.centroids)
         assigned = F.one_hot(cosine.argmax(1), self.n_clusters).permute(0, 3, 1, 2).to(cosine.dtype)
         return -(cosine * assigned).sum(1).mean()
-
-    def predict(self, segmentation: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) -> (B, h, w) cluster ids."""
-        return self.cosine(segmentation).argmax(1)
 
 
 class LinearProbe(nn.Module):

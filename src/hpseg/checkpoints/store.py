@@ -1,0 +1,71 @@
+"""hpseg checkpoints: atomic writes, safe loads (no arbitrary unpickling).
+
+A checkpoint is a dict of tensors and plain Python values:
+``format``, ``version``, ``kind`` ("last" | "best"), ``step``, ``config`` (the run's resolved
+config as a dict), ``backbone`` (name, weights, pretrained), ``model`` (state dict of
+:class:`hpseg.method.HiddenPositivesModel`), ``class_names``, ``metrics`` (validation metrics
+at that step, may be empty), ``selection`` (how it was chosen) and, for resuming, ``training``
+(optimisers, scaler, pools, random states, best score).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpseg.files import atomic_write
+
+FORMAT = "hpseg-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names the file and the problem."""
+
+
+def save_atomic(payload: Any, path: str | Path) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
+    with atomic_write(path) as stream:
+        torch.save(payload, stream)
+    return Path(path)
+
+
+def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path}: refused to load — it holds Python objects beyond tensors and plain values "
+            f"(only weights-only checkpoints are loaded, never arbitrary pickles): {error}"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or not a checkpoint): {error}") from None
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load an hpseg checkpoint and check its format."""
+    return check_format(read_torch_file(path, map_location), path)
+
+
+def is_hpseg_checkpoint(payload: Any) -> bool:
+    """Whether a loaded file carries hpseg's format marker."""
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def check_format(payload: Any, path: str | Path) -> dict[str, Any]:
+    """``payload`` (the content of ``path``) if it is an hpseg checkpoint this version reads."""
+    if not is_hpseg_checkpoint(payload):
+        raise CheckpointError(
+            f"{path} is not an hpseg checkpoint (no format marker {FORMAT!r}); "
+            "a checkpoint of the authors' reference code can be converted with `hpseg import-checkpoint`"
+        )
+    if payload.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer hpseg (format version {payload['version']})")
+    return payload

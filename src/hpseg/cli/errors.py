@@ -1,0 +1,9 @@
+"""The command line's own error: a command given inputs it cannot work with."""
+
+from __future__ import annotations
+
+__all__ = ["UsageError"]
+
+
+class UsageError(ValueError):
+    """Arguments a command cannot work with; the message says which and what to do instead."""

@@ -1,0 +1,383 @@
+"""The ``hpseg`` command line: one subcommand per job, each a thin layer over the library.
+
+This module only parses arguments: each command imports what it runs inside its ``cmd_``
+function, so that ``hpseg --help`` and argument errors answer without importing torch (seconds).
+
+Output: a command's result goes to stdout; progress bars and notices go to stderr through the
+``hpseg`` logger (``--quiet``: warnings only, ``--verbose``: debug records too). Errors: hpseg's
+own errors (``CheckpointError``, ``BackboneWeightsError``, ``DatasetLayoutError``,
+``ImageReadError``, ...), the ``ValueError`` / ``RuntimeError`` hpseg raises about its inputs and
+the system's ``OSError`` print one line and exit with 2; anything else is unexpected and keeps
+its traceback (exit 1); ``--debug`` shows the traceback of every error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+from types import TracebackType
+
+from hpseg import __version__
+from hpseg.cli import export as export_commands  # argparse only at import: the parser stays torch-free
+from hpseg.logs import configure_logging
+
+#: Exit status of a failure hpseg explains in one line, and of an unexpected one.
+USER_ERROR, UNEXPECTED_ERROR = 2, 1
+
+
+def _config_from(args: argparse.Namespace):
+    from hpseg.config import load_preset
+
+    config = load_preset(args.preset)
+    overrides = list(args.overrides)
+    if getattr(args, "data_root", None):
+        overrides.insert(0, f"data.root={args.data_root}")
+    if getattr(args, "backbone", None):
+        overrides.insert(0, f"backbone.name={args.backbone}")
+    if getattr(args, "weights", None):
+        overrides.insert(0, f"backbone.weights={args.weights}")
+    if getattr(args, "random_backbone", False):
+        overrides.insert(0, "backbone.pretrained=false")
+    return config.override(overrides)
+
+
+def _add_backbone_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", help="backbone name (see `hpseg backbones`)")
+    p.add_argument("--weights", help="local backbone weights file")
+    p.add_argument("--random-backbone", action="store_true", help="randomly initialised backbone (no weights)")
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="cocostuff27", help="shipped preset name or a YAML file (default: cocostuff27)")
+    parser.add_argument("--data-root", help="dataset root directory (data.root)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.batch_size=16")
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from hpseg.backbones import format_backbone_table
+
+    print(format_backbone_table())
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from hpseg.data import build_raw_dataset, prepare_five_crops
+
+    config = _config_from(args)
+    if args.out:
+        config.data.prepared_dir = args.out
+    raw = build_raw_dataset(config.data.dataset, config.data.root, "train", n_classes=config.method.n_classes,
+                            skip_bad_images=config.data.skip_bad_images)
+    out = prepare_five_crops(raw, config.data.prepared_path(), crop_size=config.data.crop_size)
+    print(f"five-crop training set of {len(raw)} images ready in {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hpseg.training.trainer import resume, train
+
+    # Under torchrun every rank runs this; only the first one talks.
+    is_main = os.environ.get("RANK", "0") == "0"
+    if args.resume:
+        run_dir = resume(args.resume, progress=not args.no_progress)
+    else:
+        config = _config_from(args)
+        if is_main:
+            print("resolved config:\n" + config.to_yaml())
+        run_dir = train(config, run_dir=args.run_dir, progress=not args.no_progress)
+    if is_main:
+        print(f"run written to {run_dir} (checkpoints/last.pt, checkpoints/best.pt when validated, metrics.jsonl)")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from hpseg.backbones import create_backbone
+    from hpseg.runtime import amp_dtype, resolve_device
+    from hpseg.training.cache import build_feature_cache, default_cache_dir, resolve_cache_dir
+
+    config = _config_from(args)
+    prepared = config.data.prepared_path()
+    out = Path(args.out) if args.out else resolve_cache_dir(config)
+    if out is None:
+        out = default_cache_dir(prepared, config.backbone.name)  # data.feature_cache=off: the default place
+    device = resolve_device(config.train.device)
+    backbone = create_backbone(config.backbone.name, weights=config.backbone.weights,
+                               pretrained=config.backbone.pretrained).to(device)
+    path = build_feature_cache(
+        backbone, prepared, out, sigma=config.method.sigma, batch_size=args.batch_size or config.train.batch_size,
+        device=device, amp_dtype=amp_dtype(config.train.amp, device), dtype=args.dtype,
+        num_workers=config.data.num_workers, weights_path=config.backbone.weights, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"feature cache ready in {path}")
+    if path.resolve() != default_cache_dir(prepared, config.backbone.name).resolve():
+        print(f"train from it with: hpseg train ... data.feature_cache={path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hpseg.evaluation.protocol import evaluate_checkpoint
+
+    report = evaluate_checkpoint(
+        args.checkpoint, data_root=args.data_root, out_dir=args.out, crf=args.crf, baseline=args.baseline,
+        device=args.device, weights=args.weights, max_images=args.max_images,
+    )
+    print(report["text"])
+    print(f"results written to {report['out_dir']}/results.json")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from hpseg.cli.predict import run_cli
+
+    return run_cli(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hpseg.cli.demo import run_cli
+
+    return run_cli(args)
+
+
+def cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    from hpseg.checkpoints.reference import import_reference_checkpoint
+
+    summary = import_reference_checkpoint(args.reference, args.out, dataset=args.dataset, backbone=args.backbone,
+                                          data_root=args.data_root)
+    print(f"converted {args.reference} ({summary['backbone']}, D={summary['dim']}, {summary['n_classes']} classes, "
+          f"dataset {summary['dataset']}) to {summary['checkpoint']}; backbone weights in {summary['weights']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hpseg.cli.export import run_export
+
+    return run_export(args)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from hpseg.cli.export import run_push
+
+    return run_push(args)
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from hpseg.cli.app import run_cli
+
+    return run_cli(args)
+
+
+def _add_use_elsewhere_commands(sub: argparse._SubParsersAction) -> None:
+    """``export``, ``push`` and ``app``: using a trained segmenter outside this repository."""
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or to a Hugging Face Hub folder")
+    export_commands.add_export_arguments(p)
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("push", help="upload a hub folder to the Hugging Face Hub (your token)")
+    export_commands.add_push_arguments(p)
+    p.set_defaults(run=cmd_push)
+
+    p = sub.add_parser("app", help="a local web app to segment images (pip install 'hpseg[app]')")
+    p.add_argument("--checkpoint", required=True, help="checkpoint, hub folder or hf://owner/name[@revision]")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--mapping", metavar="RESULTS_JSON", help="cluster->class mapping (default: as hpseg predict)")
+    p.add_argument("--no-mapping", action="store_true", help="show raw cluster ids")
+    p.add_argument("--size", type=int, default=None, help="shorter side images are resized to")
+    p.add_argument("--window", type=int, default=None, help="sliding-window side")
+    p.add_argument("--weights", help="local backbone weights file")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=cmd_app)
+
+
+def _add_output_arguments(parser: argparse.ArgumentParser, default: object) -> None:
+    """--quiet / --verbose / --debug, accepted before the command and after it; on the
+    subcommands the default is ``argparse.SUPPRESS`` so an option given before is kept."""
+    group = parser.add_argument_group("output")
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+                       help="warnings and results only: no progress bars, no notices")
+    group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
+                       help="also debug records")
+    group.add_argument("--debug", action="store_true", default=default, help="show the traceback of every error")
+
+
+def _add_no_progress(parser: argparse.ArgumentParser) -> None:
+    # Kept for existing scripts: progress bars follow the log level, so this is --quiet.
+    parser.add_argument("--no-progress", dest="verbosity", action="store_const", const=-1, default=argparse.SUPPRESS,
+                        help="same as --quiet")
+
+
+def _add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``hpseg demo`` arguments; the settings left out keep :class:`hpseg.cli.demo.DemoSettings`'
+    defaults (defined there, not imported here: the demo module imports torch)."""
+    p.add_argument("--out", default="hpseg-demo", help="output folder (default: hpseg-demo/)")
+    p.add_argument("--steps", type=int, help="training steps (default: 300 on the random tiny ViT, 150 on DINO)")
+    p.add_argument("--seed", type=int, help="seed of the data, the training and the baseline (default 0)")
+    p.add_argument("--weights", help="DINO backbone weights file (default: the official dino_vits16 weights if "
+                                     "cached, else a random tiny ViT)")
+    p.add_argument("--backbone", help="backbone name (default dino_vits16 with weights, vit_tiny_p8 without)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--image-size", type=int, help="synthetic image side (default: 8 patches, 64 px on vit_tiny_p8)")
+    p.add_argument("--crop-size", type=int, help="training crop side (default: 4 patches, 32 px on vit_tiny_p8)")
+    p.add_argument("--n-train", type=int, help="synthetic training images")
+    p.add_argument("--n-val", type=int, help="synthetic validation images")
+    p.add_argument("--n-classes", type=int, help="synthetic classes (= clusters)")
+    p.add_argument("--batch-size", type=int, help="training crops per step")
+    _add_no_progress(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpseg", description="Unsupervised semantic segmentation with Hidden Positives.")
+    parser.add_argument("--version", action="version", version=f"hpseg {__version__}")
+    _add_output_arguments(parser, default=None)
+    parser.set_defaults(verbosity=0, debug=False)
+    output = argparse.ArgumentParser(add_help=False)
+    _add_output_arguments(output, default=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=lambda **kwargs: argparse.ArgumentParser(parents=[output], **kwargs))
+
+    p = sub.add_parser("backbones", help="list the supported backbones")
+    p.set_defaults(run=cmd_backbones)
+
+    p = sub.add_parser("prepare", help="cut the training set into five crops (offline step of the protocol)")
+    _add_config_arguments(p)
+    p.add_argument("--out", help="output directory (default: <data-root>/hpseg_prepared/train_<crop>)")
+    _add_no_progress(p)
+    p.set_defaults(run=cmd_prepare)
+
+    p = sub.add_parser("train", help="train HP on a prepared dataset")
+    _add_config_arguments(p)
+    _add_backbone_arguments(p)
+    p.add_argument("--run-dir", help="run directory (default: <train.output_dir>/<dataset>-<backbone>-<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("cache", help="precompute the frozen backbone's features of the training crops (optional)")
+    _add_config_arguments(p)
+    _add_backbone_arguments(p)
+    p.add_argument("--out", help="cache directory (default: data.feature_cache, else "
+                                 "<prepared dir>/feature_cache/<backbone>, where `hpseg train` looks)")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="storage of the features (default float16: half the size)")
+    p.add_argument("--batch-size", type=int, default=0, help="crops per backbone pass (default: train.batch_size)")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache built for another backbone / data / sigma")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=cmd_cache)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint (unsupervised and linear accuracy / mIoU)")
+    p.add_argument("checkpoint", help="checkpoint file (a run's checkpoints/best.pt or last.pt)")
+    p.add_argument("--data-root", help="dataset root, when it moved since training")
+    p.add_argument("--out", help="output directory (default: <run>/eval-<name>[-crf] for a run's checkpoints/<name>.pt, "
+                                 "eval-<name>[-crf] beside any other checkpoint)")
+    p.add_argument("--crf", action="store_true", help="refine with a dense CRF (pip install 'hpseg[crf]')")
+    p.add_argument("--baseline", action="store_true", help="also evaluate k-means / linear probe on raw backbone features")
+    p.add_argument("--weights", help="local backbone weights file (overrides the checkpoint's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-images", type=int, default=0, help="evaluate on the first N validation images only")
+    _add_no_progress(p)
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("predict", help="segment your own images (files, folders, globs) with a checkpoint")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
+    p.add_argument("--checkpoint", help="hpseg checkpoint, authors' reference checkpoint, hub folder or "
+                                        "hf://owner/name[@revision]")
+    p.add_argument("--onnx", metavar="MODEL", help="segment with a model of `hpseg export --format onnx` "
+                                                   "(onnxruntime, instead of --checkpoint)")
+    p.add_argument("--out", required=True, help="output folder (labels/, overlays/, figures/, predictions.json)")
+    p.add_argument("--head", choices=("cluster", "linear"), default="cluster",
+                   help="cluster probe (unsupervised, default) or linear probe (trained with labels)")
+    p.add_argument("--mapping", metavar="RESULTS_JSON",
+                   help="cluster->class mapping: the results.json of `hpseg eval` (default: the evaluation of this "
+                        "checkpoint beside it, <run>/eval-<name>[-crf]/results.json, when there is one; with "
+                        "--crf a CRF evaluation first)")
+    p.add_argument("--no-mapping", action="store_true", help="write raw cluster ids even when a mapping exists")
+    p.add_argument("--figure", action="store_true", help="also write image | segmentation panels with a legend")
+    p.add_argument("--crf", action="store_true", help="refine with the dense CRF (pip install 'hpseg[crf]')")
+    p.add_argument("--size", type=int, default=None,
+                   help="resize the shorter side to this many pixels (default: the checkpoint's data.val_size; "
+                        "0 = keep each image's size)")
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding-window side in pixels (default: --size; 0 = whole image in one pass)")
+    p.add_argument("--weights", help="local backbone weights file (overrides the checkpoint's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    _add_no_progress(p)
+    p.set_defaults(run=cmd_predict)
+
+    p = sub.add_parser("demo", help="train and evaluate HP on synthetic data on the CPU, no data or network needed")
+    _add_demo_arguments(p)
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("import-checkpoint", help="convert a checkpoint of the authors' reference code")
+    p.add_argument("reference", help="the reference's .pth file (net_model_state_dict, linear_model_state_dict, ...)")
+    p.add_argument("--out", required=True, help="hpseg checkpoint to write (backbone weights go beside it)")
+    p.add_argument("--dataset", choices=("cocostuff27", "cityscapes27", "potsdam3", "folder"),
+                   help="the dataset it was trained on: class names and preset (default: from the class count)")
+    p.add_argument("--backbone", help="backbone name (default: inferred from the weights' shapes)")
+    p.add_argument("--data-root", help="dataset root to record, for `hpseg eval`")
+    p.set_defaults(run=cmd_import_checkpoint)
+    _add_use_elsewhere_commands(sub)
+    return parser
+
+
+def _innermost_module(trace: TracebackType | None) -> str:
+    """The module of the function that raised (the last frame of the traceback)."""
+    if trace is None:
+        return ""
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    return str(trace.tb_frame.f_globals.get("__name__", ""))
+
+
+def _in_hpseg(module: str) -> bool:
+    return module == "hpseg" or module.startswith("hpseg.")
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error``'s message is written for users, so that one line says it all.
+
+    True for hpseg's own error classes, for a ``ValueError`` / ``RuntimeError`` raised by hpseg's
+    code (its checks of configs, arguments and files) and for the system's ``OSError`` (missing
+    file, full disk, permissions: the message names the file). False for anything else, e.g. a
+    ``RuntimeError`` raised inside torch or a ``KeyError``: a bug, whose traceback is needed.
+    """
+    if any(_in_hpseg(cls.__module__) for cls in type(error).__mro__):
+        return True
+    if isinstance(error, OSError):
+        return True
+    return isinstance(error, (ValueError, RuntimeError)) and _in_hpseg(_innermost_module(error.__traceback__))
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow options (argparse stops collecting positionals at the first option).
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    configure_logging(args.verbosity)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("hpseg: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the command line's last word on every failure
+        expected = is_user_error(error)
+        if args.debug or not expected:
+            traceback.print_exc()
+        print(f"hpseg {args.command}: error: {error}", file=sys.stderr)
+        return USER_ERROR if expected else UNEXPECTED_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

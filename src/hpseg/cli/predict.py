@@ -1,0 +1,302 @@
+"""``hpseg predict``: segment any images with a trained checkpoint.
+
+    hpseg predict photos/ more/*.jpg one.png --checkpoint run/checkpoints/best.pt --out preds/
+
+The geometry (resize, pad, tile, average, upsample) is :mod:`hpseg.inference.tiling`'s.
+
+Outputs in ``--out`` (paths mirror the inputs' paths relative to their common folder, so equal
+file names in different folders never collide)::
+
+    labels/<rel>.png     index PNG: pixel value = class id (with a cluster->class mapping or the
+                         linear head) or cluster id, palette colours; 255 = unmatched cluster
+    overlays/<rel>.png   colour overlay on the image
+    figures/<rel>.png    with --figure: image | segmentation, legend of the labels present
+    predictions.json     what the values mean (names, colours), checkpoint, settings, files, skips
+
+Every file is written atomically (temporary file + rename); an image that fails leaves no file.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from hpseg.cli.errors import UsageError
+from hpseg.data import ImageReadError, read_image
+from hpseg.data.images import IMAGE_SUFFIXES
+from hpseg.export.hub import load
+from hpseg.export.runtime import OnnxSegmenter
+from hpseg.files import write_json_atomic
+from hpseg.inference.crf import require_crf
+from hpseg.inference.segmenter import Segmenter, check_head
+from hpseg.logs import progress_bar
+from hpseg.visualize import index_png, overlay, palette, save_image_atomic, segmentation_figure
+
+__all__ = ["collect_images", "predict_paths"]
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+def _has_magic(text: str) -> bool:
+    return glob.has_magic(text)
+
+
+def _glob_base(pattern: str) -> Path:
+    """The folder part of a glob pattern before its first wildcard component."""
+    parts = Path(pattern).parts
+    fixed: list[str] = []
+    for part in parts[:-1]:
+        if _has_magic(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _walk_images(folder: Path, exclude: Path | None) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames
+            if not d.startswith(".") and (exclude is None or not _is_within(here / d, exclude))
+        )
+        for name in sorted(filenames):
+            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
+                found.append(here / name)
+    return found
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass
+class ImageJob:
+    """One input file and the path of its outputs relative to ``--out`` (no suffix)."""
+
+    path: Path
+    relative: Path
+
+
+def collect_images(inputs: Sequence[str], exclude: str | Path | None = None) -> tuple[list[ImageJob], list[tuple[str, str]]]:
+    """Expand files, folders (recursively) and glob patterns into images to segment.
+
+    Output names are the files' paths relative to the common folder of all inputs (a folder
+    argument counts as its own folder, a glob as its folder before the first wildcard), without
+    the suffix; files that differ only in their suffix keep it (``a.jpg`` -> ``a.jpg``,
+    ``a.png`` -> ``a.png``). Files under ``exclude`` (the output folder) are left out.
+    Returns (jobs in input order, without duplicates; problems as (argument, reason)).
+    """
+    exclude_path = Path(exclude) if exclude is not None else None
+    problems: list[tuple[str, str]] = []
+    found: list[tuple[Path, Path]] = []  # (file, base folder)
+    for argument in inputs:
+        path = Path(argument)
+        if _has_magic(argument) and not path.exists():
+            matches = sorted(glob.glob(argument, recursive=True))
+            files = []
+            for match in matches:
+                m = Path(match)
+                if m.is_dir():
+                    files.extend(_walk_images(m, exclude_path))
+                elif not m.name.startswith("."):
+                    files.append(m)
+            if not files:
+                problems.append((argument, "the pattern matches no image"))
+            base = _glob_base(argument)
+            found.extend((f, base) for f in files)
+        elif path.is_dir():
+            files = _walk_images(path, exclude_path)
+            if not files:
+                problems.append((argument, f"no images ({', '.join(IMAGE_SUFFIXES)}) in this folder"))
+            found.extend((f, path) for f in files)
+        elif path.exists():
+            found.append((path, path.parent))
+        else:
+            problems.append((argument, "no such file or folder"))
+
+    unique: list[tuple[Path, Path]] = []
+    seen: set[Path] = set()
+    for file, base in found:
+        if exclude_path is not None and _is_within(file, exclude_path):
+            continue
+        key = file.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append((file, base))
+    if not unique:
+        return [], problems
+    bases = [os.path.abspath(base) for _, base in unique]
+    root = Path(os.path.commonpath(bases))
+    relatives = [Path(os.path.relpath(os.path.abspath(file), root)) for file, _ in unique]
+    stems: dict[Path, int] = {}
+    for rel in relatives:
+        stems[rel.with_suffix("")] = stems.get(rel.with_suffix(""), 0) + 1
+    jobs = []
+    for (file, _), rel in zip(unique, relatives):
+        out = rel.with_suffix("") if stems[rel.with_suffix("")] == 1 else rel
+        jobs.append(ImageJob(file, out))
+    return jobs, problems
+
+
+# ---------------------------------------------------------------------------------------- outputs
+
+
+def _write_outputs(out: Path, job: ImageJob, image: Image.Image, labels: np.ndarray, names: Sequence[str],
+                   figure: bool, alpha: float) -> dict[str, str]:
+    """Write one image's files atomically; on any failure remove the ones already written."""
+    rel = job.relative.as_posix()
+    targets = {"labels": out / "labels" / f"{rel}.png", "overlay": out / "overlays" / f"{rel}.png"}
+    if figure:
+        targets["figure"] = out / "figures" / f"{rel}.png"
+    written: list[Path] = []
+    try:
+        index_png(labels, targets["labels"])
+        written.append(targets["labels"])
+        save_image_atomic(overlay(image, labels, alpha=alpha), targets["overlay"])
+        written.append(targets["overlay"])
+        if figure:
+            save_image_atomic(segmentation_figure(image, labels, names), targets["figure"])
+            written.append(targets["figure"])
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return {key: str(path) for key, path in targets.items()}
+
+
+def _summary(segmenter: Segmenter | OnnxSegmenter, checkpoint: str | Path, head: str, names: list[str], records: list[dict[str, Any]],
+             skipped: list[dict[str, str]]) -> dict[str, Any]:
+    """``predictions.json``: what the values mean, the settings, the files written and skipped."""
+    colours = palette(len(names))
+    return {
+        "checkpoint": str(checkpoint),
+        "head": head,
+        "values": ("class ids" if head == "linear" or segmenter.cluster_to_class is not None else "cluster ids")
+                  + "; 255 in the index PNGs = unmatched cluster",
+        "mapping": segmenter.mapping_source,
+        "labels": [{"id": i, "name": name, "colour": [int(c) for c in colours[i]]} for i, name in enumerate(names)],
+        "crf": segmenter.crf,
+        "size": segmenter.tiling.size,
+        "window": segmenter.tiling.window,
+        "succeeded": len(records),
+        "images": records,
+        "skipped": skipped,
+    }
+
+
+# ---------------------------------------------------------------------------------------- the job
+
+
+def _jobs_or_fail(inputs: Sequence[str], out: Path) -> tuple[list[ImageJob], list[dict[str, str]]]:
+    """The images to segment and the arguments skipped (logged); UsageError when there is none."""
+    jobs, problems = collect_images(inputs, exclude=out)
+    skipped = [{"path": argument, "reason": reason} for argument, reason in problems]
+    for entry in skipped:
+        logger.warning("skipping %s: %s", entry["path"], entry["reason"])
+    if not jobs:
+        raise UsageError("no images to segment in " + ", ".join(map(str, inputs)))
+    return jobs, skipped
+
+
+def _segment_all(segmenter: Segmenter | OnnxSegmenter, jobs: list[ImageJob], out: Path, head: str, names: list[str], figure: bool,
+                 alpha: float, skipped: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Segment and write every job; unreadable files are logged and added to ``skipped``."""
+    records = []
+    for job in progress_bar(jobs, logger, desc="predict", unit="image", dynamic_ncols=True):
+        try:
+            image = read_image(job.path)
+        except ImageReadError as error:
+            skipped.append({"path": str(job.path), "reason": str(error)})
+            logger.warning("skipping %s: %s", job.path, error)
+            continue
+        labels = segmenter.segment(image, head=head)
+        files = _write_outputs(out, job, image, labels, names, figure, alpha)
+        records.append({"input": str(job.path), "size": [image.height, image.width], **files})
+    return records
+
+
+def predict_paths(
+    inputs: Sequence[str],
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    head: str = "cluster",
+    crf: bool = False,
+    figure: bool = False,
+    mapping: str | Path | None = "auto",
+    size: int | None = None,
+    window: int | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+    batch_size: int = 8,
+    alpha: float = 0.5,
+    onnx: str | Path | None = None,
+) -> dict[str, Any]:
+    """Segment the images named by ``inputs`` and write the outputs to ``out_dir``.
+
+    Returns the summary also written to ``out_dir/predictions.json`` (``succeeded``,
+    ``skipped`` [{path, reason}], ``labels`` [{id, name, colour}], settings). ``mapping="auto"``
+    uses an evaluation of the checkpoint found beside it, a CRF one first with ``crf``.
+    Unreadable files are reported and skipped; raises :class:`UsageError` when there is nothing
+    to segment, before loading the checkpoint. ``onnx``: segment with a model of ``hpseg export
+    --format onnx`` through onnxruntime instead (same geometry; its mapping and weights are in it).
+    """
+    check_head(head)
+    if crf:
+        require_crf()  # CRFUnavailableError (with the install hint) before any work
+    out = Path(out_dir)
+    jobs, skipped = _jobs_or_fail(inputs, out)
+    segmenter: Segmenter | OnnxSegmenter
+    if onnx:
+        segmenter = OnnxSegmenter(onnx, size=size, window=window, batch_size=batch_size,
+                                  use_mapping=mapping is not None)
+        checkpoint = onnx
+    else:
+        segmenter = load(checkpoint, device=device, weights=weights,
+                         mapping=(mapping if head == "cluster" else None), crf=crf, size=size, window=window,
+                         batch_size=batch_size)
+    names = segmenter.label_names(head)
+    if head == "cluster" and segmenter.cluster_to_class is None:
+        logger.info("labels are cluster ids 0..%d (no cluster->class mapping: run `hpseg eval` on this "
+                    "checkpoint, or pass --mapping results.json, to get class names)", segmenter.n_clusters - 1)
+    records = _segment_all(segmenter, jobs, out, head, names, figure, alpha, skipped)
+    summary = _summary(segmenter, checkpoint, head, names, records, skipped)
+    write_json_atomic(summary, out / "predictions.json")
+    return summary
+
+
+def run_cli(args: Any) -> int:
+    """``hpseg predict`` (see :func:`predict_paths`); exit status 1 when no image succeeded."""
+    if (args.checkpoint is None) == (args.onnx is None):
+        raise UsageError("give either --checkpoint or --onnx")
+    if args.onnx and (args.crf or args.mapping or args.weights):
+        raise UsageError("--crf, --mapping and --weights need --checkpoint: an ONNX model has its mapping and "
+                         "weights built in, and no CRF")
+    summary = predict_paths(
+        args.paths, args.checkpoint, args.out, head=args.head, crf=args.crf, figure=args.figure,
+        mapping=None if args.no_mapping else (args.mapping or "auto"), size=args.size, window=args.window,
+        weights=args.weights, device=args.device, batch_size=args.batch_size, onnx=args.onnx,
+    )
+    n_ok, n_bad = summary["succeeded"], len(summary["skipped"])
+    print(f"segmented {n_ok} image(s) into {args.out} (labels/, overlays/{', figures/' if args.figure else ''}; "
+          f"predictions.json says what the values mean)")
+    if n_bad:
+        print(f"skipped {n_bad}:")
+        for entry in summary["skipped"]:
+            print(f"  {entry['path']}: {entry['reason']}")
+    return 0 if n_ok > 0 else 1

@@ -1,0 +1,300 @@
+"""Evaluation (spec §8): unsupervised (Hungarian-matched cluster probe) and linear metrics,
+per-class IoU, confusion-matrix images, CRF on/off, and the k-means "DINO baseline".
+
+Results always say which checkpoint (and its selection rule), seed, config and CRF setting
+produced them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from hpseg.backbones import Backbone
+from hpseg.checkpoints.mapping import evaluation_dir
+from hpseg.checkpoints.trained import TrainedModel, load_trained
+from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
+from hpseg.data.errors import DatasetLayoutError
+from hpseg.evaluation.kmeans import kmeans
+from hpseg.evaluation.metrics import SegmentationMetrics
+from hpseg.files import write_json_atomic
+from hpseg.inference.crf import crf_refine_batch, require_crf
+from hpseg.inference.label_maps import kmeans_label_maps, label_maps
+from hpseg.logs import progress_bar
+from hpseg.method.model import HiddenPositivesModel
+from hpseg.runtime import DistributedContext, autocast
+from hpseg.visualize import confusion_image
+
+logger = logging.getLogger(__name__)
+
+METRIC_KEYS = ("unsupervised_accuracy", "unsupervised_miou", "linear_accuracy", "linear_miou")
+
+
+def validation_loader(dataset: Dataset, batch_size: int, num_workers: int, context: DistributedContext,
+                      max_images: int = 0) -> DataLoader:
+    """Sequential loader over (this rank's share of) the validation set."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if max_images > 0:
+        n = min(n, max_images)
+    indices = list(range(context.rank, n, context.world_size))
+    return DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def _summarise(cluster: SegmentationMetrics | None, linear: SegmentationMetrics | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for prefix, metrics in (("unsupervised", cluster), ("linear", linear)):
+        if metrics is None:
+            continue
+        metrics.all_reduce_()
+        result = metrics.compute()
+        out[f"{prefix}_accuracy"] = result["accuracy"]
+        out[f"{prefix}_miou"] = result["miou"]
+        out[f"{prefix}_iou"] = result["iou"]
+        out[f"{prefix}_confusion"] = result["confusion"].tolist()
+        if prefix == "unsupervised":
+            out["cluster_to_class"] = result["assignment"].tolist()
+        out["n_pixels"] = result["n_pixels"]
+    return out
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: HiddenPositivesModel,
+    backbone: Backbone,
+    batches: Iterable[dict[str, torch.Tensor]],
+    n_classes: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    crf: bool = False,
+) -> dict[str, Any]:
+    """Cluster (Hungarian) and linear accuracy / mIoU of ``model`` on validation batches.
+
+    ``batches`` yield dicts from :class:`hpseg.data.ValCrops`: image (B, 3, S, S), rgb uint8,
+    label (B, S, S). Returns fractions in [0, 1] under the keys of ``METRIC_KEYS`` plus per-class
+    IoU lists and matched confusion matrices.
+    """
+    was_training = model.training
+    model.eval()
+    cluster = SegmentationMetrics(n_classes, hungarian=True)
+    linear = SegmentationMetrics(n_classes, hungarian=False)
+    for batch in progress_bar(batches, logger, desc="evaluate", leave=False):
+        labels = batch["label"].to(device)
+        with autocast(device, amp_dtype):
+            features = backbone(batch["image"].to(device)).features
+        maps = label_maps(model, features.float(), tuple(labels.shape[-2:]), batch["rgb"] if crf else None)
+        cluster.update(maps.clusters.to(device), labels)
+        linear.update(maps.classes.to(device), labels)
+    model.train(was_training)
+    return _summarise(cluster, linear)
+
+
+def selection_score(results: dict[str, Any]) -> float:
+    """[ref quirk] The reference keeps the checkpoint with the best sum of the four metrics."""
+    return float(sum(results[key] for key in METRIC_KEYS))
+
+
+__all__ = ["METRIC_KEYS", "evaluate_model", "kmeans_label_maps", "selection_score", "validation_loader"]
+
+
+# ---------------------------------------------------------------------------- the DINO baseline
+
+
+@torch.no_grad()
+def _training_patches(backbone: Backbone, crops: Dataset, device: torch.device, amp_dtype: torch.dtype | None,
+                      max_patches: int, seed: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw backbone features of a random sample of training patches and their patch-centre labels.
+
+    Returns (M, C) features and (M,) labels (-1 where unlabelled).
+    """
+    order = torch.randperm(len(crops), generator=torch.Generator().manual_seed(seed)).tolist()  # type: ignore[arg-type]
+    features, labels = [], []
+    count = 0
+    loader = DataLoader(Subset(crops, order), batch_size=batch_size, shuffle=False)
+    for batch in loader:
+        with autocast(device, amp_dtype):
+            maps = backbone(batch["image"].to(device)).features.float()
+        height, width = maps.shape[-2:]
+        # the label at each patch's centre pixel
+        label = batch["label"][:, backbone.patch_size // 2 :: backbone.patch_size, backbone.patch_size // 2 :: backbone.patch_size]
+        features.append(maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]).cpu())
+        labels.append(label[:, :height, :width].reshape(-1))
+        count += features[-1].shape[0]
+        if count >= max_patches:
+            break
+    return torch.cat(features)[:max_patches], torch.cat(labels)[:max_patches]
+
+
+def fit_baseline(backbone: Backbone, crops: Dataset, n_classes: int, device: torch.device,
+                 amp_dtype: torch.dtype | None = None, *, seed: int = 0, max_patches: int = 200_000,
+                 linear_steps: int = 500) -> tuple[torch.Tensor, torch.nn.Module | None]:
+    """The paper's "DINO baseline": cosine k-means (K = n_classes) on raw features f of the
+    training crops, and a linear probe on f trained on their labels (None when unlabelled)."""
+    features, labels = _training_patches(backbone, crops, device, amp_dtype, max_patches, seed)
+    centroids, _ = kmeans(features.to(device), n_classes, seed=seed, cosine=True)
+    valid = (labels >= 0) & (labels < n_classes)
+    if not bool(valid.any()):
+        return centroids, None
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the probe's initialisation, without touching the caller's RNG
+        probe = torch.nn.Linear(features.shape[1], n_classes).to(device)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3)
+    x, y = features[valid].to(device), labels[valid].to(device)
+    # A fixed number of optimiser steps, not epochs: small datasets would otherwise get a handful.
+    for _ in range(linear_steps):
+        index = torch.randint(x.shape[0], (min(4096, x.shape[0]),), generator=generator).to(device)
+        loss = torch.nn.functional.cross_entropy(probe(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return centroids, probe.eval()
+
+
+@torch.no_grad()
+def evaluate_baseline(backbone: Backbone, centroids: torch.Tensor, probe: torch.nn.Module | None,
+                      batches: Iterable[dict[str, torch.Tensor]], n_classes: int, device: torch.device,
+                      amp_dtype: torch.dtype | None = None, crf: bool = False) -> dict[str, Any]:
+    """The same protocol as :func:`evaluate_model` on raw backbone features."""
+    cluster = SegmentationMetrics(n_classes, hungarian=True)
+    linear = SegmentationMetrics(n_classes, hungarian=False) if probe is not None else None
+    for batch in progress_bar(batches, logger, desc="baseline", leave=False):
+        labels = batch["label"].to(device)
+        size = (labels.shape[-2], labels.shape[-1])
+        with autocast(device, amp_dtype):
+            features = backbone(batch["image"].to(device)).features.float()
+        cluster.update(kmeans_label_maps(features, centroids, size, batch["rgb"] if crf else None).to(device), labels)
+        if linear is not None and probe is not None:
+            logits = probe(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            if crf:
+                classes = crf_refine_batch(batch["rgb"], logits).argmax(1)
+            else:
+                classes = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)
+            linear.update(classes.to(device), labels)
+    return _summarise(cluster, linear)
+
+
+# ---------------------------------------------------------------------------- hpseg eval
+
+
+def _per_class_table(results: dict[str, Any], class_names: list[str], prefix: str) -> list[dict[str, Any]]:
+    return [{"class": name, "iou": iou} for name, iou in zip(class_names, results[f"{prefix}_iou"])]
+
+
+def format_results(results: dict[str, Any], title: str) -> str:
+    """A short text table of the four headline numbers (percent)."""
+    lines = [title]
+    for key in METRIC_KEYS:
+        if key in results:
+            lines.append(f"  {key.replace('_', ' '):<24} {100 * results[key]:6.2f}")
+    return "\n".join(lines)
+
+
+def _validation_set(trained: TrainedModel) -> ValCrops:
+    """The labelled validation split of the checkpoint's dataset, at its validation size."""
+    data = trained.config.data
+    raw = build_raw_dataset(data.dataset, data.root, "val", n_classes=trained.config.method.n_classes,
+                            skip_bad_images=data.skip_bad_images)
+    if not raw.has_labels:
+        raise DatasetLayoutError(f"{raw.root}: the validation images have no labels, so there is nothing to "
+                                 "evaluate against")
+    return ValCrops(raw, size=data.val_size)
+
+
+def _hp_report(trained: TrainedModel, results: dict[str, Any], class_names: list[str], crf: bool,
+               n_images: int) -> dict[str, Any]:
+    """What ``results.json`` says about HP's results and the checkpoint that produced them."""
+    config = trained.config
+    return {
+        "checkpoint": str(trained.path),
+        "checkpoint_kind": trained.payload.get("kind"),
+        "selection": trained.payload.get("selection"),
+        "step": trained.checkpoint.step,
+        "seed": config.train.seed,
+        "crf": crf,
+        "dataset": config.data.dataset,
+        "backbone": config.backbone.name,
+        "backbone_weights": trained.weights_source,
+        "n_images": n_images,
+        "hp": {key: results[key] for key in METRIC_KEYS},
+        "hp_per_class_iou": {
+            "unsupervised": _per_class_table(results, class_names, "unsupervised"),
+            "linear": _per_class_table(results, class_names, "linear"),
+        },
+        "cluster_to_class": results["cluster_to_class"],
+        "config": config.to_dict(),
+    }
+
+
+def _baseline_report(trained: TrainedModel, batches: Callable[[], DataLoader], crf: bool) -> dict[str, Any]:
+    """The DINO baseline fitted on the training crops and scored like HP."""
+    config, n_classes, seed = trained.config, trained.config.method.n_classes, trained.config.train.seed
+    crops = TrainCrops(config.data.prepared_path(), with_augmented=False)
+    centroids, probe = fit_baseline(trained.backbone, crops, n_classes, trained.device, trained.amp_dtype, seed=seed)
+    base = evaluate_baseline(trained.backbone, centroids, probe, batches(), n_classes, trained.device,
+                             trained.amp_dtype, crf)
+    return {
+        "baseline": {key: base[key] for key in METRIC_KEYS if key in base},
+        "baseline_method": (f"cosine k-means (K={n_classes}, seed {seed}) and a linear probe on raw backbone "
+                            "features of the training crops"),
+    }
+
+
+def _write_results(report: dict[str, Any], results: dict[str, Any], class_names: list[str], out: Path) -> None:
+    """``results.json`` and the two confusion-matrix images."""
+    write_json_atomic(report, out / "results.json")
+    for prefix in ("unsupervised", "linear"):
+        confusion_image(torch.tensor(results[f"{prefix}_confusion"]).numpy(), class_names, out / f"confusion_{prefix}.png")
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    *,
+    data_root: str | None = None,
+    out_dir: str | Path | None = None,
+    crf: bool = False,
+    baseline: bool = False,
+    device: str = "auto",
+    weights: str | None = None,
+    max_images: int = 0,
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on its dataset's validation split and write the results.
+
+    Writes ``results.json`` (metrics, per-class IoU, checkpoint, selection rule, step, seed,
+    CRF, config) and confusion-matrix images into ``out_dir`` (default:
+    :func:`hpseg.checkpoints.mapping.evaluation_dir`, ``<run>/eval-<name>[-crf]`` for a run's
+    checkpoint, ``eval-<name>[-crf]`` beside any other). Returns the results dict with ``text``
+    (a summary table) and ``out_dir``.
+    """
+    if crf:
+        require_crf()  # fail before any work when the extra is missing
+    trained = load_trained(checkpoint, device, weights)
+    if data_root:
+        trained.config.data.root = data_root
+    validation = _validation_set(trained)
+    n_images = min(len(validation), max_images) if max_images else len(validation)
+
+    def batches() -> DataLoader:
+        return validation_loader(validation, batch_size, trained.config.data.num_workers, DistributedContext(),
+                                 max_images)
+
+    class_names = list(trained.payload.get("class_names") or validation.raw.class_names)
+    results = evaluate_model(trained.model, trained.backbone, batches(), trained.config.method.n_classes,
+                             trained.device, trained.amp_dtype, crf)
+    report = _hp_report(trained, results, class_names, crf, n_images)
+    text = [format_results(results, f"HP ({report['checkpoint_kind']} checkpoint, step {report['step']}, "
+                                    f"CRF {'on' if crf else 'off'})")]
+    if baseline:
+        report.update(_baseline_report(trained, batches, crf))
+        text.append(format_results(report["baseline"], "Baseline: k-means / linear probe on raw backbone features"))
+    out = Path(out_dir) if out_dir else evaluation_dir(trained.path, crf)
+    _write_results(report, results, class_names, out)
+    report["text"] = "\n".join(text)
+    report["out_dir"] = str(out)
+    return report

@@ -1,0 +1,54 @@
+"""Progress and notices through the standard :mod:`logging` module.
+
+Library code logs to ``logging.getLogger(__name__)`` (loggers under ``"hpseg"``) and shows
+progress bars with :func:`progress_bar`; it never prints. An application decides what is
+shown: the ``hpseg`` command calls :func:`configure_logging` (``--quiet`` / ``--verbose``);
+a user of the Python API sees nothing but warnings unless they configure logging themselves.
+Progress bars are shown exactly when the ``hpseg`` logger would show INFO records, so one
+switch controls both, with no ``progress`` flag threaded through the call chain.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+__all__ = ["TqdmHandler", "configure_logging", "progress_bar"]
+
+T = TypeVar("T")
+_ROOT = "hpseg"
+
+
+class TqdmHandler(logging.Handler):
+    """Writes records through ``tqdm.write`` so they do not break a running progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+
+def configure_logging(verbosity: int = 0) -> None:
+    """Show hpseg's records on stderr: -1 warnings only (``--quiet``), 0 INFO, 1 DEBUG (``--verbose``).
+
+    Idempotent: calling it again replaces the handler it installed.
+    """
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG if verbosity > 0 else logging.WARNING)
+    logger = logging.getLogger(_ROOT)
+    for handler in [h for h in logger.handlers if isinstance(h, TqdmHandler)]:
+        logger.removeHandler(handler)
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def progress_bar(iterable: Iterable[T], logger: logging.Logger, **kwargs: Any) -> Iterable[T]:
+    """``tqdm(iterable, **kwargs)``, shown only when ``logger`` would emit INFO records."""
+    return tqdm(iterable, disable=not logger.isEnabledFor(logging.INFO), file=sys.stderr, **kwargs)

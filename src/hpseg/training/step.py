@@ -1,0 +1,183 @@
+"""One HP training step (spec §6) as a function of tensors: the seam the trainer and the
+golden test of the reference's loop (tests/test_golden_steps.py) share.
+
+``training_step(learner, inputs, pools, contrast_draw, lmbd)``: f, LHP weights (and the
+photometric view's features) -> S, S' (EMA), s^mix -> z, z^mix -> GHP + LHP loss
+(+ α · consistency, + online probes) -> AdamW / Adam steps with gradient clipping on S -> EMA
+update. Everything random besides channel dropout (the contrast draw) comes in as an argument.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hpseg.config import Config, MethodConfig
+from hpseg.method import (
+    ContrastDraw,
+    HiddenPositivesModel,
+    consistency_loss,
+    hidden_positive_loss,
+    propagate_to_neighbours,
+    to_rows,
+)
+from hpseg.runtime import DistributedContext, autocast, average_gradients, make_grad_scaler
+from hpseg.training.features import StepInputs
+
+
+@dataclass
+class ReferencePools:
+    """The pools of spec §2: (P, C) task-agnostic, (P, D) task-specific, L2-normalised rows."""
+
+    agnostic: torch.Tensor
+    specific: torch.Tensor
+
+
+@dataclass
+class Learner:
+    """What a training step updates: the heads and probes, their optimisers and the grad scaler."""
+
+    model: HiddenPositivesModel
+    optimizers: dict[str, torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler
+    method: MethodConfig
+    grad_clip: float
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    context: DistributedContext
+
+
+def build_learner(config: Config, feature_dim: int, device: torch.device, amp_dtype: torch.dtype | None,
+                  context: DistributedContext | None = None) -> Learner:
+    """The model of a run with feature width C = ``feature_dim``, on ``device``, and its optimisers
+    (AdamW on S; Adam on P and on each probe, as the reference)."""
+    method, optim = config.method, config.optim
+    model = HiddenPositivesModel(feature_dim, method.dim, method.n_classes, method.dropout).to(device)
+    optimizers: dict[str, torch.optim.Optimizer] = {
+        "segmentation": torch.optim.AdamW(
+            model.segmentation.parameters(), lr=optim.head_lr, weight_decay=optim.head_weight_decay
+        ),
+        "projection": torch.optim.Adam(model.projection.parameters(), lr=optim.projection_lr),
+        "linear_probe": torch.optim.Adam(model.linear_probe.parameters(), lr=optim.linear_lr),
+        "cluster_probe": torch.optim.Adam(model.cluster_probe.parameters(), lr=optim.cluster_lr),
+    }
+    scaler = make_grad_scaler(config.train.grad_scaler, device, enabled=amp_dtype == torch.float16)
+    return Learner(model, optimizers, scaler, method, optim.grad_clip, device, amp_dtype,
+                   context or DistributedContext())
+
+
+@dataclass
+class _Embeddings:
+    """A step's forward pass: s (B, D, h, w), z and z^mix (N, D), f and s' rows as the loss uses them."""
+
+    segmentation: torch.Tensor
+    z: torch.Tensor
+    z_mix: torch.Tensor
+    agnostic_rows: torch.Tensor
+    specific_rows: torch.Tensor
+
+
+def _embed(model: HiddenPositivesModel, method: MethodConfig, inputs: StepInputs) -> _Embeddings:
+    features = inputs.features.float()
+    segmentation = model.segmentation(features)
+    with torch.no_grad():
+        # [ref quirk] S' sees channel dropout on its input like S (train mode).
+        model.ema_segmentation.train(method.similarity_dropout)
+        specific = model.ema_segmentation(features)
+    mixed = propagate_to_neighbours(segmentation, inputs.neighbour_weights)
+    agnostic = features
+    if method.similarity_dropout:
+        # [ref quirk] a further dropout draw on f, s' and s^mix as the losses use them.
+        agnostic = F.dropout2d(agnostic, method.dropout, training=True)
+        specific = F.dropout2d(specific, method.dropout, training=True)
+        mixed = F.dropout2d(mixed, method.dropout, training=True)
+    z = model.projection(to_rows(segmentation))
+    z_mix = model.projection(to_rows(mixed))
+    return _Embeddings(segmentation, z, z_mix, to_rows(agnostic.float()), to_rows(specific.float()))
+
+
+def _consistency(model: HiddenPositivesModel, method: MethodConfig, z: torch.Tensor,
+                 features_aug: torch.Tensor | None) -> torch.Tensor:
+    """Distance between z and the photometric view's projections (spec §5); 0 when α = 0."""
+    if method.alpha <= 0 or features_aug is None:
+        return torch.zeros((), device=z.device)
+    z_aug = model.projection(to_rows(model.segmentation(features_aug.float())))
+    return consistency_loss(z, z_aug)
+
+
+def _hidden_positive_loss(learner: Learner, embedded: _Embeddings, pools: ReferencePools, hw: int,
+                          contrast_draw: ContrastDraw, lmbd: float) -> torch.Tensor:
+    method, device, amp = learner.method, learner.device, learner.amp_dtype
+    return hidden_positive_loss(
+        embedded.z, embedded.z_mix, embedded.agnostic_rows, embedded.specific_rows, pools.agnostic, pools.specific,
+        patches_per_image=hw, contrast_draw=contrast_draw, lmbd=lmbd, tau=method.tau, tau_base=method.tau_base,
+        temperature_factor=method.temperature_factor, reweighting=method.reweighting,
+        chunk_size=method.chunk_size or None,
+        matmul_dtype=amp if device.type == "cuda" and amp else torch.float32,
+    )
+
+
+def _optimise(learner: Learner, total: torch.Tensor) -> torch.Tensor:
+    """Backward, gradient averaging across ranks, clipping of S's gradient, one step of every
+    optimiser. Returns the norm of S's gradient before clipping."""
+    model, scaler = learner.model, learner.scaler
+    for optimizer in learner.optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    average_gradients([p for p in model.parameters() if p.requires_grad], learner.context)
+    for optimizer in learner.optimizers.values():
+        scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.segmentation.parameters(), learner.grad_clip)
+    for optimizer in learner.optimizers.values():
+        scaler.step(optimizer)
+    scaler.update()
+    return grad_norm
+
+
+def training_step(learner: Learner, inputs: StepInputs, pools: ReferencePools, contrast_draw: ContrastDraw,
+                  lmbd: float) -> dict[str, float]:
+    """One step on a batch of B crops of an h × w patch grid (N = B·h·w patches).
+
+    Args:
+        inputs: f (B, C, h, w), LHP weights (B, h·w, 9), labels (B, H, W), photometric f (B, C, h, w) or None.
+        pools: the reference pools of this step.
+        contrast_draw: the random part of the contrast sets, for (h·w, N).
+        lmbd: λ of this step (``lambda_schedule``).
+    Returns:
+        ``loss`` (total), ``hp`` (GHP + LHP), ``consistency`` (before α), ``linear_probe``,
+        ``cluster_probe`` and ``grad_norm`` (S's gradient norm before clipping).
+    """
+    model, method = learner.model, learner.method
+    model.train()
+    hw = inputs.features.shape[-2] * inputs.features.shape[-1]
+    with autocast(learner.device, learner.amp_dtype):
+        embedded = _embed(model, method, inputs)
+        consistency = _consistency(model, method, embedded.z, inputs.features_aug)
+        detached = embedded.segmentation.detach().float()
+        linear = model.linear_probe.loss(detached, inputs.labels)
+        cluster = model.cluster_probe.loss(detached)
+    # The EMA follows S before this step's update, as in the reference.
+    model.update_ema(method.ema_momentum)
+    # Outside autocast: the loss picks its own product dtype and keeps softmax in float32.
+    hp = _hidden_positive_loss(learner, embedded, pools, hw, contrast_draw, lmbd)
+    total = hp + method.alpha * consistency + linear + cluster
+    grad_norm = _optimise(learner, total)
+    return {
+        "loss": total.item(), "hp": hp.item(), "consistency": consistency.item(),
+        "linear_probe": linear.item(), "cluster_probe": cluster.item(), "grad_norm": grad_norm.item(),
+    }
+
+
+def specific_pool_maps(model: HiddenPositivesModel, method: MethodConfig, features: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) backbone features -> (B, D, h, w) S' features as the task-specific pool takes them."""
+    head = model.ema_segmentation
+    head.train(method.similarity_dropout)
+    return pool_dropout(method, head(features.float()))
+
+
+def pool_dropout(method: MethodConfig, maps: torch.Tensor) -> torch.Tensor:
+    """[ref quirk] the reference fills its pools in training mode: the same channel dropout as the
+    similarity features of a step (similarity_dropout=False: clean features)."""
+    return F.dropout2d(maps, method.dropout, training=True) if method.similarity_dropout else maps

@@ -1,0 +1,392 @@
+"""The HP training loop (spec §6), readable in one sitting.
+
+    hpseg train --preset cocostuff27 --data-root DIR [key=value ...]
+
+The inputs of a step come from a :class:`~hpseg.training.features.FeatureSource` (the backbone
+or the feature cache); the step itself is :func:`hpseg.training.step.training_step`. Reference
+pools are built before the first step; the task-specific pool is renewed every
+``renew_interval`` steps (counted within the epoch, [ref quirk]). Validation every
+``val_interval`` steps (within the epoch) and at the end of every epoch keeps a ``best``
+checkpoint (sum of the four metrics, the reference's rule) beside ``last``;
+``--resume RUN_DIR`` continues from ``last`` as if never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpseg.backbones import Backbone, create_backbone
+from hpseg.checkpoints.store import FORMAT, VERSION, load_checkpoint, save_atomic
+from hpseg.config import Config
+from hpseg.data import DatasetLayoutError, ValCrops, build_raw_dataset
+from hpseg.evaluation.protocol import evaluate_model, selection_score, validation_loader
+from hpseg.logs import progress_bar
+from hpseg.method import (
+    ContrastDraw,
+    IndependentContrastDraw,
+    SharedContrastPattern,
+    collect_pool,
+    lambda_schedule,
+)
+from hpseg.runtime import DistributedContext, amp_dtype, init_distributed, resolve_device, seed_everything
+from hpseg.training.cache import open_feature_cache
+from hpseg.training.features import BackboneFeatures, FeatureSource, StepInputs, batch_seeds, epoch_batches
+from hpseg.training.step import (
+    ReferencePools,
+    build_learner,
+    pool_dropout,
+    specific_pool_maps,
+    training_step,
+)
+
+logger = logging.getLogger(__name__)
+# Ranks other than the first show no progress bar: their bars log through a logger that is off.
+_other_ranks = logging.getLogger(f"{__name__}.other_ranks")
+_other_ranks.setLevel(logging.WARNING)
+
+
+@dataclass
+class RunState:
+    """What changes during training besides weights and optimiser moments."""
+
+    step: int = 0
+    best_score: float = float("-inf")
+    best_step: int = -1
+    pools: ReferencePools | None = None
+
+
+def renews_pool_before(step: int, steps_per_epoch: int, interval: int, counter: str = "epoch") -> bool:
+    """Whether the task-specific pool is renewed before (0-based) ``step``.
+
+    counter="epoch" [ref quirk]: the step's index within its epoch is a non-zero multiple of
+    ``interval``; "global": the step itself is.
+    """
+    index = step % steps_per_epoch if counter == "epoch" else step
+    return index > 0 and index % interval == 0
+
+
+def validates_after(step: int, steps_per_epoch: int, interval: int, total_steps: int,
+                    at_epoch_end: bool = True) -> bool:
+    """Whether validation runs after the (1-based) ``step``-th step: every ``interval`` steps
+    counted within the epoch (as the reference), at the run's last step and, with
+    ``at_epoch_end`` [ref quirk], at every epoch's last step."""
+    within = (step - 1) % steps_per_epoch + 1
+    return within % interval == 0 or step == total_steps or (at_epoch_end and within == steps_per_epoch)
+
+
+class Trainer:
+    """Holds the model, optimisers and run state of one training run."""
+
+    def __init__(self, config: Config, run_dir: Path, *, backbone: Backbone | None = None,
+                 feature_source: FeatureSource | None = None) -> None:
+        self.config, self.run_dir = config, run_dir
+        self.device = resolve_device(config.train.device)
+        self.context: DistributedContext = init_distributed(self.device)
+        self.amp_dtype = amp_dtype(config.train.amp, self.device)
+        seed_everything(config.train.seed + self.context.rank)
+        self.backbone = backbone or create_backbone(
+            config.backbone.name, weights=config.backbone.weights, pretrained=config.backbone.pretrained
+        )
+        self.backbone.to(self.device)
+        self.features: FeatureSource = feature_source or self._default_feature_source()
+        self.class_names: list[str] = list(self.features.class_names)
+        self.learner = build_learner(config, self.backbone.embed_dim, self.device, self.amp_dtype, self.context)
+        self.model, self.optimizers, self.scaler = self.learner.model, self.learner.optimizers, self.learner.scaler
+        self.state = RunState()
+        self.pool_generator = torch.Generator().manual_seed(config.train.seed + 1)
+        self.contrast_generator = torch.Generator(device=self.device).manual_seed(config.train.seed + 2)
+
+        self.steps_per_epoch = len(self.features) // self.context.world_size // config.train.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{len(self.features)} training crops in {config.data.prepared_path()} are fewer than one batch "
+                f"of {config.train.batch_size} per rank: lower train.batch_size"
+            )
+        self.total_steps = config.train.max_steps or config.train.epochs * self.steps_per_epoch
+        self.validation = self._validation_set()
+
+    # ------------------------------------------------------------------ setup
+
+    def _default_feature_source(self) -> FeatureSource:
+        """The feature cache if ``data.feature_cache`` picks one (hpseg.training.cache), else the backbone."""
+        config = self.config
+        prepared = config.data.prepared_path()
+        with_augmented = config.method.alpha > 0
+        cached = open_feature_cache(
+            config.data.feature_cache, prepared, self.backbone, sigma=config.method.sigma,
+            with_augmented=with_augmented, device=self.device, amp_dtype=self.amp_dtype,
+            num_workers=config.data.num_workers,
+        )
+        return cached or BackboneFeatures(
+            self.backbone, str(prepared), with_augmented=with_augmented, sigma=config.method.sigma,
+            device=self.device, amp_dtype=self.amp_dtype, num_workers=config.data.num_workers,
+        )
+
+    def _validation_set(self) -> ValCrops | None:
+        """The labelled validation split, or None when it is missing or unlabelled; any other
+        problem with it (a damaged layout, an unreadable file ...) stops training."""
+        data = self.config.data
+        try:
+            raw = build_raw_dataset(data.dataset, data.root, "val", n_classes=self.config.method.n_classes,
+                                    skip_bad_images=data.skip_bad_images)
+        except DatasetLayoutError as error:
+            if error.path is None or error.path.exists():
+                raise
+            self._notice(f"no validation: {error}")
+            return None
+        if not raw.has_labels:
+            self._notice("no validation: the validation images have no labels")
+            return None
+        return ValCrops(raw, size=data.val_size)
+
+    def _notice(self, message: str) -> None:
+        if self.context.is_main:
+            logger.info(message)
+
+    def _pool_batches(self) -> list[list[int]]:
+        order = torch.randperm(len(self.features), generator=self.pool_generator).tolist()
+        size = self.config.train.batch_size
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    @torch.no_grad()
+    def build_agnostic_pool(self) -> torch.Tensor:
+        method = self.config.method
+        maps = (pool_dropout(method, f.float()) for f in self.features.feature_maps(self._pool_batches()))
+        return collect_pool(maps, method.pool_size, self.pool_generator).to(self.device)
+
+    @torch.no_grad()
+    def build_specific_pool(self) -> torch.Tensor:
+        method = self.config.method
+        maps = (specific_pool_maps(self.model, method, f) for f in self.features.feature_maps(self._pool_batches()))
+        return collect_pool(maps, method.pool_size, self.pool_generator).to(self.device)
+
+    # ------------------------------------------------------------------ one step
+
+    def contrast_draw(self, patches_per_image: int, n_patches: int) -> ContrastDraw:
+        """This step's random part of the contrast sets (``method.contrast_draw``)."""
+        method = self.config.method
+        if method.contrast_draw == "shared":
+            return SharedContrastPattern.draw(patches_per_image, n_patches, method.rho, self.contrast_generator,
+                                              self.device)
+        seed = int(torch.randint(2**31 - 1, (1,), generator=self.contrast_generator, device=self.device))
+        return IndependentContrastDraw(method.rho, seed, self.device)
+
+    def training_step(self, inputs: StepInputs, lmbd: float) -> dict[str, float]:
+        """The step of :func:`hpseg.training.step.training_step` with this run's pools and draws."""
+        assert self.state.pools is not None, "the reference pools are built before the first step"
+        features = inputs.features
+        hw = features.shape[-2] * features.shape[-1]
+        draw = self.contrast_draw(hw, features.shape[0] * hw)
+        return training_step(self.learner, inputs, self.state.pools, draw, lmbd)
+
+    # ------------------------------------------------------------------ loop
+
+    def _epoch_steps(self, epoch: int, position: int) -> Iterator[StepInputs]:
+        """The step inputs of ``epoch`` from batch ``position`` on (a resumed run starts mid-epoch)."""
+        train, context = self.config.train, self.context
+        batches = epoch_batches(len(self.features), train.batch_size, train.seed, epoch, context.rank,
+                                context.world_size)
+        seeds = batch_seeds(train.seed, epoch, len(batches), context.rank)
+        return self.features.steps(batches[position:], seeds[position:])
+
+    def fit(self) -> dict[str, Any]:
+        config, state = self.config, self.state
+        if state.pools is None:
+            self._notice("building reference pools ...")
+            agnostic = self.build_agnostic_pool()
+            state.pools = ReferencePools(agnostic, self.build_specific_pool())
+        metrics_file = self.run_dir / "metrics.jsonl"
+        writer = _tensorboard(self.run_dir) if self.context.is_main else None
+        bar_logger = logger if self.context.is_main else _other_ranks
+        bar = progress_bar(range(state.step, self.total_steps), bar_logger, total=self.total_steps, initial=state.step,
+                           desc="train", dynamic_ncols=True)
+        steps = None
+        started = time.time()
+        for step in bar:
+            epoch, position = divmod(step, self.steps_per_epoch)
+            if steps is None or position == 0:
+                steps = self._epoch_steps(epoch, position)
+            if renews_pool_before(step, self.steps_per_epoch, config.method.renew_interval,
+                                  config.method.renew_counter):
+                state.pools.specific = self.build_specific_pool()
+            lmbd = lambda_schedule(step, config.method.warmup, self.total_steps)
+            values = self.training_step(next(steps), lmbd)
+            state.step = step + 1
+            values.update(step=state.step, epoch=epoch, **{"lambda": lmbd}, seconds=round(time.time() - started, 3))
+            bar.set_postfix(loss=f"{values['loss']:.3f}", hp=f"{values['hp']:.3f}")
+            self._after_step(values, metrics_file, writer)
+        bar.close()
+        if writer is not None:
+            writer.close()
+        return {"steps": state.step, "best_step": state.best_step, "best_score": state.best_score}
+
+    def _after_step(self, values: dict[str, Any], metrics_file: Path, writer: Any) -> None:
+        """Log the step's values, validate and write ``last`` when their intervals say so."""
+        train, step = self.config.train, self.state.step
+        is_last = step == self.total_steps
+        if self.context.is_main and (step % train.log_interval == 0 or is_last):
+            _append_jsonl(metrics_file, values)
+            if writer is not None:
+                for key in ("loss", "hp", "consistency", "linear_probe", "cluster_probe", "lambda", "grad_norm"):
+                    writer.add_scalar(f"train/{key}", values[key], step)
+        if self.validation is not None and validates_after(step, self.steps_per_epoch, train.val_interval,
+                                                           self.total_steps, train.validate_at_epoch_end):
+            self.validate(metrics_file, writer)
+        if self.context.is_main and (step % train.checkpoint_interval == 0 or is_last):
+            self.save("last")
+
+    def validate(self, metrics_file: Path, writer: Any) -> dict[str, Any]:
+        assert self.validation is not None
+        loader = validation_loader(self.validation, batch_size=16, num_workers=self.config.data.num_workers,
+                                   context=self.context, max_images=self.config.train.val_max_images)
+        results = evaluate_model(self.model, self.backbone, loader, self.config.method.n_classes, self.device,
+                                 self.amp_dtype)
+        score = selection_score(results)
+        if self.context.is_main:
+            brief = {key: round(results[key], 4) for key in
+                     ("unsupervised_accuracy", "unsupervised_miou", "linear_accuracy", "linear_miou")}
+            _append_jsonl(metrics_file, {"step": self.state.step, "validation": brief})
+            self._notice(f"step {self.state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in brief.items()))
+            if writer is not None:
+                for key, value in brief.items():
+                    writer.add_scalar(f"val/{key}", value, self.state.step)
+            if score >= self.state.best_score:
+                self.state.best_score, self.state.best_step = score, self.state.step
+                self.save("best", metrics=results)
+        return results
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, kind: str, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        state, pools = self.state, self.state.pools
+        rng = {"torch": torch.get_rng_state(), "pool": self.pool_generator.get_state(),
+               "contrast": self.contrast_generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": FORMAT, "version": VERSION, "kind": kind, "step": state.step,
+            "selection": ("best sum of unsupervised and linear accuracy and mIoU on the validation set"
+                          if kind == "best" else "last step"),
+            "config": self.config.to_dict(),
+            "backbone": {"name": self.backbone.spec.name, "weights": self.config.backbone.weights,
+                         "pretrained": self.config.backbone.pretrained,
+                         # Which official file the name stood for (dino_vits8: the 300-epoch run).
+                         "official_weights": _official_source(self.backbone.spec, self.config.backbone)},
+            "class_names": self.class_names,
+            "model": self.model.state_dict(),
+            "metrics": _json_safe(metrics or {}),
+            "training": {
+                "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
+                "scaler": self.scaler.state_dict(),
+                "pool_agnostic": pools.agnostic if pools else None, "pool_specific": pools.specific if pools else None,
+                "best_score": state.best_score, "best_step": state.best_step,
+                "total_steps": self.total_steps, "rng": rng,
+            },
+        }
+
+    def save(self, kind: str, metrics: dict[str, Any] | None = None) -> Path:
+        return save_atomic(self.checkpoint(kind, metrics), self.run_dir / "checkpoints" / f"{kind}.pt")
+
+    def restore(self, payload: dict[str, Any]) -> None:
+        training = payload["training"]
+        self.model.load_state_dict(payload["model"])
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(training["optimizers"][name])
+        self.scaler.load_state_dict(training["scaler"])
+        self.state.step = int(payload["step"])
+        self.state.best_score, self.state.best_step = float(training["best_score"]), int(training["best_step"])
+        self.state.pools = ReferencePools(training["pool_agnostic"].to(self.device),
+                                          training["pool_specific"].to(self.device))
+        rng = training["rng"]
+        torch.set_rng_state(rng["torch"])
+        self.pool_generator.set_state(rng["pool"])
+        self.contrast_generator.set_state(rng["contrast"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def _append_jsonl(path: Path, values: dict[str, Any]) -> None:
+    with path.open("a") as stream:
+        stream.write(json.dumps(values) + "\n")
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop records logged after the checkpoint we resume from, so the curve has no repeats."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    try:
+        # Lazy: TensorBoard is optional, and importing it costs about a second.
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        logger.warning("TensorBoard is not installed (pip install tensorboard): logging to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def default_run_dir(config: Config) -> Path:
+    name = config.train.run_name or f"{config.data.dataset}-{config.backbone.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(config.train.output_dir) / name
+
+
+def train(config: Config, *, run_dir: str | Path | None = None, backbone: Backbone | None = None,
+          feature_source: FeatureSource | None = None, progress: bool | None = None) -> Path:
+    """Train a new run; returns its directory (config.yaml, metrics.jsonl, tensorboard/, checkpoints/).
+
+    Progress and notices go to the ``hpseg.training`` loggers (``hpseg.logs``); ``progress`` is
+    ignored, kept for callers written before that.
+    """
+    run_dir = Path(run_dir) if run_dir else default_run_dir(config)
+    if (run_dir / "checkpoints" / "last.pt").exists():
+        raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, run_dir, backbone=backbone, feature_source=feature_source)
+    if trainer.context.is_main:
+        (run_dir / "config.yaml").write_text(config.to_yaml())
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    trainer.fit()
+    return run_dir
+
+
+def resume(run_dir: str | Path, *, backbone: Backbone | None = None, feature_source: FeatureSource | None = None,
+           progress: bool | None = None) -> Path:
+    """Continue the run in ``run_dir`` from its ``last`` checkpoint, with the run's own config
+    (``progress``: ignored, as for :func:`train`)."""
+    run_dir = Path(run_dir)
+    payload = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    config = Config.from_dict(payload["config"])
+    trainer = Trainer(config, run_dir, backbone=backbone, feature_source=feature_source)
+    trainer.restore(payload)
+    if trainer.context.is_main:
+        _truncate_jsonl(run_dir / "metrics.jsonl", trainer.state.step)
+    trainer.fit()
+    return run_dir
+
+
+def _official_source(spec: Any, backbone_config: Any) -> str | None:
+    """URL / Hub repository of the official weights a run loaded by name, None for a file or random init."""
+    if backbone_config.weights or not backbone_config.pretrained:
+        return None
+    return spec.download_url or (f"https://huggingface.co/{spec.hf_hub_id}" if spec.hf_hub_id else None)

@@ -1,0 +1,98 @@
+"""The command line's global options and error reporting: one line for errors hpseg explains,
+the traceback for unexpected ones (or for every error with --debug)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+import hpseg.cli.predict
+from hpseg.checkpoints.store import CheckpointError
+from hpseg.cli.main import is_user_error, main
+
+
+def _raised(error: Exception) -> Exception:
+    """``error`` with a traceback whose innermost frame is this test module (not hpseg)."""
+    try:
+        raise error
+    except Exception as caught:  # noqa: BLE001 - returned for inspection
+        return caught
+
+
+def _failing_predict(monkeypatch: pytest.MonkeyPatch, failure: Callable[[], None]) -> None:
+    def predict_paths(*args: object, **kwargs: object) -> None:
+        failure()
+
+    monkeypatch.setattr(hpseg.cli.predict, "predict_paths", predict_paths)
+
+
+@pytest.fixture(autouse=True)
+def hpseg_logger() -> Iterator[logging.Logger]:
+    """``main`` configures the ``hpseg`` logger; put it back as it was for the other tests."""
+    logger = logging.getLogger("hpseg")
+    state = logger.level, logger.propagate, list(logger.handlers)
+    yield logger
+    logger.setLevel(state[0])
+    logger.propagate = state[1]
+    logger.handlers[:] = state[2]
+
+
+PREDICT = ["predict", "x.png", "--checkpoint", "c.pt", "--out", "out"]
+
+
+def test_which_errors_are_explained_in_one_line() -> None:
+    assert is_user_error(_raised(CheckpointError("c.pt is not an hpseg checkpoint")))  # hpseg's own class
+    assert is_user_error(_raised(FileNotFoundError(2, "No such file", "c.pt")))  # the system's, names the file
+    assert not is_user_error(_raised(ValueError("raised outside hpseg")))
+    assert not is_user_error(_raised(KeyError("model")))
+    try:
+        torch.zeros(2) + torch.zeros(3)  # a RuntimeError raised inside torch: a bug to report
+    except RuntimeError as error:
+        assert not is_user_error(error)
+    try:
+        hpseg.cli.predict.check_head("kmeans")  # a ValueError hpseg raises about its input
+    except ValueError as error:
+        assert is_user_error(error)
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Defect: the CLI printed any RuntimeError / ValueError as one line, hiding bugs."""
+
+    def bug() -> None:
+        torch.zeros(2) + torch.zeros(3)
+
+    _failing_predict(monkeypatch, bug)
+    assert main(PREDICT) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "torch.zeros(2) + torch.zeros(3)" in err
+    assert err.rstrip().splitlines()[-1].startswith("hpseg predict: error: The size of tensor a")
+
+
+def test_hpseg_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    def unreadable() -> None:
+        raise CheckpointError("c.pt is not a readable PyTorch checkpoint")
+
+    _failing_predict(monkeypatch, unreadable)
+    assert main(PREDICT) == 2
+    assert capsys.readouterr().err == "hpseg predict: error: c.pt is not a readable PyTorch checkpoint\n"
+    assert main(["--debug", *PREDICT]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.endswith("hpseg predict: error: c.pt is not a readable PyTorch checkpoint\n")
+
+
+@pytest.mark.parametrize(("flags", "level"), [
+    ([], logging.INFO), (["--quiet"], logging.WARNING), (["-v"], logging.DEBUG),
+    (["predict-flag", "--quiet"], logging.WARNING), (["predict-flag", "--no-progress"], logging.WARNING),
+])
+def test_quiet_and_verbose_set_the_log_level(flags: list[str], level: int, monkeypatch: pytest.MonkeyPatch,
+                                             hpseg_logger: logging.Logger) -> None:
+    """Before the command or after it (``predict-flag`` marks the latter here)."""
+    monkeypatch.setattr(hpseg.cli.predict, "predict_paths", lambda *a, **k: {"succeeded": 1, "skipped": []})
+    before, after = (flags, []) if "predict-flag" not in flags else ([], flags[1:])
+    assert main([*before, *PREDICT, *after]) == 0
+    assert hpseg_logger.level == level
