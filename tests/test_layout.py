@@ -1,6 +1,6 @@
 """The package's rooms: every module imports, no import cycle, and dependencies point one way.
 
-cli -> training -> evaluation -> inference -> checkpoints -> method -> backbones; the side
+cli -> export -> training -> evaluation -> inference -> checkpoints -> method -> backbones; the side
 modules (data, config, runtime, files, logs, visualize) serve every room and import only one
 another and backbones. Imports inside functions count too: a lazy import is still a dependency.
 """
@@ -18,7 +18,7 @@ import hpseg
 SOURCE = Path(hpseg.__file__).parent
 
 #: Rooms from the top; a module may import its own room, lower rooms and the side modules.
-ROOMS = ["cli", "training", "evaluation", "inference", "checkpoints", "method", "backbones"]
+ROOMS = ["cli", "export", "training", "evaluation", "inference", "checkpoints", "method", "backbones"]
 SIDE = {"data", "config", "runtime", "files", "logs", "visualize"}
 #: The package's front door (``hpseg.load``, ``python -m hpseg``) stands above every room.
 TOP = {"hpseg", "hpseg.__main__"}
@@ -113,3 +113,14 @@ def test_the_checks_see_a_higher_import_and_a_cycle() -> None:
     assert not allowed("hpseg.data.prepare", "hpseg.method.model")
     assert allowed("hpseg.cli.predict", "hpseg.inference.segmenter") and allowed("hpseg.checkpoints.trained", "hpseg.runtime")
     assert "hpseg.inference.crf" in imported_modules("hpseg.inference.label_maps")
+    assert not allowed("hpseg.export.hub", "hpseg.cli.errors") and allowed("hpseg.cli.predict", "hpseg.export.hub")
+    assert not allowed("hpseg.inference.segmenter", "hpseg.export.hub")
+
+
+def test_the_onnx_runtime_imports_neither_torch_nor_hpseg() -> None:
+    """``hpseg/export/runtime.py`` is copied beside scripts where only numpy, Pillow and onnxruntime exist."""
+    tree = ast.parse(MODULES["hpseg.export.runtime"].read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and not node.level}
+    assert not imported & {"torch", "hpseg", "timm", "torchvision"}, imported
+    assert not any(isinstance(node, ast.ImportFrom) and node.level for node in ast.walk(tree))

@@ -1,6 +1,7 @@
 """hpseg: unsupervised semantic segmentation with Hidden Positives on frozen self-supervised ViTs.
 
-``hpseg.load(checkpoint)`` returns a :class:`hpseg.inference.segmenter.Segmenter` (see :mod:`hpseg.inference.segmenter`).
+``hpseg.load(checkpoint)`` returns a :class:`hpseg.inference.segmenter.Segmenter` (see :mod:`hpseg.inference.segmenter`);
+it also loads hub folders and ``hf://`` references (:func:`hpseg.export.hub.load`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ __all__ = ["Segmenter", "__version__", "load"]
 
 def __getattr__(name: str) -> Any:
     # Lazy: ``import hpseg`` (e.g. for the CLI's --version) does not import torch.
-    if name in ("load", "Segmenter"):
-        from hpseg.inference import segmenter as api
+    if name == "load":
+        from hpseg.export.hub import load
 
-        return getattr(api, name)
+        return load
+    if name == "Segmenter":
+        from hpseg.inference.segmenter import Segmenter
+
+        return Segmenter
     raise AttributeError(f"module 'hpseg' has no attribute {name!r}")

@@ -314,12 +314,18 @@ def segmentation_figure(image: Image.Image | np.ndarray, labels: np.ndarray, nam
     """image | segmentation side by side, with a legend of the labels present (``names[id]``;
     negative ids and :data:`IGNORE_INDEX` are "unmatched / ignored", drawn black)."""
     grid = figure_grid([[image, labels]], titles=["image", "segmentation"], cell=cell)
+    return with_legend(grid, label_entries(labels, names))
+
+
+def label_entries(labels: np.ndarray, names: Sequence[str]) -> list[LegendEntry]:
+    """The :func:`legend` entries of the labels present in ``labels`` (``names[id]`` in the
+    palette's colours; negative ids and :data:`IGNORE_INDEX` as one black "unmatched / ignored")."""
     present = [int(v) for v in np.unique(labels) if 0 <= v < IGNORE_INDEX]
     colours = palette(max(present) + 1) if present else np.zeros((0, 3), np.uint8)
     entries = [(names[v] if v < len(names) else f"id {v}", tuple(int(c) for c in colours[v])) for v in present]
     if (labels < 0).any() or (labels == IGNORE_INDEX).any():
         entries.append(("unmatched / ignored", (0, 0, 0)))
-    return with_legend(grid, entries)
+    return entries
 
 
 def _normalise_confusion(conf: np.ndarray, normalize: str | None) -> np.ndarray:

@@ -21,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from hpseg import __version__
+from hpseg.cli import export as export_commands  # argparse only at import: the parser stays torch-free
 from hpseg.cli.errors import UsageError
 from hpseg.logs import configure_logging
 
@@ -202,6 +203,47 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from hpseg.cli.export import run_export
+
+    return run_export(args)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from hpseg.cli.export import run_push
+
+    return run_push(args)
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from hpseg.cli.app import run_cli
+
+    return run_cli(args)
+
+
+def _add_use_elsewhere_commands(sub: argparse._SubParsersAction) -> None:
+    """``export``, ``push`` and ``app``: using a trained segmenter outside this repository."""
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or to a Hugging Face Hub folder")
+    export_commands.add_export_arguments(p)
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("push", help="upload a hub folder to the Hugging Face Hub (your token)")
+    export_commands.add_push_arguments(p)
+    p.set_defaults(run=cmd_push)
+
+    p = sub.add_parser("app", help="a local web app to segment images (pip install 'hpseg[app]')")
+    p.add_argument("--checkpoint", required=True, help="checkpoint, hub folder or hf://owner/name[@revision]")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--mapping", metavar="RESULTS_JSON", help="cluster->class mapping (default: as hpseg predict)")
+    p.add_argument("--no-mapping", action="store_true", help="show raw cluster ids")
+    p.add_argument("--size", type=int, default=None, help="shorter side images are resized to")
+    p.add_argument("--window", type=int, default=None, help="sliding-window side")
+    p.add_argument("--weights", help="local backbone weights file")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=cmd_app)
+
+
 def _add_output_arguments(parser: argparse.ArgumentParser, default: object) -> None:
     """--quiet / --verbose / --debug, accepted before the command and after it; on the
     subcommands the default is ``argparse.SUPPRESS`` so an option given before is kept."""
@@ -324,8 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="segment your own images (files, folders, globs) with a checkpoint")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("--checkpoint", required=True, help="hpseg checkpoint, a run folder (the checkpoint its train.selection chose) "
-                                                     "or an authors' reference checkpoint")
+    p.add_argument("--checkpoint", help="hpseg checkpoint, a run folder (the checkpoint its train.selection chose), "
+                                        "an authors' reference checkpoint, a hub folder or hf://owner/name[@revision]")
+    p.add_argument("--onnx", metavar="MODEL", help="segment with a model of `hpseg export --format onnx` "
+                                                   "(onnxruntime, instead of --checkpoint)")
     p.add_argument("--out", required=True, help="output folder (labels/, overlays/, figures/, predictions.json)")
     p.add_argument("--head", choices=("cluster", "linear"), default="cluster",
                    help="cluster probe (unsupervised, default) or linear probe (trained with labels)")
@@ -359,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="backbone name (default: inferred from the weights' shapes)")
     p.add_argument("--data-root", help="dataset root to record, for `hpseg eval`")
     p.set_defaults(run=cmd_import_checkpoint)
+    _add_use_elsewhere_commands(sub)
     return parser
 
 

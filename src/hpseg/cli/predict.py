@@ -32,9 +32,11 @@ from PIL import Image
 from hpseg.cli.errors import UsageError
 from hpseg.data import ImageReadError, read_image
 from hpseg.data.images import IMAGE_SUFFIXES
+from hpseg.export.hub import load
+from hpseg.export.runtime import OnnxSegmenter
 from hpseg.files import write_json_atomic
 from hpseg.inference.crf import require_crf
-from hpseg.inference.segmenter import Segmenter, check_head, load
+from hpseg.inference.segmenter import Segmenter, check_head
 from hpseg.logs import progress_bar
 from hpseg.visualize import index_png, overlay, palette, save_image_atomic, segmentation_figure
 
@@ -177,7 +179,7 @@ def _write_outputs(out: Path, job: ImageJob, image: Image.Image, labels: np.ndar
     return {key: str(path) for key, path in targets.items()}
 
 
-def _summary(segmenter: Segmenter, checkpoint: str | Path, head: str, names: list[str], records: list[dict[str, Any]],
+def _summary(segmenter: Segmenter | OnnxSegmenter, checkpoint: str | Path, head: str, names: list[str], records: list[dict[str, Any]],
              skipped: list[dict[str, str]]) -> dict[str, Any]:
     """``predictions.json``: what the values mean, the settings, the files written and skipped."""
     colours = palette(len(names))
@@ -211,7 +213,7 @@ def _jobs_or_fail(inputs: Sequence[str], out: Path) -> tuple[list[ImageJob], lis
     return jobs, skipped
 
 
-def _segment_all(segmenter: Segmenter, jobs: list[ImageJob], out: Path, head: str, names: list[str], figure: bool,
+def _segment_all(segmenter: Segmenter | OnnxSegmenter, jobs: list[ImageJob], out: Path, head: str, names: list[str], figure: bool,
                  alpha: float, skipped: list[dict[str, str]]) -> list[dict[str, Any]]:
     """Segment and write every job; unreadable files are logged and added to ``skipped``."""
     records = []
@@ -243,6 +245,7 @@ def predict_paths(
     device: str = "auto",
     batch_size: int = 8,
     alpha: float = 0.5,
+    onnx: str | Path | None = None,
 ) -> dict[str, Any]:
     """Segment the images named by ``inputs`` and write the outputs to ``out_dir``.
 
@@ -250,15 +253,23 @@ def predict_paths(
     ``skipped`` [{path, reason}], ``labels`` [{id, name, colour}], settings). ``mapping="auto"``
     uses an evaluation of the checkpoint found beside it, a CRF one first with ``crf``.
     Unreadable files are reported and skipped; raises :class:`UsageError` when there is nothing
-    to segment, before loading the checkpoint.
+    to segment, before loading the checkpoint. ``onnx``: segment with a model of ``hpseg export
+    --format onnx`` through onnxruntime instead (same geometry; its mapping and weights are in it).
     """
     check_head(head)
     if crf:
         require_crf()  # CRFUnavailableError (with the install hint) before any work
     out = Path(out_dir)
     jobs, skipped = _jobs_or_fail(inputs, out)
-    segmenter = load(checkpoint, device=device, weights=weights, mapping=(mapping if head == "cluster" else None),
-                     crf=crf, size=size, window=window, batch_size=batch_size)
+    segmenter: Segmenter | OnnxSegmenter
+    if onnx:
+        segmenter = OnnxSegmenter(onnx, size=size, window=window, batch_size=batch_size,
+                                  use_mapping=mapping is not None)
+        checkpoint = onnx
+    else:
+        segmenter = load(checkpoint, device=device, weights=weights,
+                         mapping=(mapping if head == "cluster" else None), crf=crf, size=size, window=window,
+                         batch_size=batch_size)
     names = segmenter.label_names(head)
     if head == "cluster" and segmenter.cluster_to_class is None:
         logger.info("labels are cluster ids 0..%d (no cluster->class mapping: run `hpseg eval` on this "
@@ -271,10 +282,15 @@ def predict_paths(
 
 def run_cli(args: Any) -> int:
     """``hpseg predict`` (see :func:`predict_paths`); exit status 1 when no image succeeded."""
+    if (args.checkpoint is None) == (args.onnx is None):
+        raise UsageError("give either --checkpoint or --onnx")
+    if args.onnx and (args.crf or args.mapping or args.weights):
+        raise UsageError("--crf, --mapping and --weights need --checkpoint: an ONNX model has its mapping and "
+                         "weights built in, and no CRF")
     summary = predict_paths(
         args.paths, args.checkpoint, args.out, head=args.head, crf=args.crf, figure=args.figure,
         mapping=None if args.no_mapping else (args.mapping or "auto"), size=args.size, window=args.window,
-        weights=args.weights, device=args.device, batch_size=args.batch_size,
+        weights=args.weights, device=args.device, batch_size=args.batch_size, onnx=args.onnx,
     )
     n_ok, n_bad = summary["succeeded"], len(summary["skipped"])
     print(f"segmented {n_ok} image(s) into {args.out} (labels/, overlays/{', figures/' if args.figure else ''}; "

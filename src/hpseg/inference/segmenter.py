@@ -36,7 +36,7 @@ from hpseg.method.model import HiddenPositivesModel
 from hpseg.method.probes import centroid_scores
 from hpseg.runtime import autocast
 
-__all__ = ["HEADS", "ImageFeatures", "Segmenter", "check_head", "load", "to_uint8_image"]
+__all__ = ["HEADS", "ImageFeatures", "Segmenter", "check_head", "from_trained", "load", "to_uint8_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -311,7 +311,13 @@ def load(
     Notices (a converted reference checkpoint, a rebuilt random backbone, the mapping used) go
     to the ``hpseg`` logger.
     """
-    trained = load_trained(checkpoint, device, weights)
+    return from_trained(load_trained(checkpoint, device, weights), mapping=mapping, crf=crf, size=size,
+                        window=window, batch_size=batch_size)
+
+
+def from_trained(trained: TrainedModel, *, mapping: str | Path | None = None, crf: bool = False,
+                 size: int | None = None, window: int | None = None, batch_size: int = 8) -> Segmenter:
+    """The :class:`Segmenter` of a loaded model (the arguments are :func:`load`'s)."""
     cluster_to_class, source = _cluster_mapping(trained, mapping, crf)
     val_size = size if size is not None else int(trained.config.data.val_size)
     return Segmenter(
