@@ -71,6 +71,20 @@ def broadcast_module(module: torch.nn.Module, context: DistributedContext) -> No
         dist.broadcast(tensor.data, src=0)
 
 
+@torch.no_grad()
+def check_same_weights(module: torch.nn.Module, context: DistributedContext) -> None:
+    """Raise when the ranks' copies of ``module`` differ (one small all-gather of per-tensor sums)."""
+    if not context.enabled:
+        return
+    names, tensors = zip(*[*module.named_parameters(), *module.named_buffers()])
+    sums = torch.stack([t.detach().double().sum() for t in tensors])
+    everyone = gather_rows(sums[None], context)
+    differs = (everyone != everyone[0]).any(0)
+    if bool(differs.any()):
+        name = names[int(differs.nonzero()[0])]
+        raise RuntimeError(f"the ranks of this job hold different weights ({name} first): they no longer train one model")
+
+
 def gather_rows(rows: torch.Tensor, context: DistributedContext) -> torch.Tensor:
     """(n, ...) on every rank -> (W·n, ...): all ranks' rows in rank order, no gradient."""
     if not context.enabled:

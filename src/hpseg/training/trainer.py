@@ -260,8 +260,10 @@ class Trainer:
         if self.validation is not None and validates_after(step, self.steps_per_epoch, train.val_interval,
                                                            self.total_steps, train.validate_at_epoch_end):
             self.validate(metrics_file, writer)
-        if self.context.is_main and (step % train.checkpoint_interval == 0 or is_last):
-            self.save("last")
+        if step % train.checkpoint_interval == 0 or is_last:
+            distributed.check_same_weights(self.model, self.context)
+            if self.context.is_main:
+                self.save("last")
 
     def validate(self, metrics_file: Path, writer: Any) -> dict[str, Any]:
         assert self.validation is not None
