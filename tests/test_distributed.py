@@ -149,3 +149,14 @@ def test_anchor_shares_add_up_to_the_whole_loss(backend):
         assert float(shares[0][0]) != pytest.approx(float(whole[0]))  # a share is not the whole
     with pytest.raises(ValueError, match="anchor images"):
         share(range(4, 7))
+
+
+def test_cache_and_eval_run_on_the_first_rank_only(monkeypatch, tmp_path):
+    """Under torchrun the other ranks of ``hpseg cache`` / ``hpseg eval`` leave the work to rank 0."""
+    from hpseg.cli.main import main
+
+    monkeypatch.setenv("RANK", "1")
+    assert main(["--quiet", "cache", "--preset", "cocostuff27", "--data-root", str(tmp_path / "absent"),
+                 "--out", str(tmp_path / "cache")]) == 0
+    assert not (tmp_path / "cache").exists()
+    assert main(["--quiet", "eval", str(tmp_path / "absent.pt")]) == 0
