@@ -92,7 +92,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
         (share * world).backward()
         step_times.append(time.perf_counter() - started)
         loss_times.append(loss_time)
-        shares.append(float(share))
+        shares.append(float(share.detach()))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
     keep = slice(args.warmup, None)
     Path(out, f"{world}-{rank}.txt").write_text(

@@ -333,6 +333,9 @@ class Trainer:
         self.contrast_generator.set_state(rng["contrast"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.context.rank:
+            # The checkpoint holds rank 0's RNG: the others draw dropout masks of their own again.
+            seed_everything((self.config.train.seed + self.context.rank) * 1_000_003 + self.state.step)
 
 
 def _json_safe(value: Any) -> Any:
