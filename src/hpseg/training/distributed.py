@@ -23,15 +23,13 @@ The job trains the model one process would train on the same global batch:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from hpseg.method.pools import fill_pool
 from hpseg.runtime import DistributedContext
-
-POSITIVES = ("global", "local")
 
 
 def check_batch_split(batch_size: int, context: DistributedContext) -> int:
@@ -152,20 +150,13 @@ def gather_pool(
     process would, and the picked rows are gathered. Returns (P, C) float32 L2-normalised rows,
     the same on every rank.
     """
-    rows: list[torch.Tensor] = []
-    count = 0
-    for maps, size in zip(shares, batch_sizes):
-        batch, channels, height, width = maps.shape
-        picks = torch.randint(height * width, (size,), generator=generator)
-        bounds = [share_bounds(size, r, context.world_size) for r in range(context.world_size)]
-        own = picks[bounds[context.rank]].to(maps.device)
-        picked = maps.reshape(batch, channels, height * width)[torch.arange(batch, device=maps.device), :, own]
-        sizes = [b.stop - b.start for b in bounds]
-        picked = _gather_uneven(picked.float(), sizes, context)[: pool_size - count]
-        rows.append(picked)
-        count += picked.shape[0]
-        if count >= pool_size:
-            break
-    if not rows:
-        raise ValueError("cannot build a reference pool from an empty dataset")
-    return F.normalize(torch.cat(rows), dim=1)
+    def gathered() -> Iterator[torch.Tensor]:
+        for maps, size in zip(shares, batch_sizes):
+            batch, channels, height, width = maps.shape
+            picks = torch.randint(height * width, (size,), generator=generator)
+            bounds = [share_bounds(size, r, context.world_size) for r in range(context.world_size)]
+            own = picks[bounds[context.rank]].to(maps.device)
+            picked = maps.reshape(batch, channels, height * width)[torch.arange(batch, device=maps.device), :, own]
+            yield _gather_uneven(picked.float(), [b.stop - b.start for b in bounds], context)
+
+    return fill_pool(gathered(), pool_size)
