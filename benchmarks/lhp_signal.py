@@ -23,6 +23,11 @@ from hpseg.method import attention_neighbour_weights
 from hpseg.method.local_positives import neighbour_indices
 
 
+def _relative_error(backbone, images: torch.Tensor, reference: torch.Tensor) -> float:
+    """||features - reference|| / ||reference|| of ``backbone`` on ``images``."""
+    return round(((backbone(images).features - reference).norm() / reference.norm()).item(), 6)
+
+
 def row_stats(weights: torch.Tensor, grid: tuple[int, int]) -> dict[str, float]:
     """(B, hw, 9) neighbour weights -> mean over rows of max, spread, zeroed share."""
     valid = neighbour_indices(*grid)[1].expand_as(weights)
@@ -54,10 +59,8 @@ def golden(path: Path, work: Path) -> dict:
     for size in (32, 64, 96):
         images, reference = torch.tensor(g[f"image_{size}"]), torch.tensor(g[f"features_{size}"])
 
-        def rel(bb) -> float:
-            return round(((bb(images).features - reference).norm() / reference.norm()).item(), 6)
-
-        report[f"{size}px"] = {"features_rel_error_now": rel(now), "features_rel_error_before": rel(before),
+        report[f"{size}px"] = {"features_rel_error_now": _relative_error(now, images, reference),
+                               "features_rel_error_before": _relative_error(before, images, reference),
                                **compare(now, images)}
     return report
 

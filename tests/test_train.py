@@ -176,20 +176,28 @@ def test_missing_prepared_data_says_what_to_run(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes(tmp_path):
-    """Data-parallel training (gloo on the CPU): each rank takes every other batch, gradients are
-    averaged, rank 0 alone logs and writes checkpoints."""
+    """``hpseg train`` under torchrun (gloo on the CPU): the global batch of 4 split over 2 ranks
+    trains the weights one process trains (channel dropout off: its masks differ per rank), rank 0
+    alone logs and writes checkpoints (the ranks' agreement is checked at every checkpoint)."""
     data = synthetic_prepared(tmp_path)
     run = tmp_path / "run"
+    overrides = [*tiny_overrides(data, tmp_path / "runs", steps=6), "train.device=cpu", "method.dropout=0",
+                 "method.similarity_dropout=false"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "hpseg", "train",
-               "--preset", "cocostuff27", "--run-dir", str(run), "--no-progress",
-               *tiny_overrides(data, tmp_path / "runs", steps=6), "train.device=cpu"]
+               "--preset", "cocostuff27", "--run-dir", str(run), "--no-progress", *overrides]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("run written to") == 1
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 7))
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 6
+    two = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert two["step"] == 6
+    assert main(["--quiet", "train", "--preset", "cocostuff27", "--run-dir", str(tmp_path / "one"), "--no-progress",
+                 *overrides]) == 0
+    one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
+    for key, value in one["model"].items():
+        assert torch.allclose(two["model"][key], value, rtol=1e-4, atol=1e-6), key
 
 
 def test_pool_renewal_counts_steps_within_the_epoch():

@@ -90,7 +90,11 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64
+    batch_size: int = 64  # the global batch: under torchrun split evenly over the ranks
+    # Under torchrun: "global" finds each anchor's positives among all patches of the global batch
+    # (the method, as one process); "local" within the rank's own batch_size / ranks images only
+    # (no gathering, but an anchor sees 1/ranks of the batch HP is defined on).
+    positives: Literal["global", "local"] = "global"
     epochs: int = 3
     max_steps: int = 0  # > 0 stops after this many steps (overrides epochs)
     seed: int = 0

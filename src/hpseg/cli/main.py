@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hpseg.training.trainer import resume, train
 
     # Under torchrun every rank runs this; only the first one talks.
-    is_main = os.environ.get("RANK", "0") == "0"
+    is_main = not _other_rank()
     if args.seeds:
         return _train_seeds(args)
     if args.resume:
@@ -144,7 +144,14 @@ def cmd_clusters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _other_rank() -> bool:
+    """Whether this process is a rank other than the first of a ``torchrun`` job."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
+    if _other_rank():
+        return 0  # under torchrun the first rank builds the cache once; the others have nothing to do
     from hpseg.backbones import create_backbone
     from hpseg.runtime import amp_dtype, resolve_device
     from hpseg.training.cache import build_feature_cache, default_cache_dir, resolve_cache_dir
@@ -170,6 +177,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if _other_rank():
+        return 0  # under torchrun the first rank evaluates and writes the report once
     from hpseg.evaluation.protocol import evaluate_checkpoint
 
     report = evaluate_checkpoint(

@@ -31,10 +31,15 @@ def collect_pool(
     Returns:
         (P, C) float32 L2-normalised rows, P = min(pool_size, images seen).
     """
+    return fill_pool((one_patch_per_image(maps, generator) for maps in feature_batches), pool_size)
+
+
+def fill_pool(picked_batches: Iterable[torch.Tensor], pool_size: int) -> torch.Tensor:
+    """(P, C) float32 L2-normalised pool from batches of picked (b, C) rows, consumed until it is full."""
     rows: list[torch.Tensor] = []
     count = 0
-    for maps in feature_batches:
-        picked = one_patch_per_image(maps, generator)[: pool_size - count]
+    for picked in picked_batches:
+        picked = picked[: pool_size - count]
         rows.append(picked.float())
         count += picked.shape[0]
         if count >= pool_size:

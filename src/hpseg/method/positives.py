@@ -247,9 +247,10 @@ def _unpack_rows_torch(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def image_masks(
-    inputs: PositiveInputs, *, task_specific: bool = True, chunk_size: int | None = None
+    inputs: PositiveInputs, *, task_specific: bool = True, chunk_size: int | None = None, images: range | None = None
 ) -> Iterator[PositiveMasks]:
-    """The masks of every image's hw anchors against all N patches, image after image.
+    """The masks of every image's hw anchors against all N patches, image after image (of
+    ``images`` only, a run of consecutive images, when given: a rank's share of a gathered batch).
 
     Each yields (hw, N) bool TA, TS (None unless ``task_specific``) and C, equal to
     ``inputs.masks(image_start, image_start + hw)``; the same tensors are refilled for the next
@@ -258,15 +259,17 @@ def image_masks(
     ``chunk_size`` and a quarter of the image) only against itself and the patches after it; the
     earlier part of the image comes from earlier chunks, that of earlier images from blocks kept
     bit-packed until their image comes. This about halves the products; kept blocks take at most
-    N^2 / 32 bytes per mask (79 MB at N = 50,176).
+    N^2 / 32 bytes per mask (79 MB at N = 50,176). Images before ``images`` are compared with
+    the anchors directly (nothing was kept for them).
     """
     hw, n = inputs.patches_per_image, inputs.n_patches
     n_images, device = n // hw, inputs.task_agnostic.device
+    images = images or range(n_images)
     if device.type != "cpu":
         # On a GPU kernel launches are dear and the products cheap: each image's masks straight from
         # its (hw x N) products (every pair compared twice), a few kernels per image, instead of
         # hundreds of small bit-packing ones (measured on an H200: most of the loss's time at N = 50,176).
-        yield from _image_masks_direct(inputs, task_specific=task_specific)
+        yield from _image_masks_direct(inputs, task_specific=task_specific, images=images)
         return
     chunk = min(chunk_size or hw, -(-hw // 4))
     kinds = [(inputs.task_agnostic, inputs.agnostic_thresholds)]
@@ -281,10 +284,16 @@ def image_masks(
         torch.empty(max(chunk * n, hw * block), dtype=torch.bool, device=device),
     )
     saved: dict[tuple[int, int, int], torch.Tensor] = {}  # (kind, earlier image, later image) -> packed
-    for image in range(n_images):
+    before = images.start * hw  # columns of the images before the first anchor image
+    for image in images:
         image_start, image_stop = image * hw, (image + 1) * hw
         for kind, ((features, thresholds), mask) in enumerate(zip(kinds, masks)):
-            for earlier in range(image):
+            for first in range(0, before, block):
+                last = min(first + block, before)
+                _beats_either_threshold(
+                    features, thresholds, image_start, image_stop, first, last, out=mask[:, first:last], scratch=scratch
+                )
+            for earlier in range(images.start, image):
                 mask[:, earlier * hw : (earlier + 1) * hw] = _unpack_rows(saved.pop((kind, earlier, image)), hw).T
             for start in range(image_start, image_stop, chunk):  # the image against itself, a triangle
                 stop = min(start + chunk, image_stop)
@@ -300,7 +309,7 @@ def image_masks(
                 _beats_either_threshold(
                     features, thresholds, image_start, image_stop, first, last, out=mask[:, first:last], scratch=scratch
                 )
-            for later in range(image + 1, n_images):
+            for later in range(image + 1, images.stop):
                 saved[(kind, image, later)] = _pack_rows(mask[:, later * hw : (later + 1) * hw])
         for start in range(image_start, image_stop, chunk):
             stop = min(start + chunk, image_stop)
@@ -311,11 +320,13 @@ def image_masks(
         yield PositiveMasks(masks[0], masks[1] if task_specific else None, contrast)
 
 
-def _image_masks_direct(inputs: PositiveInputs, *, task_specific: bool = True) -> Iterator[PositiveMasks]:
+def _image_masks_direct(
+    inputs: PositiveInputs, *, task_specific: bool = True, images: range | None = None
+) -> Iterator[PositiveMasks]:
     """What :func:`image_masks` yields, each image's masks computed alone (the GPU path)."""
     hw = inputs.patches_per_image
-    for start in range(0, inputs.n_patches, hw):
-        yield inputs.masks(start, start + hw, task_specific=task_specific)
+    for image in images or range(inputs.n_patches // hw):
+        yield inputs.masks(image * hw, (image + 1) * hw, task_specific=task_specific)
 
 
 def hidden_positive_masks(

@@ -59,21 +59,19 @@ class FeatureSource(Protocol):
         ...
 
 
-def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """The shuffled batches of an epoch: a pure function of (seed, epoch), so a resumed run
-    replays exactly the order an uninterrupted one would have used. Incomplete batches are dropped;
-    with several ranks each takes every world_size-th batch."""
+    replays exactly the order an uninterrupted one would have used, and a job of several ranks
+    (each reading its share of every batch) the order of one process. Incomplete batches are dropped."""
     order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
     n_batches = n_items // batch_size
-    batches = [order[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
-    usable = len(batches) // world_size * world_size
-    return batches[rank:usable:world_size]
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
 
 
-def batch_seeds(seed: int, epoch: int, n_batches: int, rank: int = 0) -> list[int]:
-    """The augmentation seed of every batch of an epoch: a pure function of (seed, epoch, rank),
-    so a loader started mid-epoch (resume) draws what an uninterrupted one would have drawn."""
-    generator = torch.Generator().manual_seed((seed * 7919 + epoch) * 1009 + rank + 1)
+def batch_seeds(seed: int, epoch: int, n_batches: int) -> list[int]:
+    """The augmentation seed of every batch of an epoch: a pure function of (seed, epoch), so a
+    loader started mid-epoch (resume) draws what an uninterrupted one would have drawn."""
+    generator = torch.Generator().manual_seed((seed * 7919 + epoch) * 1009 + 1)
     return torch.randint(2**31 - 1, (n_batches,), generator=generator).tolist()
 
 
@@ -101,10 +99,12 @@ class _SeededItems(Dataset):
 
 def make_loader(dataset: Dataset, batches: Sequence[list[int]], num_workers: int, device: torch.device,
                 seeds: Sequence[int] | None = None) -> DataLoader:
-    """A loader of the given batches; with ``seeds``, item reads of batch k are seeded by ``seeds[k]``."""
+    """A loader of the given batches; with ``seeds``, the read of crop i in batch k is seeded by
+    ``seeds[k]`` and i (not by i's place in the batch: a rank reading its share of a global batch
+    draws what one process reading all of it would)."""
     if seeds is not None:
         dataset = _SeededItems(dataset)
-        batches = [[(index, seed * 65_537 + k) for k, index in enumerate(batch)] for batch, seed in zip(batches, seeds)]
+        batches = [[(index, seed * 65_537 + index) for index in batch] for batch, seed in zip(batches, seeds)]
     return DataLoader(
         dataset,
         batch_sampler=batches,

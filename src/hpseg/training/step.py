@@ -24,6 +24,7 @@ from hpseg.method import (
     to_rows,
 )
 from hpseg.runtime import DistributedContext, autocast, average_gradients, make_grad_scaler
+from hpseg.training import distributed
 from hpseg.training.features import StepInputs
 
 
@@ -47,6 +48,7 @@ class Learner:
     device: torch.device
     amp_dtype: torch.dtype | None
     context: DistributedContext
+    positives: str = "global"  # train.positives: under torchrun, positives among the global batch or the rank's
 
 
 def build_learner(config: Config, feature_dim: int, device: torch.device, amp_dtype: torch.dtype | None,
@@ -66,7 +68,7 @@ def build_learner(config: Config, feature_dim: int, device: torch.device, amp_dt
     }
     scaler = make_grad_scaler(config.train.grad_scaler, device, enabled=amp_dtype == torch.float16)
     return Learner(model, optimizers, scaler, method, optim.grad_clip, device, amp_dtype,
-                   context or DistributedContext())
+                   context or DistributedContext(), config.train.positives)
 
 
 @dataclass
@@ -109,15 +111,30 @@ def _consistency(model: HiddenPositivesModel, method: MethodConfig, z: torch.Ten
 
 
 def _hidden_positive_loss(learner: Learner, embedded: _Embeddings, pools: ReferencePools, hw: int,
-                          contrast_draw: ContrastDraw, lmbd: float) -> torch.Tensor:
-    method, device, amp = learner.method, learner.device, learner.amp_dtype
-    return hidden_positive_loss(
-        embedded.z, embedded.z_mix, embedded.agnostic_rows, embedded.specific_rows, pools.agnostic, pools.specific,
+                          contrast_draw: ContrastDraw, lmbd: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The HP loss of the step and what this rank back-propagates for it (the same in one process).
+
+    Global positives under torchrun (``hpseg.training.distributed``): the loss of the global batch,
+    and W x this rank's share of it (its anchors against all N patches), whose gradients averaged
+    over the ranks are the whole loss's.
+    """
+    method, device, amp, context = learner.method, learner.device, learner.amp_dtype, learner.context
+    rows = (embedded.z, embedded.z_mix, embedded.agnostic_rows, embedded.specific_rows)
+    anchor_images = None
+    if context.enabled and learner.positives == "global":
+        anchor_images = distributed.rank_images(embedded.segmentation.shape[0], context)
+        rows = (*(distributed.gather_with_gradients(r, context) for r in rows[:2]),
+                *(distributed.gather_rows(r, context) for r in rows[2:]))
+    share = hidden_positive_loss(
+        *rows, pools.agnostic, pools.specific,
         patches_per_image=hw, contrast_draw=contrast_draw, lmbd=lmbd, tau=method.tau, tau_base=method.tau_base,
         temperature_factor=method.temperature_factor, reweighting=method.reweighting,
         chunk_size=method.chunk_size or None,
-        matmul_dtype=amp if device.type == "cuda" and amp else torch.float32,
+        matmul_dtype=amp if device.type == "cuda" and amp else torch.float32, anchor_images=anchor_images,
     )
+    if anchor_images is None:
+        return share, share
+    return distributed.sum_over_ranks(share, context), share * context.world_size
 
 
 def _optimise(learner: Learner, total: torch.Tensor) -> torch.Tensor:
@@ -144,11 +161,12 @@ def training_step(learner: Learner, inputs: StepInputs, pools: ReferencePools, c
     Args:
         inputs: f (B, C, h, w), LHP weights (B, h·w, 9), labels (B, H, W), photometric f (B, C, h, w) or None.
         pools: the reference pools of this step.
-        contrast_draw: the random part of the contrast sets, for (h·w, N).
+        contrast_draw: the random part of the contrast sets, for (h·w, N); under torchrun with
+            global positives B is this rank's share and N counts the patches of the global batch.
         lmbd: λ of this step (``lambda_schedule``).
     Returns:
-        ``loss`` (total), ``hp`` (GHP + LHP), ``consistency`` (before α), ``linear_probe``,
-        ``cluster_probe`` and ``grad_norm`` (S's gradient norm before clipping).
+        ``loss`` (total), ``hp`` (GHP + LHP, of the global batch), ``consistency`` (before α),
+        ``linear_probe``, ``cluster_probe`` (these three of this rank's images) and ``grad_norm`` (S's gradient norm before clipping).
     """
     model, method = learner.model, learner.method
     model.train()
@@ -162,11 +180,11 @@ def training_step(learner: Learner, inputs: StepInputs, pools: ReferencePools, c
     # The EMA follows S before this step's update, as in the reference.
     model.update_ema(method.ema_momentum)
     # Outside autocast: the loss picks its own product dtype and keeps softmax in float32.
-    hp = _hidden_positive_loss(learner, embedded, pools, hw, contrast_draw, lmbd)
-    total = hp + method.alpha * consistency + linear + cluster
-    grad_norm = _optimise(learner, total)
+    hp, hp_backward = _hidden_positive_loss(learner, embedded, pools, hw, contrast_draw, lmbd)
+    others = method.alpha * consistency + linear + cluster
+    grad_norm = _optimise(learner, hp_backward + others)
     return {
-        "loss": total.item(), "hp": hp.item(), "consistency": consistency.item(),
+        "loss": (hp + others).item(), "hp": hp.item(), "consistency": consistency.item(),
         "linear_probe": linear.item(), "cluster_probe": cluster.item(), "grad_norm": grad_norm.item(),
     }
 

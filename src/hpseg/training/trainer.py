@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,10 @@ from hpseg.method import (
     ContrastDraw,
     IndependentContrastDraw,
     SharedContrastPattern,
-    collect_pool,
     lambda_schedule,
 )
 from hpseg.runtime import DistributedContext, amp_dtype, init_distributed, resolve_device, seed_everything
+from hpseg.training import distributed
 from hpseg.training.cache import open_feature_cache
 from hpseg.training.features import BackboneFeatures, FeatureSource, StepInputs, batch_seeds, epoch_batches
 from hpseg.training.selection import label_free_batches, label_free_scores, probe_rows
@@ -97,7 +97,9 @@ class Trainer:
         self.device = resolve_device(config.train.device)
         self.context: DistributedContext = init_distributed(self.device)
         self.amp_dtype = amp_dtype(config.train.amp, self.device)
-        seed_everything(config.train.seed + self.context.rank)
+        # One seed for what every rank builds (backbone, heads); see _seed_ranks for the rest.
+        seed_everything(config.train.seed)
+        self.images_per_rank = distributed.check_batch_split(config.train.batch_size, self.context)
         self.backbone = backbone or create_backbone(
             config.backbone.name, weights=config.backbone.weights, pretrained=config.backbone.pretrained
         )
@@ -106,15 +108,16 @@ class Trainer:
         self.class_names: list[str] = list(self.features.class_names)
         self.learner = build_learner(config, self.backbone.embed_dim, self.device, self.amp_dtype, self.context)
         self.model, self.optimizers, self.scaler = self.learner.model, self.learner.optimizers, self.learner.scaler
+        self._seed_ranks()
         self.state = RunState()
         self.pool_generator = torch.Generator().manual_seed(config.train.seed + 1)
         self.contrast_generator = torch.Generator(device=self.device).manual_seed(config.train.seed + 2)
 
-        self.steps_per_epoch = len(self.features) // self.context.world_size // config.train.batch_size
+        self.steps_per_epoch = len(self.features) // config.train.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{len(self.features)} training crops in {config.data.prepared_path()} are fewer than one batch "
-                f"of {config.train.batch_size} per rank: lower train.batch_size"
+                f"of {config.train.batch_size} (train.batch_size, the global batch): lower train.batch_size"
             )
         self.total_steps = config.train.max_steps or config.train.epochs * self.steps_per_epoch
         self.validation = self._validation_set()
@@ -122,6 +125,13 @@ class Trainer:
                                                      config.train.batch_size, config.train.seed + 3)
 
     # ------------------------------------------------------------------ setup
+
+    def _seed_ranks(self) -> None:
+        """Rank 0's weights on every rank (the same seed built them: a check that costs one
+        broadcast), then a seed of its own per rank for channel dropout."""
+        distributed.broadcast_module(self.model, self.context)
+        if self.context.rank:
+            seed_everything(self.config.train.seed + self.context.rank)
 
     def _default_feature_source(self) -> FeatureSource:
         """The feature cache if ``data.feature_cache`` picks one (hpseg.training.cache), else the backbone."""
@@ -160,21 +170,28 @@ class Trainer:
             logger.info(message)
 
     def _pool_batches(self) -> list[list[int]]:
+        """A shuffled pass in global batches (under torchrun: a tail of fewer crops than ranks is left out)."""
         order = torch.randperm(len(self.features), generator=self.pool_generator).tolist()
         size = self.config.train.batch_size
-        return [order[i : i + size] for i in range(0, len(order), size)]
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
+        return [batch for batch in batches if len(batch) >= self.context.world_size]
+
+    def _pool(self, maps_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """A pool of the job: each rank computes ``maps_of`` its share of every batch; the rows are gathered."""
+        batches = self._pool_batches()
+        shares = [distributed.rank_share(batch, self.context) for batch in batches]
+        maps = (maps_of(f) for f in self.features.feature_maps(shares))
+        pool = distributed.gather_pool(maps, [len(b) for b in batches], self.config.method.pool_size,
+                                       self.pool_generator, self.context)
+        return pool.to(self.device)
 
     @torch.no_grad()
     def build_agnostic_pool(self) -> torch.Tensor:
-        method = self.config.method
-        maps = (pool_dropout(method, f.float()) for f in self.features.feature_maps(self._pool_batches()))
-        return collect_pool(maps, method.pool_size, self.pool_generator).to(self.device)
+        return self._pool(lambda f: pool_dropout(self.config.method, f.float()))
 
     @torch.no_grad()
     def build_specific_pool(self) -> torch.Tensor:
-        method = self.config.method
-        maps = (specific_pool_maps(self.model, method, f) for f in self.features.feature_maps(self._pool_batches()))
-        return collect_pool(maps, method.pool_size, self.pool_generator).to(self.device)
+        return self._pool(lambda f: specific_pool_maps(self.model, self.config.method, f))
 
     # ------------------------------------------------------------------ one step
 
@@ -192,18 +209,21 @@ class Trainer:
         assert self.state.pools is not None, "the reference pools are built before the first step"
         features = inputs.features
         hw = features.shape[-2] * features.shape[-1]
-        draw = self.contrast_draw(hw, features.shape[0] * hw)
+        global_positives = self.context.enabled and self.config.train.positives == "global"
+        images = self.config.train.batch_size if global_positives else features.shape[0]
+        draw = self.contrast_draw(hw, images * hw)
         return training_step(self.learner, inputs, self.state.pools, draw, lmbd)
 
     # ------------------------------------------------------------------ loop
 
     def _epoch_steps(self, epoch: int, position: int) -> Iterator[StepInputs]:
         """The step inputs of ``epoch`` from batch ``position`` on (a resumed run starts mid-epoch)."""
-        train, context = self.config.train, self.context
-        batches = epoch_batches(len(self.features), train.batch_size, train.seed, epoch, context.rank,
-                                context.world_size)
-        seeds = batch_seeds(train.seed, epoch, len(batches), context.rank)
-        return self.features.steps(batches[position:], seeds[position:])
+        train = self.config.train
+        # The single-process order of global batches; each rank reads its share of each.
+        batches = epoch_batches(len(self.features), train.batch_size, train.seed, epoch)
+        seeds = batch_seeds(train.seed, epoch, len(batches))
+        shares = [distributed.rank_share(batch, self.context) for batch in batches[position:]]
+        return self.features.steps(shares, seeds[position:])
 
     def fit(self) -> dict[str, Any]:
         config, state = self.config, self.state
@@ -252,8 +272,10 @@ class Trainer:
                 self.validate(metrics_file, writer)
             if self.label_free_batches:
                 self.score_label_free(metrics_file)
-        if self.context.is_main and (step % train.checkpoint_interval == 0 or is_last):
-            self.save("last")
+        if step % train.checkpoint_interval == 0 or is_last:
+            distributed.check_same_weights(self.model, self.context)
+            if self.context.is_main:
+                self.save("last")
 
     def validate(self, metrics_file: Path, writer: Any) -> dict[str, Any]:
         assert self.validation is not None
@@ -342,6 +364,9 @@ class Trainer:
         self.contrast_generator.set_state(rng["contrast"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.context.rank:
+            # The checkpoint holds rank 0's RNG: the others draw dropout masks of their own again.
+            seed_everything((self.config.train.seed + self.context.rank) * 1_000_003 + self.state.step)
 
 
 def _json_safe(value: Any) -> Any:

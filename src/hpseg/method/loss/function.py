@@ -58,6 +58,7 @@ def hidden_positive_loss(
     chunk_size: int | None = None,
     matmul_dtype: torch.dtype = torch.float32,
     backend: LossBackend | str = "auto",
+    anchor_images: range | None = None,
 ) -> torch.Tensor:
     """(sum_b L_GHP(b) + sum_b L_LHP(b)) / (2B) of spec §5, memory O(hw x N).
 
@@ -84,8 +85,12 @@ def hidden_positive_loss(
         backend: a ``LossBackend`` or its name (see there); ``"auto"``: the Triton kernels on
             CUDA under half-precision products with a ``SharedContrastPattern``, the torch path
             otherwise.
+        anchor_images: sum the terms of these images' anchors only (None: every image), still
+            against all N patches and normalised by all N / hw images: the share of one rank of a
+            gathered global batch (``hpseg.training.distributed``); the shares of a partition of
+            the images add up to the loss and gradients of the whole batch.
     Returns:
-        Scalar loss.
+        Scalar loss (the share of ``anchor_images``).
     """
     if z.shape != z_mix.shape or z.shape[0] != task_agnostic.shape[0]:
         raise ValueError(
@@ -97,7 +102,7 @@ def hidden_positive_loss(
         task_specific_positives=lmbd != 0.0,
     )
     scale = tau / tau_base if temperature_factor else 1.0
-    settings = LossSettings(float(lmbd), tau, scale, reweighting, chunk_size, matmul_dtype)
+    settings = LossSettings(float(lmbd), tau, scale, reweighting, chunk_size, matmul_dtype, anchor_images)
     grad_enabled = torch.is_grad_enabled() and (z.requires_grad or z_mix.requires_grad)
     return _HiddenPositiveLoss.apply(z, z_mix, inputs, settings, resolve_backend(backend), grad_enabled)
 

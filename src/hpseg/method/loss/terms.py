@@ -20,7 +20,8 @@ class LossSettings:
 
     lmbd: weight of task-specific positives; tau: temperature; scale: f = tau / tau_base
     [ref quirk] or 1; chunk_size: anchors per chunk of the torch path (None: by memory);
-    matmul_dtype: dtype of the similarity products.
+    matmul_dtype: dtype of the similarity products; anchor_images: the images whose anchors'
+    terms this call sums (None: all; a rank's share of the global batch under ``torchrun``).
     """
 
     lmbd: float
@@ -29,6 +30,14 @@ class LossSettings:
     reweighting: bool
     chunk_size: int | None
     matmul_dtype: torch.dtype
+    anchor_images: range | None = None
+
+    def images(self, n_images: int) -> range:
+        """The images whose anchors this call sums, of a batch of ``n_images``."""
+        images = self.anchor_images or range(n_images)
+        if images.step != 1 or images.start < 0 or images.stop > n_images or not len(images):
+            raise ValueError(f"anchor images {images} are not a run of the batch's {n_images} images")
+        return images
 
 
 class AnchorTerms(NamedTuple):

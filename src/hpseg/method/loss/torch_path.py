@@ -78,7 +78,9 @@ def torch_loss_and_gradients(
     # compiled dense functions are not rebuilt when lambda changes.
     lmbd = torch.tensor(settings.lmbd, dtype=dtype, device=total.device)
     # The coefficients of an image need all its anchors' masks: they come one image at a time.
-    for image, masks in enumerate(image_masks(inputs, task_specific=settings.lmbd != 0.0, chunk_size=chunk_size)):
+    images = settings.images(n_patches // hw)
+    masks_of_images = image_masks(inputs, task_specific=settings.lmbd != 0.0, chunk_size=chunk_size, images=images)
+    for image, masks in zip(images, masks_of_images):
         specific_counts = None if masks.task_specific is None else count_true(masks.task_specific)
         terms = anchor_terms(count_true(masks.task_agnostic), specific_counts, settings, n_patches // hw, dtype)
         for first in range(0, hw, chunk_size):

@@ -91,16 +91,17 @@ if AVAILABLE:
         return new_max, exp_sum, agnostic_sum, specific_sum
 
     @triton.autotune(configs=_CONFIGS, key=["n", "C", "D"])
-    @triton.jit
+    @triton.jit(do_not_specialize=["row_start", "row_count"])
     def _row_statistics_kernel(
         fn_ptr, sn_ptr, r_agnostic_ptr, r_specific_ptr, pattern_ptr, z_ptr, z_mix_ptr, counts_ptr, stats_ptr,
         # n is a compile-time constant (a kernel per batch size, tuned per batch size anyway): Triton 3.6's
         # interpreter fails on a loop over a run-time bound (with NumPy 2).
-        n: tl.constexpr, hw, inv_tau,
+        n: tl.constexpr, hw, inv_tau, row_start, row_count,
         C: tl.constexpr, D: tl.constexpr, HAS_TS: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ):
-        rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+        local = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
+        rows = row_start + local
         pattern_rows = (rows % hw) * n
         agnostic_count = tl.zeros((BM,), dtype=tl.int32)
         specific_count = tl.zeros((BM,), dtype=tl.int32)
@@ -114,7 +115,7 @@ if AVAILABLE:
         mix_specific = tl.zeros((BM,), dtype=tl.float32)
         for start in range(0, n, BN):
             cols = (start + tl.arange(0, BN)).to(tl.int64)
-            valid = (rows[:, None] < n) & (cols[None, :] < n) & (rows[:, None] != cols[None, :])
+            valid = (local[:, None] < row_count) & (cols[None, :] < n) & (rows[:, None] != cols[None, :])
             agnostic = _beats_either(fn_ptr, r_agnostic_ptr, rows, cols, valid, n, C, BM, BN, BK)
             specific = agnostic  # unused without TS
             if HAS_TS:
@@ -129,17 +130,17 @@ if AVAILABLE:
             mix_max, mix_sum, mix_agnostic, mix_specific = _online_row_update(
                 z_mix_ptr, rows, cols, n, inv_tau, contrast, agnostic, specific, mix_max, mix_sum, mix_agnostic,
                 mix_specific, D, HAS_TS, BM, BN, BK)
-        ok = rows < n
-        tl.store(counts_ptr + rows, agnostic_count, mask=ok)
-        tl.store(counts_ptr + n + rows, specific_count, mask=ok)
-        tl.store(stats_ptr + 0 * n + rows, z_max, mask=ok)
-        tl.store(stats_ptr + 1 * n + rows, z_sum, mask=ok)
-        tl.store(stats_ptr + 2 * n + rows, z_agnostic, mask=ok)
-        tl.store(stats_ptr + 3 * n + rows, z_specific, mask=ok)
-        tl.store(stats_ptr + 4 * n + rows, mix_max, mask=ok)
-        tl.store(stats_ptr + 5 * n + rows, mix_sum, mask=ok)
-        tl.store(stats_ptr + 6 * n + rows, mix_agnostic, mask=ok)
-        tl.store(stats_ptr + 7 * n + rows, mix_specific, mask=ok)
+        ok = local < row_count
+        tl.store(counts_ptr + local, agnostic_count, mask=ok)
+        tl.store(counts_ptr + row_count + local, specific_count, mask=ok)
+        tl.store(stats_ptr + 0 * row_count + local, z_max, mask=ok)
+        tl.store(stats_ptr + 1 * row_count + local, z_sum, mask=ok)
+        tl.store(stats_ptr + 2 * row_count + local, z_agnostic, mask=ok)
+        tl.store(stats_ptr + 3 * row_count + local, z_specific, mask=ok)
+        tl.store(stats_ptr + 4 * row_count + local, mix_max, mask=ok)
+        tl.store(stats_ptr + 5 * row_count + local, mix_sum, mask=ok)
+        tl.store(stats_ptr + 6 * row_count + local, mix_agnostic, mask=ok)
+        tl.store(stats_ptr + 7 * row_count + local, mix_specific, mask=ok)
 
     @triton.jit
     def _symmetric_gradient_tile(e_ptr, scales_ptr, out_ptr, local, rows, cols, n, inv_tau, inverse_factor,
@@ -229,22 +230,24 @@ class PairInputs:
         return (self.fn, self.sn, self.r_agnostic, r_specific, self.pattern, self.z, self.z_mix), has_ts
 
 
-def row_statistics(inputs: PairInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-anchor sums over all N patches.
+def row_statistics(inputs: PairInputs, rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-anchor sums over all N patches, for the M anchors ``rows`` (None: all N).
 
     Returns:
-        counts (2, N) int32: |TA(i)|, |TS(i)| (0 without TS);
-        stats (2, 4, N) float32, per embedding (z, z_mix): max_{C(i)} l_ij (-inf if C(i) is empty),
+        counts (2, M) int32: |TA(i)|, |TS(i)| (0 without TS);
+        stats (2, 4, M) float32, per embedding (z, z_mix): max_{C(i)} l_ij (-inf if C(i) is empty),
         sum_{C(i)} exp(l_ij - max), sum_{TA(i)} l_ij, sum_{TS(i)} l_ij.
     """
     n = inputs.n
+    rows = rows or slice(0, n)
+    m = rows.stop - rows.start
     device = inputs.fn.device
-    counts = torch.empty(2, n, dtype=torch.int32, device=device)
-    stats = torch.empty(2, 4, n, dtype=torch.float32, device=device)
+    counts = torch.empty(2, m, dtype=torch.int32, device=device)
+    stats = torch.empty(2, 4, m, dtype=torch.float32, device=device)
     tensors, has_ts = inputs.kernel_arguments()
-    grid = lambda meta: (triton.cdiv(n, meta["BM"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(m, meta["BM"]),)  # noqa: E731
     _row_statistics_kernel[grid](
-        *tensors, counts, stats, n, inputs.hw, 1.0 / inputs.tau,
+        *tensors, counts, stats, n, inputs.hw, 1.0 / inputs.tau, rows.start, m,
         C=inputs.fn.shape[1], D=inputs.z.shape[1], HAS_TS=has_ts,
     )
     return counts, stats

@@ -39,12 +39,14 @@ def triton_loss_and_gradients(
         inputs.task_agnostic, inputs.task_specific, inputs.agnostic_thresholds,
         inputs.specific_thresholds if lmbd != 0.0 else None, pattern, sources, tau,
     )
-    counts, stats = triton_kernels.row_statistics(pairs)
-    per_image = counts.view(2, n // hw, hw)
+    images = settings.images(n // hw)
+    own = slice(images.start * hw, images.stop * hw)  # the anchors this call sums (all, or a rank's)
+    counts, stats = triton_kernels.row_statistics(pairs, own)
+    per_image = counts.view(2, len(images), hw)
     by_image = anchor_terms(per_image[0], per_image[1], settings, n // hw, torch.float32)
-    terms = AnchorTerms(*(t.reshape(n) for t in by_image))
+    terms = AnchorTerms(*(t.reshape(-1) for t in by_image))
     kept, weight_sums, coefficients = terms
-    row_max, exp_sum, agnostic_sum, specific_sum = stats.unbind(1)  # each (2, N): z and z_mix
+    row_max, exp_sum, agnostic_sum, specific_sum = stats.unbind(1)  # each (2, M): z and z_mix
     shift = torch.where(torch.isfinite(row_max), row_max, 0.0)  # anchors with an empty contrast set
     values = agnostic_sum + lmbd * specific_sum - weight_sums * (shift + exp_sum.log())
     total = torch.where(kept, coefficients * values, 0.0).sum()
@@ -52,13 +54,15 @@ def triton_loss_and_gradients(
         return -total, [None, None]
     # g_ij = c_i (W_i p_ij - w_ij) / tau, p_ij = exp(l_ij - shift_i) / exp_sum_i over C(i).
     softmax_scale = torch.where(kept, coefficients * weight_sums / exp_sum, 0.0) / tau
-    scales = torch.stack([shift, softmax_scale, (coefficients / tau).expand_as(shift)], dim=1)  # (2, 3, N)
+    # Anchors outside ``own`` have scales 0: their g_ij vanish, so G_ij = g_ij for j outside ``own``.
+    scales = torch.zeros(2, 3, n, dtype=torch.float32, device=device)
+    scales[:, :, own] = torch.stack([shift, softmax_scale, (coefficients / tau).expand_as(shift)], dim=1)
     factor = 1.0
     if matmul_dtype == torch.float16:  # G / factor: |G_ij| <= |g_ij| + |g_ji| <= factor
         factor = float(2 * pair_gradient_bound(terms, lmbd, tau))
     grads = [torch.zeros(e.shape, dtype=torch.float32, device=device) if want else None
              for e, want in zip(embeddings, want_grads)]
-    _add_pair_gradients(pairs, scales, sources, grads, lmbd, factor, pair_gradient_rows)
+    _add_pair_gradients(pairs, scales, sources, grads, lmbd, factor, pair_gradient_rows, own)
     return -total, grads
 
 
@@ -68,18 +72,24 @@ _PAIR_GRADIENT_ELEMENTS = 1 << 26
 
 def _add_pair_gradients(
     pairs: triton_kernels.PairInputs, scales: torch.Tensor, sources: list[torch.Tensor],
-    grads: list[torch.Tensor | None], lmbd: float, factor: float, block_rows: int,
+    grads: list[torch.Tensor | None], lmbd: float, factor: float, block_rows: int, own: slice,
 ) -> None:
-    """grads (N, D) float32 += G @ e, a block of rows of G at a time; G is written as G / factor."""
+    """grads (N, D) float32 += the gradient of the pairs of the anchors ``own``, a block of rows of G
+    at a time; G is written as G / factor. Rows i of ``own``: G_i @ e. Patches j outside ``own``
+    (a rank's share of a gathered batch) receive sum_{i in own} g_ij e_i, the transposed product."""
     n = pairs.n
     align = triton_kernels.ROW_ALIGNMENT
-    block = min(n, max(align, min(block_rows, _PAIR_GRADIENT_ELEMENTS // n) // align * align))
+    block = min(own.stop - own.start, max(align, min(block_rows, _PAIR_GRADIENT_ELEMENTS // n) // align * align))
     buffers = [None if grad is None else torch.empty(block, n, dtype=source.dtype, device=source.device)
                for grad, source in zip(grads, sources)]
-    for start in range(0, n, block):
-        rows = slice(start, min(start + block, n))
+    for start in range(own.start, own.stop, block):
+        rows = slice(start, min(start + block, own.stop))
         outputs = tuple(None if b is None else b[: rows.stop - rows.start] for b in buffers)
         triton_kernels.symmetric_pair_gradients(pairs, scales, rows, outputs, lmbd, 1.0 / factor)
         for grad, pair_grad, source in zip(grads, outputs, sources):
-            if grad is not None:
-                grad[rows].add_(pair_grad @ source, alpha=factor)  # in float32: the product times factor could underflow
+            if grad is None:
+                continue
+            grad[rows].add_(pair_grad @ source, alpha=factor)  # in float32: the product times factor could underflow
+            for columns in (slice(0, own.start), slice(own.stop, n)):
+                if columns.stop > columns.start:
+                    grad[columns].add_(pair_grad[:, columns].T @ source[rows], alpha=factor)
