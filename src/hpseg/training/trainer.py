@@ -39,6 +39,7 @@ from hpseg.method import (
 from hpseg.runtime import DistributedContext, amp_dtype, init_distributed, resolve_device, seed_everything
 from hpseg.training.cache import open_feature_cache
 from hpseg.training.features import BackboneFeatures, FeatureSource, StepInputs, batch_seeds, epoch_batches
+from hpseg.training.timers import PhaseTimers, device_synchronizer
 from hpseg.training.step import (
     ReferencePools,
     build_learner,
@@ -89,6 +90,7 @@ class Trainer:
                  feature_source: FeatureSource | None = None) -> None:
         self.config, self.run_dir = config, run_dir
         self.device = resolve_device(config.train.device)
+        self.timers = PhaseTimers(device_synchronizer(self.device))  # where the run's time goes (metrics.jsonl)
         self.context: DistributedContext = init_distributed(self.device)
         self.amp_dtype = amp_dtype(config.train.amp, self.device)
         seed_everything(config.train.seed + self.context.rank)
@@ -97,6 +99,8 @@ class Trainer:
         )
         self.backbone.to(self.device)
         self.features: FeatureSource = feature_source or self._default_feature_source()
+        if hasattr(self.features, "timers"):
+            self.features.timers = self.timers  # the loader's waits: timing "loader_wait"
         self.class_names: list[str] = list(self.features.class_names)
         self.learner = build_learner(config, self.backbone.embed_dim, self.device, self.amp_dtype, self.context)
         self.model, self.optimizers, self.scaler = self.learner.model, self.learner.optimizers, self.learner.scaler
@@ -112,6 +116,7 @@ class Trainer:
             )
         self.total_steps = config.train.max_steps or config.train.epochs * self.steps_per_epoch
         self.validation = self._validation_set()
+        self.timers.add("startup", time.perf_counter() - self.timers.started)
 
     # ------------------------------------------------------------------ setup
 
@@ -201,8 +206,9 @@ class Trainer:
         config, state = self.config, self.state
         if state.pools is None:
             self._notice("building reference pools ...")
-            agnostic = self.build_agnostic_pool()
-            state.pools = ReferencePools(agnostic, self.build_specific_pool())
+            with self.timers.phase("initial_pools"):
+                agnostic = self.build_agnostic_pool()
+                state.pools = ReferencePools(agnostic, self.build_specific_pool())
         metrics_file = self.run_dir / "metrics.jsonl"
         writer = _tensorboard(self.run_dir) if self.context.is_main else None
         bar_logger = logger if self.context.is_main else _other_ranks
@@ -216,9 +222,12 @@ class Trainer:
                 steps = self._epoch_steps(epoch, position)
             if renews_pool_before(step, self.steps_per_epoch, config.method.renew_interval,
                                   config.method.renew_counter):
-                state.pools.specific = self.build_specific_pool()
+                self._renew_specific_pool()
             lmbd = lambda_schedule(step, config.method.warmup, self.total_steps)
-            values = self.training_step(next(steps), lmbd)
+            with self.timers.phase("data_wait"):
+                inputs = next(steps)
+            with self.timers.phase("step"):
+                values = self.training_step(inputs, lmbd)
             state.step = step + 1
             values.update(step=state.step, epoch=epoch, **{"lambda": lmbd}, seconds=round(time.time() - started, 3))
             bar.set_postfix(loss=f"{values['loss']:.3f}", hp=f"{values['hp']:.3f}")
@@ -226,6 +235,7 @@ class Trainer:
         bar.close()
         if writer is not None:
             writer.close()
+        self._log_timing(metrics_file)
         return {"steps": state.step, "best_step": state.best_step, "best_score": state.best_score}
 
     def _after_step(self, values: dict[str, Any], metrics_file: Path, writer: Any) -> None:
@@ -247,8 +257,9 @@ class Trainer:
         assert self.validation is not None
         loader = validation_loader(self.validation, batch_size=16, num_workers=self.config.data.num_workers,
                                    context=self.context, max_images=self.config.train.val_max_images)
-        results = evaluate_model(self.model, self.backbone, loader, self.config.method.n_classes, self.device,
-                                 self.amp_dtype)
+        with self.timers.phase("validation"):
+            results = evaluate_model(self.model, self.backbone, loader, self.config.method.n_classes, self.device,
+                                     self.amp_dtype)
         score = selection_score(results)
         if self.context.is_main:
             brief = {key: round(results[key], 4) for key in
@@ -261,7 +272,21 @@ class Trainer:
             if score >= self.state.best_score:
                 self.state.best_score, self.state.best_step = score, self.state.step
                 self.save("best", metrics=results)
+            self._log_timing(metrics_file)
         return results
+
+    def _renew_specific_pool(self) -> None:
+        """A new task-specific pool (spec §3), its duration logged."""
+        assert self.state.pools is not None
+        with self.timers.phase("renewal"):
+            start = time.perf_counter()
+            self.state.pools.specific = self.build_specific_pool()
+        self._notice(f"step {self.state.step}: task-specific pool renewed in {time.perf_counter() - start:.2f} s")
+
+    def _log_timing(self, metrics_file: Path) -> None:
+        """The run's time per phase so far (hpseg.training.timers) as a metrics.jsonl record."""
+        if self.context.is_main:
+            _append_jsonl(metrics_file, {"step": self.state.step, "timing": self.timers.summary()})
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -293,7 +318,8 @@ class Trainer:
         }
 
     def save(self, kind: str, metrics: dict[str, Any] | None = None) -> Path:
-        return save_atomic(self.checkpoint(kind, metrics), self.run_dir / "checkpoints" / f"{kind}.pt")
+        with self.timers.phase("checkpoint"):
+            return save_atomic(self.checkpoint(kind, metrics), self.run_dir / "checkpoints" / f"{kind}.pt")
 
     def restore(self, payload: dict[str, Any]) -> None:
         training = payload["training"]
