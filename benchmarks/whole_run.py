@@ -41,6 +41,7 @@ PHASE_LABELS = {
     "step": "training steps",
     "renewal": "pool renewals",
     "validation": "validations",
+    "validation_features": "  of which computing the validation features",
     "checkpoint": "checkpoint writes",
     "other": "other (logging, loop)",
 }
@@ -80,7 +81,7 @@ def timing_record(run_dir: Path) -> dict[str, Any]:
 def print_breakdown(timing: dict[str, Any]) -> None:
     print(f"| phase | seconds | share | count |\n|---|---|---|---|")
     for name, seconds in timing["seconds"].items():
-        count = timing["counts"].get(name, "") if name != "loader_wait" else ""
+        count = timing["counts"].get(name, "") if not name.endswith(("_wait", "_features")) else ""
         print(f"| {PHASE_LABELS.get(name, name)} | {seconds:.2f} | {100 * timing['shares'][name]:.1f}% | {count} |")
     print(f"| **total** | {timing['total_s']:.2f} | 100% | |")
 

@@ -22,9 +22,11 @@ from typing import Any
 
 import torch
 
-PHASES = ("startup", "initial_pools", "data_wait", "step", "renewal", "validation", "checkpoint")
-#: Phases timed inside another (not added again to the total): the loader's share of ``data_wait``.
-NESTED = {"loader_wait": "data_wait"}
+PHASES = ("startup", "initial_pools", "data_wait", "loader_wait", "step", "renewal", "validation",
+          "validation_features", "checkpoint")
+#: Phases timed inside another (not added again to the total): the loader's share of ``data_wait``,
+#: the validation features' computation (at the first validation) inside ``validation``.
+NESTED = {"loader_wait": "data_wait", "validation_features": "validation"}
 
 
 class PhaseTimers:

@@ -27,7 +27,13 @@ from hpseg.backbones import Backbone, create_backbone
 from hpseg.checkpoints.store import FORMAT, VERSION, load_checkpoint, save_atomic
 from hpseg.config import Config
 from hpseg.data import DatasetLayoutError, ValCrops, build_raw_dataset
-from hpseg.evaluation.protocol import evaluate_model, selection_score, validation_loader
+from hpseg.evaluation.protocol import (
+    evaluate_features,
+    evaluate_model,
+    selection_score,
+    validation_indices,
+    validation_loader,
+)
 from hpseg.logs import progress_bar
 from hpseg.method import (
     ContrastDraw,
@@ -39,7 +45,6 @@ from hpseg.method import (
 from hpseg.runtime import DistributedContext, amp_dtype, init_distributed, resolve_device, seed_everything
 from hpseg.training.cache import open_feature_cache
 from hpseg.training.features import BackboneFeatures, FeatureSource, StepInputs, batch_seeds, epoch_batches
-from hpseg.training.timers import PhaseTimers, device_synchronizer
 from hpseg.training.step import (
     ReferencePools,
     build_learner,
@@ -47,6 +52,8 @@ from hpseg.training.step import (
     specific_pool_maps,
     training_step,
 )
+from hpseg.training.timers import PhaseTimers, device_synchronizer
+from hpseg.training.validation_cache import ValidationFeatures, validation_cache_dir, validation_features
 
 logger = logging.getLogger(__name__)
 # Ranks other than the first show no progress bar: their bars log through a logger that is off.
@@ -116,6 +123,7 @@ class Trainer:
             )
         self.total_steps = config.train.max_steps or config.train.epochs * self.steps_per_epoch
         self.validation = self._validation_set()
+        self.validation_features: ValidationFeatures | None = None  # built at the first validation
         self.timers.add("startup", time.perf_counter() - self.timers.started)
 
     # ------------------------------------------------------------------ setup
@@ -254,12 +262,8 @@ class Trainer:
             self.save("last")
 
     def validate(self, metrics_file: Path, writer: Any) -> dict[str, Any]:
-        assert self.validation is not None
-        loader = validation_loader(self.validation, batch_size=16, num_workers=self.config.data.num_workers,
-                                   context=self.context, max_images=self.config.train.val_max_images)
         with self.timers.phase("validation"):
-            results = evaluate_model(self.model, self.backbone, loader, self.config.method.n_classes, self.device,
-                                     self.amp_dtype)
+            results = self._evaluate()
         score = selection_score(results)
         if self.context.is_main:
             brief = {key: round(results[key], 4) for key in
@@ -274,6 +278,26 @@ class Trainer:
                 self.save("best", metrics=results)
             self._log_timing(metrics_file)
         return results
+
+    def _evaluate(self) -> dict[str, Any]:
+        """The validation metrics of this rank's images, from the validation features when
+        ``data.val_feature_cache`` keeps them (computed at the first call), else with the backbone."""
+        assert self.validation is not None
+        data, n_classes = self.config.data, self.config.method.n_classes
+        if self.validation_features is None:
+            indices = validation_indices(len(self.validation), self.context, self.config.train.val_max_images)
+            cache_dir = validation_cache_dir(data.prepared_path(), self.backbone.spec.name, self.validation.size,
+                                             self.context.rank, self.context.world_size)
+            with self.timers.phase("validation_features"):
+                self.validation_features = validation_features(
+                    data.val_feature_cache, self.validation, indices, self.backbone, self.device, self.amp_dtype,
+                    cache_dir=cache_dir, num_workers=data.num_workers)
+        if self.validation_features is not None:
+            return evaluate_features(self.model, self.validation_features.batches(16, self.device), n_classes,
+                                     self.device)
+        loader = validation_loader(self.validation, batch_size=16, num_workers=data.num_workers,
+                                   context=self.context, max_images=self.config.train.val_max_images)
+        return evaluate_model(self.model, self.backbone, loader, n_classes, self.device, self.amp_dtype)
 
     def _renew_specific_pool(self) -> None:
         """A new task-specific pool (spec §3), its duration logged."""
