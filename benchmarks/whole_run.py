@@ -31,6 +31,7 @@ import torch
 
 from hpseg.config import Config
 from hpseg.data import build_raw_dataset, make_synthetic_dataset, prepare_five_crops
+from hpseg.evaluation.protocol import METRIC_KEYS
 from hpseg.training.trainer import train
 
 PHASE_LABELS = {
@@ -79,11 +80,42 @@ def timing_record(run_dir: Path) -> dict[str, Any]:
 
 
 def print_breakdown(timing: dict[str, Any]) -> None:
-    print(f"| phase | seconds | share | count |\n|---|---|---|---|")
+    print("| phase | seconds | share | count |\n|---|---|---|---|")
     for name, seconds in timing["seconds"].items():
         count = timing["counts"].get(name, "") if not name.endswith(("_wait", "_features")) else ""
         print(f"| {PHASE_LABELS.get(name, name)} | {seconds:.2f} | {100 * timing['shares'][name]:.1f}% | {count} |")
     print(f"| **total** | {timing['total_s']:.2f} | 100% | |")
+
+
+def compare_validation(config: Config, run_dir: Path, repeats: int) -> dict[str, Any]:
+    """One validation of the trained run's model with the backbone (``off``) and from the validation
+    feature cache (in memory), median seconds of ``repeats``; the cache's one-off build time."""
+    from hpseg.checkpoints.store import load_checkpoint
+    from hpseg.training.trainer import Trainer
+
+    timings: dict[str, Any] = {}
+    for setting in ("off", "memory"):
+        trainer = Trainer(config.override([f"data.val_feature_cache={setting}"]), run_dir / f"compare-{setting}")
+        trainer.model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"])
+        start = time.perf_counter()
+        first = trainer._evaluate()  # with the cache: builds it
+        build = time.perf_counter() - start
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            results = trainer._evaluate()
+            seconds.append(time.perf_counter() - start)
+        timings[setting] = {"first_s": build, "median_s": statistics.median(seconds), "all_s": seconds,
+                            "metrics": {key: results[key] for key in METRIC_KEYS}}
+        assert results["linear_confusion"] == first["linear_confusion"]
+    off, cached = timings["off"], timings["memory"]
+    timings["speedup"] = off["median_s"] / cached["median_s"]
+    print(f"one validation ({len(trainer.validation)} images): backbone {off['median_s']:.2f} s, from cached "
+          f"features {cached['median_s']:.2f} s ({timings['speedup']:.1f}x; building the features "
+          f"{cached['first_s'] - cached['median_s']:.2f} s once)")
+    for key in METRIC_KEYS:
+        print(f"  {key}: backbone {off['metrics'][key]:.4f}, cached {cached['metrics'][key]:.4f}")
+    return timings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compare-validation", action="store_true")
-    parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = parser.parse_args(argv)
@@ -125,13 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                                "wall_s": wall, "timing": timing, "torch": torch.__version__,
                                "python": sys.version.split()[0]}
     if args.compare_validation:
-        from validation_compare import compare_validation  # benchmarks/validation_compare.py
-
         results["validation"] = compare_validation(config, run_dir, args.repeats)
-    if args.throughput:
-        from throughput import throughput  # benchmarks/throughput.py
-
-        results["throughput"] = throughput(config, run_dir, args.repeats)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -165,9 +165,12 @@ class Trainer:
             logger.info(message)
 
     def _pool_batches(self) -> list[list[int]]:
+        """Shuffled batches of the crops a pool pass reads: one patch per crop fills the pool after
+        ``pool_size`` crops, so only those are handed to the loader (its workers read no more)."""
         order = torch.randperm(len(self.features), generator=self.pool_generator).tolist()
         size = self.config.train.batch_size
-        return [order[i : i + size] for i in range(0, len(order), size)]
+        needed = -(-self.config.method.pool_size // size) * size
+        return [order[i : i + size] for i in range(0, min(len(order), needed), size)]
 
     @torch.no_grad()
     def build_agnostic_pool(self) -> torch.Tensor:
