@@ -40,7 +40,13 @@ from hpseg.backbones import Backbone
 from hpseg.data import ValCrops
 from hpseg.files import write_json_atomic
 from hpseg.runtime import autocast
-from hpseg.training.cache.identity import backbone_identity, files_ok, identity_mismatches, read_json
+from hpseg.training.cache.identity import (
+    FORMAT_AND_BACKBONE_CHECKED,
+    backbone_identity,
+    files_ok,
+    identity_mismatches,
+    read_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +55,7 @@ VERSION = 1
 SETTINGS = ("auto", "memory", "disk", "off")
 _SAMPLED_IMAGES = 8
 _CHECKED = [
-    (("format",), "format"),
-    (("version",), "format version"),
-    (("backbone", "name"), "backbone"),
-    (("backbone", "fingerprint"), "backbone weights (fingerprint)"),
-    (("backbone", "patch_size"), "patch size"),
-    (("backbone", "embed_dim"), "feature width C"),
-    (("backbone", "num_prefix_tokens"), "prefix tokens"),
+    *FORMAT_AND_BACKBONE_CHECKED,
     (("val_size",), "validation size"),
     (("interpolation",), "image interpolation"),
     (("grid",), "patch grid"),

@@ -97,7 +97,8 @@ def cache_identity(backbone: Backbone, crops: TrainCrops, sigma: float, fingerpr
     }
 
 
-_CHECKED = [
+#: The fields of :func:`backbone_identity` (under "backbone") with the format, as every cache checks them.
+FORMAT_AND_BACKBONE_CHECKED = [
     (("format",), "format"),
     (("version",), "format version"),
     (("backbone", "name"), "backbone"),
@@ -105,6 +106,9 @@ _CHECKED = [
     (("backbone", "patch_size"), "patch size"),
     (("backbone", "embed_dim"), "feature width C"),
     (("backbone", "num_prefix_tokens"), "prefix tokens"),
+]
+_CHECKED = [
+    *FORMAT_AND_BACKBONE_CHECKED,
     (("crop_size",), "crop size"),
     (("grid",), "patch grid"),
     (("lhp", "sigma"), "LHP sigma"),
