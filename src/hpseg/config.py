@@ -36,6 +36,10 @@ class DataConfig:
     # <prepared_dir>/feature_cache/<backbone> when it exists (it must then be valid); a path = that
     # cache (must be valid); "off" = always compute features with the backbone.
     feature_cache: str | None = None
+    # Validation features computed once per run (hpseg.training.validation_cache): "auto" = in
+    # device memory when they fit, else memory-mapped beside the feature cache; "memory" | "disk" |
+    # "off" (the backbone runs on the validation images at every validation).
+    val_feature_cache: str = "auto"
 
     def prepared_path(self) -> Path:
         """Where ``hpseg prepare`` writes the five-crop training set and training reads it."""

@@ -35,13 +35,16 @@ logger = logging.getLogger(__name__)
 METRIC_KEYS = ("unsupervised_accuracy", "unsupervised_miou", "linear_accuracy", "linear_miou")
 
 
+def validation_indices(n_images: int, context: DistributedContext, max_images: int = 0) -> list[int]:
+    """The validation images this rank evaluates: every world_size-th of the first ``max_images`` (0: all)."""
+    n = min(n_images, max_images) if max_images > 0 else n_images
+    return list(range(context.rank, n, context.world_size))
+
+
 def validation_loader(dataset: Dataset, batch_size: int, num_workers: int, context: DistributedContext,
                       max_images: int = 0) -> DataLoader:
     """Sequential loader over (this rank's share of) the validation set."""
-    n = len(dataset)  # type: ignore[arg-type]
-    if max_images > 0:
-        n = min(n, max_images)
-    indices = list(range(context.rank, n, context.world_size))
+    indices = validation_indices(len(dataset), context, max_images)  # type: ignore[arg-type]
     return DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers, shuffle=False,
                       generator=torch.Generator().manual_seed(0))
 
@@ -91,15 +94,31 @@ def evaluate_model(
     label (B, S, S). Returns fractions in [0, 1] under the keys of ``METRIC_KEYS`` plus per-class
     IoU lists and matched confusion matrices.
     """
+    def feature_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        for batch in batches:
+            with autocast(device, amp_dtype):
+                features = backbone(batch["image"].to(device)).features
+            yield features.float(), batch["label"].to(device), batch["rgb"] if crf else None
+
+    return evaluate_features(model, feature_batches(), n_classes, device)
+
+
+@torch.no_grad()
+def evaluate_features(
+    model: HiddenPositivesModel,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    n_classes: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """:func:`evaluate_model` from the backbone features already computed (the validation
+    feature cache): ``batches`` yield (B, C, h, w) float features f, (B, S, S) int64 labels on
+    ``device`` and (B, 3, S, S) uint8 images for the CRF, or None without it."""
     was_training = model.training
     model.eval()
     cluster = SegmentationMetrics(n_classes, n_pred=model.cluster_probe.n_clusters, hungarian=True)
     linear = SegmentationMetrics(n_classes, hungarian=False)
-    for batch in progress_bar(batches, logger, desc="evaluate", leave=False):
-        labels = batch["label"].to(device)
-        with autocast(device, amp_dtype):
-            features = backbone(batch["image"].to(device)).features
-        maps = label_maps(model, features.float(), tuple(labels.shape[-2:]), batch["rgb"] if crf else None)
+    for features, labels, crf_images in progress_bar(batches, logger, desc="evaluate", leave=False):
+        maps = label_maps(model, features, tuple(labels.shape[-2:]), crf_images)
         cluster.update(maps.clusters.to(device), labels)
         linear.update(maps.classes.to(device), labels)
     model.train(was_training)
@@ -111,7 +130,8 @@ def selection_score(results: dict[str, Any]) -> float:
     return float(sum(results[key] for key in METRIC_KEYS))
 
 
-__all__ = ["METRIC_KEYS", "evaluate_model", "kmeans_label_maps", "selection_score", "validation_loader"]
+__all__ = ["METRIC_KEYS", "evaluate_features", "evaluate_model", "kmeans_label_maps", "selection_score",
+           "validation_indices", "validation_loader"]
 
 
 # ---------------------------------------------------------------------------- the DINO baseline

@@ -19,6 +19,7 @@ from hpseg.backbones import Backbone, BackboneOutput
 from hpseg.data import TrainCrops
 from hpseg.method.local_positives import attention_neighbour_weights
 from hpseg.runtime import autocast
+from hpseg.training.timers import PhaseTimers, timed_iteration
 
 CLAMP_QUANTILES = (0.1, 0.9)  # the defaults of attention_neighbour_weights (spec §4 step 2)
 
@@ -135,6 +136,12 @@ class CropsSource:
     """The part of a feature source that the prepared training crops (``dataset``) answer."""
 
     dataset: TrainCrops
+    #: The run's timers (set by the trainer): the wait on the loader is counted as ``loader_wait``.
+    timers: PhaseTimers | None = None
+
+    def loader_batches(self, loader: DataLoader) -> Iterator[dict[str, Any]]:
+        """The loader's batches, each wait timed as ``loader_wait`` when ``timers`` is set."""
+        return timed_iteration(loader, self.timers, "loader_wait")
 
     @property
     def class_names(self) -> list[str]:
@@ -166,7 +173,7 @@ class BackboneFeatures(CropsSource):
         self.sigma, self.device, self.amp_dtype, self.num_workers = sigma, device, amp_dtype, num_workers
 
     def steps(self, batches: Sequence[list[int]], seeds: Sequence[int]) -> Iterator[StepInputs]:
-        for batch in make_loader(self.dataset, batches, self.num_workers, self.device, seeds):
+        for batch in self.loader_batches(make_loader(self.dataset, batches, self.num_workers, self.device, seeds)):
             images = batch["image"].to(self.device, non_blocking=True)
             with torch.no_grad(), autocast(self.device, self.amp_dtype):
                 out = self.backbone(images, with_attention=True)

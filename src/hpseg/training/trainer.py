@@ -30,7 +30,13 @@ from hpseg.checkpoints.runs import selection_text
 from hpseg.checkpoints.store import FORMAT, VERSION, load_checkpoint, save_atomic
 from hpseg.config import Config
 from hpseg.data import DatasetLayoutError, ValCrops, build_raw_dataset
-from hpseg.evaluation.protocol import evaluate_model, selection_score, validation_loader
+from hpseg.evaluation.protocol import (
+    evaluate_features,
+    evaluate_model,
+    selection_score,
+    validation_indices,
+    validation_loader,
+)
 from hpseg.logs import progress_bar
 from hpseg.method import (
     ContrastDraw,
@@ -50,6 +56,8 @@ from hpseg.training.step import (
     specific_pool_maps,
     training_step,
 )
+from hpseg.training.timers import PhaseTimers, device_synchronizer
+from hpseg.training.validation_cache import ValidationFeatures, validation_cache_dir, validation_features
 
 logger = logging.getLogger(__name__)
 # Ranks other than the first show no progress bar: their bars log through a logger that is off.
@@ -95,6 +103,7 @@ class Trainer:
                  feature_source: FeatureSource | None = None) -> None:
         self.config, self.run_dir = config, run_dir
         self.device = resolve_device(config.train.device)
+        self.timers = PhaseTimers(device_synchronizer(self.device))  # where the run's time goes (metrics.jsonl)
         self.context: DistributedContext = init_distributed(self.device)
         self.amp_dtype = amp_dtype(config.train.amp, self.device)
         # One seed for what every rank builds (backbone, heads); see _seed_ranks for the rest.
@@ -105,6 +114,8 @@ class Trainer:
         )
         self.backbone.to(self.device)
         self.features: FeatureSource = feature_source or self._default_feature_source()
+        if hasattr(self.features, "timers"):
+            self.features.timers = self.timers  # the loader's waits: timing "loader_wait"
         self.class_names: list[str] = list(self.features.class_names)
         self.learner = build_learner(config, self.backbone.embed_dim, self.device, self.amp_dtype, self.context)
         self.model, self.optimizers, self.scaler = self.learner.model, self.learner.optimizers, self.learner.scaler
@@ -123,6 +134,8 @@ class Trainer:
         self.validation = self._validation_set()
         self.label_free_batches = label_free_batches(len(self.features), config.train.label_free_crops,
                                                      config.train.batch_size, config.train.seed + 3)
+        self.validation_features: ValidationFeatures | None = None  # built at the first validation
+        self.timers.add("startup", time.perf_counter() - self.timers.started)
 
     # ------------------------------------------------------------------ setup
 
@@ -170,10 +183,13 @@ class Trainer:
             logger.info(message)
 
     def _pool_batches(self) -> list[list[int]]:
-        """A shuffled pass in global batches (under torchrun: a tail of fewer crops than ranks is left out)."""
+        """Shuffled global batches of the crops a pool pass reads: one patch per crop fills the pool
+        after ``pool_size`` crops, so only those are handed to the loader (its workers read no more);
+        under torchrun a tail of fewer crops than ranks is left out."""
         order = torch.randperm(len(self.features), generator=self.pool_generator).tolist()
         size = self.config.train.batch_size
-        batches = [order[i : i + size] for i in range(0, len(order), size)]
+        needed = -(-self.config.method.pool_size // size) * size
+        batches = [order[i : i + size] for i in range(0, min(len(order), needed), size)]
         return [batch for batch in batches if len(batch) >= self.context.world_size]
 
     def _pool(self, maps_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -229,8 +245,9 @@ class Trainer:
         config, state = self.config, self.state
         if state.pools is None:
             self._notice("building reference pools ...")
-            agnostic = self.build_agnostic_pool()
-            state.pools = ReferencePools(agnostic, self.build_specific_pool())
+            with self.timers.phase("initial_pools"):
+                agnostic = self.build_agnostic_pool()
+                state.pools = ReferencePools(agnostic, self.build_specific_pool())
         metrics_file = self.run_dir / "metrics.jsonl"
         writer = _tensorboard(self.run_dir) if self.context.is_main else None
         bar_logger = logger if self.context.is_main else _other_ranks
@@ -244,9 +261,12 @@ class Trainer:
                 steps = self._epoch_steps(epoch, position)
             if renews_pool_before(step, self.steps_per_epoch, config.method.renew_interval,
                                   config.method.renew_counter):
-                state.pools.specific = self.build_specific_pool()
+                self._renew_specific_pool()
             lmbd = lambda_schedule(step, config.method.warmup, self.total_steps)
-            values = self.training_step(next(steps), lmbd)
+            with self.timers.phase("data_wait"):
+                inputs = next(steps)
+            with self.timers.phase("step"):
+                values = self.training_step(inputs, lmbd)
             state.step = step + 1
             values.update(step=state.step, epoch=epoch, **{"lambda": lmbd}, seconds=round(time.time() - started, 3))
             bar.set_postfix(loss=f"{values['loss']:.3f}", hp=f"{values['hp']:.3f}")
@@ -254,6 +274,7 @@ class Trainer:
         bar.close()
         if writer is not None:
             writer.close()
+        self._log_timing(metrics_file)
         return {"steps": state.step, "best_step": state.best_step, "best_score": state.best_score,
                 "unsupervised_step": state.unsupervised_step}
 
@@ -278,11 +299,8 @@ class Trainer:
                 self.save("last")
 
     def validate(self, metrics_file: Path, writer: Any) -> dict[str, Any]:
-        assert self.validation is not None
-        loader = validation_loader(self.validation, batch_size=16, num_workers=self.config.data.num_workers,
-                                   context=self.context, max_images=self.config.train.val_max_images)
-        results = evaluate_model(self.model, self.backbone, loader, self.config.method.n_classes, self.device,
-                                 self.amp_dtype)
+        with self.timers.phase("validation"):
+            results = self._evaluate()
         score = selection_score(results)
         if self.context.is_main:
             brief = {key: round(results[key], 4) for key in
@@ -297,6 +315,7 @@ class Trainer:
             if score >= self.state.best_score and self.config.train.selection == "best":
                 self.state.best_score, self.state.best_step = score, self.state.step
                 self.save("best", metrics=results)
+            self._log_timing(metrics_file)
         return results
 
     @torch.no_grad()
@@ -312,6 +331,39 @@ class Trainer:
                 state.unsupervised_score, state.unsupervised_step = scores[train.unsupervised_criterion], state.step
                 self.save("unsupervised", metrics={"label_free": scores})
         return scores
+
+    def _evaluate(self) -> dict[str, Any]:
+        """The validation metrics of this rank's images, from the validation features when
+        ``data.val_feature_cache`` keeps them (computed at the first call), else with the backbone."""
+        assert self.validation is not None
+        data, n_classes = self.config.data, self.config.method.n_classes
+        if self.validation_features is None:
+            indices = validation_indices(len(self.validation), self.context, self.config.train.val_max_images)
+            cache_dir = validation_cache_dir(data.prepared_path(), self.backbone.spec.name, self.validation.size,
+                                             self.context.rank, self.context.world_size)
+            with self.timers.phase("validation_features"):
+                self.validation_features = validation_features(
+                    data.val_feature_cache, self.validation, indices, self.backbone, self.device, self.amp_dtype,
+                    cache_dir=cache_dir, num_workers=data.num_workers)
+        if self.validation_features is not None:
+            return evaluate_features(self.model, self.validation_features.batches(16, self.device), n_classes,
+                                     self.device)
+        loader = validation_loader(self.validation, batch_size=16, num_workers=data.num_workers,
+                                   context=self.context, max_images=self.config.train.val_max_images)
+        return evaluate_model(self.model, self.backbone, loader, n_classes, self.device, self.amp_dtype)
+
+    def _renew_specific_pool(self) -> None:
+        """A new task-specific pool (spec §3), its duration logged."""
+        assert self.state.pools is not None
+        with self.timers.phase("renewal"):
+            start = time.perf_counter()
+            self.state.pools.specific = self.build_specific_pool()
+        self._notice(f"step {self.state.step}: task-specific pool renewed in {time.perf_counter() - start:.2f} s")
+
+    def _log_timing(self, metrics_file: Path) -> None:
+        """The run's time per phase so far (hpseg.training.timers) as a metrics.jsonl record."""
+        if self.context.is_main:
+            _append_jsonl(metrics_file, {"step": self.state.step, "timing": self.timers.summary()})
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -344,7 +396,8 @@ class Trainer:
         }
 
     def save(self, kind: str, metrics: dict[str, Any] | None = None) -> Path:
-        return save_atomic(self.checkpoint(kind, metrics), self.run_dir / "checkpoints" / f"{kind}.pt")
+        with self.timers.phase("checkpoint"):
+            return save_atomic(self.checkpoint(kind, metrics), self.run_dir / "checkpoints" / f"{kind}.pt")
 
     def restore(self, payload: dict[str, Any]) -> None:
         training = payload["training"]

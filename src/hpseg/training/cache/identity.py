@@ -40,6 +40,17 @@ class FeatureCacheError(ValueError):
     """A feature cache that cannot be built or used; the message names the directory and the fix."""
 
 
+def backbone_identity(backbone: Backbone, fingerprint: str | None = None) -> dict[str, Any]:
+    """What identifies a backbone's features: name, weights fingerprint, patch size, width, prefix tokens."""
+    return {
+        "name": backbone.spec.name,
+        "fingerprint": fingerprint or backbone_fingerprint(backbone),
+        "patch_size": backbone.patch_size,
+        "embed_dim": backbone.embed_dim,
+        "num_prefix_tokens": backbone.num_prefix_tokens,
+    }
+
+
 def backbone_fingerprint(backbone: Backbone) -> str:
     """A hash of every tensor (names, dtypes, shapes, values) of the backbone's state dict.
 
@@ -78,13 +89,7 @@ def cache_identity(backbone: Backbone, crops: TrainCrops, sigma: float, fingerpr
     return {
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
-        "backbone": {
-            "name": backbone.spec.name,
-            "fingerprint": fingerprint or backbone_fingerprint(backbone),
-            "patch_size": backbone.patch_size,
-            "embed_dim": backbone.embed_dim,
-            "num_prefix_tokens": backbone.num_prefix_tokens,
-        },
+        "backbone": backbone_identity(backbone, fingerprint),
         "crop_size": size,
         "grid": [h, w],
         "lhp": {"sigma": float(sigma), "clamp_quantiles": list(CLAMP_QUANTILES)},
@@ -92,7 +97,8 @@ def cache_identity(backbone: Backbone, crops: TrainCrops, sigma: float, fingerpr
     }
 
 
-_CHECKED = [
+#: The fields of :func:`backbone_identity` (under "backbone") with the format, as every cache checks them.
+FORMAT_AND_BACKBONE_CHECKED = [
     (("format",), "format"),
     (("version",), "format version"),
     (("backbone", "name"), "backbone"),
@@ -100,6 +106,9 @@ _CHECKED = [
     (("backbone", "patch_size"), "patch size"),
     (("backbone", "embed_dim"), "feature width C"),
     (("backbone", "num_prefix_tokens"), "prefix tokens"),
+]
+_CHECKED = [
+    *FORMAT_AND_BACKBONE_CHECKED,
     (("crop_size",), "crop size"),
     (("grid",), "patch grid"),
     (("lhp", "sigma"), "LHP sigma"),
@@ -121,10 +130,12 @@ def lookup(record: dict[str, Any], keys: tuple[str, ...]) -> Any:
     return record
 
 
-def identity_mismatches(found: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """One line per identity field that differs between a cache's record and the wanted identity."""
+def identity_mismatches(found: dict[str, Any], wanted: dict[str, Any],
+                        checked: list[tuple[tuple[str, ...], str]] | None = None) -> list[str]:
+    """One line per identity field (``checked``: key path and label; default the training
+    cache's fields) that differs between a cache's record and the wanted identity."""
     out = []
-    for keys, label in _CHECKED:
+    for keys, label in checked if checked is not None else _CHECKED:
         have, want = lookup(found, keys), lookup(wanted, keys)
         if have != want:
             out.append(f"{label}: {_short(have)} in the cache, {_short(want)} now")

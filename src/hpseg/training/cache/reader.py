@@ -167,7 +167,7 @@ class CachedFeatures(CropsSource):
         self._maps = _CacheItems(self.cache_dir, self.meta, None)
 
     def steps(self, batches: Sequence[list[int]], seeds: Sequence[int]) -> Iterator[StepInputs]:
-        for batch in make_loader(self._steps, batches, self.num_workers, self.device, seeds):
+        for batch in self.loader_batches(make_loader(self._steps, batches, self.num_workers, self.device, seeds)):
             features = batch["features"].to(self.device, non_blocking=True).float()
             weights = batch["neighbour_weights"].to(self.device, non_blocking=True)
             labels = batch["label"].to(self.device, non_blocking=True)
