@@ -358,6 +358,7 @@ def train(config: Config, *, run_dir: str | Path | None = None, backbone: Backbo
     Progress and notices go to the ``hpseg.training`` loggers (``hpseg.logs``); ``progress`` is
     ignored, kept for callers written before that.
     """
+    config.validate()  # also a config changed in Python after it was built
     run_dir = Path(run_dir) if run_dir else default_run_dir(config)
     if (run_dir / "checkpoints" / "last.pt").exists():
         raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another name")
