@@ -47,6 +47,9 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     except (RuntimeError, EOFError, OSError) as error:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or not a checkpoint): {error}") from None
+    except Exception as error:  # noqa: BLE001 - any other file (text, random bytes) trips the unpickler somewhere
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (the unpickler failed on it: "
+                              f"{type(error).__name__} {error})") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
