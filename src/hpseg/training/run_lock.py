@@ -78,7 +78,7 @@ def _acquire(run_dir: Path, path: Path, mine: dict[str, Any]) -> None:
             f"{run_dir} is being written by another hpseg train (process {holder['pid']} on {where}, since "
             f"{holder.get('started', '?')}): wait for it to finish, or train into another --run-dir; if that "
             f"run is gone, delete {path}")
-    logger.info("%s: taking over the lock left by %s", run_dir,
+    logger.warning("%s: taking over the lock left by %s", run_dir,
                 f"process {holder['pid']}, which is no longer running" if holder else "an interrupted run")
     path.unlink(missing_ok=True)
     if not _create(path, mine) or _holder(path) != mine:  # another process took it over first
