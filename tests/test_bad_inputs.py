@@ -14,10 +14,12 @@ import json
 import logging
 import os
 import pickle
+import random
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -583,3 +585,33 @@ def test_atomic_write_on_a_read_only_folder_names_it(tmp_path: Path) -> None:
     finally:
         folder.chmod(0o755)
 
+
+
+# ------------------------------------------------------------------------------------ kill -9, then --resume
+
+
+def test_a_run_killed_at_a_random_moment_resumes_to_the_uninterrupted_result(data_root: Path, tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    overrides = [*tiny_overrides(data_root, tmp_path / "runs", steps=10), "train.checkpoint_interval=2"]
+    assert run(capsys, "train", *overrides, "--run-dir", str(tmp_path / "whole"))[0] == 0
+    killed = tmp_path / "killed"
+    # One thread, as this process (tests/conftest.py): the same sums in the same order, bit for bit.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "hpseg", "-q", "train", *overrides, "--run-dir", str(killed)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last, deadline = killed / "checkpoints" / "last.pt", time.time() + 300
+    while time.time() < deadline and process.poll() is None and not last.exists():
+        time.sleep(0.05)
+    time.sleep(random.Random().uniform(0.0, 1.0))  # a random moment: between steps, mid-save or mid-log
+    assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+    process.kill()
+    process.wait()
+    assert run(capsys, "train", "--resume", str(killed))[0] == 0
+    whole = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["step"] == whole["step"] == 10
+    for key, tensor in whole["model"].items():
+        torch.testing.assert_close(resumed["model"][key], tensor, rtol=0, atol=0, msg=key)
+    records = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 11))
+    assert temporaries(killed) == []

@@ -43,7 +43,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
         os.replace(temporary, destination)
     except OSError as error:
         temporary.unlink(missing_ok=True)
-        if error.filename is not None:
+        if error.filename is not None or error.errno is None:
             raise
         # A full disk fails in write/flush/fsync, whose errors name no file: name the destination.
         raise type(error)(error.errno, error.strerror, str(destination)) from error

@@ -5,7 +5,8 @@ the same folder is refused with a message naming the folder and the holder. A lo
 killed process is stale -- its host is this machine and no process has its id any more -- and
 is taken over with a notice; a lock held on another host cannot be checked from here, so the
 message says to delete the file once that run is known to be gone. The lock is released when
-the run ends, fails or is interrupted. Under torchrun only the first rank takes it.
+the run ends, fails or is interrupted. Under torchrun only the first rank takes it. The holder
+removes the temporary files a writer killed mid-save left in ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from hpseg.files import remove_stale_temporaries
 
 __all__ = ["LOCK_NAME", "RunLockedError", "run_lock"]
 
@@ -85,6 +88,14 @@ def _acquire(run_dir: Path, path: Path, mine: dict[str, Any]) -> None:
         raise RunLockedError(f"{run_dir} is being written by another hpseg train that started just now")
 
 
+def _remove_leftovers(run_dir: Path) -> None:
+    """The temporaries of a writer killed while saving a checkpoint (only the lock's holder may)."""
+    checkpoints = run_dir / "checkpoints"
+    removed = remove_stale_temporaries(checkpoints) if checkpoints.is_dir() else 0
+    if removed:
+        logger.info("%s: removed %d temporary file(s) left by an interrupted run", checkpoints, removed)
+
+
 @contextmanager
 def run_lock(run_dir: str | Path) -> Iterator[None]:
     """Hold the run folder's lock for the block (created with the folder if need be)."""
@@ -96,6 +107,7 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
     path = run_dir / LOCK_NAME
     mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     _acquire(run_dir, path, mine)
+    _remove_leftovers(run_dir)
     try:
         yield
     finally:
