@@ -8,12 +8,45 @@ line as ``section.field=value`` (e.g. ``train.batch_size=16``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric field: ``low <= value`` (``<`` when ``low_open``) and
+    ``value <= high`` (``<`` when ``high_open``); a bound of None is absent. Values must be finite."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self, dotted: str) -> str:
+        """The range as an inequality, e.g. ``0 < method.rho <= 1``."""
+        if self.high is None and self.low is not None:
+            return f"{dotted} {'>' if self.low_open else '>='} {self.low:g}"
+        low = f"{self.low:g} {'<' if self.low_open else '<='} " if self.low is not None else ""
+        high = f" {'<' if self.high_open else '<='} {self.high:g}" if self.high is not None else ""
+        return f"{low}{dotted}{high}"
+
+
+#: The ranges most fields use.
+AT_LEAST_ONE, NON_NEGATIVE, POSITIVE = Bounds(1), Bounds(0), Bounds(0, low_open=True)
+#: [0, 1) and (0, 1].
+FRACTION_BELOW_ONE, FRACTION_ABOVE_ZERO = Bounds(0, 1, high_open=True), Bounds(0, 1, low_open=True)
 
 
 @dataclass
@@ -25,6 +58,9 @@ class BackboneConfig:
 
 @dataclass
 class DataConfig:
+    # The allowed range of every numeric field (checked by Config.validate, where a config is built).
+    RULES: ClassVar[dict[str, Bounds]] = {"crop_size": AT_LEAST_ONE, "val_size": AT_LEAST_ONE,
+                                          "num_workers": NON_NEGATIVE}
     dataset: str = "cocostuff27"  # cocostuff27 | cityscapes27 | potsdam3 | folder
     root: str = ""
     prepared_dir: str | None = None  # five-crop training set; default <root>/hpseg_prepared/train_<crop_size>
@@ -52,6 +88,12 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
+    RULES: ClassVar[dict[str, Bounds]] = {
+        "dim": AT_LEAST_ONE, "n_classes": AT_LEAST_ONE, "dropout": FRACTION_BELOW_ONE,
+        "ema_momentum": FRACTION_BELOW_ONE, "pool_size": AT_LEAST_ONE, "renew_interval": AT_LEAST_ONE,
+        "rho": FRACTION_ABOVE_ZERO, "tau": POSITIVE, "tau_base": POSITIVE, "warmup": NON_NEGATIVE,
+        "alpha": NON_NEGATIVE, "sigma": POSITIVE, "chunk_size": NON_NEGATIVE, "extra_clusters": NON_NEGATIVE,
+    }
     dim: int = 512  # D, segmentation feature width
     n_classes: int = 27  # K, clusters of the cluster probe and classes of the linear probe
     # Over-clustering (STEGO / PiCIE): the cluster probe (and the k-means baseline) get
@@ -84,6 +126,10 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
+    RULES: ClassVar[dict[str, Bounds]] = {
+        "head_lr": NON_NEGATIVE, "head_weight_decay": NON_NEGATIVE, "projection_lr": NON_NEGATIVE,
+        "linear_lr": NON_NEGATIVE, "cluster_lr": NON_NEGATIVE, "grad_clip": POSITIVE,
+    }
     head_lr: float = 5e-4
     head_weight_decay: float = 0.1
     projection_lr: float = 5e-4
@@ -94,6 +140,11 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
+    RULES: ClassVar[dict[str, Bounds]] = {
+        "batch_size": AT_LEAST_ONE, "epochs": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "seed": NON_NEGATIVE,
+        "val_interval": AT_LEAST_ONE, "val_max_images": NON_NEGATIVE, "log_interval": AT_LEAST_ONE,
+        "checkpoint_interval": AT_LEAST_ONE, "label_free_crops": NON_NEGATIVE,
+    }
     batch_size: int = 64  # the global batch: under torchrun split evenly over the ranks
     # Under torchrun: "global" finds each anchor's positives among all patches of the global batch
     # (the method, as one process); "local" within the rank's own batch_size / ranks images only
@@ -148,7 +199,7 @@ class Config:
                 raise ValueError(f"unknown config section {section!r}; expected one of {_sections()}")
             for key, value in entries.items():
                 _set_field(getattr(config, section), f"{section}.{key}", key, value)
-        return config.check()
+        return config.validate()
 
     def override(self, assignments: list[str]) -> Config:
         """Apply ``section.field=value`` strings (values parsed as YAML scalars)."""
@@ -161,18 +212,25 @@ class Config:
             section, key = dotted.split(".")
             if section not in _sections():
                 raise ValueError(f"unknown config section {section!r}; expected one of {_sections()}")
-            _set_field(getattr(self, section), dotted, key, yaml.safe_load(raw) if raw else None)
-        return self.check()
+            _set_field(getattr(self, section), dotted, key, _parse_value(assignment, raw))
+        return self.validate()
 
-    def check(self) -> Config:
-        """Value checks that types alone cannot express; returns ``self``."""
-        if self.method.extra_clusters < 0:
-            raise ValueError(f"method.extra_clusters={self.method.extra_clusters}: must be 0 or more")
-        if self.train.label_free_crops < 0:
-            raise ValueError(f"train.label_free_crops={self.train.label_free_crops}: must be 0 or more")
+    def validate(self) -> Config:
+        """``self`` if every field is within its section's ``RULES`` and the run has steps; else a
+        ValueError naming the key, the value and the allowed range."""
+        for section in _sections():
+            values = getattr(self, section)
+            for key, bounds in getattr(values, "RULES", {}).items():
+                value = getattr(values, key)
+                if not bounds.allows(value):
+                    dotted = f"{section}.{key}"
+                    raise ValueError(f"{dotted}={value!r} is out of range: allowed {bounds.describe(dotted)}")
         if self.train.selection == "unsupervised" and self.train.label_free_crops == 0:
             raise ValueError("train.selection=unsupervised scores checkpoints on train.label_free_crops training "
                              "crops: set train.label_free_crops to 1 or more (default 32)")
+        if self.train.max_steps == 0 and self.train.epochs == 0:
+            raise ValueError("train.epochs=0 with train.max_steps=0 gives no training step: "
+                             "set train.epochs >= 1 or train.max_steps >= 1")
         return self
 
     @property
@@ -184,13 +242,22 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def _parse_value(assignment: str, raw: str) -> Any:
+    """The YAML scalar of an override's value (None when empty)."""
+    try:
+        return yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as error:
+        problem = str(getattr(error, "problem", None) or error).strip()
+        raise ValueError(f"override {assignment!r}: the value {raw!r} is not valid YAML ({problem})") from None
+
+
 def _sections() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
 
 
 def _set_field(obj: Any, dotted: str, key: str, value: Any) -> None:
     hints = get_type_hints(type(obj))
-    if key not in hints:
+    if key not in {f.name for f in dataclasses.fields(obj)}:  # not RULES, a class variable
         names = ", ".join(f.name for f in dataclasses.fields(obj))
         raise ValueError(f"unknown config key {dotted!r}; known keys: {names}")
     setattr(obj, key, _coerce(dotted, hints[key], value))
@@ -243,7 +310,16 @@ def load_preset(name_or_path: str) -> Config:
         if name_or_path not in preset_names():
             raise ValueError(f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())}")
         text = (resources.files("hpseg") / "presets" / f"{name_or_path}.yaml").read_text()
-    values = yaml.safe_load(text) or {}
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = str(getattr(error, "problem", None) or error).strip()
+        raise ValueError(f"config file {name_or_path} is not valid YAML{where}: {problem}") from None
     if not isinstance(values, dict):
         raise ValueError(f"preset {name_or_path}: expected a mapping of sections at the top level")
-    return Config.from_dict(values)
+    try:
+        return Config.from_dict(values)
+    except ValueError as error:
+        raise ValueError(f"config file {name_or_path}: {error}") from None

@@ -26,7 +26,8 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
     """A handle (``mode`` "wb" or "w") whose content replaces ``path`` only if the block succeeds.
 
     Creates missing parent folders. On any exception the temporary file is removed and the
-    exception propagates; ``path`` is untouched.
+    exception propagates (an ``OSError`` that names no file, e.g. a full disk, is raised again
+    naming ``path``); ``path`` is untouched.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
@@ -40,6 +41,12 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, destination)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        if error.filename is not None or error.errno is None:
+            raise
+        # A full disk fails in write/flush/fsync, whose errors name no file: name the destination.
+        raise type(error)(error.errno, error.strerror, str(destination)) from error
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

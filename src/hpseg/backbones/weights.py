@@ -90,7 +90,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             return dict(load_file(str(path), device="cpu"))
         except Exception as exc:  # noqa: BLE001 -- SafetensorError, OSError, ...: all "unreadable"
             raise BackboneWeightsError(
-                f"weights file {str(path)!r} is not a readable safetensors file ({_short(exc)})"
+                f"weights file {str(path)!r} is not a readable safetensors file ({short_error(exc)})"
             ) from None
     if not head.startswith((b"PK\x03\x04", b"\x80")):
         # Neither a zip archive (torch.save) nor a pickle (legacy torch.save): a text file, an
@@ -105,18 +105,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         if "weights only load failed" in str(exc).lower():
             raise BackboneWeightsError(
                 f"weights file {str(path)!r} contains pickled Python objects other than tensors "
-                f"({_unsupported_global(exc)}); it is not loaded because unpickling them could run "
+                f"({unsupported_global(exc)}); it is not loaded because unpickling them could run "
                 "arbitrary code. Save the backbone's state_dict() (or a safetensors file) instead."
             ) from None
         raise BackboneWeightsError(
-            f"weights file {str(path)!r} is not a PyTorch checkpoint ({_short(exc)})"
+            f"weights file {str(path)!r} is not a PyTorch checkpoint ({short_error(exc)})"
         ) from None
     except Exception as exc:  # noqa: BLE001
         # Unpickling garbage can fail with almost any exception type (IndexError, EOFError,
         # RuntimeError for a truncated zip archive, ...): all mean "not a usable checkpoint".
         raise BackboneWeightsError(
             f"weights file {str(path)!r} is not a readable PyTorch checkpoint, or is damaged "
-            f"({type(exc).__name__}: {_short(exc)})"
+            f"({type(exc).__name__}: {short_error(exc)})"
         ) from None
     if not isinstance(obj, Mapping):
         raise BackboneWeightsError(
@@ -130,15 +130,16 @@ def _looks_like_safetensors(head: bytes) -> bool:
     return len(head) >= 9 and head[8:9] == b"{"
 
 
-def _short(exc: BaseException, limit: int = 160) -> str:
+def short_error(exc: BaseException, limit: int = 160) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _unsupported_global(exc: BaseException) -> str:
+def unsupported_global(exc: BaseException) -> str:
     # torch's weights_only message is long; keep the line naming the refused class.
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-    return f"found {match.group(1)}" if match else _short(exc)
+    # "Unsupported global: GLOBAL x.y ..." or, for a blocked module, "unsupported GLOBAL x.y whose module ...".
+    match = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(exc), re.IGNORECASE)
+    return f"found {match.group(1)}" if match else short_error(exc)
 
 
 # --------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def load_weights_file(model: nn.Module, spec: BackboneSpec, path: str | Path) ->
         if not resample_prone:
             raise BackboneWeightsError(
                 f"weights file {str(path)!r}: cannot map its keys to backbone {spec.name!r} "
-                f"({type(exc).__name__}: {_short(exc)})"
+                f"({type(exc).__name__}: {short_error(exc)})"
             ) from None
         mapped = kept  # the file is wrong anyway; describe it under its own key names
 
@@ -332,7 +333,7 @@ def resolve_official_weights(spec: BackboneSpec) -> Path:
             reason = "no connection to the Hugging Face Hub and not in the cache"
             break
         except Exception as exc:  # noqa: BLE001 -- network / HTTP / auth failures: same advice
-            reason = f"{type(exc).__name__}: {_short(exc)}"
+            reason = f"{type(exc).__name__}: {short_error(exc)}"
             break
     raise BackboneWeightsError(_unavailable_message(spec, reason or "no weights file in the repository")) from None
 
@@ -357,7 +358,7 @@ def _resolve_url_weights(spec: BackboneSpec) -> Path:
         torch.hub.download_url_to_file(spec.download_url, str(target), progress=sys.stderr.isatty())
     except Exception as exc:  # noqa: BLE001 -- URLError, HTTPError, OSError, ...: same advice
         raise BackboneWeightsError(_unavailable_message(spec, f"download failed ({type(exc).__name__}: "
-                                                               f"{_short(exc)})")) from None
+                                                               f"{short_error(exc)})")) from None
     return target
 
 

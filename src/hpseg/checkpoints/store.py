@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from hpseg.backbones.weights import short_error, unsupported_global
 from hpseg.files import atomic_write
 
 FORMAT = "hpseg-checkpoint"
@@ -34,19 +35,28 @@ def save_atomic(payload: Any, path: str | Path) -> Path:
 
 
 def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with errors that name the file."""
+    """``torch.load(weights_only=True)`` with errors that name the file and say what it is."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with path.open("rb") as stream:
+        head = stream.read(16)
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        # Neither a zip archive (torch.save) nor a pickle (legacy torch.save): a text file, an image, ...
+        what = "it is empty" if not head else f"it starts with {head!r}"
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({what})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
+        if "weights only load failed" not in str(error).lower():
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint ({short_error(error)})") from None
         raise CheckpointError(
             f"{path}: refused to load — it holds Python objects beyond tensors and plain values "
-            f"(only weights-only checkpoints are loaded, never arbitrary pickles): {error}"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or not a checkpoint): {error}") from None
+            f"({unsupported_global(error)}; only weights-only checkpoints are loaded, never arbitrary pickles, "
+            "whose unpickling could run code)") from None
+    except Exception as error:  # noqa: BLE001 - unpickling garbage fails with almost any exception type
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or damaged: "
+                              f"{type(error).__name__}: {short_error(error)})") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -18,6 +18,7 @@ can use its first half, :func:`read_trained` (the file read once, checked, with 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,10 +97,13 @@ def read_trained(path: str | Path) -> TrainedCheckpoint:
                     "`hpseg import-checkpoint` converts it once for all)", path, reference.backbone_name)
     else:
         payload = check_format(raw, path)
+    if not isinstance(payload.get("config"), dict):
+        raise CheckpointError(f"{path}: incomplete hpseg checkpoint (no 'config' entry: the run's settings are "
+                              "needed to rebuild the model)")
     try:
         config = Config.from_dict(payload["config"])
-    except (KeyError, ValueError, TypeError) as error:
-        raise CheckpointError(f"{path}: incomplete hpseg checkpoint (config: {error})") from None
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: the config inside it is invalid: {error}") from None
     if not isinstance(payload.get("model"), dict):
         raise CheckpointError(f"{path}: incomplete hpseg checkpoint (no model weights)")
     return TrainedCheckpoint(path, payload, config, reference)
@@ -151,8 +155,27 @@ def _trained_heads(checkpoint: TrainedCheckpoint, backbone: Backbone) -> HiddenP
         model.load_state_dict(checkpoint.payload["model"])
     except RuntimeError as error:
         raise CheckpointError(f"{checkpoint.path}: the model weights do not fit backbone {backbone.spec.name!r} and "
-                              f"the config (dim {method.dim}, {method.n_classes} classes): {error}") from None
+                              f"the config inside it (dim {method.dim}, {method.n_classes} classes): "
+                              f"{weight_mismatch_summary(str(error))}") from None
     return model
+
+
+def weight_mismatch_summary(message: str, shown: int = 3) -> str:
+    """``load_state_dict``'s error (a line per tensor) in one line: the first ``shown`` problems
+    and how many more, e.g. ``cluster_probe.centroids is [4, 16] in the file, [4, 8] for the config``."""
+    problems = []
+    for line in message.splitlines():
+        line = line.strip()
+        size = re.match(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[.*?\])\) from "
+                        r"checkpoint, the shape in current model is torch.Size\((\[.*?\])\)", line)
+        if size:
+            problems.append(f"{size[1]} is {size[2]} in the file, {size[3]} for the config")
+        elif line.startswith(("Missing key(s)", "Unexpected key(s)")):
+            problems.append(line.split(" in state_dict")[0].lower() + ": " + line.split(":", 1)[1].strip())
+    if not problems:
+        return message
+    more = f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+    return "; ".join(problems[:shown]) + more
 
 
 @dataclass

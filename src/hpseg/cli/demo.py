@@ -13,7 +13,9 @@
 5. writes ``figure.png`` (validation image | ground truth | baseline | HP, clusters coloured as
    the classes they are matched to) and ``metrics.json``, and explains the numbers.
 
-Everything lands in ``--out``: ``data/`` (dataset and crops), ``run/`` (checkpoints, metrics
+Everything lands in ``--out``, marked as the demo's by ``hpseg-demo.json``
+(:mod:`hpseg.cli.demo_folder`: a later demo replaces only what the demo wrote, and refuses a
+folder holding the user's own ``run/`` or ``data/``): ``data/`` (dataset and crops), ``run/`` (checkpoints, metrics
 log, TensorBoard events, ``eval-last/results.json``), ``figure.png``, ``metrics.json``.
 ``hpseg predict IMAGES --checkpoint <out>/run/checkpoints/last.pt --out DIR`` then segments
 other images with the demo's model.
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -35,6 +36,7 @@ from safetensors.torch import save_file
 
 from hpseg.backbones import Backbone, BackboneOutput, BackboneWeightsError, create_backbone, get_spec
 from hpseg.backbones.weights import resolve_official_weights
+from hpseg.cli.demo_folder import claim_demo_folder
 from hpseg.cli.errors import UsageError
 from hpseg.config import Config
 from hpseg.data import TrainCrops, ValCrops, build_raw_dataset, make_synthetic_dataset, prepare_five_crops
@@ -327,9 +329,6 @@ def _synthetic_data(out: Path, settings: DemoSettings) -> tuple[Path, Path]:
 
 
 def _train(config: Config, run_dir: Path, settings: DemoSettings, torch_device: torch.device) -> None:
-    if run_dir.exists():
-        logger.info("replacing the previous demo run in %s", run_dir)
-        shutil.rmtree(run_dir)
     logger.info("[2/4] training HP for %d steps (batch %d crops of %dpx) on %s", settings.steps, settings.batch_size,
                 settings.crop_size, torch_device)
     train(config, run_dir=run_dir)
@@ -338,7 +337,7 @@ def _train(config: Config, run_dir: Path, settings: DemoSettings, torch_device: 
 def _run(out: Path, settings: DemoSettings, weights: str | None, backbone: str | None,
          torch_device: torch.device) -> dict[str, Any]:
     started = time.time()
-    out.mkdir(parents=True, exist_ok=True)
+    claim_demo_folder(out)  # before anything is written: refuses a folder holding the user's own run/ or data/
     timings: dict[str, float] = {}
     name, weights_file, pretrained = _choose_backbone(out, weights, backbone)
     patch = get_spec(name).patch_size

@@ -31,10 +31,11 @@ from PIL import Image
 
 from hpseg.cli.errors import UsageError
 from hpseg.data import ImageReadError, read_image
+from hpseg.data.datasets import walk_files
 from hpseg.data.images import IMAGE_SUFFIXES
 from hpseg.export.hub import load
 from hpseg.export.runtime import OnnxSegmenter
-from hpseg.files import write_json_atomic
+from hpseg.files import remove_stale_temporaries, write_json_atomic
 from hpseg.inference.crf import require_crf
 from hpseg.inference.segmenter import Segmenter, check_head
 from hpseg.logs import progress_bar
@@ -43,6 +44,9 @@ from hpseg.visualize import index_png, overlay, palette, save_image_atomic, segm
 __all__ = ["collect_images", "predict_paths"]
 
 logger = logging.getLogger(__name__)
+
+#: The folders ``hpseg predict`` writes into ``--out``.
+OUTPUT_FOLDERS = ("labels", "overlays", "figures")
 
 # ---------------------------------------------------------------------------------------- inputs
 
@@ -62,26 +66,42 @@ def _glob_base(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def _walk_images(folder: Path, exclude: Path | None) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames
-            if not d.startswith(".") and (exclude is None or not _is_within(here / d, exclude))
-        )
-        for name in sorted(filenames):
-            if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES):
-                found.append(here / name)
-    return found
+def _walk_images(folder: Path, exclude: Path | None, problems: list[tuple[str, str]]) -> list[Path]:
+    """The images under ``folder`` (links followed, each folder read once), in path order; the
+    folders left out (unreadable, reached twice through a link) are added to ``problems``."""
+    files, left_out = walk_files(folder, lambda name: name.lower().endswith(IMAGE_SUFFIXES))
+    problems.extend((str(path), f"folder left out: {reason}") for path, reason in left_out)
+    folders = {file.parent: None for file in files}  # in the walk's order: a folder's files before its subfolders'
+    order = {parent: index for index, parent in enumerate(folders)}
+    kept = [f for f in files if exclude is None or not _is_within(f, exclude)]
+    return sorted(kept, key=lambda f: (order[f.parent], f.name))
 
 
 def _is_within(path: Path, folder: Path) -> bool:
     try:
         path.resolve().relative_to(folder.resolve())
         return True
-    except ValueError:
+    except (ValueError, RuntimeError, OSError):  # not below it, or a symlink loop (it is nowhere)
         return False
+
+
+def _resolved(path: Path) -> Path | None:
+    """``path`` with its links resolved, None for a symlink loop (RuntimeError before Python 3.13)."""
+    try:
+        return path.resolve(strict=True)
+    except (RuntimeError, OSError):
+        return None
+
+
+def check_out_folder(inputs: Sequence[str], out: Path) -> None:
+    """Refuse an input folder or file inside ``out`` (outside an earlier prediction's own folders):
+    its images would be left out as outputs, and ``out/labels/`` could be a dataset's labels."""
+    for argument in inputs:
+        path = Path(_glob_base(argument) if _has_magic(argument) and not Path(argument).exists() else argument)
+        if path.exists() and _is_within(path, out) and not any(_is_within(path, out / sub) for sub in OUTPUT_FOLDERS):
+            raise UsageError(f"the input {argument} lies inside --out {out}: the outputs ({', '.join(OUTPUT_FOLDERS)}) "
+                             "would mix with the inputs (and a dataset's labels/ would be overwritten); pick an "
+                             "--out folder outside the inputs")
 
 
 @dataclass
@@ -112,7 +132,7 @@ def collect_images(inputs: Sequence[str], exclude: str | Path | None = None) -> 
             for match in matches:
                 m = Path(match)
                 if m.is_dir():
-                    files.extend(_walk_images(m, exclude_path))
+                    files.extend(_walk_images(m, exclude_path, problems))
                 elif not m.name.startswith("."):
                     files.append(m)
             if not files:
@@ -120,12 +140,14 @@ def collect_images(inputs: Sequence[str], exclude: str | Path | None = None) -> 
             base = _glob_base(argument)
             found.extend((f, base) for f in files)
         elif path.is_dir():
-            files = _walk_images(path, exclude_path)
+            files = _walk_images(path, exclude_path, problems)
             if not files:
                 problems.append((argument, f"no images ({', '.join(IMAGE_SUFFIXES)}) in this folder"))
             found.extend((f, path) for f in files)
         elif path.exists():
             found.append((path, path.parent))
+        elif path.is_symlink():
+            problems.append((argument, "a broken link or a symlink loop"))
         else:
             problems.append((argument, "no such file or folder"))
 
@@ -134,7 +156,10 @@ def collect_images(inputs: Sequence[str], exclude: str | Path | None = None) -> 
     for file, base in found:
         if exclude_path is not None and _is_within(file, exclude_path):
             continue
-        key = file.resolve()
+        key = _resolved(file)
+        if key is None:
+            problems.append((str(file), "a broken link or a symlink loop (it points to itself)"))
+            continue
         if key not in seen:
             seen.add(key)
             unique.append((file, base))
@@ -204,6 +229,7 @@ def _summary(segmenter: Segmenter | OnnxSegmenter, checkpoint: str | Path, head:
 
 def _jobs_or_fail(inputs: Sequence[str], out: Path) -> tuple[list[ImageJob], list[dict[str, str]]]:
     """The images to segment and the arguments skipped (logged); UsageError when there is none."""
+    check_out_folder(inputs, out)
     jobs, problems = collect_images(inputs, exclude=out)
     skipped = [{"path": argument, "reason": reason} for argument, reason in problems]
     for entry in skipped:
@@ -211,6 +237,25 @@ def _jobs_or_fail(inputs: Sequence[str], out: Path) -> tuple[list[ImageJob], lis
     if not jobs:
         raise UsageError("no images to segment in " + ", ".join(map(str, inputs)))
     return jobs, skipped
+
+
+def _check_sizes(**values: int | None) -> None:
+    """--batch-size at least 1, --size and --window not negative (None: the default)."""
+    for name, value in values.items():
+        lowest = 1 if name == "batch_size" else 0
+        if value is not None and value < lowest:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least {lowest}")
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete the temporary files a killed ``hpseg predict`` left in ``out``'s output folders."""
+    folders = [dirpath for sub in OUTPUT_FOLDERS for dirpath, _, _ in os.walk(out / sub)]
+    stale = list(out.glob(".predictions.json.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    removed = len(stale) + sum(remove_stale_temporaries(folder) for folder in folders)
+    if removed:
+        logger.info("removed %d temporary file(s) left in %s by an interrupted run", removed, out)
 
 
 def _segment_all(segmenter: Segmenter | OnnxSegmenter, jobs: list[ImageJob], out: Path, head: str, names: list[str], figure: bool,
@@ -257,10 +302,12 @@ def predict_paths(
     --format onnx`` through onnxruntime instead (same geometry; its mapping and weights are in it).
     """
     check_head(head)
+    _check_sizes(batch_size=batch_size, size=size, window=window)
     if crf:
         require_crf()  # CRFUnavailableError (with the install hint) before any work
     out = Path(out_dir)
     jobs, skipped = _jobs_or_fail(inputs, out)
+    _remove_stale_temporaries(out)
     segmenter: Segmenter | OnnxSegmenter
     if onnx:
         segmenter = OnnxSegmenter(onnx, size=size, window=window, batch_size=batch_size,

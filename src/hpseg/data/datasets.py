@@ -537,7 +537,7 @@ def _check_image_folder(root: Path, split: str, img_dir: Path) -> None:
     raise _layout_error(f"missing directory (split {split!r})", missing, _FOLDER_LAYOUT)
 
 
-def _walk_files(folder: Path, keep: Callable[[str], bool]) -> tuple[list[Path], list[tuple[Path, str]]]:
+def walk_files(folder: Path, keep: Callable[[str], bool]) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Files under ``folder`` whose name passes ``keep``, and the folders that were left out.
 
     Links are followed, hidden entries skipped. A folder reached twice (a symlink loop, or two
@@ -576,7 +576,7 @@ def _report_left_out(left_out: list[tuple[Path, str]], skip: bool) -> None:
 
 def _image_files(img_dir: Path, skip: bool) -> list[Path]:
     """The images under ``img_dir`` in the order of their relative paths (layout error if none)."""
-    files, left_out = _walk_files(img_dir, lambda name: name.lower().endswith(IMAGE_SUFFIXES))
+    files, left_out = walk_files(img_dir, lambda name: name.lower().endswith(IMAGE_SUFFIXES))
     _report_left_out(left_out, skip)
     if not files:
         raise _layout_error(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under", img_dir, _FOLDER_LAYOUT)
@@ -587,7 +587,7 @@ def _pair_with_labels(files: list[Path], img_dir: Path, lbl_dir: Path | None, sk
     """One item per image, with the label PNG of the same relative path when ``lbl_dir`` is given."""
     labels: dict[str, Path] = {}
     if lbl_dir is not None:
-        label_files, left_out = _walk_files(lbl_dir, lambda name: name.lower().endswith(".png"))
+        label_files, left_out = walk_files(lbl_dir, lambda name: name.lower().endswith(".png"))
         _report_left_out(left_out, skip)
         for path in label_files:
             labels[path.relative_to(lbl_dir).with_suffix("").as_posix()] = path

@@ -239,6 +239,18 @@ def _validation_set(trained: TrainedModel) -> ValCrops:
     return ValCrops(raw, size=data.val_size)
 
 
+def _validation_set_or_hint(trained: TrainedModel, moved_hint: bool) -> ValCrops:
+    """:func:`_validation_set`; when the recorded dataset root is gone, the error says --data-root."""
+    try:
+        return _validation_set(trained)
+    except DatasetLayoutError:
+        root = trained.config.data.root
+        if not moved_hint or not root or Path(root).exists():
+            raise
+        raise DatasetLayoutError(f"{trained.path} was trained on the dataset in {root}, which is not there any more: "
+                                 "if it moved, pass --data-root DIR (data_root= in Python)", root) from None
+
+
 def _hp_report(trained: TrainedModel, results: dict[str, Any], class_names: list[str], crf: bool,
                n_images: int) -> dict[str, Any]:
     """What ``results.json`` says about HP's results and the checkpoint that produced them."""
@@ -338,7 +350,7 @@ def evaluate_checkpoint(
     trained = load_trained(checkpoint, device, weights)
     if data_root:
         trained.config.data.root = data_root
-    validation = _validation_set(trained)
+    validation = _validation_set_or_hint(trained, moved_hint=not data_root)
     n_images = min(len(validation), max_images) if max_images else len(validation)
 
     def batches() -> DataLoader:

@@ -50,7 +50,8 @@ HEADS = ("cluster", "linear")
 def to_uint8_image(image: Any) -> torch.Tensor:
     """A PIL image, a numpy (H, W, 3) / (H, W) array or a (3, H, W) tensor -> (3, H, W) uint8 tensor.
 
-    Arrays and tensors of uint8 are taken as 0..255, floating point ones as [0, 1]; an alpha
+    Arrays and tensors of uint8 are taken as 0..255, floating point ones as [0, 1] (values outside
+    are refused: ValueError); an alpha
     channel (4 channels) is dropped and one channel is replicated to grey. PIL images of any
     mode go through :func:`hpseg.data.images.to_rgb` (16-bit, palette, CMYK, ...).
     """
@@ -83,8 +84,20 @@ def to_uint8_image(image: Any) -> torch.Tensor:
     if tensor.dtype == torch.bool:
         return tensor.to(torch.uint8).mul_(255).contiguous()
     if tensor.is_floating_point():
-        return (tensor.float().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).contiguous()
+        return _float_to_uint8(tensor.float())
     raise ValueError(f"image values of type {tensor.dtype}: expected uint8 (0..255) or float (0..1)")
+
+
+def _float_to_uint8(tensor: torch.Tensor) -> torch.Tensor:
+    """A float image of values in [0, 1] as uint8; values outside (0..255 in a float array, NaN)
+    are refused rather than clipped into a white image."""
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError("the float image holds NaN or infinite values: expected values in [0, 1]")
+    low, high = float(tensor.min()), float(tensor.max())
+    if low < 0.0 or high > 1.0:
+        hint = " (0..255? pass a uint8 array, or divide by 255)" if high <= 255.0 and low >= 0.0 else ""
+        raise ValueError(f"float image values must lie in [0, 1], these range over [{low:g}, {high:g}]{hint}")
+    return (tensor * 255.0).round().to(torch.uint8).contiguous()
 
 
 @dataclass
@@ -146,6 +159,8 @@ class Segmenter:
         self.cluster_to_class = None if cluster_to_class is None else [int(v) for v in cluster_to_class]
         self.mapping_source = mapping_source
         self.checkpoint = checkpoint
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: windows per forward pass must be at least 1")
         self.batch_size = batch_size
         self.crf = crf
 

@@ -27,7 +27,7 @@ import torch
 
 from hpseg.backbones import Backbone, create_backbone
 from hpseg.checkpoints.runs import selection_text
-from hpseg.checkpoints.store import FORMAT, VERSION, load_checkpoint, save_atomic
+from hpseg.checkpoints.store import FORMAT, VERSION, save_atomic
 from hpseg.config import Config
 from hpseg.data import DatasetLayoutError, ValCrops, build_raw_dataset
 from hpseg.evaluation.protocol import (
@@ -48,6 +48,13 @@ from hpseg.runtime import DistributedContext, amp_dtype, init_distributed, resol
 from hpseg.training import distributed
 from hpseg.training.cache import open_feature_cache
 from hpseg.training.features import BackboneFeatures, FeatureSource, StepInputs, batch_seeds, epoch_batches
+from hpseg.training.run_checks import (
+    check_class_count,
+    restore_or_explain,
+    resumable_checkpoint,
+    truncate_metrics,
+)
+from hpseg.training.run_lock import run_lock
 from hpseg.training.selection import label_free_batches, label_free_scores, probe_rows
 from hpseg.training.step import (
     ReferencePools,
@@ -117,6 +124,9 @@ class Trainer:
         if hasattr(self.features, "timers"):
             self.features.timers = self.timers  # the loader's waits: timing "loader_wait"
         self.class_names: list[str] = list(self.features.class_names)
+        crops = getattr(self.features, "dataset", None)
+        if getattr(crops, "has_labels", False):
+            check_class_count(config, len(self.class_names), config.data.prepared_path() / "manifest.json")
         self.learner = build_learner(config, self.backbone.embed_dim, self.device, self.amp_dtype, self.context)
         self.model, self.optimizers, self.scaler = self.learner.model, self.learner.optimizers, self.learner.scaler
         self._seed_ranks()
@@ -176,6 +186,7 @@ class Trainer:
         if not raw.has_labels:
             self._notice("no validation: the validation images have no labels")
             return None
+        check_class_count(self.config, raw.n_classes, f"the validation split of {data.dataset} in {raw.root}")
         return ValCrops(raw, size=data.val_size)
 
     def _notice(self, message: str) -> None:
@@ -437,14 +448,6 @@ def _append_jsonl(path: Path, values: dict[str, Any]) -> None:
         stream.write(json.dumps(values) + "\n")
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop records logged after the checkpoint we resume from, so the curve has no repeats."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def _tensorboard(run_dir: Path) -> Any:
     try:
         # Lazy: TensorBoard is optional, and importing it costs about a second.
@@ -467,15 +470,17 @@ def train(config: Config, *, run_dir: str | Path | None = None, backbone: Backbo
     Progress and notices go to the ``hpseg.training`` loggers (``hpseg.logs``); ``progress`` is
     ignored, kept for callers written before that.
     """
+    config.validate()  # also a config changed in Python after it was built
     run_dir = Path(run_dir) if run_dir else default_run_dir(config)
-    if (run_dir / "checkpoints" / "last.pt").exists():
-        raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(config, run_dir, backbone=backbone, feature_source=feature_source)
-    if trainer.context.is_main:
-        (run_dir / "config.yaml").write_text(config.to_yaml())
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    trainer.fit()
+    with run_lock(run_dir):  # one writer per run folder
+        if (run_dir / "checkpoints" / "last.pt").exists():
+            raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
+                                  "or pick another name")
+        trainer = Trainer(config, run_dir, backbone=backbone, feature_source=feature_source)
+        if trainer.context.is_main:
+            (run_dir / "config.yaml").write_text(config.to_yaml())
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        trainer.fit()
     return run_dir
 
 
@@ -484,13 +489,13 @@ def resume(run_dir: str | Path, *, backbone: Backbone | None = None, feature_sou
     """Continue the run in ``run_dir`` from its ``last`` checkpoint, with the run's own config
     (``progress``: ignored, as for :func:`train`)."""
     run_dir = Path(run_dir)
-    payload = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    config = Config.from_dict(payload["config"])
-    trainer = Trainer(config, run_dir, backbone=backbone, feature_source=feature_source)
-    trainer.restore(payload)
-    if trainer.context.is_main:
-        _truncate_jsonl(run_dir / "metrics.jsonl", trainer.state.step)
-    trainer.fit()
+    checkpoint = resumable_checkpoint(run_dir)
+    with run_lock(run_dir):
+        trainer = Trainer(checkpoint.config, run_dir, backbone=backbone, feature_source=feature_source)
+        restore_or_explain(trainer, checkpoint)
+        if trainer.context.is_main:
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
+        trainer.fit()
     return run_dir
 
 

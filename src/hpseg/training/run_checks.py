@@ -1,0 +1,97 @@
+"""What training checks before it starts, with errors naming the file and the problem.
+
+* :func:`check_class_count`: ``method.n_classes`` is the class count of the labelled data
+  (training crops, validation set); otherwise the linear probe would silently ignore the labels
+  of the classes past it, and validation would score a different problem.
+
+What ``hpseg train --resume RUN_DIR`` checks before continuing a run:
+
+* the run's ``checkpoints/last.pt`` is an hpseg checkpoint with its config and its training
+  state (optimisers, pools, random states): an imported or hand-made checkpoint has none;
+* the state fits the run's model and optimisers;
+* ``metrics.jsonl`` is cut back to the checkpoint's step; a torn record (the last line of a
+  run killed, or stopped by a full disk, while writing it) is dropped with a warning instead of
+  blocking the resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from hpseg.checkpoints.store import CheckpointError
+from hpseg.checkpoints.trained import TrainedCheckpoint, read_trained, weight_mismatch_summary
+from hpseg.files import write_text_atomic
+
+__all__ = ["check_class_count", "restore_or_explain", "resumable_checkpoint", "truncate_metrics"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_class_count(config: Any, n_classes: int, source: str | Path) -> None:
+    """Stop when the labelled data from ``source`` has ``n_classes`` classes and the config another count."""
+    configured = config.method.n_classes
+    if configured == n_classes:
+        return
+    more = (" (more clusters than classes: method.extra_clusters)" if hasattr(config.method, "extra_clusters")
+            else "")
+    raise ValueError(f"method.n_classes={configured} but the labelled data has {n_classes} classes ({source}): "
+                     f"set method.n_classes={n_classes}{more}")
+
+
+def resumable_checkpoint(run_dir: Path) -> TrainedCheckpoint:
+    """The ``last`` checkpoint of ``run_dir``, read once; CheckpointError when it cannot be resumed."""
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} holds no run to resume: {path} does not exist")
+    checkpoint = read_trained(path)
+    if checkpoint.reference is not None or not isinstance(checkpoint.payload.get("training"), dict):
+        raise CheckpointError(
+            f"{path} holds no training state (optimisers, pools, random states) -- an imported or exported "
+            "checkpoint -- so its run cannot be resumed; start a new run (hpseg train), or evaluate / predict "
+            "with it")
+    return checkpoint
+
+
+def restore_or_explain(trainer: Any, checkpoint: TrainedCheckpoint) -> None:
+    """``trainer.restore`` of the checkpoint's payload, with a CheckpointError naming the file
+    when its training state is incomplete or does not fit the run."""
+    try:
+        trainer.restore(checkpoint.payload)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise CheckpointError(f"{checkpoint.path}: incomplete training state ({type(error).__name__}: {error}); "
+                              "the run cannot be resumed from it") from None
+    except (RuntimeError, ValueError) as error:
+        raise CheckpointError(f"{checkpoint.path}: its state does not fit the run's model and optimisers: "
+                              f"{weight_mismatch_summary(str(error))}") from None
+
+
+def _step_of(line: str) -> int | None:
+    """The step of one ``metrics.jsonl`` record, None for a torn or foreign line."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return int(record.get("step", 0)) if isinstance(record, dict) else None
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records of ``path`` up to ``last_step`` (the checkpoint resumed from), so the
+    curve has no repeats; lines that are not JSON records are dropped, with a warning."""
+    if not path.exists():
+        return
+    kept, torn = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        step = _step_of(line)
+        if step is None:
+            torn.append(number)
+        elif step <= last_step:
+            kept.append(line)
+    if torn:
+        logger.warning("%s: dropped %d damaged line(s) (line %s: a record cut short by a crash or a full disk)",
+                       path, len(torn), ", ".join(map(str, torn)))
+    write_text_atomic("".join(line + "\n" for line in kept), path)
