@@ -154,7 +154,7 @@ def check(run) -> dict:
         lambda output: _check_predict(predictions, images))
 
     def api() -> str:
-        segmenter = hpseg.load(checkpoint, device=device, echo=lambda message: None)
+        segmenter = hpseg.load(checkpoint, device=device)
         image = Image.open(images[0])
         labels = segmenter.segment(image)
         assert labels.shape == (image.height, image.width), labels.shape
