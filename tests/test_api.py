@@ -276,3 +276,25 @@ def test_eval_of_a_checkpoint_outside_a_run_writes_beside_it(run_dir: Path, tmp_
     assert f"{tmp_path / 'models' / 'eval-hp'}/results.json" in capsys.readouterr().out
     # ... where hpseg.load finds its mapping again.
     assert hpseg.load(checkpoint, device="cpu", mapping="auto").cluster_to_class == results["cluster_to_class"]
+
+
+@pytest.mark.parametrize(("recorded", "expected"), [
+    ({"name": "dino_vits8", "pretrained": True}, "dino_vits8_800ep"),  # written before the switch
+    ({"name": "dino_vits8", "pretrained": True, "official_weights": "https://dl.fbaipublicfiles.com/x.pth"},
+     "dino_vits8"),
+    ({"name": "dino_vits16", "pretrained": True}, "dino_vits16"),  # its file never changed
+])
+def test_official_weights_are_those_the_checkpoint_was_trained_on(recorded, expected, monkeypatch, tmp_path,
+                                                                   notices) -> None:
+    """A dino_vits8 checkpoint that records no official_weights was trained on the 800-epoch file
+    (hpseg's dino_vits8 before it became the paper's 300-epoch one): that is the one rebuilt."""
+    from hpseg.checkpoints import trained
+
+    built = []
+    monkeypatch.setattr(trained, "create_backbone", lambda name, **kwargs: built.append((name, kwargs)) or "bb")
+    config = Config()
+    config.backbone.name = recorded["name"]
+    checkpoint = trained.TrainedCheckpoint(tmp_path / "old.pt", {"backbone": recorded}, config)
+    assert trained.resolve_backbone(checkpoint) == ("bb", "official")
+    assert built == [(expected, {"pretrained": True})]
+    assert ("300-epoch" in " ".join(notices.messages)) == (expected != recorded["name"])

@@ -121,6 +121,22 @@ def _stored_weights(checkpoint: TrainedCheckpoint, stored: str) -> Path:
         f"nor beside the checkpoint as {beside}); pass the file with --weights FILE (weights= in Python)")
 
 
+#: Names whose official file changed: a checkpoint written before the change records no
+#: ``official_weights`` and was trained on the earlier file, registered now under this name
+#: (hpseg's ``dino_vits8`` was DINO's 800-epoch file before it became the paper's 300-epoch one).
+_EARLIER_OFFICIAL = {"dino_vits8": "dino_vits8_800ep"}
+
+
+def _official_name(recorded: dict[str, Any], name: str, path: Path) -> str:
+    """The registered name whose official weights ``recorded`` (a checkpoint's ``backbone``) was trained on."""
+    if name not in _EARLIER_OFFICIAL or "official_weights" in recorded:
+        return name
+    earlier = _EARLIER_OFFICIAL[name]
+    logger.warning("%s was trained on %s's official weights before hpseg switched that name to the paper's "
+                   "300-epoch file: rebuilding the weights it was trained on, %r", path, name, earlier)
+    return earlier
+
+
 def resolve_backbone(checkpoint: TrainedCheckpoint, weights: str | Path | None = None) -> tuple[Backbone, str]:
     """The backbone ``checkpoint`` was trained on and where its weights came from (a file,
     ``"official"`` or ``"random"``); the order is the module docstring's."""
@@ -136,7 +152,7 @@ def resolve_backbone(checkpoint: TrainedCheckpoint, weights: str | Path | None =
         path = _stored_weights(checkpoint, stored)
         return create_backbone(name, weights=path), str(path)
     if recorded.get("pretrained", config.pretrained):
-        return create_backbone(name, pretrained=True), "official"
+        return create_backbone(_official_name(recorded, name, checkpoint.path), pretrained=True), "official"
     # A random backbone is not stored in the checkpoint; hpseg's random initialisation is
     # deterministic (a fixed seed), so this rebuilds the network training used.
     logger.info("%s: the backbone %r was randomly initialised; rebuilding the same random network "
