@@ -70,6 +70,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _rect(driver: object, element: object) -> dict[str, float]:
+    """The element's box on the page (CSS pixels): top, bottom, width."""
+    return driver.execute_script("const r = arguments[0].getBoundingClientRect(); "  # type: ignore[attr-defined]
+                                 "return {top: r.top, bottom: r.bottom, width: r.width}", element)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
@@ -110,6 +116,11 @@ def test_app_in_headless_chromium(segmenter: hpseg.Segmenter, tmp_path_factory: 
         expected = np.array(segment_files(segmenter, [photo], out_dir=tmp_path / "direct").panels[0][0])
         assert shown.shape == expected.shape and np.array_equal(shown, expected)
         time.sleep(0.5)  # let the gallery finish its layout before the screenshot
+        # The panel is shown whole, legend included: the largest image lies inside the gallery's box.
+        box = _rect(driver, driver.find_element(By.ID, "panels"))
+        largest = max((_rect(driver, img) for img in driver.find_elements(By.CSS_SELECTOR, "#panels img")),
+                      key=lambda rect: rect["width"])
+        assert box["top"] <= largest["top"] and largest["bottom"] <= box["bottom"], (box, largest)
         shot = tmp_path / "app.png"
         assert driver.save_screenshot(str(shot)) and Image.open(shot).size[0] >= 1000
         if os.environ.get("HPSEG_APP_SCREENSHOT"):  # to refresh docs/app.png

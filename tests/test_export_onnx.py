@@ -1,5 +1,5 @@
 """ONNX export: the graph agrees with hpseg's PyTorch path (DINO-style ViT, DINOv2-style ViT with
-registers), the torch-free runner reproduces ``hpseg predict``, and the
+registers, a checkpoint imported from the authors' format), the torch-free runner reproduces ``hpseg predict``, and the
 README example runs where torch cannot be imported."""
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from hpseg.method.model import HiddenPositivesModel  # noqa: E402
 from hpseg.method.probes import centroid_scores  # noqa: E402
 from tests.test_api import one_thread, tiny_run  # noqa: E402,F401 - one_thread: autouse fixture
 from tests.test_readme import README, code_blocks  # noqa: E402
+from tests.test_reference_checkpoint import reference_payload  # noqa: E402
 
 MAPPING = [2, 0, -1, 1]  # one cluster matched to no class: -1 must survive the graph
 
@@ -105,16 +106,28 @@ def test_exportable_position_embedding_is_dinos() -> None:
                               atol=1e-3)
 
 
-# An authors' checkpoint is a DINO-style ViT like "dino" (same graph, other weights): its export is
-# not repeated here (each costs tens of seconds); tests/test_hub.py loads one through the hub format.
-@pytest.mark.parametrize("kind", ["dino", "registers"])
+def imported_reference(folder: Path) -> tuple[Segmenter, Path]:
+    """The authors' format (a tiny ViT the converter infers as vit_tiny_p8, random heads, no
+    mapping) through ``hpseg import-checkpoint`` and ``hpseg export --format onnx``: the
+    segmenter of the converted checkpoint and the .onnx file."""
+    torch.save(reference_payload(seed=4), folder / "reference.pth")
+    imported, path = folder / "imported.pt", folder / "reference.onnx"
+    assert main(["import-checkpoint", str(folder / "reference.pth"), "--out", str(imported), "--dataset", "folder"]) == 0
+    assert main(["export", str(imported), "--format", "onnx", "--out", str(path)]) == 0
+    return hpseg.load(imported, device="cpu"), path
+
+
+@pytest.mark.parametrize("kind", ["dino", "registers", "reference"])
 def test_graph_agrees_with_pytorch_at_several_sizes(kind: str, dino: tuple[Segmenter, Path], dino_onnx: Path,
                                                     tmp_path: Path) -> None:
     if kind == "dino":
         segmenter, path = dino[0], dino_onnx
-    else:
+    elif kind == "registers":
         segmenter = registers_segmenter()
         path = export_onnx(segmenter, tmp_path / f"{kind}.onnx")
+    else:
+        segmenter, path = imported_reference(tmp_path)
+        assert segmenter.backbone.spec.name == "vit_tiny_p8" and segmenter.cluster_to_class is None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     # Batch and both sides vary, including grids smaller and larger than the native 4x4.
     for shape in [(2, 32, 48, 3), (1, 64, 40, 3), (3, 8, 16, 3), (1, 96, 72, 3)]:

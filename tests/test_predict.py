@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,15 @@ def test_a_failed_write_leaves_no_partial_output(inputs: Path, checkpoint: Path,
     rc = main(["predict", str(inputs / "c.png"), "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress"])
     assert rc == 2
     assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_predict_onnx_without_onnxruntime_says_how_to_install(inputs: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """One line naming the pip command and the usage-error status 2, not a traceback and 1."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the extra were not installed
+    assert main(["predict", str(inputs), "--onnx", str(tmp_path / "model.onnx"), "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hpseg predict: error: onnxruntime is not installed"), lines
+    assert 'pip install "hpseg[onnx]"' in lines[0]

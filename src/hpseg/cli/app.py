@@ -115,7 +115,10 @@ def build_app(segmenter: Segmenter) -> Any:
 
     def run(files: list[str] | None, head: str, crf: bool, opacity: float) -> tuple[Any, Any, str]:
         result = segment_files(segmenter, files, head, crf, opacity)
-        return result.panels, result.downloads or None, result.message
+        # Opened on the first panel: the preview fits the whole panel (legend included) in the
+        # gallery's height, where the grid's square cells would cut a wide panel's bottom off.
+        shown = gr.Gallery(value=result.panels, selected_index=0 if result.panels else None)
+        return shown, result.downloads or None, result.message
 
     with gr.Blocks(title="hpseg", analytics_enabled=False) as app:
         gr.Markdown("## hpseg — unsupervised semantic segmentation (HP)\n" + describe(segmenter))

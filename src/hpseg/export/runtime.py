@@ -26,7 +26,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["OnnxSegmenter", "OnnxTiling"]
+__all__ = ["OnnxRuntimeMissingError", "OnnxSegmenter", "OnnxTiling"]
+
+
+class OnnxRuntimeMissingError(ImportError):
+    """onnxruntime is not installed; the message names the pip command.
+
+    Defined here rather than taken from :mod:`hpseg.export` so that this file imports nothing from
+    hpseg; ``hpseg predict --onnx`` reports it in one line with the usage-error status, as it does
+    every error class of an ``hpseg.*`` module.
+    """
 
 
 @dataclass(frozen=True)
@@ -134,8 +143,8 @@ class OnnxSegmenter:
         try:
             import onnxruntime  # lazy: an optional extra
         except ImportError as error:
-            raise ImportError(f"onnxruntime is not installed ({error}); install it with: "
-                              'pip install "hpseg[onnx]" (or pip install onnxruntime)') from None
+            raise OnnxRuntimeMissingError(f"onnxruntime is not installed ({error}); install it with: "
+                                          'pip install "hpseg[onnx]" (or pip install onnxruntime)') from None
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ONNX model {path} does not exist")
