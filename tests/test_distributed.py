@@ -151,12 +151,37 @@ def test_anchor_shares_add_up_to_the_whole_loss(backend):
         share(range(4, 7))
 
 
-def test_cache_and_eval_run_on_the_first_rank_only(monkeypatch, tmp_path):
-    """Under torchrun the other ranks of ``hpseg cache`` / ``hpseg eval`` leave the work to rank 0."""
+def test_cache_runs_on_the_first_rank_only(monkeypatch, tmp_path):
+    """Under torchrun the other ranks of ``hpseg cache`` leave the work to rank 0."""
     from hpseg.cli.main import main
 
     monkeypatch.setenv("RANK", "1")
     assert main(["--quiet", "cache", "--preset", "cocostuff27", "--data-root", str(tmp_path / "absent"),
                  "--out", str(tmp_path / "cache")]) == 0
     assert not (tmp_path / "cache").exists()
-    assert main(["--quiet", "eval", str(tmp_path / "absent.pt")]) == 0
+
+
+def test_eval_under_torchrun_equals_one_process(data, tmp_path):
+    """``hpseg eval --baseline`` on 2 ranks (3 validation images: 2 on rank 0, 1 on rank 1) writes
+    the results.json one process writes, and prints them once."""
+    import subprocess
+    import sys
+
+    from hpseg.cli.main import main
+    from hpseg.training.trainer import train
+
+    run = train(tiny_config(data, tmp_path / "runs", steps=2, extra=["train.device=cpu", "train.val_interval=100"]),
+                run_dir=tmp_path / "run")
+    evaluate = ["eval", str(run / "checkpoints" / "last.pt"), "--device", "cpu", "--max-images", "3", "--baseline"]
+    assert main(["--quiet", *evaluate, "--out", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "hpseg",
+                             *evaluate, "--out", str(tmp_path / "two")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("results written to") == 1
+    for rank, share in ((0, 2), (1, 1)):
+        assert f"rank {rank} of 2 evaluates {share} of the 3 validation images" in result.stderr
+    one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
+    assert one["n_images"] == 3 and "baseline" in one
+    assert two == one

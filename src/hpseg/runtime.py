@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
 from collections.abc import Iterator
@@ -82,8 +83,26 @@ class DistributedContext:
         return self.world_size > 1
 
 
+#: Seconds a collective waits for the other ranks before it fails (a rank that died or hangs).
+COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S = "HPSEG_COLLECTIVE_TIMEOUT", 600.0
+
+
+def collective_timeout() -> datetime.timedelta:
+    """``$HPSEG_COLLECTIVE_TIMEOUT`` seconds (default 600: longer than any one rank's solo work, a
+    checkpoint save or a pool pass, yet a lost rank frees the job's GPUs within ten minutes)."""
+    text = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "")
+    try:
+        seconds = float(text) if text else DEFAULT_COLLECTIVE_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
+
+
 def init_distributed(device: torch.device) -> DistributedContext:
-    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1)."""
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1); its collectives
+    fail after :func:`collective_timeout` instead of waiting forever for a lost rank."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistributedContext()
@@ -91,8 +110,16 @@ def init_distributed(device: torch.device) -> DistributedContext:
         # Before joining: NCCL binds this process to its own GPU (LOCAL_RANK, ``resolve_device``).
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
     return DistributedContext(dist.get_rank(), dist.get_world_size())
+
+
+@torch.no_grad()
+def broadcast_from_first(tensors: list[torch.Tensor], context: DistributedContext) -> None:
+    """Every rank takes rank 0's values of ``tensors`` (in place)."""
+    if context.enabled:
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
 
 
 def average_gradients(parameters: list[torch.nn.Parameter], context: DistributedContext) -> None:

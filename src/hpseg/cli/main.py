@@ -150,8 +150,13 @@ def _other_rank() -> bool:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
+    import logging
+
     if _other_rank():
-        return 0  # under torchrun the first rank builds the cache once; the others have nothing to do
+        return 0  # rank 0 builds the cache (its progress file resumes one writer), the others have nothing to do
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.getLogger("hpseg.cli").info("hpseg cache runs on rank 0 only: the other ranks of this torchrun job "
+                                            "exit at once (running it without torchrun writes the same cache)")
     from hpseg.backbones import create_backbone
     from hpseg.runtime import amp_dtype, resolve_device
     from hpseg.training.cache import build_feature_cache, default_cache_dir, resolve_cache_dir
@@ -177,14 +182,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if _other_rank():
-        return 0  # under torchrun the first rank evaluates and writes the report once
     from hpseg.evaluation.protocol import evaluate_checkpoint
 
     report = evaluate_checkpoint(
         args.checkpoint, data_root=args.data_root, out_dir=args.out, crf=args.crf, baseline=args.baseline,
         device=args.device, weights=args.weights, max_images=args.max_images, extra_clusters=args.extra_clusters,
     )
+    if _other_rank():
+        return 0  # under torchrun every rank evaluates its share of the images; rank 0 writes and tells
     print(report["text"])
     print(f"results written to {report['out_dir']}/results.json")
     return 0

@@ -27,7 +27,7 @@ from hpseg.inference.crf import crf_refine_batch, require_crf
 from hpseg.inference.label_maps import kmeans_label_maps, label_maps
 from hpseg.logs import progress_bar
 from hpseg.method.model import HiddenPositivesModel
-from hpseg.runtime import DistributedContext, autocast
+from hpseg.runtime import DistributedContext, autocast, broadcast_from_first, init_distributed
 from hpseg.visualize import confusion_image
 
 logger = logging.getLogger(__name__)
@@ -293,14 +293,17 @@ def _majority_section(results: dict[str, Any]) -> dict[str, float]:
 
 
 def _baseline_report(trained: TrainedModel, batches: Callable[[], DataLoader], crf: bool,
-                     extra_clusters: int | None = None) -> dict[str, Any]:
+                     extra_clusters: int | None = None, context: DistributedContext | None = None) -> dict[str, Any]:
     """The DINO baseline fitted on the training crops and scored like HP; its k-means has
-    n_classes + extra_clusters clusters (default: the run's ``method.extra_clusters``)."""
+    n_classes + extra_clusters clusters (default: the run's ``method.extra_clusters``). Under
+    torchrun every rank fits it and takes rank 0's fit (k-means on a GPU need not be bit-exact
+    from rank to rank), then scores its share of the images."""
     config, n_classes, seed = trained.config, trained.config.method.n_classes, trained.config.train.seed
     k = n_classes + (config.method.extra_clusters if extra_clusters is None else extra_clusters)
     crops = TrainCrops(config.data.prepared_path(), with_augmented=False)
     centroids, probe = fit_baseline(trained.backbone, crops, n_classes, trained.device, trained.amp_dtype, seed=seed,
                                     n_clusters=k)
+    broadcast_from_first([centroids, *(probe.parameters() if probe is not None else ())], context or DistributedContext())
     base = evaluate_baseline(trained.backbone, centroids, probe, batches(), n_classes, trained.device,
                              trained.amp_dtype, crf)
     report: dict[str, Any] = {
@@ -342,6 +345,9 @@ def evaluate_checkpoint(
     (a summary table) and ``out_dir``. ``checkpoint`` may be a run folder: the checkpoint its
     ``train.selection`` chose. ``extra_clusters`` sets the baseline's k-means K = n_classes +
     extra_clusters (default: the run's ``method.extra_clusters``).
+
+    Under ``torchrun`` the ranks share the validation images (every world_size-th) and sum
+    their confusion matrices, so the results equal one process's; only rank 0 writes them.
     """
     if extra_clusters is not None and extra_clusters < 0:
         raise ValueError(f"extra_clusters={extra_clusters} (--extra-clusters): must be 0 or more")
@@ -350,13 +356,17 @@ def evaluate_checkpoint(
     trained = load_trained(checkpoint, device, weights)
     if data_root:
         trained.config.data.root = data_root
+    context = init_distributed(trained.device)
     validation = _validation_set_or_hint(trained, moved_hint=not data_root)
     n_images = min(len(validation), max_images) if max_images else len(validation)
 
     def batches() -> DataLoader:
-        return validation_loader(validation, batch_size, trained.config.data.num_workers, DistributedContext(),
-                                 max_images)
+        return validation_loader(validation, batch_size, trained.config.data.num_workers, context, max_images)
 
+    if context.enabled:
+        share = len(validation_indices(len(validation), context, max_images))
+        logger.info(f"rank {context.rank} of {context.world_size} evaluates {share} of the {n_images} validation "
+                    "images (confusion matrices summed over ranks)")
     class_names = list(trained.payload.get("class_names") or validation.raw.class_names)
     results = evaluate_model(trained.model, trained.backbone, batches(), trained.config.method.n_classes,
                              trained.device, trained.amp_dtype, crf)
@@ -368,13 +378,14 @@ def evaluate_checkpoint(
                                    f"HP over-clustered (K={report['n_clusters']}), many-to-one majority matching"))
     text.append(f"  checkpoint chosen by train.selection={report['selection_rule']}: {report['selection']}")
     if baseline:
-        report.update(_baseline_report(trained, batches, crf, extra_clusters))
+        report.update(_baseline_report(trained, batches, crf, extra_clusters, context))
         report["matching"]["baseline"] = "hungarian"
         if "baseline_majority" in report:
             report["matching"]["baseline_majority"] = "majority (many-to-one)"
         text.append(format_results(report["baseline"], "Baseline: k-means / linear probe on raw backbone features"))
     out = Path(out_dir) if out_dir else evaluation_dir(trained.path, crf)
-    _write_results(report, results, class_names, out)
+    if context.is_main:
+        _write_results(report, results, class_names, out)
     report["text"] = "\n".join(text)
     report["out_dir"] = str(out)
     return report

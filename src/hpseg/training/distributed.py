@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from hpseg.method.pools import fill_pool
-from hpseg.runtime import DistributedContext
+from hpseg.runtime import DistributedContext, broadcast_from_first
 
 
 def check_batch_split(batch_size: int, context: DistributedContext) -> int:
@@ -60,13 +60,9 @@ def rank_images(images_per_rank: int, context: DistributedContext) -> range:
     return range(context.rank * images_per_rank, (context.rank + 1) * images_per_rank)
 
 
-@torch.no_grad()
 def broadcast_module(module: torch.nn.Module, context: DistributedContext) -> None:
     """Every rank takes rank 0's parameters and buffers (in place)."""
-    if not context.enabled:
-        return
-    for tensor in [*module.parameters(), *module.buffers()]:
-        dist.broadcast(tensor.data, src=0)
+    broadcast_from_first([*module.parameters(), *module.buffers()], context)
 
 
 @torch.no_grad()

@@ -48,6 +48,7 @@ from hpseg.runtime import DistributedContext, amp_dtype, init_distributed, resol
 from hpseg.training import distributed
 from hpseg.training.cache import open_feature_cache
 from hpseg.training.features import BackboneFeatures, FeatureSource, StepInputs, batch_seeds, epoch_batches
+from hpseg.training.lost_ranks import explain_lost_ranks
 from hpseg.training.run_checks import (
     check_class_count,
     restore_or_explain,
@@ -480,7 +481,7 @@ def train(config: Config, *, run_dir: str | Path | None = None, backbone: Backbo
         if trainer.context.is_main:
             (run_dir / "config.yaml").write_text(config.to_yaml())
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        trainer.fit()
+        _fit(trainer)
     return run_dir
 
 
@@ -495,8 +496,20 @@ def resume(run_dir: str | Path, *, backbone: Backbone | None = None, feature_sou
         restore_or_explain(trainer, checkpoint)
         if trainer.context.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
-        trainer.fit()
+        _fit(trainer)
     return run_dir
+
+
+def _fit(trainer: Trainer) -> None:
+    """``trainer.fit()``; under torchrun a lost rank stops the others with the resume command
+    (hpseg.training.lost_ranks), which the log also gives at the start."""
+    run_dir, context = trainer.run_dir, trainer.context
+    if context.enabled:
+        trainer._notice(f"{context.world_size} ranks train {run_dir}: if one fails, the others stop and "
+                        f"`hpseg train --resume {run_dir}` under the same torchrun command continues from "
+                        "checkpoints/last.pt")
+    with explain_lost_ranks(context, run_dir, lambda: trainer.state.step):
+        trainer.fit()
 
 
 def _official_source(spec: Any, backbone_config: Any) -> str | None:
