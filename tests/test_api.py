@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -145,8 +146,11 @@ def test_segment_many_gives_the_label_maps_of_segment(run_dir: Path, size: int |
             assert labels.shape == image.shape[:2] and labels.dtype == np.int64
             assert np.array_equal(labels, segmenter.segment(image, head=head))
     assert list(segmenter.segment_many([])) == []
+    if size is None and importlib.util.find_spec("pydensecrf") is not None:  # the CRF, image by image after the passes
+        for image, labels in zip(images[:3], segmenter.segment_many(images[:3], crf=True)):
+            assert np.array_equal(labels, segmenter.segment(image, crf=True))
     with pytest.raises(ValueError, match="head"):
-        next(segmenter.segment_many(images, head="kmeans"))
+        segmenter.segment_many(images, head="kmeans")
 
 
 # ------------------------------------------------------------------------------------ inputs

@@ -257,7 +257,6 @@ class Segmenter:
         grid, geometry = self.scores(image, head, kind=_label_kind(head, crf))
         return self._labels(grid, geometry, head, crf)
 
-    @torch.no_grad()
     def segment_many(self, images: Iterable[Any], head: str = "cluster", *,
                      crf: bool | None = None) -> Iterator[np.ndarray]:
         """:meth:`segment` of each image in ``images``, yielded in order, with the windows of
@@ -269,8 +268,11 @@ class Segmenter:
         ``batch_size`` windows and the images they come from. Same label maps as :meth:`segment`
         (the backbone's float rounding aside, which may differ with the batch's composition).
         """
-        check_head(head)
-        crf = self.crf if crf is None else crf
+        check_head(head)  # now, not at the first image
+        return self._segment_stream(images, head, self.crf if crf is None else crf)
+
+    @torch.no_grad()
+    def _segment_stream(self, images: Iterable[Any], head: str, crf: bool) -> Iterator[np.ndarray]:
         geometries: deque[dict[str, Any]] = deque()  # of the images handed to the tiling, not yet labelled
 
         def padded_images() -> Iterator[torch.Tensor]:
