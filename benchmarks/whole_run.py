@@ -10,8 +10,8 @@ the data, training steps, pool renewals, validations and checkpoint writes.
 
 ``--compare-validation`` then times one validation side by side: today's path (the backbone on
 every validation image) and the validation feature cache (built once, then head, probes and
-metrics only), on the same trained model, median of ``--repeats``. ``--throughput`` times
-``hpseg eval``'s and ``hpseg predict``'s paths in images per second (see ``throughput``).
+metrics only), on the same trained model, median of ``--repeats``. ``hpseg eval``'s and
+``hpseg predict``'s throughput in images per second: ``benchmarks/predict_throughput.py``.
 Extra ``key=value`` arguments override the run's config.
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -23,7 +24,14 @@ from hpseg.config import Config
 from hpseg.data import ValCrops, build_raw_dataset
 from hpseg.evaluation.protocol import evaluate_model, validation_loader
 from hpseg.inference.label_maps import label_maps
-from hpseg.inference.tiling import Tiling, resample, resample_argmax, resized_shape, window_starts
+from hpseg.inference.tiling import (
+    Tiling,
+    resample,
+    resample_argmax,
+    resized_shape,
+    tile_and_average_many,
+    window_starts,
+)
 from hpseg.runtime import DistributedContext
 from hpseg.training.trainer import train
 from tests.helpers import synthetic_prepared, tiny_config
@@ -91,6 +99,58 @@ def test_window_geometry_covers_every_patch_once_or_more() -> None:
     assert resized_shape(37, 53, 32) == (32, 45) and resized_shape(53, 37, 32) == (45, 32)
     assert resized_shape(37, 53, 0) == (37, 53)
     assert Tiling.create(size=30, window=None, patch=8).window == 32  # rounded up to whole patches
+
+
+
+def test_tiling_many_images_shares_calls_and_averages_each_image_on_its_own() -> None:
+    """Per-patch means as ``compute``: every window gives the patch means of the pixels it
+    covers, so each image's average must be its own patch means, whatever the batching."""
+    tiling = Tiling.create(size=0, window=16, patch=4)
+    shapes = [(16, 16), (16, 28), (8, 8), (8, 8), (40, 16), (12, 20)]  # 1, 3, 1, 1, 4, 2 windows
+    images = [torch.rand(3, h, w, generator=torch.Generator().manual_seed(i)) for i, (h, w) in enumerate(shapes)]
+    calls: list[tuple[int, ...]] = []
+
+    def patch_means(windows: torch.Tensor) -> torch.Tensor:
+        calls.append(tuple(windows.shape))
+        return F.avg_pool2d(windows, 4)
+
+    pulled: list[int] = []
+
+    def stream():
+        for index, image in enumerate(images):
+            pulled.append(index)
+            yield image
+
+    grids = []
+    for grid in tile_and_average_many(stream(), tiling, patch_means, batch_size=3):
+        grids.append(grid)
+        assert len(pulled) <= len(grids) + 3  # read lazily: only the images of the current call
+    assert len(grids) == len(images)
+    for image, grid in zip(images, grids):
+        torch.testing.assert_close(grid, F.avg_pool2d(image[None], 4)[0], rtol=1e-6, atol=1e-6)
+    # windows of several images per call; a call ends where the window shape changes, or at 3
+    assert calls == [(3, 3, 16, 16), (1, 3, 16, 16), (2, 3, 8, 8), (3, 3, 16, 16), (1, 3, 16, 16), (2, 3, 12, 16)]
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        list(tile_and_average_many([torch.rand(3, 10, 12)], tiling, patch_means))
+
+
+@pytest.mark.parametrize(("size", "window"), [(None, None), (0, 16)])  # the checkpoint's 32 px; sizes kept, 16 px windows
+def test_segment_many_gives_the_label_maps_of_segment(run_dir: Path, size: int | None, window: int | None) -> None:
+    segmenter = hpseg.load(run_dir / "checkpoints" / "last.pt", device="cpu", size=size, window=window, batch_size=3)
+    shapes = [(37, 53), (5, 3), (200, 40), (64, 64), (24, 24), (33, 90), (16, 16)]  # wide, tiny, tall, square
+    images = [_image(h, w, seed=i) for i, (h, w) in enumerate(shapes)]
+    for head in ("cluster", "linear"):
+        many = list(segmenter.segment_many(iter(images), head=head))
+        assert len(many) == len(images)
+        for image, labels in zip(images, many):
+            assert labels.shape == image.shape[:2] and labels.dtype == np.int64
+            assert np.array_equal(labels, segmenter.segment(image, head=head))
+    assert list(segmenter.segment_many([])) == []
+    if size is None and importlib.util.find_spec("pydensecrf") is not None:  # the CRF, image by image after the passes
+        for image, labels in zip(images[:3], segmenter.segment_many(images[:3], crf=True)):
+            assert np.array_equal(labels, segmenter.segment(image, crf=True))
+    with pytest.raises(ValueError, match="head"):
+        segmenter.segment_many(images, head="kmeans")
 
 
 # ------------------------------------------------------------------------------------ inputs

@@ -11,10 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
+import hpseg
 import hpseg.cli.predict
 import hpseg.inference.crf
 from hpseg.cli.main import main
 from hpseg.cli.predict import collect_images
+from hpseg.data import read_image
 from tests.test_api import one_thread, tiny_run  # noqa: F401 - one_thread: autouse fixture
 
 
@@ -61,9 +63,13 @@ def test_predict_folder_mirrors_paths_at_input_size(inputs: Path, checkpoint: Pa
         assert {f"{kind}/{name}.png" for name in expected} <= files
     assert not [f for f in files if f.endswith(".tmp") or "/." in f]
     sizes = {"a/x": (37, 53), "b/x": (20, 31), "b/deep/y": (61, 17), "c.png": (33, 33), "c.jpg": (40, 30)}
+    files_of = {"a/x": "a/x.png", "b/x": "b/x.png", "b/deep/y": "b/deep/y.png", "c.png": "c.png", "c.jpg": "c.jpg"}
+    one_at_a_time = hpseg.load(checkpoint, device="cpu")
     for name, (height, width) in sizes.items():
         labels = np.array(Image.open(out / "labels" / f"{name}.png"))
         assert labels.shape == (height, width) and labels.max() < 4
+        # several images' windows shared backbone passes, a broken file among them: same labels
+        assert np.array_equal(labels, one_at_a_time.segment(read_image(inputs / files_of[name])))
         assert Image.open(out / "overlays" / f"{name}.png").size == (width, height)
     summary = json.loads((out / "predictions.json").read_text())
     assert summary["succeeded"] == 5 and [s["path"] for s in summary["skipped"]] == [str(inputs / "broken.png")]

@@ -21,7 +21,8 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,10 +259,8 @@ def _remove_stale_temporaries(out: Path) -> None:
         logger.info("removed %d temporary file(s) left in %s by an interrupted run", removed, out)
 
 
-def _segment_all(segmenter: Segmenter | OnnxSegmenter, jobs: list[ImageJob], out: Path, head: str, names: list[str], figure: bool,
-                 alpha: float, skipped: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """Segment and write every job; unreadable files are logged and added to ``skipped``."""
-    records = []
+def _readable_images(jobs: list[ImageJob], skipped: list[dict[str, str]]) -> Iterator[tuple[ImageJob, Image.Image]]:
+    """(job, image) of each job whose file reads; the others are logged and added to ``skipped``."""
     for job in progress_bar(jobs, logger, desc="predict", unit="image", dynamic_ncols=True):
         try:
             image = read_image(job.path)
@@ -269,7 +268,23 @@ def _segment_all(segmenter: Segmenter | OnnxSegmenter, jobs: list[ImageJob], out
             skipped.append({"path": str(job.path), "reason": str(error)})
             logger.warning("skipping %s: %s", job.path, error)
             continue
-        labels = segmenter.segment(image, head=head)
+        yield job, image
+
+
+def _segment_all(segmenter: Segmenter | OnnxSegmenter, jobs: list[ImageJob], out: Path, head: str, names: list[str], figure: bool,
+                 alpha: float, skipped: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Segment and write every job, several images' windows per backbone pass
+    (``Segmenter.segment_many``); unreadable files are logged and added to ``skipped``."""
+    in_flight: deque[tuple[ImageJob, Image.Image]] = deque()  # read and handed on, label map not yet back
+
+    def images() -> Iterator[Image.Image]:
+        for job, image in _readable_images(jobs, skipped):
+            in_flight.append((job, image))
+            yield image
+
+    records = []
+    for labels in segmenter.segment_many(images(), head=head):  # in input order
+        job, image = in_flight.popleft()
         files = _write_outputs(out, job, image, labels, names, figure, alpha)
         records.append({"input": str(job.path), "size": [image.height, image.width], **files})
     return records

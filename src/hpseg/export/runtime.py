@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,13 @@ class OnnxSegmenter:
         if head == "cluster" and self.cluster_to_class is not None:
             labels = np.asarray(self.cluster_to_class, dtype=np.int64)[labels]
         return labels
+
+    def segment_many(self, images: Iterable[Any], head: str = "cluster", *,
+                     crf: bool = False) -> Iterator[np.ndarray]:
+        """:meth:`segment` of each image, in order (the interface of ``Segmenter.segment_many``;
+        here each image's windows still run on their own)."""
+        for image in images:
+            yield self.segment(image, head, crf=crf)
 
 
 def _check_head(head: str) -> None:

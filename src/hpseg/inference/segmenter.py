@@ -3,6 +3,7 @@
 >>> import hpseg
 >>> segmenter = hpseg.load("runs/my-run/checkpoints/last.pt")      # device="auto", weights=None
 >>> labels = segmenter.segment(image)          # PIL image, (H, W, 3) uint8 array or (3, H, W) tensor
+>>> for labels in segmenter.segment_many(images): ...   # many images: their windows share backbone passes
 >>> labels.shape, labels.dtype                 # (H, W) int64, the image's own resolution
 >>> segmenter.segment(image, head="linear")    # class ids from the linear probe
 >>> segmenter.class_names                      # names of the dataset's classes
@@ -17,6 +18,8 @@ used.
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,14 @@ from hpseg.checkpoints.trained import TrainedModel, load_trained
 from hpseg.data.images import to_rgb
 from hpseg.data.transforms import normalize
 from hpseg.inference.crf import cluster_probabilities, crf_refine_batch
-from hpseg.inference.tiling import Tiling, resample, resample_argmax, resized_shape, tile_and_average
+from hpseg.inference.tiling import (
+    Tiling,
+    resample,
+    resample_argmax,
+    resized_shape,
+    tile_and_average,
+    tile_and_average_many,
+)
 from hpseg.method.model import HiddenPositivesModel
 from hpseg.method.probes import centroid_scores
 from hpseg.runtime import autocast
@@ -181,8 +191,9 @@ class Segmenter:
 
     # -- the work ------------------------------------------------------------------------------
 
-    def _prepare(self, image: Any) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int]]:
-        """-> (resized uint8 (3, H', W'), normalised padded float (3, Hp, Wp), (H, W), (H', W'))."""
+    def _prepare(self, image: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """-> (normalised padded float (3, Hp, Wp), geometry: {"size": (H, W), "resized_size":
+        (H', W'), "resized": uint8 (3, H', W')})."""
         rgb = to_uint8_image(image).to(self.device)
         size = (int(rgb.shape[-2]), int(rgb.shape[-1]))
         resized_size = resized_shape(*size, self.tiling.size)
@@ -196,11 +207,26 @@ class Segmenter:
         if (padded_h, padded_w) != resized_size:
             normalised = F.pad(normalised[None], (0, padded_w - resized_size[1], 0, padded_h - resized_size[0]),
                                mode="replicate")[0]
-        return resized, normalised, size, resized_size
+        return normalised, {"size": size, "resized_size": resized_size, "resized": resized}
 
     def _backbone_features(self, windows: torch.Tensor) -> torch.Tensor:
         with autocast(self.device, self.amp_dtype):
             return self.backbone(windows).features.float()
+
+    def _window_scores(self, head: str, kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """(B, 3, wh, ww) normalised windows -> (B, X, wh/p, ww/p) per-patch values of ``kind``
+        (see :meth:`scores`)."""
+        centroids = self.model.cluster_probe.centroids.float()
+
+        def compute(windows: torch.Tensor) -> torch.Tensor:
+            segmentation = self.model.segmentation(self._backbone_features(windows))
+            if kind == "segmentation":
+                return segmentation
+            if head == "linear":
+                return self.model.linear_probe(segmentation)
+            return centroid_scores(segmentation, centroids, cosine=kind == "cosine")
+
+        return compute
 
     @torch.no_grad()
     def scores(self, image: Any, head: str = "cluster", kind: str = "logits") -> tuple[torch.Tensor, dict[str, Any]]:
@@ -214,19 +240,8 @@ class Segmenter:
         check_head(head)
         if kind not in ("logits", "cosine", "segmentation"):
             raise ValueError(f"kind must be 'logits', 'cosine' or 'segmentation', got {kind!r}")
-        resized, normalised, size, resized_size = self._prepare(image)
-        centroids = self.model.cluster_probe.centroids.float()
-
-        def compute(windows: torch.Tensor) -> torch.Tensor:
-            segmentation = self.model.segmentation(self._backbone_features(windows))
-            if kind == "segmentation":
-                return segmentation
-            if head == "linear":
-                return self.model.linear_probe(segmentation)
-            return centroid_scores(segmentation, centroids, cosine=kind == "cosine")
-
-        grid = tile_and_average(normalised, self.tiling, compute, self.batch_size)
-        return grid, {"size": size, "resized_size": resized_size, "resized": resized}
+        normalised, geometry = self._prepare(image)
+        return tile_and_average(normalised, self.tiling, self._window_scores(head, kind), self.batch_size), geometry
 
     @torch.no_grad()
     def segment(self, image: Any, head: str = "cluster", *, crf: bool | None = None) -> np.ndarray:
@@ -239,7 +254,39 @@ class Segmenter:
         """
         check_head(head)
         crf = self.crf if crf is None else crf
-        grid, geometry = self.scores(image, head, kind="segmentation" if crf and head == "cluster" else "logits")
+        grid, geometry = self.scores(image, head, kind=_label_kind(head, crf))
+        return self._labels(grid, geometry, head, crf)
+
+    def segment_many(self, images: Iterable[Any], head: str = "cluster", *,
+                     crf: bool | None = None) -> Iterator[np.ndarray]:
+        """:meth:`segment` of each image in ``images``, yielded in order, with the windows of
+        consecutive images sharing backbone passes (``batch_size`` windows each): faster than
+        one image at a time when an image has fewer windows than ``batch_size``.
+
+        ``images`` is read lazily (a generator of files read one by one is fine) and each label
+        map is yielded as soon as its last window is computed, so memory stays that of
+        ``batch_size`` windows and the images they come from. Same label maps as :meth:`segment`
+        (the backbone's float rounding aside, which may differ with the batch's composition).
+        """
+        check_head(head)  # now, not at the first image
+        return self._segment_stream(images, head, self.crf if crf is None else crf)
+
+    @torch.no_grad()
+    def _segment_stream(self, images: Iterable[Any], head: str, crf: bool) -> Iterator[np.ndarray]:
+        geometries: deque[dict[str, Any]] = deque()  # of the images handed to the tiling, not yet labelled
+
+        def padded_images() -> Iterator[torch.Tensor]:
+            for image in images:
+                normalised, geometry = self._prepare(image)
+                geometries.append(geometry)
+                yield normalised
+
+        compute = self._window_scores(head, _label_kind(head, crf))
+        for grid in tile_and_average_many(padded_images(), self.tiling, compute, self.batch_size):
+            yield self._labels(grid, geometries.popleft(), head, crf)
+
+    def _labels(self, grid: torch.Tensor, geometry: dict[str, Any], head: str, crf: bool) -> np.ndarray:
+        """(H, W) int64 labels from one image's patch grid of :func:`_label_kind` scores."""
         size, resized_size = geometry["size"], geometry["resized_size"]
         p = self.tiling.patch
         if crf:
@@ -262,7 +309,7 @@ class Segmenter:
     def features(self, image: Any) -> ImageFeatures:
         """Backbone features f and segmentation features s of ``image`` (averaged over windows),
         for clustering them your own way."""
-        _, normalised, size, resized_size = self._prepare(image)
+        normalised, geometry = self._prepare(image)
         channels = self.backbone.embed_dim
 
         def compute(windows: torch.Tensor) -> torch.Tensor:
@@ -270,7 +317,13 @@ class Segmenter:
             return torch.cat([features, self.model.segmentation(features)], dim=1)
 
         grid = tile_and_average(normalised, self.tiling, compute, self.batch_size)
-        return ImageFeatures(grid[:channels].cpu(), grid[channels:].cpu(), size, resized_size, self.tiling.patch)
+        return ImageFeatures(grid[:channels].cpu(), grid[channels:].cpu(), geometry["size"], geometry["resized_size"],
+                             self.tiling.patch)
+
+
+def _label_kind(head: str, crf: bool) -> str:
+    """The :meth:`Segmenter.scores` kind labelling needs: the CRF's cluster unaries start from s."""
+    return "segmentation" if crf and head == "cluster" else "logits"
 
 
 def check_head(head: str) -> None:

@@ -33,15 +33,16 @@ evaluation computes for that crop.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from hpseg.data.transforms import resized_shape
 
-__all__ = ["Tiling", "resample", "resample_argmax", "resized_shape", "tile_and_average", "window_starts"]
-
+__all__ = ["Tiling", "resample", "resample_argmax", "resized_shape", "tile_and_average", "tile_and_average_many",
+           "window_starts"]
 
 
 def window_starts(length: int, window: int, stride: int) -> list[int]:
@@ -155,6 +156,83 @@ def resample_argmax(
     return out
 
 
+class _Grid:
+    """One image's running sums on the patch grid while its windows go through ``compute``."""
+
+    def __init__(self, image: torch.Tensor, tiling: Tiling) -> None:
+        p = tiling.patch
+        height, width = image.shape[-2:]
+        if height % p or width % p:
+            raise ValueError(f"padded image {height}x{width} is not a multiple of the patch size {p}")
+        self.image, self.patch = image, p
+        self.window, self.offsets = tiling.windows(height, width)
+        self.grid_shape = (height // p, width // p)
+        self.total: torch.Tensor | None = None  # (X, h, w), allocated when the first values come
+        self.count = torch.zeros((1, *self.grid_shape), device=image.device)
+        self.remaining = len(self.offsets)
+
+    def crop(self, offset: tuple[int, int]) -> torch.Tensor:
+        (wh, ww), (top, left) = self.window, offset
+        return self.image[:, top : top + wh, left : left + ww]
+
+    def add(self, offset: tuple[int, int], value: torch.Tensor) -> None:
+        """Add one window's (X, wh/p, ww/p) values at ``offset``."""
+        if self.total is None:
+            self.total = torch.zeros((value.shape[0], *self.grid_shape), device=self.image.device)
+        (wh, ww), (top, left), p = self.window, offset, self.patch
+        rows, cols = slice(top // p, (top + wh) // p), slice(left // p, (left + ww) // p)
+        self.total[:, rows, cols] += value
+        self.count[:, rows, cols] += 1
+        self.remaining -= 1
+
+    def mean(self) -> torch.Tensor:
+        assert self.total is not None and self.remaining == 0
+        return self.total / self.count
+
+
+@torch.no_grad()
+def tile_and_average_many(
+    images: Iterable[torch.Tensor],
+    tiling: Tiling,
+    compute: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 8,
+) -> Iterator[torch.Tensor]:
+    """:func:`tile_and_average` over a stream of padded (3, H, W) images, the windows of
+    consecutive images sharing ``compute`` calls: yields each image's (X, H/p, W/p) grid, in order.
+
+    Windows are taken in image order and cut into calls of ``batch_size`` windows; a call ends
+    early where the window shape changes (an image smaller than a window, ``window=0``), since
+    one call takes windows of one shape. ``images`` is read lazily and a grid is yielded as soon
+    as its last window is computed: only the images with windows in the current call are held,
+    however long the stream (memory: ``batch_size`` windows at a time). Each image's sums run in the
+    same order as :func:`tile_and_average`'s, so its grid differs only by ``compute``'s own
+    rounding for other batch compositions.
+    """
+    batch_size = max(1, batch_size)
+    started: deque[_Grid] = deque()  # images with windows not yet yielded, in input order
+    batch: list[tuple[_Grid, tuple[int, int]]] = []
+
+    def run_batch() -> Iterator[torch.Tensor]:
+        values = compute(torch.stack([grid.crop(offset) for grid, offset in batch])).float()
+        for (grid, offset), value in zip(batch, values):
+            grid.add(offset, value)
+        batch.clear()
+        while started and started[0].remaining == 0:
+            yield started.popleft().mean()
+
+    for image in images:
+        grid = _Grid(image, tiling)
+        started.append(grid)
+        for offset in grid.offsets:
+            if batch and batch[0][0].window != grid.window:
+                yield from run_batch()
+            batch.append((grid, offset))
+            if len(batch) == batch_size:
+                yield from run_batch()
+    if batch:
+        yield from run_batch()
+
+
 @torch.no_grad()
 def tile_and_average(
     image: torch.Tensor,
@@ -164,25 +242,7 @@ def tile_and_average(
 ) -> torch.Tensor:
     """Run ``compute`` over the windows of a padded (3, H, W) image and average on the patch grid.
 
-    ``compute`` maps (B, 3, wh, ww) windows to (B, X, wh/p, ww/p) per-patch values; the result is
-    (X, H/p, W/p), each patch the mean over the windows that cover it.
+    ``compute`` maps (B, 3, wh, ww) windows to (B, X, wh/p, ww/p) per-patch values, B at most
+    ``batch_size``; the result is (X, H/p, W/p), each patch the mean over the windows that cover it.
     """
-    p = tiling.patch
-    height, width = image.shape[-2:]
-    if height % p or width % p:
-        raise ValueError(f"padded image {height}x{width} is not a multiple of the patch size {p}")
-    (wh, ww), offsets = tiling.windows(height, width)
-    total: torch.Tensor | None = None
-    count = torch.zeros((1, height // p, width // p), device=image.device)
-    for i in range(0, len(offsets), max(1, batch_size)):
-        chunk = offsets[i : i + batch_size]
-        windows = torch.stack([image[:, top : top + wh, left : left + ww] for top, left in chunk])
-        values = compute(windows).float()
-        if total is None:
-            total = torch.zeros((values.shape[1], height // p, width // p), device=image.device)
-        for (top, left), value in zip(chunk, values):
-            rows, cols = slice(top // p, (top + wh) // p), slice(left // p, (left + ww) // p)
-            total[:, rows, cols] += value
-            count[:, rows, cols] += 1
-    assert total is not None
-    return total / count
+    return next(tile_and_average_many([image], tiling, compute, batch_size))
