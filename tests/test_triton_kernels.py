@@ -29,7 +29,7 @@ interpreted = pytest.mark.skipif(
     not triton_kernels.INTERPRETED, reason="runs inside test_kernels_under_the_interpreter (TRITON_INTERPRET=1)"
 )
 # Tests marked ``interpreted`` (parametrised cases counted: one per golden file), checked below.
-N_INTERPRETED = 8 + len(GOLDEN)
+N_INTERPRETED = 9 + len(GOLDEN)
 
 
 def test_kernels_under_the_interpreter():
@@ -263,3 +263,26 @@ def test_compiled_kernels_match_the_torch_path_on_cuda(dtype, monkeypatch):
     torch.testing.assert_close(half[0], full[0], rtol=2e-3, atol=0.0)
     for h, f32 in zip(half[1:], full[1:]):
         assert (h - f32).norm() <= 1e-2 * f32.norm()
+
+
+@interpreted
+def test_anchor_shares_through_the_kernels_add_up_to_the_whole_loss(monkeypatch):
+    """Under torchrun each rank computes its own images' anchors against all N gathered patches
+    (``anchor_images``): through the kernels, the ranks' shares of the loss and of both gradients
+    add up to the one-process loss of the torch path."""
+    torch.manual_seed(0)
+    hw, n_images = 9, 4
+    n = hw * n_images
+    f, s = torch.randn(n, 5), torch.randn(n, 6)
+    z, z_mix = F.normalize(torch.randn(n, 6), dim=1), F.normalize(torch.randn(n, 6), dim=1)
+    pool_ag, pool_sp = torch.randn(5, 5), torch.randn(5, 6)
+    kwargs = dict(patches_per_image=hw, contrast_draw=SharedContrastPattern(torch.rand(hw, n) < 0.4), lmbd=0.4,
+                  tau=0.6)
+    whole = loss_and_grads(z, z_mix, f, s, pool_ag, pool_sp, backend="torch", **kwargs)
+    calls = Calls(monkeypatch)
+    backend = LossBackend("triton", pair_gradient_rows=16)
+    shares = [loss_and_grads(z, z_mix, f, s, pool_ag, pool_sp, backend=backend, anchor_images=images, **kwargs)
+              for images in (range(0, 1), range(1, 3), range(3, 4))]
+    assert calls.statistics == 3
+    for k in range(3):
+        torch.testing.assert_close(sum(share[k] for share in shares), whole[k], rtol=1e-4, atol=1e-6)
