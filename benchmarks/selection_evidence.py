@@ -13,7 +13,7 @@ validation metrics (with labels) and the three label-free criteria (no labels). 
   checkpoint is the weights at the step it picks, which training evaluates on the whole
   validation set, the same numbers `hpseg eval` gives for it (tests/test_train.py checks that).
 
-    python benchmarks/selection_evidence.py --seeds 0 1 2 --work /tmp/hpseg-selection --out selection.json
+    OMP_NUM_THREADS=1 python benchmarks/selection_evidence.py --seeds 0 1 2 3 4 --work /tmp/hpseg-selection --out selection-evidence.json
 """
 
 from __future__ import annotations
