@@ -11,7 +11,7 @@ photographs' textures from skimage.data (4, 6, 8 classes), three data seeds each
 and counts how often each criterion's suggestion equals the true number of classes, or is
 within +-1 of it.
 
-    python benchmarks/cluster_count.py --work /tmp/hpseg-clusters --out cluster-count.json
+    OMP_NUM_THREADS=1 python benchmarks/cluster_count.py --seeds 0 1 2 --work /tmp/hpseg-clusters --out cluster-count.json
 """
 
 from __future__ import annotations

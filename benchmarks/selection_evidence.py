@@ -13,7 +13,7 @@ validation metrics (with labels) and the three label-free criteria (no labels). 
   checkpoint is the weights at the step it picks, which training evaluates on the whole
   validation set, the same numbers `hpseg eval` gives for it (tests/test_train.py checks that).
 
-    python benchmarks/selection_evidence.py --seeds 0 1 2 --work /tmp/hpseg-selection --out selection.json
+    OMP_NUM_THREADS=1 python benchmarks/selection_evidence.py --seeds 0 1 2 3 4 --work /tmp/hpseg-selection --out selection-evidence.json
 """
 
 from __future__ import annotations
@@ -88,7 +88,10 @@ def table(results: dict) -> str:
     rules = ["best", "last"] + [f"unsupervised:{c}" for c in LABEL_FREE_CRITERIA]
     lines = ["| set / seed | " + " | ".join(r.replace("unsupervised:", "unsup. ") for r in rules) + " | max over checkpoints |",
              "|---" * (len(rules) + 2) + "|"]
-    for key, r in results.items():
+    # grouped by set, then seed (runs are made seeds outermost)
+    by_set = sorted(results, key=lambda key: (key.split("/")[0], int(key.split("/seed")[1])))
+    for key in by_set:
+        r = results[key]
         lines.append(f"| {key} | " + " | ".join(f"{100 * r['picked_miou'][rule]:.1f}" for rule in rules)
                      + f" | {100 * max(r['miou']):.1f} |")
     for name in sorted({k.split('/')[0] for k in results}):
@@ -124,8 +127,9 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     results = {}
-    for name in args.sets:
-        for seed in args.seeds:
+    # seeds outermost: an interrupted run still covers every set
+    for seed in args.seeds:
+        for name in args.sets:
             started = time.time()
             run = train_run(args.work, name, seed)
             results[f"{name}/seed{seed}"] = {**analyse(run), "wall_seconds": round(time.time() - started, 1)}

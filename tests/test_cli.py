@@ -4,6 +4,7 @@ the traceback for unexpected ones (or for every error with --debug)."""
 from __future__ import annotations
 
 import logging
+import pathlib
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -96,3 +97,18 @@ def test_quiet_and_verbose_set_the_log_level(flags: list[str], level: int, monke
     before, after = (flags, []) if "predict-flag" not in flags else ([], flags[1:])
     assert main([*before, *PREDICT, *after]) == 0
     assert hpseg_logger.level == level
+
+
+@pytest.mark.parametrize("command", [["train", "--preset", "cocostuff27"], ["train", "--resume", "run"]])
+def test_train_no_progress_turns_the_progress_bars_off(command: list[str], tmp_path: pathlib.Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       hpseg_logger: logging.Logger) -> None:
+    """`hpseg train --no-progress` (also what `--seeds` passes to each seed's run) sets the level at
+    which the training bars stay off; it was once accepted and ignored."""
+    import hpseg.training.trainer
+
+    monkeypatch.setattr(hpseg.training.trainer, "train", lambda *args, **kwargs: tmp_path)
+    monkeypatch.setattr(hpseg.training.trainer, "resume", lambda *args, **kwargs: tmp_path)
+    assert main([*command, "--no-progress"]) == 0
+    assert hpseg_logger.level == logging.WARNING
+    assert not hpseg_logger.isEnabledFor(logging.INFO)  # what hpseg.logs.progress_bar asks

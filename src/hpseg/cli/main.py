@@ -85,12 +85,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.seeds:
         return _train_seeds(args)
     if args.resume:
-        run_dir = resume(args.resume, progress=not args.no_progress)
+        run_dir = resume(args.resume)
     else:
         config = _config_from(args)
         if is_main:
             print("resolved config:\n" + config.to_yaml())
-        run_dir = train(config, run_dir=args.run_dir, progress=not args.no_progress)
+        run_dir = train(config, run_dir=args.run_dir)
     if is_main:
         from hpseg.checkpoints.runs import resolve_checkpoint
         from hpseg.checkpoints.store import CheckpointError
@@ -173,7 +173,6 @@ def cmd_cache(args: argparse.Namespace) -> int:
         backbone, prepared, out, sigma=config.method.sigma, batch_size=args.batch_size or config.train.batch_size,
         device=device, amp_dtype=amp_dtype(config.train.amp, device), dtype=args.dtype,
         num_workers=config.data.num_workers, weights_path=config.backbone.weights, overwrite=args.overwrite,
-        progress=not args.no_progress,
     )
     print(f"feature cache ready in {path}")
     if path.resolve() != default_cache_dir(prepared, config.backbone.name).resolve():
@@ -322,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train once per seed into RUN_DIR/seed-<s>/, evaluate each and write RUN_DIR/report/")
     p.add_argument("--crf", action="store_true", help="with --seeds: evaluate with the dense CRF")
     p.add_argument("--no-eval", action="store_true", help="with --seeds: train only")
-    p.add_argument("--no-progress", action="store_true")
+    _add_no_progress(p)
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("report", help="mean ± std over seeds of evaluations (Markdown, CSV, validation curves)")
@@ -358,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage of the features (default float16: half the size)")
     p.add_argument("--batch-size", type=int, default=0, help="crops per backbone pass (default: train.batch_size)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built for another backbone / data / sigma")
-    p.add_argument("--no-progress", action="store_true")
+    _add_no_progress(p)
     p.set_defaults(run=cmd_cache)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (unsupervised and linear accuracy / mIoU)")
