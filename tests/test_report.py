@@ -90,6 +90,20 @@ def test_curves_from_each_runs_metrics_log(tmp_path):
     assert summary["curves"] and (tmp_path / "report" / "curves.png").stat().st_size > 1000
 
 
+def test_curves_leave_out_a_torn_last_line(tmp_path):
+    """A run killed mid-write (or on a full disk) ends its metrics.jsonl with a partial record:
+    the report reads the complete ones instead of failing."""
+    from hpseg.evaluation.report import validation_curves
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    record = {"step": 5, "validation": {"unsupervised_miou": 0.5, "linear_miou": 0.25}}
+    (run / "metrics.jsonl").write_text(json.dumps(record) + '\n{"step": 6, "valid')
+    curves = validation_curves([(run, {"checkpoint": str(run / "checkpoints" / "last.pt"), "seed": 0})])
+    assert curves[0]["step"] == [5]
+    assert curves[0]["unsupervised_miou"] == [0.5] and curves[0]["linear_miou"] == [0.25]
+
+
 @pytest.mark.slow
 def test_train_seeds_then_report(tmp_path):
     data = synthetic_prepared(tmp_path)

@@ -18,7 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "is_temporary", "remove_stale_temporaries", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_write", "is_temporary", "read_jsonl", "remove_stale_temporaries", "write_json_atomic",
+           "write_text_atomic"]
 
 
 @contextmanager
@@ -62,6 +63,25 @@ def write_text_atomic(text: str, path: str | os.PathLike[str]) -> Path:
 def write_json_atomic(payload: Any, path: str | os.PathLike[str], indent: int = 2) -> Path:
     """Write ``payload`` as JSON to ``path`` atomically; returns the path."""
     return write_text_atomic(json.dumps(payload, indent=indent), path)
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> tuple[list[tuple[int, str, dict[str, Any]]], list[int]]:
+    """The records of a JSON-lines file as (line number, line, record), and the numbers of the
+    lines that are not JSON objects (a record cut short by a crash or a full disk); blank lines
+    are skipped."""
+    records, torn = [], []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append((number, line, record))
+        else:
+            torn.append(number)
+    return records, torn
 
 
 def is_temporary(name: str) -> bool:

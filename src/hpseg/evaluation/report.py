@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from hpseg.files import atomic_write, write_text_atomic
+from hpseg.files import atomic_write, read_jsonl, write_text_atomic
 
 __all__ = ["aggregate", "collect_results", "config_differences", "write_report"]
 
@@ -186,8 +186,8 @@ def validation_curves(evaluations: list[tuple[Path, dict[str, Any]]]) -> dict[in
         log = run / "metrics.jsonl"
         if results.get("seed") in curves or not log.is_file():
             continue
-        records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        validation = [r for r in records if "validation" in r]
+        records, _ = read_jsonl(log)  # a torn last line (a crash mid-write) is left out, not fatal
+        validation = [record for _, _, record in records if "validation" in record]
         curve: dict[str, list[float]] = {"step": [r["step"] for r in validation]}
         for key in ("unsupervised_miou", "unsupervised_accuracy", "linear_miou", "linear_accuracy"):
             curve[key] = [r["validation"].get(key, float("nan")) for r in validation]

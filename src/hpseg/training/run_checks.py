@@ -16,14 +16,13 @@ What ``hpseg train --resume RUN_DIR`` checks before continuing a run:
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from hpseg.checkpoints.store import CheckpointError
 from hpseg.checkpoints.trained import TrainedCheckpoint, read_trained, weight_mismatch_summary
-from hpseg.files import write_text_atomic
+from hpseg.files import read_jsonl, write_text_atomic
 
 __all__ = ["check_class_count", "restore_or_explain", "resumable_checkpoint", "truncate_metrics"]
 
@@ -68,29 +67,13 @@ def restore_or_explain(trainer: Any, checkpoint: TrainedCheckpoint) -> None:
                               f"{weight_mismatch_summary(str(error))}") from None
 
 
-def _step_of(line: str) -> int | None:
-    """The step of one ``metrics.jsonl`` record, None for a torn or foreign line."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return int(record.get("step", 0)) if isinstance(record, dict) else None
-
-
 def truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the records of ``path`` up to ``last_step`` (the checkpoint resumed from), so the
     curve has no repeats; lines that are not JSON records are dropped, with a warning."""
     if not path.exists():
         return
-    kept, torn = [], []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        step = _step_of(line)
-        if step is None:
-            torn.append(number)
-        elif step <= last_step:
-            kept.append(line)
+    records, torn = read_jsonl(path)
+    kept = [line for _, line, record in records if int(record.get("step", 0)) <= last_step]
     if torn:
         logger.warning("%s: dropped %d damaged line(s) (line %s: a record cut short by a crash or a full disk)",
                        path, len(torn), ", ".join(map(str, torn)))
