@@ -12,15 +12,12 @@ from hpseg.config import Config
 from hpseg.training.selection import label_free_scores
 from hpseg.training.trainer import train
 from tests.helpers import synthetic_prepared, tiny_config
+from tests.test_train import read_jsonl
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return synthetic_prepared(tmp_path_factory.mktemp("synthetic"))
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_last_rule_writes_no_label_chosen_checkpoint(data_root, tmp_path):
