@@ -1,13 +1,16 @@
-"""Where and how computation runs: device choice, mixed precision, seeding, distributed ranks."""
+"""Where and how computation runs: device choice, mixed precision, seeding, distributed ranks,
+CPU cores and threads."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -135,3 +138,67 @@ def average_gradients(parameters: list[torch.nn.Parameter], context: Distributed
     flat /= context.world_size
     for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
         grad.copy_(part.view_as(grad))
+
+
+# ---------------------------------------------------------------------------- CPU cores and threads
+
+#: cgroup v2 and v1 files holding a CPU quota (a container limited to a few of the host's cores).
+_CGROUP_V2_MAX, _CGROUP_V1_QUOTA, _CGROUP_V1_PERIOD = "cpu.max", "cpu.cfs_quota_us", "cpu.cfs_period_us"
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPU quota of this process's cgroup in cores (``quota / period``), None when unlimited
+    or unreadable. Reads cgroup v2's ``cpu.max`` ("max 100000" or "200000 100000"), else v1's
+    ``cpu/cpu.cfs_quota_us`` and ``cpu.cfs_period_us`` (-1 = unlimited)."""
+    try:
+        if (root / _CGROUP_V2_MAX).is_file():
+            quota, period = (root / _CGROUP_V2_MAX).read_text().split()[:2]
+        else:
+            quota = (root / "cpu" / _CGROUP_V1_QUOTA).read_text().strip()
+            period = (root / "cpu" / _CGROUP_V1_PERIOD).read_text().strip()
+        if quota in ("max", "-1") or float(period) <= 0:
+            return None
+        return float(quota) / float(period)
+    except (OSError, ValueError):
+        return None
+
+
+def available_cores(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPU cores this process may use: its affinity mask (``taskset``, a batch scheduler's
+    binding), capped by a cgroup CPU quota (containers), and under ``torchrun`` divided between
+    the ranks on this machine (``LOCAL_WORLD_SIZE``). At least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_limit(cgroup_root)
+    if quota is not None:
+        cores = min(cores, max(1, int(quota)))  # a 1.5-core quota gives one busy thread its core
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, cores // ranks_here)
+
+
+def choose_threads(workers_started: int, requested: int | None = None, cores: int | None = None) -> tuple[int, str]:
+    """torch's intra-op threads for a command that starts ``workers_started`` worker processes
+    (data-loader workers, CRF workers) and why: ``requested`` (``--threads``) when given, else
+    ``OMP_NUM_THREADS`` when set, else the available cores the workers leave (at least 1: threads
+    beyond the free cores only wait for each other, on a shared machine much slower than one)."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"--threads {requested}: the number of CPU threads must be at least 1")
+        return requested, "--threads"
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
+    cores = available_cores() if cores is None else cores
+    return max(1, cores - workers_started), f"{cores} core(s) available, {workers_started} worker process(es) started"
+
+
+def fit_threads(workers_started: int, requested: int | None = None) -> int:
+    """Set torch's intra-op threads by :func:`choose_threads` and log the choice; returns it."""
+    threads, reason = choose_threads(workers_started, requested)
+    torch.set_num_threads(threads)
+    logging.getLogger(__name__).info(f"torch uses {threads} CPU thread(s) ({reason})")
+    return threads
+
+
+def default_crf_workers(loader_workers: int, cores: int | None = None) -> int:
+    """CRF worker processes by default: the cores available that the data loader's workers leave (at least 1)."""
+    return max(1, (available_cores() if cores is None else cores) - loader_workers)

@@ -35,6 +35,7 @@ __all__ = [
     "CRFUnavailableError",
     "cluster_probabilities",
     "crf_available",
+    "crf_probabilities",
     "crf_refine_batch",
     "dense_crf",
     "images_to_uint8",
@@ -201,15 +202,20 @@ def crf_refine_batch(
             f"got {tuple(logits_or_probs.shape)}"
         )
     require_crf()
-    device = logits_or_probs.device
-    height, width = images_uint8.shape[-2:]
+    probs = crf_probabilities(logits_or_probs, tuple(images_uint8.shape[-2:]), from_logits=from_logits)
+    images_np = images_uint8.detach().permute(0, 2, 3, 1).cpu().numpy()
+    refined = [dense_crf(image, image_probs, n_iter, **params) for image, image_probs in zip(images_np, probs)]
+    return torch.from_numpy(np.stack(refined)).to(logits_or_probs.device)
+
+
+def crf_probabilities(logits_or_probs: Tensor, size: tuple[int, int], *, from_logits: bool = True) -> np.ndarray:
+    """(B, K, h, w) scores -> (B, K, H, W) float32 numpy probabilities at ``size``, the CRF's input:
+    logits (or log-probabilities) upsampled bilinearly then softmaxed, as the reference does;
+    probabilities (``from_logits=False``) only upsampled (a convex combination stays normalised)."""
     with torch.no_grad():
         # float32 first: under autocast the scores may be float16.
         scores = logits_or_probs.detach().float()
-        if scores.shape[-2:] != (height, width):
-            scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
+        if tuple(scores.shape[-2:]) != tuple(size):
+            scores = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
         probs = F.softmax(scores, dim=1) if from_logits else scores
-        probs_np = probs.cpu().numpy()
-    images_np = images_uint8.detach().permute(0, 2, 3, 1).cpu().numpy()
-    refined = [dense_crf(image, image_probs, n_iter, **params) for image, image_probs in zip(images_np, probs_np)]
-    return torch.from_numpy(np.stack(refined)).to(device)
+        return probs.cpu().numpy()
