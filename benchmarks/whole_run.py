@@ -106,8 +106,8 @@ def compare_validation(config: Config, run_dir: Path, repeats: int) -> dict[str,
             results = trainer._evaluate()
             seconds.append(time.perf_counter() - start)
         timings[setting] = {"first_s": build, "median_s": statistics.median(seconds), "all_s": seconds,
-                            "metrics": {key: results[key] for key in METRIC_KEYS}}
-        assert results["linear_confusion"] == first["linear_confusion"]
+                            "metrics": results.metrics()}
+        assert results.linear == first.linear
     off, cached = timings["off"], timings["memory"]
     timings["speedup"] = off["median_s"] / cached["median_s"]
     print(f"one validation ({len(trainer.validation)} images): backbone {off['median_s']:.2f} s, from cached "

@@ -213,7 +213,7 @@ def test_random_backbone_is_rebuilt_exactly(run_dir: Path) -> None:
     loader = validation_loader(validation, 16, 0, DistributedContext(), config.train.val_max_images)
     results = evaluate_model(segmenter.model, segmenter.backbone, loader, config.method.n_classes, torch.device("cpu"))
     for key in ("unsupervised_accuracy", "linear_accuracy"):
-        assert results[key] == pytest.approx(best["metrics"][key], abs=1e-9)
+        assert results.metrics()[key] == pytest.approx(best["metrics"][key], abs=1e-9)
 
 
 def test_mapping_gives_class_ids_and_names(run_dir: Path, tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ def test_confusion_matrix_by_hand():
 
 
 def test_scores_by_hand_linear():
-    m = SegmentationMetrics(3, hungarian=False)
+    m = SegmentationMetrics(3, matching="identity")
     m.update(PRED.view(2, 5), LABEL.view(2, 5))
     r = m.compute()
     assert r["accuracy"] == pytest.approx(HAND_ACCURACY)
@@ -81,7 +81,7 @@ def test_permuted_perfect_prediction():
     assert r["accuracy"] == 1.0 and r["miou"] == 1.0
     assert apply_assignment(perm[label], r["assignment"]).equal(label)
     # without matching the same prediction is poor
-    lin = SegmentationMetrics(5, hungarian=False)
+    lin = SegmentationMetrics(5, matching="identity")
     lin.update(perm[label], label)
     assert lin.compute()["accuracy"] == 0.0
 
@@ -101,7 +101,7 @@ def test_ignore_labels_excluded():
 
 
 def test_unseen_class_left_out_of_miou():
-    m = SegmentationMetrics(4, hungarian=False)  # class 3 is never labelled nor predicted
+    m = SegmentationMetrics(4, matching="identity")  # class 3 is never labelled nor predicted
     m.update(PRED, LABEL)
     r = m.compute()
     assert r["iou"][3] is None
@@ -184,7 +184,7 @@ def test_all_reduce_is_noop_without_distributed():
 def _ddp_worker(rank: int, store: str, queue) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
-        m = SegmentationMetrics(3, hungarian=False)
+        m = SegmentationMetrics(3, matching="identity")
         half = slice(0, 5) if rank == 0 else slice(5, 10)
         m.update(PRED[half], LABEL[half])
         m.all_reduce_()

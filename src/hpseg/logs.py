@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-__all__ = ["TqdmHandler", "configure_logging", "progress_bar"]
+__all__ = ["TqdmHandler", "configure_logging", "progress_bar", "progress_counter"]
 
 T = TypeVar("T")
 _ROOT = "hpseg"
@@ -52,3 +52,8 @@ def configure_logging(verbosity: int = 0) -> None:
 def progress_bar(iterable: Iterable[T], logger: logging.Logger, **kwargs: Any) -> Iterable[T]:
     """``tqdm(iterable, **kwargs)``, shown only when ``logger`` would emit INFO records."""
     return tqdm(iterable, disable=not logger.isEnabledFor(logging.INFO), file=sys.stderr, **kwargs)
+
+
+def progress_counter(logger: logging.Logger, **kwargs: Any) -> tqdm:
+    """A bar advanced by hand (``bar.update(n)``, e.g. images per batch), shown as :func:`progress_bar`."""
+    return tqdm(disable=not logger.isEnabledFor(logging.INFO), file=sys.stderr, **kwargs)

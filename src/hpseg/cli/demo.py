@@ -149,7 +149,7 @@ def _kmeans_maps(extractor: Any, crops: TrainCrops, validation: ValCrops, n_clas
     evaluation's baseline procedure -- then the validation label maps, their Hungarian
     cluster->class matching over the whole validation set and its scores."""
     centroids, _ = fit_baseline(extractor, crops, n_classes, device, seed=seed, linear_steps=0)
-    metrics = SegmentationMetrics(n_classes, hungarian=True)
+    metrics = SegmentationMetrics(n_classes)
     maps = []
     for i in range(len(validation)):
         item = validation[i]

@@ -6,8 +6,8 @@ Implements the evaluation protocol of the spec (§8):
   ground-truth classes is accumulated over all valid pixels (``0 <= label < n_classes``);
   clusters are then matched one-to-one to classes with the Hungarian algorithm so that the
   number of matched pixels is maximal; accuracy and mIoU are computed on the matched matrix.
-* *Linear* metrics: the same without matching (``hungarian=False``), since the probe predicts
-  class ids directly.
+* *Linear* metrics: the same without matching (``matching="identity"``), since the probe
+  predicts class ids directly.
 
 Orientation convention used throughout this module (and by :mod:`hpseg.visualize`):
 **rows are predictions, columns are ground-truth classes**, i.e. ``confusion[p, c]`` counts the
@@ -186,27 +186,24 @@ class SegmentationMetrics:
     Args:
         n_classes: number of ground-truth classes; labels outside ``[0, n_classes)`` are ignored.
         n_pred: number of predicted ids (clusters); defaults to ``n_classes``.
-        hungarian: match clusters to classes (unsupervised / cluster metrics). ``False`` uses
-            the identity (linear-probe metrics); ids ``>= n_classes`` then count as wrong.
+        matching: how predicted ids map to classes: ``"hungarian"`` (one-to-one, the cluster
+            metrics), ``"majority"`` (many-to-one, for over-clustering) or ``"identity"`` (the
+            linear probe's class ids; ids ``>= n_classes`` then count as wrong).
 
     The confusion lives on the device of the first :meth:`update`, so accumulation stays on the
     GPU; only :meth:`compute` copies the small matrix to the host.
     """
 
-    def __init__(self, n_classes: int, n_pred: int | None = None, hungarian: bool = True,
-                 matching: str | None = None) -> None:
+    def __init__(self, n_classes: int, n_pred: int | None = None, matching: str = "hungarian") -> None:
         if n_classes <= 0:
             raise ValueError(f"n_classes must be positive, got {n_classes}")
         self.n_classes = int(n_classes)
         self.n_pred = int(n_pred) if n_pred is not None else self.n_classes
         if self.n_pred <= 0:
             raise ValueError(f"n_pred must be positive, got {self.n_pred}")
-        self.hungarian = bool(hungarian)
-        # "hungarian" (one-to-one), "majority" (many-to-one, for n_pred > n_classes) or "identity"
-        self.matching = matching or ("hungarian" if self.hungarian else "identity")
-        if self.matching not in ("hungarian", "majority", "identity"):
-            raise ValueError(f"matching must be 'hungarian', 'majority' or 'identity', got {self.matching!r}")
-        self.hungarian = self.matching == "hungarian"
+        if matching not in ("hungarian", "majority", "identity"):
+            raise ValueError(f"matching must be 'hungarian', 'majority' or 'identity', got {matching!r}")
+        self.matching = matching
         self.confusion: Tensor = torch.zeros(self.n_pred, self.n_classes, dtype=torch.int64)
 
     def reset(self) -> None:
@@ -247,7 +244,7 @@ class SegmentationMetrics:
         """``(n_pred,)`` class of each predicted id: Hungarian, majority or identity (-1 = none)."""
         if self.matching == "majority":
             return majority_match(self.confusion)
-        if self.hungarian:
+        if self.matching == "hungarian":
             return hungarian_match(self.confusion)
         ids = np.arange(self.n_pred, dtype=np.int64)
         return np.where(ids < self.n_classes, ids, -1)
@@ -284,7 +281,6 @@ class SegmentationMetrics:
         return {
             "n_classes": self.n_classes,
             "n_pred": self.n_pred,
-            "hungarian": self.hungarian,
             "matching": self.matching,
             "confusion": self.confusion.detach().cpu().clone(),
         }
@@ -296,12 +292,11 @@ class SegmentationMetrics:
             raise ValueError(
                 f"state confusion has shape {tuple(conf.shape)}, expected {(self.n_pred, self.n_classes)}"
             )
-        self.hungarian = bool(state.get("hungarian", self.hungarian))
-        self.matching = state.get("matching", "hungarian" if self.hungarian else "identity")
+        self.matching = state["matching"]
         self.confusion = conf.to(self.confusion.device).clone()
 
     def __repr__(self) -> str:
         return (
             f"SegmentationMetrics(n_classes={self.n_classes}, n_pred={self.n_pred}, "
-            f"hungarian={self.hungarian}, n_pixels={int(self.confusion.sum())})"
+            f"matching={self.matching!r}, n_pixels={int(self.confusion.sum())})"
         )

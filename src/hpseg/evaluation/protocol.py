@@ -7,11 +7,13 @@ produced them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -20,19 +22,25 @@ from hpseg.checkpoints.mapping import evaluation_dir
 from hpseg.checkpoints.trained import TrainedModel, load_trained
 from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
 from hpseg.data.errors import DatasetLayoutError
+from hpseg.evaluation.evaluator import METRIC_KEYS, EvaluationResults, HeadScores, SegmentationEvaluator
 from hpseg.evaluation.kmeans import kmeans
-from hpseg.evaluation.metrics import SegmentationMetrics
+from hpseg.evaluation.loop import FeatureBatch, backbone_batches, inference_on_dataset
 from hpseg.files import write_json_atomic
-from hpseg.inference.crf import crf_refine_batch, require_crf
-from hpseg.inference.label_maps import kmeans_label_maps, label_maps
-from hpseg.logs import progress_bar
+from hpseg.inference.crf import require_crf
+from hpseg.inference.crf_pool import CRFPool
+from hpseg.inference.label_maps import KMeansPredictor, ModelPredictor
 from hpseg.method.model import HiddenPositivesModel
-from hpseg.runtime import DistributedContext, autocast, broadcast_from_first, init_distributed
+from hpseg.runtime import (
+    DistributedContext,
+    autocast,
+    broadcast_from_first,
+    default_crf_workers,
+    fit_threads,
+    init_distributed,
+)
 from hpseg.visualize import confusion_image
 
 logger = logging.getLogger(__name__)
-
-METRIC_KEYS = ("unsupervised_accuracy", "unsupervised_miou", "linear_accuracy", "linear_miou")
 
 
 def validation_indices(n_images: int, context: DistributedContext, max_images: int = 0) -> list[int]:
@@ -49,35 +57,6 @@ def validation_loader(dataset: Dataset, batch_size: int, num_workers: int, conte
                       generator=torch.Generator().manual_seed(0))
 
 
-def _summarise(cluster: SegmentationMetrics | None, linear: SegmentationMetrics | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for prefix, metrics in (("unsupervised", cluster), ("linear", linear)):
-        if metrics is None:
-            continue
-        metrics.all_reduce_()
-        result = metrics.compute()
-        out[f"{prefix}_accuracy"] = result["accuracy"]
-        out[f"{prefix}_miou"] = result["miou"]
-        out[f"{prefix}_iou"] = result["iou"]
-        out[f"{prefix}_confusion"] = result["confusion"].tolist()
-        if prefix == "unsupervised":
-            out["cluster_to_class"] = result["assignment"].tolist()
-            out["n_clusters"], out["matching"] = metrics.n_pred, "hungarian"
-            if metrics.n_pred > metrics.n_classes:
-                out.update(_majority_scores(metrics))
-        out["n_pixels"] = result["n_pixels"]
-    return out
-
-
-def _majority_scores(hungarian: SegmentationMetrics) -> dict[str, Any]:
-    """Over-clustering: the same K x C confusion scored by many-to-one majority matching."""
-    majority = SegmentationMetrics(hungarian.n_classes, hungarian.n_pred, matching="majority")
-    majority.confusion = hungarian.confusion.clone()
-    result = majority.compute()
-    return {"unsupervised_majority_accuracy": result["accuracy"], "unsupervised_majority_miou": result["miou"],
-            "cluster_to_class_majority": result["assignment"].tolist()}
-
-
 @torch.no_grad()
 def evaluate_model(
     model: HiddenPositivesModel,
@@ -87,51 +66,58 @@ def evaluate_model(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     crf: bool = False,
-) -> dict[str, Any]:
+    crf_workers: int = 0,
+) -> EvaluationResults:
     """Cluster (Hungarian) and linear accuracy / mIoU of ``model`` on validation batches.
 
     ``batches`` yield dicts from :class:`hpseg.data.ValCrops`: image (B, 3, S, S), rgb uint8,
-    label (B, S, S). Returns fractions in [0, 1] under the keys of ``METRIC_KEYS`` plus per-class
-    IoU lists and matched confusion matrices.
+    label (B, S, S). With ``crf`` the label maps are refined by the dense CRF in ``crf_workers``
+    processes (0: in this one; the same maps either way).
     """
-    def feature_batches() -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        for batch in batches:
-            with autocast(device, amp_dtype):
-                features = backbone(batch["image"].to(device)).features
-            yield features.float(), batch["label"].to(device), batch["rgb"] if crf else None
-
-    return evaluate_features(model, feature_batches(), n_classes, device)
+    return evaluate_features(model, backbone_batches(backbone, batches, device, amp_dtype, crf=crf), n_classes,
+                             crf_workers=crf_workers if crf else None, total_images=_n_images(batches))
 
 
 @torch.no_grad()
 def evaluate_features(
     model: HiddenPositivesModel,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    batches: Iterable[FeatureBatch],
     n_classes: int,
-    device: torch.device,
-) -> dict[str, Any]:
+    *,
+    crf_workers: int | None = None,
+    total_images: int | None = None,
+) -> EvaluationResults:
     """:func:`evaluate_model` from the backbone features already computed (the validation
     feature cache): ``batches`` yield (B, C, h, w) float features f, (B, S, S) int64 labels on
-    ``device`` and (B, 3, S, S) uint8 images for the CRF, or None without it."""
+    the model's device and (B, 3, S, S) uint8 images for the CRF (``crf_workers`` not None), or None."""
     was_training = model.training
     model.eval()
-    cluster = SegmentationMetrics(n_classes, n_pred=model.cluster_probe.n_clusters, hungarian=True)
-    linear = SegmentationMetrics(n_classes, hungarian=False)
-    for features, labels, crf_images in progress_bar(batches, logger, desc="evaluate", leave=False):
-        maps = label_maps(model, features, tuple(labels.shape[-2:]), crf_images)
-        cluster.update(maps.clusters.to(device), labels)
-        linear.update(maps.classes.to(device), labels)
+    evaluator = SegmentationEvaluator(n_classes, model.cluster_probe.n_clusters)
+    with _crf_pool(crf_workers) as pool:
+        results = inference_on_dataset(ModelPredictor(model), batches, evaluator, crf_pool=pool,
+                                       total_images=total_images)
     model.train(was_training)
-    return _summarise(cluster, linear)
+    return results
 
 
-def selection_score(results: dict[str, Any]) -> float:
+def _crf_pool(workers: int | None) -> contextlib.AbstractContextManager[CRFPool | None]:
+    """A CRF pool of ``workers`` processes, or nothing without the CRF (``workers`` None)."""
+    return contextlib.nullcontext() if workers is None else CRFPool(workers)
+
+
+def _n_images(batches: Iterable[Any]) -> int | None:
+    """The images a DataLoader will yield (for progress bars), None for other iterables."""
+    dataset = getattr(batches, "dataset", None)
+    return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+
+
+def selection_score(results: EvaluationResults) -> float:
     """[ref quirk] The reference keeps the checkpoint with the best sum of the four metrics."""
-    return float(sum(results[key] for key in METRIC_KEYS))
+    return float(sum(results.metrics()[key] for key in METRIC_KEYS))
 
 
-__all__ = ["METRIC_KEYS", "evaluate_features", "evaluate_model", "kmeans_label_maps", "selection_score",
-           "validation_indices", "validation_loader"]
+__all__ = ["METRIC_KEYS", "evaluate_features", "evaluate_model", "selection_score", "validation_indices",
+           "validation_loader"]
 
 
 # ---------------------------------------------------------------------------- the DINO baseline
@@ -192,39 +178,28 @@ def fit_baseline(backbone: Backbone, crops: Dataset, n_classes: int, device: tor
 @torch.no_grad()
 def evaluate_baseline(backbone: Backbone, centroids: torch.Tensor, probe: torch.nn.Module | None,
                       batches: Iterable[dict[str, torch.Tensor]], n_classes: int, device: torch.device,
-                      amp_dtype: torch.dtype | None = None, crf: bool = False) -> dict[str, Any]:
+                      amp_dtype: torch.dtype | None = None, crf: bool = False, crf_workers: int = 0) -> EvaluationResults:
     """The same protocol as :func:`evaluate_model` on raw backbone features."""
-    cluster = SegmentationMetrics(n_classes, n_pred=centroids.shape[0], hungarian=True)
-    linear = SegmentationMetrics(n_classes, hungarian=False) if probe is not None else None
-    for batch in progress_bar(batches, logger, desc="baseline", leave=False):
-        labels = batch["label"].to(device)
-        size = (labels.shape[-2], labels.shape[-1])
-        with autocast(device, amp_dtype):
-            features = backbone(batch["image"].to(device)).features.float()
-        cluster.update(kmeans_label_maps(features, centroids, size, batch["rgb"] if crf else None).to(device), labels)
-        if linear is not None and probe is not None:
-            logits = probe(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-            if crf:
-                classes = crf_refine_batch(batch["rgb"], logits).argmax(1)
-            else:
-                classes = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1)
-            linear.update(classes.to(device), labels)
-    return _summarise(cluster, linear)
+    evaluator = SegmentationEvaluator(n_classes, centroids.shape[0], linear=probe is not None)
+    with _crf_pool(crf_workers if crf else None) as pool:
+        return inference_on_dataset(KMeansPredictor(centroids, probe),
+                                    backbone_batches(backbone, batches, device, amp_dtype, crf=crf), evaluator,
+                                    crf_pool=pool, total_images=_n_images(batches))
 
 
 # ---------------------------------------------------------------------------- hpseg eval
 
 
-def _per_class_table(results: dict[str, Any], class_names: list[str], prefix: str) -> list[dict[str, Any]]:
-    return [{"class": name, "iou": iou} for name, iou in zip(class_names, results[f"{prefix}_iou"])]
+def _per_class_table(head: HeadScores, class_names: list[str]) -> list[dict[str, Any]]:
+    return [{"class": name, "iou": iou} for name, iou in zip(class_names, head.iou)]
 
 
-def format_results(results: dict[str, Any], title: str) -> str:
-    """A short text table of the four headline numbers (percent)."""
+def format_results(metrics: dict[str, float], title: str) -> str:
+    """A short text table of the headline numbers (``METRIC_KEYS``, fractions) in percent."""
     lines = [title]
     for key in METRIC_KEYS:
-        if key in results:
-            lines.append(f"  {key.replace('_', ' '):<24} {100 * results[key]:6.2f}")
+        if key in metrics:
+            lines.append(f"  {key.replace('_', ' '):<24} {100 * metrics[key]:6.2f}")
     return "\n".join(lines)
 
 
@@ -251,7 +226,7 @@ def _validation_set_or_hint(trained: TrainedModel, moved_hint: bool) -> ValCrops
                                  "if it moved, pass --data-root DIR (data_root= in Python)", root) from None
 
 
-def _hp_report(trained: TrainedModel, results: dict[str, Any], class_names: list[str], crf: bool,
+def _hp_report(trained: TrainedModel, results: EvaluationResults, class_names: list[str], crf: bool,
                n_images: int) -> dict[str, Any]:
     """What ``results.json`` says about HP's results and the checkpoint that produced them."""
     config = trained.config
@@ -269,30 +244,29 @@ def _hp_report(trained: TrainedModel, results: dict[str, Any], class_names: list
         "backbone": config.backbone.name,
         "backbone_weights": trained.weights_source,
         "n_images": n_images,
-        "hp": {key: results[key] for key in METRIC_KEYS},
-        "n_clusters": results["n_clusters"],
+        "hp": results.metrics(),
+        "n_clusters": results.n_clusters,
         "matching": {"hp": "hungarian"},
         "hp_per_class_iou": {
-            "unsupervised": _per_class_table(results, class_names, "unsupervised"),
-            "linear": _per_class_table(results, class_names, "linear"),
+            "unsupervised": _per_class_table(results.unsupervised, class_names),
+            "linear": _per_class_table(results.linear, class_names) if results.linear is not None else [],
         },
-        "cluster_to_class": results["cluster_to_class"],
+        "cluster_to_class": results.cluster_to_class,
         "config": config.to_dict(),
     }
-    if "unsupervised_majority_miou" in results:
-        report["hp_majority"] = _majority_section(results)
+    if results.majority is not None:
+        report["hp_majority"] = _majority_section(results.majority)
         report["matching"]["hp_majority"] = "majority (many-to-one)"
-        report["cluster_to_class_majority"] = results["cluster_to_class_majority"]
+        report["cluster_to_class_majority"] = results.majority.assignment
     return report
 
 
-def _majority_section(results: dict[str, Any]) -> dict[str, float]:
-    """The over-clustered scores of :func:`_majority_scores` under the usual metric names."""
-    return {"unsupervised_accuracy": results["unsupervised_majority_accuracy"],
-            "unsupervised_miou": results["unsupervised_majority_miou"]}
+def _majority_section(majority: HeadScores) -> dict[str, float]:
+    """The over-clustered (many-to-one) scores under the usual metric names."""
+    return {"unsupervised_accuracy": majority.accuracy, "unsupervised_miou": majority.miou}
 
 
-def _baseline_report(trained: TrainedModel, batches: Callable[[], DataLoader], crf: bool,
+def _baseline_report(trained: TrainedModel, batches: Callable[[], DataLoader], crf_workers: int | None,
                      extra_clusters: int | None = None, context: DistributedContext | None = None) -> dict[str, Any]:
     """The DINO baseline fitted on the training crops and scored like HP; its k-means has
     n_classes + extra_clusters clusters (default: the run's ``method.extra_clusters``). Under
@@ -305,22 +279,23 @@ def _baseline_report(trained: TrainedModel, batches: Callable[[], DataLoader], c
                                     n_clusters=k)
     broadcast_from_first([centroids, *(probe.parameters() if probe is not None else ())], context or DistributedContext())
     base = evaluate_baseline(trained.backbone, centroids, probe, batches(), n_classes, trained.device,
-                             trained.amp_dtype, crf)
+                             trained.amp_dtype, crf=crf_workers is not None, crf_workers=crf_workers or 0)
     report: dict[str, Any] = {
-        "baseline": {key: base[key] for key in METRIC_KEYS if key in base},
+        "baseline": base.metrics(),
         "baseline_method": (f"cosine k-means (K={k}, seed {seed}) and a linear probe on raw backbone "
                             "features of the training crops"),
     }
-    if "unsupervised_majority_miou" in base:
-        report["baseline_majority"] = _majority_section(base)
+    if base.majority is not None:
+        report["baseline_majority"] = _majority_section(base.majority)
     return report
 
 
-def _write_results(report: dict[str, Any], results: dict[str, Any], class_names: list[str], out: Path) -> None:
+def _write_results(report: dict[str, Any], results: EvaluationResults, class_names: list[str], out: Path) -> None:
     """``results.json`` and the two confusion-matrix images."""
     write_json_atomic(report, out / "results.json")
-    for prefix in ("unsupervised", "linear"):
-        confusion_image(torch.tensor(results[f"{prefix}_confusion"]).numpy(), class_names, out / f"confusion_{prefix}.png")
+    for name, head in (("unsupervised", results.unsupervised), ("linear", results.linear)):
+        if head is not None:
+            confusion_image(np.asarray(head.confusion), class_names, out / f"confusion_{name}.png")
 
 
 def evaluate_checkpoint(
@@ -335,6 +310,8 @@ def evaluate_checkpoint(
     max_images: int = 0,
     batch_size: int = 8,
     extra_clusters: int | None = None,
+    crf_workers: int | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on its dataset's validation split and write the results.
 
@@ -345,6 +322,11 @@ def evaluate_checkpoint(
     (a summary table) and ``out_dir``. ``checkpoint`` may be a run folder: the checkpoint its
     ``train.selection`` chose. ``extra_clusters`` sets the baseline's k-means K = n_classes +
     extra_clusters (default: the run's ``method.extra_clusters``).
+
+    With ``crf`` the dense CRF runs in ``crf_workers`` processes (default: the cores available to
+    this process, or this rank's share of them under ``torchrun``, less the loader's workers; 0:
+    in this process) while this process computes the next batch. torch's CPU threads: ``threads``,
+    else ``OMP_NUM_THREADS``, else the cores the loader and CRF workers leave (logged).
 
     Under ``torchrun`` the ranks share the validation images (every world_size-th) and sum
     their confusion matrices, so the results equal one process's; only rank 0 writes them.
@@ -359,6 +341,11 @@ def evaluate_checkpoint(
     context = init_distributed(trained.device)
     validation = _validation_set_or_hint(trained, moved_hint=not data_root)
     n_images = min(len(validation), max_images) if max_images else len(validation)
+    loader_workers = trained.config.data.num_workers
+    if crf and crf_workers is None:
+        crf_workers = default_crf_workers(loader_workers)
+    crf_workers = crf_workers if crf else None
+    fit_threads(loader_workers + (crf_workers or 0), threads)
 
     def batches() -> DataLoader:
         return validation_loader(validation, batch_size, trained.config.data.num_workers, context, max_images)
@@ -369,16 +356,16 @@ def evaluate_checkpoint(
                     "images (confusion matrices summed over ranks)")
     class_names = list(trained.payload.get("class_names") or validation.raw.class_names)
     results = evaluate_model(trained.model, trained.backbone, batches(), trained.config.method.n_classes,
-                             trained.device, trained.amp_dtype, crf)
+                             trained.device, trained.amp_dtype, crf, crf_workers or 0)
     report = _hp_report(trained, results, class_names, crf, n_images)
-    text = [format_results(results, f"HP ({report['checkpoint_kind']} checkpoint, step {report['step']}, "
+    text = [format_results(results.metrics(), f"HP ({report['checkpoint_kind']} checkpoint, step {report['step']}, "
                                     f"CRF {'on' if crf else 'off'})")]
     if "hp_majority" in report:
         text.append(format_results(report["hp_majority"],
                                    f"HP over-clustered (K={report['n_clusters']}), many-to-one majority matching"))
     text.append(f"  checkpoint chosen by train.selection={report['selection_rule']}: {report['selection']}")
     if baseline:
-        report.update(_baseline_report(trained, batches, crf, extra_clusters, context))
+        report.update(_baseline_report(trained, batches, crf_workers, extra_clusters, context))
         report["matching"]["baseline"] = "hungarian"
         if "baseline_majority" in report:
             report["matching"]["baseline_majority"] = "majority (many-to-one)"

@@ -33,7 +33,9 @@ from hpseg.backbones import Backbone
 from hpseg.checkpoints.trained import TrainedModel, load_trained
 from hpseg.data.images import to_rgb
 from hpseg.data.transforms import normalize
-from hpseg.inference.crf import cluster_probabilities, crf_refine_batch
+from hpseg.inference.crf import crf_probabilities, dense_crf
+from hpseg.inference.crf_pool import CRFPool
+from hpseg.inference.label_maps import cluster_crf_log_probs
 from hpseg.inference.tiling import (
     Tiling,
     resample,
@@ -44,7 +46,7 @@ from hpseg.inference.tiling import (
 )
 from hpseg.method.model import HiddenPositivesModel
 from hpseg.method.probes import centroid_scores
-from hpseg.runtime import autocast
+from hpseg.runtime import autocast, default_crf_workers
 
 __all__ = ["HEADS", "ImageFeatures", "Segmenter", "check_head", "from_trained", "load", "to_uint8_image"]
 
@@ -141,7 +143,9 @@ class Segmenter:
     the linear probe predicts), ``cluster_to_class`` (None, or the class of each cluster from an
     evaluation's Hungarian matching), ``n_clusters``, ``tiling`` (:class:`hpseg.inference.tiling.Tiling`),
     ``device``, ``batch_size`` (windows per forward pass), ``checkpoint``, ``crf`` (whether
-    :meth:`segment` refines with the dense CRF by default).
+    :meth:`segment` refines with the dense CRF by default), ``crf_workers`` (processes that refine
+    the images of :meth:`segment_many` with the CRF; None: the cores available to this process,
+    0: in this process).
     """
 
     def __init__(
@@ -158,6 +162,7 @@ class Segmenter:
         checkpoint: str | None = None,
         batch_size: int = 8,
         crf: bool = False,
+        crf_workers: int | None = None,
     ) -> None:
         self.model = model.eval()
         self.backbone = backbone
@@ -173,6 +178,7 @@ class Segmenter:
             raise ValueError(f"batch_size={batch_size}: windows per forward pass must be at least 1")
         self.batch_size = batch_size
         self.crf = crf
+        self.crf_workers = crf_workers
 
     def __repr__(self) -> str:
         return (f"Segmenter(checkpoint={self.checkpoint!r}, backbone={self.backbone.spec.name}, "
@@ -255,7 +261,9 @@ class Segmenter:
         check_head(head)
         crf = self.crf if crf is None else crf
         grid, geometry = self.scores(image, head, kind=_label_kind(head, crf))
-        return self._labels(grid, geometry, head, crf)
+        if crf:
+            return self._refined_labels(dense_crf(*self._crf_job(grid, geometry, head)), geometry, head)
+        return self._labels(grid, geometry, head)
 
     def segment_many(self, images: Iterable[Any], head: str = "cluster", *,
                      crf: bool | None = None) -> Iterator[np.ndarray]:
@@ -267,6 +275,9 @@ class Segmenter:
         map is yielded as soon as its last window is computed, so memory stays that of
         ``batch_size`` windows and the images they come from. Same label maps as :meth:`segment`
         (the backbone's float rounding aside, which may differ with the batch's composition).
+
+        With the CRF, images are refined in ``crf_workers`` processes (at most twice as many
+        images in flight) while the backbone goes on with the next ones.
         """
         check_head(head)  # now, not at the first image
         return self._segment_stream(images, head, self.crf if crf is None else crf)
@@ -282,24 +293,47 @@ class Segmenter:
                 yield normalised
 
         compute = self._window_scores(head, _label_kind(head, crf))
-        for grid in tile_and_average_many(padded_images(), self.tiling, compute, self.batch_size):
-            yield self._labels(grid, geometries.popleft(), head, crf)
+        grids = tile_and_average_many(padded_images(), self.tiling, compute, self.batch_size)
+        if not crf:
+            for grid in grids:
+                yield self._labels(grid, geometries.popleft(), head)
+            return
 
-    def _labels(self, grid: torch.Tensor, geometry: dict[str, Any], head: str, crf: bool) -> np.ndarray:
-        """(H, W) int64 labels from one image's patch grid of :func:`_label_kind` scores."""
+        def crf_jobs() -> Iterator[tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]]:
+            for grid in grids:
+                geometry = geometries.popleft()
+                yield geometry, self._crf_job(grid, geometry, head)
+
+        workers = default_crf_workers(0) if self.crf_workers is None else self.crf_workers
+        with CRFPool(workers, task=dense_crf) as pool:
+            for geometry, refined in pool.map(crf_jobs()):
+                yield self._refined_labels(refined, geometry, head)
+
+    def _crf_job(self, grid: torch.Tensor, geometry: dict[str, Any], head: str) -> tuple[np.ndarray, np.ndarray]:
+        """The CRF's input for one image's patch grid of :func:`_label_kind` scores: ((H', W', 3)
+        uint8 resized image, (K, H', W') float32 probabilities at its size)."""
+        resized_size, p = geometry["resized_size"], self.tiling.patch
+        at_resized = resample(grid, resized_size, (1.0 / p, 1.0 / p))[None]
+        if head == "cluster":
+            # The reference's order: s upsampled first, then log_softmax(2 cos) (see inference.label_maps).
+            at_resized = cluster_crf_log_probs(at_resized, self.model.cluster_probe.centroids.float())
+        image = geometry["resized"].permute(1, 2, 0).cpu().numpy()
+        return image, crf_probabilities(at_resized.cpu(), resized_size)[0]
+
+    def _refined_labels(self, refined: np.ndarray, geometry: dict[str, Any], head: str) -> np.ndarray:
+        """(H, W) int64 labels from one image's (K, H', W') CRF-refined probabilities."""
         size, resized_size = geometry["size"], geometry["resized_size"]
-        p = self.tiling.patch
-        if crf:
-            at_resized = resample(grid, resized_size, (1.0 / p, 1.0 / p))
-            if head == "cluster":
-                # The reference's order: s upsampled first, then log_softmax(2 cos) (see inference.label_maps).
-                centroids = self.model.cluster_probe.centroids.float()
-                at_resized = cluster_probabilities(centroid_scores(at_resized[None], centroids), log=True)[0]
-            refined = crf_refine_batch(geometry["resized"][None].cpu(), at_resized[None].cpu())[0].to(self.device)
-            labels = resample_argmax(refined, size, (resized_size[0] / size[0], resized_size[1] / size[1]))
-        else:
-            scale = (resized_size[0] / (size[0] * p), resized_size[1] / (size[1] * p))
-            labels = resample_argmax(grid, size, scale)
+        scale = (resized_size[0] / size[0], resized_size[1] / size[1])
+        return self._named(resample_argmax(torch.from_numpy(refined).to(self.device), size, scale), head)
+
+    def _labels(self, grid: torch.Tensor, geometry: dict[str, Any], head: str) -> np.ndarray:
+        """(H, W) int64 labels from one image's patch grid of logits, without the CRF."""
+        size, resized_size, p = geometry["size"], geometry["resized_size"], self.tiling.patch
+        scale = (resized_size[0] / (size[0] * p), resized_size[1] / (size[1] * p))
+        return self._named(resample_argmax(grid, size, scale), head)
+
+    def _named(self, labels: torch.Tensor, head: str) -> np.ndarray:
+        """Cluster ids mapped to classes when the segmenter has a mapping; as int64 numpy."""
         if head == "cluster" and self.cluster_to_class is not None:
             table = torch.tensor(self.cluster_to_class, dtype=torch.int64, device=labels.device)
             labels = table[labels]

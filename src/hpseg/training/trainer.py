@@ -30,6 +30,7 @@ from hpseg.checkpoints.runs import selection_text
 from hpseg.checkpoints.store import FORMAT, VERSION, save_atomic
 from hpseg.config import Config
 from hpseg.data import DatasetLayoutError, ValCrops, build_raw_dataset
+from hpseg.evaluation.evaluator import EvaluationResults
 from hpseg.evaluation.protocol import (
     evaluate_features,
     evaluate_model,
@@ -310,13 +311,12 @@ class Trainer:
             if self.context.is_main:
                 self.save("last")
 
-    def validate(self, metrics_file: Path, writer: Any) -> dict[str, Any]:
+    def validate(self, metrics_file: Path, writer: Any) -> EvaluationResults:
         with self.timers.phase("validation"):
             results = self._evaluate()
         score = selection_score(results)
         if self.context.is_main:
-            brief = {key: round(results[key], 4) for key in
-                     ("unsupervised_accuracy", "unsupervised_miou", "linear_accuracy", "linear_miou")}
+            brief = {key: round(value, 4) for key, value in results.metrics().items()}
             _append_jsonl(metrics_file, {"step": self.state.step, "validation": brief})
             self._notice(f"step {self.state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in brief.items()))
             if writer is not None:
@@ -326,7 +326,7 @@ class Trainer:
             # checkpoint exists for eval or predict to pick up.
             if score >= self.state.best_score and self.config.train.selection == "best":
                 self.state.best_score, self.state.best_step = score, self.state.step
-                self.save("best", metrics=results)
+                self.save("best", metrics=results.to_dict())
             self._log_timing(metrics_file)
         return results
 
@@ -344,7 +344,7 @@ class Trainer:
                 self.save("unsupervised", metrics={"label_free": scores})
         return scores
 
-    def _evaluate(self) -> dict[str, Any]:
+    def _evaluate(self) -> EvaluationResults:
         """The validation metrics of this rank's images, from the validation features when
         ``data.val_feature_cache`` keeps them (computed at the first call), else with the backbone."""
         assert self.validation is not None
@@ -359,7 +359,7 @@ class Trainer:
                     cache_dir=cache_dir, num_workers=data.num_workers)
         if self.validation_features is not None:
             return evaluate_features(self.model, self.validation_features.batches(16, self.device), n_classes,
-                                     self.device)
+                                     total_images=len(self.validation_features.features))
         loader = validation_loader(self.validation, batch_size=16, num_workers=data.num_workers,
                                    context=self.context, max_images=self.config.train.val_max_images)
         return evaluate_model(self.model, self.backbone, loader, n_classes, self.device, self.amp_dtype)
