@@ -51,6 +51,36 @@ def _add_backbone_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-backbone", action="store_true", help="randomly initialised backbone (no weights)")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def _add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="torch's CPU threads, as OMP_NUM_THREADS=N (default: OMP_NUM_THREADS if set, else the cores "
+                        "available to this process less the worker processes the command starts)")
+
+
+def _add_crf_workers_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--crf-workers", type=int, default=None, metavar="N",
+                   help="with --crf: processes refining images with the CRF while the backbone goes on (default: the "
+                        "cores available to this process, or this rank's share under torchrun, less the loader's "
+                        "workers; 0 = in the main process)")
+
+
+def _fit_threads(args: argparse.Namespace, workers_started: int) -> None:
+    """torch's CPU threads for this command (logged); ``--threads N`` stands for ``OMP_NUM_THREADS=N``
+    in everything the command runs or starts."""
+    from hpseg.runtime import fit_threads
+
+    if args.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    fit_threads(workers_started)
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="cocostuff27", help="shipped preset name or a YAML file (default: cocostuff27)")
     parser.add_argument("--data-root", help="dataset root directory (data.root)")
@@ -82,6 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     # Under torchrun every rank runs this; only the first one talks.
     is_main = not _other_rank()
+    _fit_threads(args, _loader_workers(args))
     if args.seeds:
         return _train_seeds(args)
     if args.resume:
@@ -101,6 +132,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             chosen = str(error)
         print(f"run written to {run_dir} (checkpoints/, metrics.jsonl); {chosen}")
     return 0
+
+
+def _loader_workers(args: argparse.Namespace) -> int:
+    """The data loader's workers of the run ``hpseg train`` is about to start or resume."""
+    from hpseg.config import load_preset
+
+    saved = Path(args.resume) / "config.yaml" if args.resume else None
+    if saved is not None and saved.is_file():
+        return load_preset(str(saved)).data.num_workers
+    return _config_from(args).data.num_workers
 
 
 def _train_seeds(args: argparse.Namespace) -> int:
@@ -128,6 +169,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_clusters(args: argparse.Namespace) -> int:
     from hpseg.evaluation.clusters import DEFAULT_CRITERION, parse_k_range, run_clusters
 
+    _fit_threads(args, 0)  # images are read in this process
     report = run_clusters(args.source, args.data_root, parse_k_range(args.k), out_dir=args.out,
                           criterion=args.criterion or DEFAULT_CRITERION, max_patches=args.max_patches, seed=args.seed, split=args.split,
                           size=args.size, max_images=args.max_images, weights=args.weights,
@@ -162,6 +204,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from hpseg.training.cache import build_feature_cache, default_cache_dir, resolve_cache_dir
 
     config = _config_from(args)
+    _fit_threads(args, config.data.num_workers)
     prepared = config.data.prepared_path()
     out = Path(args.out) if args.out else resolve_cache_dir(config)
     if out is None:
@@ -183,9 +226,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from hpseg.evaluation.protocol import evaluate_checkpoint
 
+    if args.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # evaluate_checkpoint knows the workers it starts
     report = evaluate_checkpoint(
         args.checkpoint, data_root=args.data_root, out_dir=args.out, crf=args.crf, baseline=args.baseline,
         device=args.device, weights=args.weights, max_images=args.max_images, extra_clusters=args.extra_clusters,
+        crf_workers=args.crf_workers,
     )
     if _other_rank():
         return 0  # under torchrun every rank evaluates its share of the images; rank 0 writes and tells
@@ -321,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train once per seed into RUN_DIR/seed-<s>/, evaluate each and write RUN_DIR/report/")
     p.add_argument("--crf", action="store_true", help="with --seeds: evaluate with the dense CRF")
     p.add_argument("--no-eval", action="store_true", help="with --seeds: train only")
+    _add_threads_argument(p)
     _add_no_progress(p)
     p.set_defaults(run=cmd_train)
 
@@ -346,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local backbone weights file")
     p.add_argument("--random-backbone", action="store_true", help="randomly initialised backbone (no weights)")
     p.add_argument("--device", default="auto")
+    _add_threads_argument(p)
     p.set_defaults(run=cmd_clusters)
 
     p = sub.add_parser("cache", help="precompute the frozen backbone's features of the training crops (optional)")
@@ -357,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="storage of the features (default float16: half the size)")
     p.add_argument("--batch-size", type=int, default=0, help="crops per backbone pass (default: train.batch_size)")
     p.add_argument("--overwrite", action="store_true", help="replace a cache built for another backbone / data / sigma")
+    _add_threads_argument(p)
     _add_no_progress(p)
     p.set_defaults(run=cmd_cache)
 
@@ -374,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local backbone weights file (overrides the checkpoint's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-images", type=int, default=0, help="evaluate on the first N validation images only")
+    _add_crf_workers_argument(p)
+    _add_threads_argument(p)
     _add_no_progress(p)
     p.set_defaults(run=cmd_eval)
 
@@ -401,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="local backbone weights file (overrides the checkpoint's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    _add_crf_workers_argument(p)
+    _add_threads_argument(p)
     _add_no_progress(p)
     p.set_defaults(run=cmd_predict)
 

@@ -40,6 +40,7 @@ from hpseg.files import remove_stale_temporaries, write_json_atomic
 from hpseg.inference.crf import require_crf
 from hpseg.inference.segmenter import Segmenter, check_head
 from hpseg.logs import progress_bar
+from hpseg.runtime import default_crf_workers, fit_threads
 from hpseg.visualize import index_png, overlay, palette, save_image_atomic, segmentation_figure
 
 __all__ = ["collect_images", "predict_paths"]
@@ -306,6 +307,7 @@ def predict_paths(
     batch_size: int = 8,
     alpha: float = 0.5,
     onnx: str | Path | None = None,
+    crf_workers: int | None = None,
 ) -> dict[str, Any]:
     """Segment the images named by ``inputs`` and write the outputs to ``out_dir``.
 
@@ -315,11 +317,15 @@ def predict_paths(
     Unreadable files are reported and skipped; raises :class:`UsageError` when there is nothing
     to segment, before loading the checkpoint. ``onnx``: segment with a model of ``hpseg export
     --format onnx`` through onnxruntime instead (same geometry; its mapping and weights are in it).
+    With ``crf``, ``crf_workers`` processes refine the images (default: the cores available to
+    this process; 0: in this one) while the backbone goes on.
     """
     check_head(head)
     _check_sizes(batch_size=batch_size, size=size, window=window)
     if crf:
         require_crf()  # CRFUnavailableError (with the install hint) before any work
+        crf_workers = default_crf_workers(0) if crf_workers is None else crf_workers
+    fit_threads(crf_workers if crf and crf_workers else 0)
     out = Path(out_dir)
     jobs, skipped = _jobs_or_fail(inputs, out)
     _remove_stale_temporaries(out)
@@ -332,6 +338,7 @@ def predict_paths(
         segmenter = load(checkpoint, device=device, weights=weights,
                          mapping=(mapping if head == "cluster" else None), crf=crf, size=size, window=window,
                          batch_size=batch_size)
+        segmenter.crf_workers = crf_workers
     names = segmenter.label_names(head)
     if head == "cluster" and segmenter.cluster_to_class is None:
         logger.info("labels are cluster ids 0..%d (no cluster->class mapping: run `hpseg eval` on this "
@@ -346,6 +353,8 @@ def run_cli(args: Any) -> int:
     """``hpseg predict`` (see :func:`predict_paths`); exit status 1 when no image succeeded."""
     if (args.checkpoint is None) == (args.onnx is None):
         raise UsageError("give either --checkpoint or --onnx")
+    if args.threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # predict_paths knows the workers it starts
     if args.onnx and (args.crf or args.mapping or args.weights):
         raise UsageError("--crf, --mapping and --weights need --checkpoint: an ONNX model has its mapping and "
                          "weights built in, and no CRF")
@@ -353,6 +362,7 @@ def run_cli(args: Any) -> int:
         args.paths, args.checkpoint, args.out, head=args.head, crf=args.crf, figure=args.figure,
         mapping=None if args.no_mapping else (args.mapping or "auto"), size=args.size, window=args.window,
         weights=args.weights, device=args.device, batch_size=args.batch_size, onnx=args.onnx,
+        crf_workers=args.crf_workers,
     )
     n_ok, n_bad = summary["succeeded"], len(summary["skipped"])
     print(f"segmented {n_ok} image(s) into {args.out} (labels/, overlays/{', figures/' if args.figure else ''}; "

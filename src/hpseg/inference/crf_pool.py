@@ -88,6 +88,8 @@ class CRFPool:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is KeyboardInterrupt and self.workers > 0:
+            logger.warning(f"interrupted: stopping the {self.workers} CRF worker processes")
         self.close(cancel=exc_type is not None)  # on an error, do not refine what no one will read
 
     def close(self, *, cancel: bool = False) -> None:
@@ -118,11 +120,7 @@ class CRFPool:
                     yield self._oldest(pending)
             while pending:
                 yield self._oldest(pending)
-        except KeyboardInterrupt:
-            logger.warning(f"interrupted: stopping the {self.workers} CRF worker processes")
-            self.close(cancel=True)
-            raise
-        except BaseException:
+        except BaseException:  # Ctrl-C, a dead worker, an error in the caller's loop: stop the workers now
             self.close(cancel=True)
             raise
 
@@ -134,4 +132,5 @@ class CRFPool:
             raise CRFWorkerError(
                 f"a dense-CRF worker process died (killed, or out of memory?) with {len(pending) + 1} image(s) "
                 f"in flight; the {self.workers} workers were stopped. Rerun with fewer --crf-workers, or "
-                "--crf-workers 0 to refine in the main process") from err
+                "--crf-workers 0 to refine in the main process (crf_workers=0 in Python; a Python script "
+                "that starts workers needs its work under `if __name__ == \"__main__\":`)") from err
