@@ -32,5 +32,7 @@ def notices() -> Iterator[Notices]:
     logger.setLevel(level)
 
 # Tests run as parallel workers (pytest -n 2) on small tensors: one thread each avoids
-# oversubscribing the cores, which made steps many times slower.
+# oversubscribing the cores, which made steps many times slower. OMP_NUM_THREADS too, so that
+# commands run in-process or as subprocesses (hpseg.runtime.fit_threads) keep to one.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
