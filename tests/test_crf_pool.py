@@ -17,7 +17,8 @@ import torch
 
 from hpseg.backbones import create_backbone
 from hpseg.evaluation.protocol import evaluate_model
-from hpseg.inference.crf_pool import CRFPool, CRFWorkerError, refine_labels
+from hpseg.inference.crf_numpy import refine_labels
+from hpseg.inference.crf_pool import CRFPool, CRFWorkerError
 from hpseg.inference.segmenter import Segmenter
 from hpseg.inference.tiling import Tiling
 from hpseg.method.model import HiddenPositivesModel
@@ -190,3 +191,11 @@ def test_crf_evaluation_with_workers_equals_the_serial_one():
     assert serial == pooled
     plain = evaluate_model(segmenter.model, segmenter.backbone, batches, 3, cpu)
     assert plain.unsupervised.confusion != serial.unsupervised.confusion  # the CRF was applied
+
+
+def test_crf_workers_need_no_torch():
+    """The process the workers fork from imports the task's module: without torch it starts at once."""
+    code = ("import sys, hpseg.inference.crf_pool, hpseg.inference.crf_numpy; "
+            "sys.exit('torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0

@@ -14,6 +14,7 @@ from PIL import Image
 import hpseg
 import hpseg.cli.predict
 import hpseg.inference.crf
+import hpseg.inference.crf_numpy
 from hpseg.cli.main import main
 from hpseg.cli.predict import collect_images
 from hpseg.data import read_image
@@ -128,7 +129,7 @@ def test_crf_missing_fails_before_any_work(tmp_path: Path, monkeypatch: pytest.M
     def unavailable() -> None:
         raise hpseg.inference.crf.CRFUnavailableError()
 
-    monkeypatch.setattr(hpseg.inference.crf, "_import_densecrf", unavailable)  # behind require_crf
+    monkeypatch.setattr(hpseg.inference.crf_numpy, "_import_densecrf", unavailable)  # behind require_crf
     image = _save(tmp_path / "i.png", 10, 10)
     out = tmp_path / "out"
     # The checkpoint does not even exist: the CRF check comes first.

@@ -28,12 +28,10 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
-import numpy as np
-
-from hpseg.inference.crf import dense_crf
+from hpseg.inference.crf_numpy import refine_labels
 from hpseg.logs import progress_bar
 
-__all__ = ["CRFPool", "CRFWorkerError", "refine_labels"]
+__all__ = ["CRFPool", "CRFWorkerError"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +40,6 @@ Meta = TypeVar("Meta")
 
 class CRFWorkerError(RuntimeError):
     """A CRF worker process died (killed, or out of memory); the pool was shut down."""
-
-
-def refine_labels(image: np.ndarray, probabilities: list[np.ndarray]) -> list[np.ndarray]:
-    """One image's CRF-refined label maps: ``(H, W, 3)`` uint8 image, a list of ``(K, H, W)``
-    float32 probability maps (one per head) -> a list of ``(H, W)`` int64 argmax label maps."""
-    return [dense_crf(image, probs).argmax(0).astype(np.int64) for probs in probabilities]
 
 
 def _ignore_interrupts() -> None:
@@ -64,8 +56,10 @@ class CRFPool:
             for meta, labels in pool.map(jobs, total=n_images):   # jobs: (meta, (image, [probs, ...]))
                 ...
 
-    ``task`` is the function a worker runs on each job's arguments (default :func:`refine_labels`);
-    it must be importable by name (module level) for the worker processes to find it.
+    ``task`` is the function a worker runs on each job's arguments (default
+    :func:`hpseg.inference.crf_numpy.refine_labels`); it must be importable by name (module level)
+    for the worker processes to find it, and its module is imported once, by the process the
+    workers fork from (without torch for the CRF's own tasks: a worker starts in a fraction of a second).
     """
 
     def __init__(self, workers: int, *, in_flight: int | None = None,

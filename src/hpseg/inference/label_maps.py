@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from hpseg.inference.crf import cluster_probabilities, crf_probabilities
-from hpseg.inference.crf_pool import refine_labels
+from hpseg.inference.crf_numpy import refine_labels
 from hpseg.method.model import HiddenPositivesModel
 from hpseg.method.probes import centroid_scores
 

@@ -33,7 +33,8 @@ from hpseg.backbones import Backbone
 from hpseg.checkpoints.trained import TrainedModel, load_trained
 from hpseg.data.images import to_rgb
 from hpseg.data.transforms import normalize
-from hpseg.inference.crf import crf_probabilities, dense_crf
+from hpseg.inference.crf import crf_probabilities
+from hpseg.inference.crf_numpy import dense_crf
 from hpseg.inference.crf_pool import CRFPool
 from hpseg.inference.label_maps import cluster_crf_log_probs
 from hpseg.inference.tiling import (
