@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import signal
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -58,8 +59,8 @@ class CRFPool:
 
     ``task`` is the function a worker runs on each job's arguments (default
     :func:`hpseg.inference.crf_numpy.refine_labels`); it must be importable by name (module level)
-    for the worker processes to find it, and its module is imported once, by the process the
-    workers fork from (without torch for the CRF's own tasks: a worker starts in a fraction of a second).
+    for the worker processes to find it where they are spawned rather than forked (not Linux; a
+    script then needs its work under ``if __name__ == "__main__":``, as any multiprocessing).
     """
 
     def __init__(self, workers: int, *, in_flight: int | None = None,
@@ -73,10 +74,10 @@ class CRFPool:
 
     def __enter__(self) -> CRFPool:
         if self.workers > 0:
-            # forkserver: workers fork from a clean process that imported the CRF module once, never
-            # from this one (its threads, CUDA context and loader workers do not survive a fork).
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([self.task.__module__])
+            # Linux: fork, a worker starts at once (a spawned one would import the main script and
+            # torch, 10 s on a busy machine); it runs numpy and pydensecrf only, never torch, CUDA or
+            # OpenMP, so this process's threads do not matter to it. Elsewhere the platform's default.
+            context = multiprocessing.get_context("fork" if sys.platform == "linux" else None)
             self._executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_ignore_interrupts)
             logger.info(f"dense CRF in {self.workers} worker processes")
         return self
