@@ -63,7 +63,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env.update(HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]))
     work = Path(tempfile.mkdtemp(prefix="cpu_threads_"))
-    data = make_synthetic_dataset(work / "data", n_train=16, n_val=0, size=64, n_classes=4, seed=0)
+    data = make_synthetic_dataset(work / "data", n_train=16, n_val=4, size=64, n_classes=4, seed=0)
     prepare_five_crops(build_raw_dataset("folder", data, "train"), data / "hpseg_prepared" / "train_32", crop_size=32)
     old = torch_default_threads(env)
     new, reason = choose_threads(args.num_workers)
