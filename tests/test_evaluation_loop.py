@@ -67,4 +67,4 @@ def test_the_evaluation_bar_counts_images_out_of_a_total(capsys):
     finally:
         logger.setLevel(level)
     err = capsys.readouterr().err
-    assert "0/5 [" in err and "0it" not in err  # a total (the bar, left=False, is cleared at the end)
+    assert "0/5 [" in err and "0it" not in err  # a total (the bar, leave=False, is cleared at the end)
