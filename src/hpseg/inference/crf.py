@@ -1,8 +1,7 @@
 """Dense-CRF refinement from torch scores (spec §8): probabilities at the image size, batches.
 
 The CRF itself, on numpy arrays and without torch (so that worker processes need not import
-torch), is :mod:`hpseg.inference.crf_numpy` (its kernel parameters too); this module exports
-its functions and error as well.
+torch), is :mod:`hpseg.inference.crf_numpy`, whose names this module exports too.
 
 Shapes: images are ``(H, W, 3)`` uint8 RGB (single) or ``(B, 3, H, W)`` uint8 (batch);
 probabilities ``(K, H, W)`` / ``(B, K, h, w)``.
@@ -17,6 +16,11 @@ from torch import Tensor
 
 from hpseg.backbones.registry import IMAGENET_MEAN, IMAGENET_STD
 from hpseg.inference.crf_numpy import (
+    BILATERAL_COMPAT,
+    BILATERAL_SRGB,
+    BILATERAL_SXY,
+    GAUSSIAN_COMPAT,
+    GAUSSIAN_SXY,
     N_ITER,
     CRFUnavailableError,
     crf_available,
@@ -25,6 +29,12 @@ from hpseg.inference.crf_numpy import (
 )
 
 __all__ = [
+    "BILATERAL_COMPAT",
+    "BILATERAL_SRGB",
+    "BILATERAL_SXY",
+    "GAUSSIAN_COMPAT",
+    "GAUSSIAN_SXY",
+    "N_ITER",
     "CRFUnavailableError",
     "cluster_probabilities",
     "crf_available",
