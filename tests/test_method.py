@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hpseg.config import Config, MethodConfig
 from hpseg.method import (
     HiddenPositivesModel,
     IndependentContrastDraw,
@@ -23,7 +24,6 @@ from hpseg.method import (
     propagate_to_neighbours,
 )
 from hpseg.method.local_positives import row_quantile
-from hpseg.config import Config, MethodConfig
 from hpseg.method.loss import HiddenPositiveLoss, LossBackend, dense_loss
 from hpseg.method.loss.backend import NAMES
 from hpseg.method.probes import centroid_scores

@@ -19,7 +19,14 @@ from hpseg.data import DatasetLayoutError, make_synthetic_dataset
 from hpseg.method import HiddenPositiveLoss
 from hpseg.training import trainer as trainer_module
 from hpseg.training.step import build_learner
-from hpseg.training.trainer import NonFiniteLossError, Trainer, renews_pool_before, resume, train, validates_after
+from hpseg.training.trainer import (
+    NonFiniteLossError,
+    Trainer,
+    renews_pool_before,
+    resume,
+    train,
+    validates_after,
+)
 from tests.helpers import synthetic_prepared, tiny_config, tiny_overrides
 
 
