@@ -3,9 +3,10 @@
 Runs a one-step ``hpseg train`` of a random tiny ViT on a synthetic set (32 px crops, CPU) in
 this process and records the Python stack at the first call of the torch path's pair work
 (``torch_loss_and_gradients`` in ``hpseg/method/loss/torch_path.py``, where the loss's own work
-starts on the CPU). Prints the hpseg frames from ``hpseg.cli.main.main`` down to it, how many
-there are and how many distinct hpseg files they lie in (torch's frames, such as
-``autograd.Function.apply``, are counted apart).
+starts on the CPU). Prints the frames from ``hpseg.cli.main.main`` down to it and, both to the
+loss's entry (the first frame in ``hpseg/method/loss/``) and to its pair work, how many hpseg
+frames there are and in how many distinct hpseg files they lie (torch's frames, such as
+``nn.Module.__call__``, are counted apart).
 
     python benchmarks/step_path.py
 """
@@ -55,12 +56,15 @@ def main() -> None:
     frames = list(captured[0])
     start = next(i for i, f in enumerate(frames) if f.filename.endswith("cli/main.py") and f.name == "main")
     frames = frames[start:]
-    ours = [f for f in frames if "/hpseg/" in f.filename]
-    files = sorted({f.filename.split("/hpseg/", 1)[1] for f in ours})
     for f in frames:
         where = f.filename.split("/hpseg/", 1)[1] if "/hpseg/" in f.filename else f"(torch) {Path(f.filename).name}"
         print(f"  {where}:{f.lineno} {f.name}")
-    print(f"{len(ours)} hpseg frames ({len(frames) - len(ours)} others) in {len(files)} files: {', '.join(files)}")
+    entry = next(i for i, f in enumerate(frames) if "/hpseg/method/loss/" in f.filename)
+    for label, path in (("to the loss's entry", frames[: entry + 1]), ("to its pair work", frames)):
+        ours = [f for f in path if "/hpseg/" in f.filename]
+        files = sorted({f.filename.split("/hpseg/", 1)[1] for f in ours})
+        print(f"{label}: {len(ours)} hpseg frames ({len(path) - len(ours)} others) in {len(files)} files: "
+              f"{', '.join(files)}")
 
 
 if __name__ == "__main__":

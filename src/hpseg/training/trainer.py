@@ -223,57 +223,57 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``total_steps``; under torchrun a lost rank stops the others with the resume
         command (hpseg.training.lost_ranks), which the log also gives at the start."""
+        config, state, train = self.config, self.state, self.config.train
         if self.context.enabled:
             self._notice(f"{self.context.world_size} ranks train {self.run_dir}: if one fails, the others stop "
                          f"and `hpseg train --resume {self.run_dir}` under the same torchrun command continues "
                          "from checkpoints/last.pt")
-        with explain_lost_ranks(self.context, self.run_dir, lambda: self.state.step):
-            return self._steps()
-
-    def _steps(self) -> dict[str, Any]:
-        config, state, train = self.config, self.state, self.config.train
-        if state.pools is None:
-            self._notice("building threshold pools ...")
-            with self.timers.phase("initial_pools"):
-                agnostic = self.build_agnostic_pool()
-                state.pools = ThresholdPools(agnostic, self.build_specific_pool())
         # Under torchrun with global positives the contrast pattern spans the patches of the global batch.
         global_positives = self.context.enabled and train.positives == "global"
         metrics_file = self.run_dir / "metrics.jsonl"
-        writer = _tensorboard(self.run_dir) if self.context.is_main else None
-        bar_logger = logger if self.context.is_main else _other_ranks
-        bar = progress_bar(range(state.step, self.total_steps), bar_logger, total=self.total_steps, initial=state.step,
-                           desc="train", dynamic_ncols=True)
-        steps = None
-        started = time.time()
-        for step in bar:
-            epoch, position = divmod(step, self.steps_per_epoch)
-            if steps is None or position == 0:
-                steps = self._epoch_steps(epoch, position)
-            if renews_pool_before(step, self.steps_per_epoch, config.method.renew_interval,
-                                  config.method.renew_counter):
-                self._renew_specific_pool()
-            lmbd = lambda_schedule(step, config.method.warmup, self.total_steps)
-            with self.timers.phase("data_wait"):
-                inputs = next(steps)
-            with self.timers.phase("step"):
-                batch, _, height, width = inputs.features.shape
-                images = train.batch_size if global_positives else batch
-                draw = draw_contrast(config.method, height * width, images * height * width,
-                                     self.contrast_generator, self.device)
-                values = training_step(self.learner, inputs, state.pools, draw, lmbd)
-            if not math.isfinite(values["loss"]):
-                raise self._non_finite(step + 1, values)
-            state.step = step + 1
-            values.update(step=state.step, epoch=epoch, **{"lambda": lmbd}, seconds=round(time.time() - started, 3))
-            bar.set_postfix(loss=f"{values['loss']:.3f}", hp=f"{values['hp']:.3f}")
-            self._after_step(values, metrics_file, writer)
-        bar.close()
-        if writer is not None:
-            writer.close()
-        self._log_timing(metrics_file)
+        with explain_lost_ranks(self.context, self.run_dir, lambda: state.step):
+            self._initial_pools()
+            writer = _tensorboard(self.run_dir) if self.context.is_main else None
+            bar = progress_bar(range(state.step, self.total_steps), logger if self.context.is_main else _other_ranks,
+                               total=self.total_steps, initial=state.step, desc="train", dynamic_ncols=True)
+            steps = None
+            started = time.time()
+            for step in bar:
+                epoch, position = divmod(step, self.steps_per_epoch)
+                if steps is None or position == 0:
+                    steps = self._epoch_steps(epoch, position)
+                if renews_pool_before(step, self.steps_per_epoch, config.method.renew_interval,
+                                      config.method.renew_counter):
+                    self._renew_specific_pool()
+                lmbd = lambda_schedule(step, config.method.warmup, self.total_steps)
+                with self.timers.phase("data_wait"):
+                    inputs = next(steps)
+                with self.timers.phase("step"):
+                    batch, _, height, width = inputs.features.shape
+                    images = train.batch_size if global_positives else batch
+                    draw = draw_contrast(config.method, height * width, images * height * width,
+                                         self.contrast_generator, self.device)
+                    values = training_step(self.learner, inputs, state.pools, draw, lmbd)
+                if not math.isfinite(values["loss"]):
+                    raise self._non_finite(step + 1, values)
+                state.step = step + 1
+                values.update(step=state.step, epoch=epoch, **{"lambda": lmbd}, seconds=round(time.time() - started, 3))
+                bar.set_postfix(loss=f"{values['loss']:.3f}", hp=f"{values['hp']:.3f}")
+                self._after_step(values, metrics_file, writer)
+            bar.close()
+            if writer is not None:
+                writer.close()
+            self._log_timing(metrics_file)
         return {"steps": state.step, "best_step": state.best_step, "best_score": state.best_score,
                 "unsupervised_step": state.unsupervised_step}
+
+    def _initial_pools(self) -> None:
+        """Both threshold pools, unless a resumed run brought them."""
+        if self.state.pools is None:
+            self._notice("building threshold pools ...")
+            with self.timers.phase("initial_pools"):
+                agnostic = self.build_agnostic_pool()
+                self.state.pools = ThresholdPools(agnostic, self.build_specific_pool())
 
     def _non_finite(self, step: int, values: dict[str, float]) -> NonFiniteLossError:
         """The error that stops the run at ``step``, whose loss (terms in ``values``) is not finite."""
