@@ -49,8 +49,8 @@ from hpseg.training.lost_ranks import explain_lost_ranks
 from hpseg.training.pools import ThresholdPools, collect_pool, pool_batches
 from hpseg.training.run_checks import (
     check_class_count,
-    restore_or_explain,
     resumable_checkpoint,
+    training_state_errors,
     truncate_metrics,
 )
 from hpseg.training.run_lock import run_lock
@@ -500,7 +500,8 @@ def resume(run_dir: str | Path, *, backbone: Backbone | None = None,
     with run_lock(run_dir, holder=context.is_main):
         trainer = Trainer(checkpoint.config, run_dir, backbone=backbone, feature_source=feature_source,
                           device=device, context=context)
-        restore_or_explain(trainer, checkpoint)
+        with training_state_errors(checkpoint.path):
+            trainer.restore(checkpoint.payload)
         trainer.state.last_saved_step = trainer.state.step
         if context.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
