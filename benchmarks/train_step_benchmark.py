@@ -113,7 +113,7 @@ def build_pools(trainer, full: bool) -> dict:
     features = trainer.features
     if full:
         batches = pool_batches(len(features), trainer.config.train.batch_size, trainer.config.method.pool_size,
-                               trainer.pool_generator)
+                               trainer.state.pool_generator)
         maps = list(features.feature_maps(batches))
         features.feature_maps = lambda batches: itertools.cycle(maps)  # instance attribute: shadows the method
     try:
@@ -185,7 +185,7 @@ def child(spec: dict) -> dict:
                 torch.cuda.synchronize()
             got = time.perf_counter()
             batch, _, height, width = inputs.features.shape
-            draw = draw_contrast(config.method, height * width, batch * height * width, trainer.contrast_generator,
+            draw = draw_contrast(config.method, height * width, batch * height * width, trainer.state.contrast_generator,
                                  trainer.device)
             values = training_step(trainer.learner, inputs, trainer.state.pools, draw, 0.5)
             if cuda:

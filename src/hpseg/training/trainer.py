@@ -71,8 +71,11 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class RunState:
-    """What changes during training besides weights and optimiser moments."""
+    """What changes during training besides weights and optimiser moments (``Trainer.learner``):
+    the place of the run, its selection records, its pools and the generators of its draws."""
 
+    pool_generator: torch.Generator  # which crops, and which patch of each, fill a pool
+    contrast_generator: torch.Generator  # the random part of each step's contrast sets
     step: int = 0
     best_score: float = float("-inf")
     best_step: int = -1
@@ -115,7 +118,7 @@ class Trainer:
         self.amp_dtype = amp_dtype(config.train.amp, self.device)
         # One seed for what every rank builds (backbone, heads); see _seed_ranks for the rest.
         seed_everything(config.train.seed)
-        self.images_per_rank = distributed.check_batch_split(config.train.batch_size, self.context)
+        distributed.check_batch_split(config.train.batch_size, self.context)
         self.backbone = backbone or create_backbone(
             config.backbone.name, weights=config.backbone.weights, pretrained=config.backbone.pretrained
         )
@@ -128,9 +131,8 @@ class Trainer:
         self.learner = build_learner(config, self.backbone.embed_dim, self.device, self.amp_dtype, self.context)
         self.model, self.optimizers, self.scaler = self.learner.model, self.learner.optimizers, self.learner.scaler
         self._seed_ranks()
-        self.state = RunState()
-        self.pool_generator = torch.Generator().manual_seed(config.train.seed + 1)
-        self.contrast_generator = torch.Generator(device=self.device).manual_seed(config.train.seed + 2)
+        self.state = RunState(pool_generator=torch.Generator().manual_seed(config.train.seed + 1),
+                              contrast_generator=torch.Generator(device=self.device).manual_seed(config.train.seed + 2))
 
         self.steps_per_epoch = len(self.features) // config.train.batch_size
         if self.steps_per_epoch == 0:
@@ -194,11 +196,11 @@ class Trainer:
     def _pool(self, maps_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """A pool of the job: each rank computes ``maps_of`` its share of every batch; the rows are gathered."""
         train, pool_size = self.config.train, self.config.method.pool_size
-        batches = pool_batches(len(self.features), train.batch_size, pool_size, self.pool_generator,
+        batches = pool_batches(len(self.features), train.batch_size, pool_size, self.state.pool_generator,
                                self.context.world_size)
         shares = [distributed.rank_share(batch, self.context) for batch in batches]
         maps = (maps_of(f) for f in self.features.feature_maps(shares))
-        pool = collect_pool(maps, [len(b) for b in batches], pool_size, self.pool_generator, self.context)
+        pool = collect_pool(maps, [len(b) for b in batches], pool_size, self.state.pool_generator, self.context)
         return pool.to(self.device)
 
     @torch.no_grad()
@@ -252,7 +254,7 @@ class Trainer:
                     batch, _, height, width = inputs.features.shape
                     images = train.batch_size if global_positives else batch
                     draw = draw_contrast(config.method, height * width, images * height * width,
-                                         self.contrast_generator, self.device)
+                                         self.state.contrast_generator, self.device)
                     values = training_step(self.learner, inputs, state.pools, draw, lmbd)
                 if not math.isfinite(values["loss"]):
                     raise self._non_finite(step + 1, values)
@@ -380,8 +382,8 @@ class Trainer:
 
     def checkpoint(self, kind: str, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
         state, pools = self.state, self.state.pools
-        rng = {"torch": torch.get_rng_state(), "pool": self.pool_generator.get_state(),
-               "contrast": self.contrast_generator.get_state()}
+        rng = {"torch": torch.get_rng_state(), "pool": self.state.pool_generator.get_state(),
+               "contrast": self.state.contrast_generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
@@ -424,8 +426,8 @@ class Trainer:
                                           training["pool_specific"].to(self.device))
         rng = training["rng"]
         torch.set_rng_state(rng["torch"])
-        self.pool_generator.set_state(rng["pool"])
-        self.contrast_generator.set_state(rng["contrast"])
+        self.state.pool_generator.set_state(rng["pool"])
+        self.state.contrast_generator.set_state(rng["contrast"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         if self.context.rank:
