@@ -16,7 +16,7 @@ from hpseg.checkpoints.store import CheckpointError, load_checkpoint, save_atomi
 from hpseg.cli.main import main
 from hpseg.config import Config
 from hpseg.data import DatasetLayoutError, make_synthetic_dataset
-from hpseg.method import HiddenPositiveLoss
+from hpseg.method import HiddenPositiveLoss, LossBackend
 from hpseg.training import trainer as trainer_module
 from hpseg.training.step import build_learner
 from hpseg.training.trainer import (
@@ -260,6 +260,23 @@ def test_grad_scaler_settings(data_root, tmp_path, setting, scale, interval):
     assert learner.scaler.is_enabled() and learner.scaler.get_scale() == scale
     assert learner.scaler.get_growth_interval() == interval
     assert Config().train.grad_scaler == "reference"  # [ref quirk] the default
+
+
+def test_a_run_computes_its_loss_with_the_backend_its_config_names(data_root, tmp_path, monkeypatch):
+    used = []
+    original = LossBackend.loss_and_gradients
+
+    def recorded(self, *args, **kwargs):
+        used.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LossBackend, "loss_and_gradients", recorded)
+    config = tiny_config(data_root, tmp_path, steps=2, extra=["method.loss_backend=torch-dense",
+                                                              "train.val_interval=100", "train.label_free_crops=0"])
+    train(config, run_dir=tmp_path / "run")
+    assert used == ["torch-dense", "torch-dense"]
+    benchmark = LossBackend("torch-sparse", compile=False)  # a benchmark's backend replaces the config's
+    assert build_learner(config, 64, torch.device("cpu"), None, loss_backend=benchmark).loss.backend is benchmark
 
 
 def test_missing_validation_split_means_no_validation(data_root, tmp_path, monkeypatch):
