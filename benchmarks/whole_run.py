@@ -36,7 +36,7 @@ from hpseg.training.trainer import train
 
 PHASE_LABELS = {
     "startup": "start-up (backbone, data, model)",
-    "initial_pools": "initial reference pools",
+    "initial_pools": "initial threshold pools",
     "data_wait": "step inputs (loader + backbone forward)",
     "loader_wait": "  of which waiting on the loader",
     "step": "training steps",

@@ -56,7 +56,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (run / "checkpoints" / "best.pt").exists():
         data = synthetic_prepared(base / "hpseg-tiny-data")
         shutil.rmtree(run, ignore_errors=True)
-        train(tiny_config(data, base / "runs", steps=STEPS), run_dir=run, progress=False)
+        train(tiny_config(data, base / "runs", steps=STEPS), run_dir=run)
     return run
 
 

@@ -12,7 +12,7 @@ from hpseg.checkpoints.store import load_checkpoint
 from hpseg.cli.main import main
 from hpseg.config import Config
 from hpseg.evaluation.report import aggregate, collect_results, config_differences, write_report
-from hpseg.training.seeds import _train_in_processes, train_command
+from hpseg.training.multi_seed import _train_in_processes, train_command
 from tests.helpers import synthetic_prepared, tiny_overrides
 
 
