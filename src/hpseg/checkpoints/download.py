@@ -108,8 +108,8 @@ def _title(page: str) -> str:
 
 def _drive_error(page: str) -> str | None:
     """Drive's own error text on the page (the download quota, a missing file), if any."""
-    match = re.search(r'class="uc-error-(?:subcaption|caption)"[^>]*>(.*?)<', page, re.DOTALL)
-    return " ".join(match.group(1).split()) if match else None
+    found = re.findall(r'class="uc-error-(?:subcaption|caption)"[^>]*>(.*?)<', page, re.DOTALL)
+    return " ".join(" ".join(text.split()) for text in found) if found else None
 
 
 def _confirmed_url(page: str, url: str) -> str:
