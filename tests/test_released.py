@@ -174,7 +174,8 @@ def test_registry_lists_the_three_released_models_with_their_datasets_and_backbo
     assert city_b.dino_weights.endswith("dino_vitbase8_pretrain.pth")
     assert dict(coco.paper.items()) == {"unsupervised_accuracy": 57.2, "unsupervised_miou": 24.6,
                                         "linear_accuracy": 75.6, "linear_miou": 42.7}
-    assert city_s.paper.items() == [] and "no Cityscapes number" in city_s.paper.note
+    assert city_b.paper.items() == [] and "no Cityscapes number" in city_b.paper.note
+    assert dict(city_s.paper.items()) == {"unsupervised_accuracy": 79.5, "unsupervised_miou": 18.4}
     assert all(model.page_url.startswith("https://drive.google.com/file/d/") for model in models.values())
 
 
@@ -370,4 +371,4 @@ def test_paper_comparison_sets_the_papers_numbers_beside_the_evaluation() -> Non
                             crf=True)
     assert "paper  24.6   here  25.00" in text and "paper  42.7   here  40.00" in text
     assert "paper  57.2   here    n/a (*not checked against the PDF)" in text
-    assert "reports no number" in paper_comparison(get_released("hp/cityscapes27-vits8"), {}, crf=False)
+    assert "reports no number" in paper_comparison(get_released("hp/cityscapes27-vitb8"), {}, crf=False)
