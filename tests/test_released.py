@@ -372,3 +372,33 @@ def test_paper_comparison_sets_the_papers_numbers_beside_the_evaluation() -> Non
     assert "paper  24.6   here  25.00" in text and "paper  42.7   here  40.00" in text
     assert "paper  57.2   here    n/a (*not checked against the PDF)" in text
     assert "reports no number" in paper_comparison(get_released("hp/cityscapes27-vitb8"), {}, crf=False)
+
+
+def test_eval_by_name_sets_the_papers_numbers_beside_its_own(server: Server, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.test_data import _make_coco
+
+    server.routes[f"/{FILE}"] = serve_file(BODY)
+    root = _make_coco(tmp_path / "cocostuff")
+    assert main(["eval", NAME, "--data-root", str(root), "--device", "cpu", "--max-images", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "paper vs this evaluation (COCO-Stuff-27 table of the paper (with CRF); this evaluation without CRF)" in out
+    results = json.loads((_cached().parent / "eval-hp_cocostuff27_vits8" / "results.json").read_text())
+    measured = 100 * results["hp"]["unsupervised_miou"]
+    assert f"unsupervised miou        paper  24.6   here {measured:6.2f}" in out
+    assert results["paper"]["model"] == NAME and results["paper"]["linear_miou"] == 42.7
+    assert results["dataset"] == "cocostuff27" and results["crf"] is False
+
+
+def test_app_takes_a_model_name_and_opens_on_the_linear_head(server: Server) -> None:
+    from hpseg.cli.app import describe
+    from hpseg.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["app", "--model", NAME]).checkpoint == NAME
+    assert parser.parse_args(["predict", "x.png", "--model", NAME, "--out", "o"]).checkpoint == NAME
+    with pytest.raises(SystemExit):
+        parser.parse_args(["app", "--model", NAME, "--checkpoint", "x.pt"])
+    server.routes[f"/{FILE}"] = serve_file(BODY)
+    text = describe(hpseg.load(NAME, device="cpu"))
+    assert f"**Checkpoint** `{NAME}`" in text and "**default head** `linear`" in text
