@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import sys
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -104,11 +105,13 @@ class Server:
 
 
 def send(handler: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str,
-         headers: dict[str, str] | None = None, cut: int | None = None) -> None:
-    """Answer with ``body``; ``cut``: announce it all, send the first ``cut`` bytes, hang up."""
+         headers: dict[str, str] | None = None, cut: int | None = None, length: bool = True) -> None:
+    """Answer with ``body``; ``cut``: announce it all, send the first ``cut`` bytes, hang up;
+    ``length=False``: no Content-Length (HTTP/1.0: the body ends when the connection closes)."""
     handler.send_response(status)
     handler.send_header("Content-Type", content_type)
-    handler.send_header("Content-Length", str(len(body)))
+    if length:
+        handler.send_header("Content-Length", str(len(body)))
     for key, value in (headers or {}).items():
         handler.send_header(key, value)
     handler.end_headers()
@@ -121,9 +124,10 @@ def not_found(handler: BaseHTTPRequestHandler) -> None:
     send(handler, 404, NOT_FOUND.encode(), "text/html")
 
 
-def serve_file(body: bytes, ranges: bool = True, cut: int | None = None) -> Callable[[BaseHTTPRequestHandler], None]:
+def serve_file(body: bytes, ranges: bool = True, cut: int | None = None,
+               length: bool = True) -> Callable[[BaseHTTPRequestHandler], None]:
     """The file, honouring ``Range: bytes=N-`` (206) unless ``ranges`` is False; ``cut`` truncates
-    a whole-file answer."""
+    a whole-file answer, ``length=False`` leaves its Content-Length out."""
 
     def handle(handler: BaseHTTPRequestHandler) -> None:
         asked = handler.headers.get("Range")
@@ -132,7 +136,7 @@ def serve_file(body: bytes, ranges: bool = True, cut: int | None = None) -> Call
             send(handler, 206, body[start:], "application/octet-stream",
                  {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"})
         else:
-            send(handler, 200, body, "application/octet-stream", cut=cut)
+            send(handler, 200, body, "application/octet-stream", cut=cut, length=length)
 
     return handle
 
@@ -277,6 +281,31 @@ def test_truncated_download_is_kept_refused_and_resumed_with_a_range(server: Ser
     server.routes[f"/{FILE}"] = serve_file(BODY)
     assert fetch_released(NAME).read_bytes() == BODY
     assert server.requests[-1][1] == f"bytes={cut}-" and not part.exists()
+
+
+def test_truncated_archive_without_a_length_is_kept_refused_and_resumed(server: Server) -> None:
+    cut = len(BODY) // 2
+    server.routes[f"/{FILE}"] = serve_file(BODY, cut=cut, ranges=False, length=False)
+    with pytest.raises(ReleasedModelError, match=rf"ended before the end of the archive \({cut:,} bytes"):
+        fetch_released(NAME)
+    assert not _cached().exists() and _cached().with_name(FILE + ".part").stat().st_size == cut
+    server.routes[f"/{FILE}"] = serve_file(BODY)
+    assert fetch_released(NAME).read_bytes() == BODY and server.requests[-1][1] == f"bytes={cut}-"
+
+
+def test_a_file_that_is_not_a_checkpoint_is_deleted_and_refused(server: Server) -> None:
+    server.routes[f"/{FILE}"] = serve_file(b"GIF89a" + bytes(200))
+    with pytest.raises(ReleasedModelError, match=r"is not a PyTorch checkpoint \(it starts with b'GIF89a"):
+        fetch_released(NAME)
+    assert not _cached().exists() and not _cached().with_name(FILE + ".part").exists()
+
+
+def test_confirmation_page_without_gdown_says_how_to_install_it(server: Server,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "gdown.download", None)  # import fails: the extra is not installed
+    server.routes[f"/{FILE}"] = serve_text(CONFIRMATION.format(base=server.base, file=FILE))
+    with pytest.raises(ReleasedModelError, match=r"asks to confirm the download .* pip install 'hpseg\[download\]'"):
+        fetch_released(NAME)
 
 
 def test_server_ignoring_the_range_starts_the_part_over(server: Server) -> None:
