@@ -139,7 +139,8 @@ def _open_file(url: str, offset: int, timeout: float) -> _Answer:
     opener = _opener()
     for _ in range(_MAX_CONFIRMATIONS + 1):
         response = _request(opener, url, offset, timeout)
-        if getattr(response, "code", None) == 416:
+        if getattr(response, "code", None) == 416:  # the part already holds the whole file
+            response.close()
             return _Answer(None, offset, offset)
         if "text/html" not in (response.headers.get("Content-Type") or "").lower():
             return _answer(response, offset)
