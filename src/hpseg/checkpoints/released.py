@@ -299,7 +299,9 @@ def fetch_released(name: str) -> Path:
 
 def _size(model: ReleasedModel, path: Path) -> str:
     size = path.stat().st_size if path.is_file() else model.size_bytes
-    return "unknown" if size is None else f"{size / 2**20:.0f} MiB"
+    if size is None:
+        return "unknown"
+    return f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB"
 
 
 def _paper_line(paper: PaperResults) -> str:
