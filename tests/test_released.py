@@ -39,6 +39,7 @@ from hpseg.checkpoints.released import (
 )
 from hpseg.cli.main import main
 from hpseg.data import CITYSCAPES27_CLASS_NAMES, load_cocostuff27_mapping
+from tests.helpers import Notices
 from tests.test_api import one_thread  # noqa: F401 - autouse fixture
 from tests.test_reference_checkpoint import reference_payload
 
@@ -211,9 +212,13 @@ def test_offline_error_names_the_url_the_cache_path_and_the_hand_placement(tmp_p
 # ---------------------------------------------------------------------------------------- the whole path
 
 
-def test_name_downloads_verifies_converts_and_segments_with_the_linear_head(server: Server, tmp_path: Path) -> None:
+def test_name_downloads_verifies_converts_and_segments_with_the_linear_head(server: Server, tmp_path: Path,
+                                                                           notices: Notices) -> None:
     server.routes[f"/{FILE}"] = serve_file(BODY)
     segmenter = hpseg.load(NAME, device="cpu", size=0, window=0)
+    # Said once each: the linear head by default; a file whose backbone is not the registry's (the tiny test ViT).
+    assert any("segments with the linear head by default" in m for m in notices.messages)
+    assert any("holds a vit_tiny_p8 backbone, not the dino_vits8" in m for m in notices.messages)
     path = _cached()
     assert path.read_bytes() == BODY and not path.with_name(FILE + ".part").exists()
     record = json.loads(path.with_name(FILE + ".sha256.json").read_text())

@@ -96,6 +96,9 @@ def read_trained(path: str | Path) -> TrainedCheckpoint:
     reference = None
     if is_reference_checkpoint(raw):
         reference = convert_reference(raw, path, dataset=released.dataset if released else None)
+        if released is not None and reference.backbone_name != released.backbone:
+            logger.warning("%s: %s holds a %s backbone, not the %s it was released with: is it the right file?",
+                           released.name, path, reference.backbone_name, released.backbone)
         payload = reference.checkpoint
         logger.info("%s: an authors' reference checkpoint, converted in memory (backbone %s; "
                     "`hpseg import-checkpoint` converts it once for all)", path, reference.backbone_name)
