@@ -44,7 +44,7 @@ from hpseg.checkpoints.store import (
     save_atomic,
 )
 from hpseg.config import load_preset
-from hpseg.data import CITYSCAPES27_CLASS_NAMES, POTSDAM3_CLASS_NAMES, load_cocostuff27_mapping
+from hpseg.data import dataset_class_names
 from hpseg.files import atomic_write
 from hpseg.method.model import HiddenPositivesModel
 
@@ -111,11 +111,7 @@ def infer_backbone(backbone_state: dict[str, torch.Tensor], path: Path) -> str:
 def _class_names(dataset: str | None, n_classes: int, path: Path) -> tuple[str, list[str]]:
     if dataset is None:
         dataset = {27: "cocostuff27", 3: "potsdam3"}.get(n_classes, "folder")
-    names = {
-        "cocostuff27": lambda: list(load_cocostuff27_mapping()[1]),
-        "cityscapes27": lambda: list(CITYSCAPES27_CLASS_NAMES),
-        "potsdam3": lambda: list(POTSDAM3_CLASS_NAMES),
-    }.get(dataset, lambda: [f"class {k}" for k in range(n_classes)])()
+    names = dataset_class_names(dataset) or [f"class {k}" for k in range(n_classes)]
     if len(names) != n_classes:
         raise CheckpointError(f"{path}: the linear probe has {n_classes} classes but {dataset} has {len(names)}")
     return dataset, names

@@ -28,6 +28,7 @@ import torch
 from hpseg.backbones import Backbone, BackboneWeightsError, create_backbone
 from hpseg.checkpoints.mapping import find_mapping, read_mapping
 from hpseg.checkpoints.reference import ConvertedReference, convert_reference, is_reference_checkpoint
+from hpseg.checkpoints.released import ReleasedModel, fetch_released, released_source
 from hpseg.checkpoints.runs import resolve_checkpoint
 from hpseg.checkpoints.store import CheckpointError, check_format, read_torch_file
 from hpseg.config import Config
@@ -56,13 +57,14 @@ class TrainedCheckpoint:
     """A checkpoint file read once: its hpseg payload (converted, for a reference file) and config.
 
     ``reference`` holds the conversion of an authors' reference checkpoint (its backbone
-    tensors), None for an hpseg checkpoint.
+    tensors), None for an hpseg checkpoint; ``released`` the released model it is, if any.
     """
 
     path: Path
     payload: dict[str, Any]
     config: Config
     reference: ConvertedReference | None = None
+    released: ReleasedModel | None = None
 
     @property
     def step(self) -> Any:
@@ -86,12 +88,17 @@ class TrainedCheckpoint:
 
 def read_trained(path: str | Path) -> TrainedCheckpoint:
     """Read ``path`` once: an hpseg checkpoint, or an authors' reference one (converted in memory);
-    a run folder stands for the checkpoint its ``train.selection`` chose."""
-    path = resolve_checkpoint(path)
+    a run folder stands for the checkpoint its ``train.selection`` chose; a released model's name
+    (``hp/cocostuff27-vits8``, :mod:`hpseg.checkpoints.released`) for its verified, downloaded file."""
+    released = released_source(path)
+    path = resolve_checkpoint(fetch_released(released.name) if released else path)
     raw = read_torch_file(path)
     reference = None
     if is_reference_checkpoint(raw):
-        reference = convert_reference(raw, path)
+        reference = convert_reference(raw, path, dataset=released.dataset if released else None)
+        if released is not None and reference.backbone_name != released.backbone:
+            logger.warning("%s: %s holds a %s backbone, not the %s it was released with: is it the right file?",
+                           released.name, path, reference.backbone_name, released.backbone)
         payload = reference.checkpoint
         logger.info("%s: an authors' reference checkpoint, converted in memory (backbone %s; "
                     "`hpseg import-checkpoint` converts it once for all)", path, reference.backbone_name)
@@ -106,7 +113,7 @@ def read_trained(path: str | Path) -> TrainedCheckpoint:
         raise CheckpointError(f"{path}: the config inside it is invalid: {error}") from None
     if not isinstance(payload.get("model"), dict):
         raise CheckpointError(f"{path}: incomplete hpseg checkpoint (no model weights)")
-    return TrainedCheckpoint(path, payload, config, reference)
+    return TrainedCheckpoint(path, payload, config, reference, released)
 
 
 def _stored_weights(checkpoint: TrainedCheckpoint, stored: str) -> Path:

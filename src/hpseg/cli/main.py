@@ -64,6 +64,13 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from hpseg.checkpoints.released import format_released_table
+
+    print(format_released_table())
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from hpseg.data import build_raw_dataset, prepare_five_crops
 
@@ -245,7 +252,9 @@ def _add_use_elsewhere_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_push)
 
     p = sub.add_parser("app", help="a local web app to segment images (pip install 'hpseg[app]')")
-    p.add_argument("--checkpoint", required=True, help="checkpoint, hub folder or hf://owner/name[@revision]")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint, hub folder or hf://owner/name[@revision]")
+    source.add_argument("--model", dest="checkpoint", metavar="NAME", help="a released model (`hpseg models`)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--mapping", metavar="RESULTS_JSON", help="cluster->class mapping (default: as hpseg predict)")
@@ -306,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backbones", help="list the supported backbones")
     p.set_defaults(run=cmd_backbones)
 
+    p = sub.add_parser("models", help="list the authors' released models (hpseg predict --model NAME)")
+    p.set_defaults(run=cmd_models)
+
     p = sub.add_parser("prepare", help="cut the training set into five crops (offline step of the protocol)")
     _add_config_arguments(p)
     p.add_argument("--out", help="output directory (default: <data-root>/hpseg_prepared/train_<crop>)")
@@ -361,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_cache)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (unsupervised and linear accuracy / mIoU)")
-    p.add_argument("checkpoint", help="checkpoint file (a run's checkpoints/best.pt or last.pt), or a run folder: "
-                                      "the checkpoint its train.selection chose")
+    p.add_argument("checkpoint", help="checkpoint file (a run's checkpoints/best.pt or last.pt), a run folder (the "
+                                      "checkpoint its train.selection chose) or a released model's name "
+                                      "(`hpseg models`): the paper's numbers are shown beside the results")
     p.add_argument("--data-root", help="dataset root, when it moved since training")
     p.add_argument("--out", help="output directory (default: <run>/eval-<name>[-crf] for a run's checkpoints/<name>.pt, "
                                  "eval-<name>[-crf] beside any other checkpoint)")
@@ -381,11 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--checkpoint", help="hpseg checkpoint, a run folder (the checkpoint its train.selection chose), "
                                         "an authors' reference checkpoint, a hub folder or hf://owner/name[@revision]")
+    p.add_argument("--model", dest="checkpoint", metavar="NAME",
+                   help="a released model, e.g. hp/cocostuff27-vits8 (`hpseg models`), downloaded on first use")
     p.add_argument("--onnx", metavar="MODEL", help="segment with a model of `hpseg export --format onnx` "
                                                    "(onnxruntime, instead of --checkpoint)")
     p.add_argument("--out", required=True, help="output folder (labels/, overlays/, figures/, predictions.json)")
-    p.add_argument("--head", choices=("cluster", "linear"), default="cluster",
-                   help="cluster probe (unsupervised, default) or linear probe (trained with labels)")
+    p.add_argument("--head", choices=("cluster", "linear"), default=None,
+                   help="cluster probe (unsupervised; the default) or linear probe (trained with labels; the default "
+                        "of a released model, whose clusters have no class names without an evaluation)")
     p.add_argument("--mapping", metavar="RESULTS_JSON",
                    help="cluster->class mapping: the results.json of `hpseg eval` (default: the evaluation of this "
                         "checkpoint beside it, <run>/eval-<name>[-crf]/results.json, when there is one; with "

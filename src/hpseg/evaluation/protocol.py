@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from hpseg.backbones import Backbone
 from hpseg.checkpoints.mapping import evaluation_dir
+from hpseg.checkpoints.released import paper_comparison
 from hpseg.checkpoints.trained import TrainedModel, load_trained
 from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
 from hpseg.data.errors import DatasetLayoutError
@@ -383,6 +384,10 @@ def evaluate_checkpoint(
         if "baseline_majority" in report:
             report["matching"]["baseline_majority"] = "majority (many-to-one)"
         text.append(format_results(report["baseline"], "Baseline: k-means / linear probe on raw backbone features"))
+    released = trained.checkpoint.released
+    if released is not None:  # the released model's published numbers, side by side
+        report["paper"] = {"model": released.name, **dict(released.paper.items()), "note": released.paper.note}
+        text.append(paper_comparison(released, report["hp"], crf))
     out = Path(out_dir) if out_dir else evaluation_dir(trained.path, crf)
     if context.is_main:
         _write_results(report, results, class_names, out)
