@@ -21,7 +21,7 @@ import hpseg  # noqa: E402
 from hpseg.cli.main import main  # noqa: E402
 from hpseg.export.hub import export_hub, push, push_operations  # noqa: E402
 from tests.test_api import one_thread, tiny_run  # noqa: E402,F401 - one_thread: autouse fixture
-from tests.test_reference_checkpoint import reference_payload  # noqa: E402
+from tests.test_authors_checkpoint import authors_payload  # noqa: E402
 
 MAPPING = [3, 1, 0, 2]
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -90,7 +90,7 @@ def test_folder_round_trips(folder: Path, run_with_eval: Path) -> None:
 
 def test_authors_checkpoint_exports_with_its_backbone(tmp_path: Path) -> None:
     reference = tmp_path / "reference.pth"
-    torch.save(reference_payload(seed=2), reference)
+    torch.save(authors_payload(seed=2), reference)
     out = export_hub(reference, tmp_path / "hub")
     config = json.loads((out / "config.json").read_text())
     assert config["backbone"]["weights"] == "backbone.safetensors" and (out / "backbone.safetensors").is_file()

@@ -1,11 +1,6 @@
-"""hpseg checkpoints: atomic writes, safe loads (no arbitrary unpickling).
+"""hpseg checkpoint files: atomic writes, safe loads (no arbitrary unpickling), the format marker.
 
-A checkpoint is a dict of tensors and plain Python values:
-``format``, ``version``, ``kind`` ("last" | "best"), ``step``, ``config`` (the run's resolved
-config as a dict), ``backbone`` (name, weights, pretrained), ``model`` (state dict of
-:class:`hpseg.method.HiddenPositivesModel`), ``class_names``, ``metrics`` (validation metrics
-at that step, may be empty), ``selection`` (how it was chosen) and, for resuming, ``training``
-(optimisers, scaler, pools, random states, best score).
+What a checkpoint holds is :class:`hpseg.checkpoints.payload.CheckpointPayload`'s.
 """
 
 from __future__ import annotations
@@ -57,11 +52,6 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as error:  # noqa: BLE001 - unpickling garbage fails with almost any exception type
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or damaged: "
                               f"{type(error).__name__}: {short_error(error)})") from None
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load an hpseg checkpoint and check its format."""
-    return check_format(read_torch_file(path, map_location), path)
 
 
 def is_hpseg_checkpoint(payload: Any) -> bool:

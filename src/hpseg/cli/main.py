@@ -92,11 +92,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             print("resolved config:\n" + config.to_yaml())
         run_dir = train(config, run_dir=args.run_dir)
     if is_main:
-        from hpseg.checkpoints.runs import resolve_checkpoint
+        from hpseg.checkpoints.runs import selected_checkpoint
         from hpseg.checkpoints.store import CheckpointError
 
         try:
-            chosen = f"the checkpoint train.selection chose: {resolve_checkpoint(run_dir)}"
+            chosen = f"the checkpoint train.selection chose: {selected_checkpoint(run_dir)}"
         except CheckpointError as error:
             chosen = str(error)
         print(f"run written to {run_dir} (checkpoints/, metrics.jsonl); {chosen}")
@@ -207,11 +207,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_import_checkpoint(args: argparse.Namespace) -> int:
-    from hpseg.checkpoints.reference import import_reference_checkpoint
+    from hpseg.checkpoints.authors import import_authors_checkpoint
 
-    summary = import_reference_checkpoint(args.reference, args.out, dataset=args.dataset, backbone=args.backbone,
+    summary = import_authors_checkpoint(args.authors, args.out, dataset=args.dataset, backbone=args.backbone,
                                           data_root=args.data_root)
-    print(f"converted {args.reference} ({summary['backbone']}, D={summary['dim']}, {summary['n_classes']} classes, "
+    print(f"converted {args.authors} ({summary['backbone']}, D={summary['dim']}, {summary['n_classes']} classes, "
           f"dataset {summary['dataset']}) to {summary['checkpoint']}; backbone weights in {summary['weights']}")
     return 0
 
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment your own images (files, folders, globs) with a checkpoint")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--checkpoint", help="hpseg checkpoint, a run folder (the checkpoint its train.selection chose), "
-                                        "an authors' reference checkpoint, a hub folder or hf://owner/name[@revision]")
+                                        "an authors' checkpoint, a hub folder or hf://owner/name[@revision]")
     p.add_argument("--onnx", metavar="MODEL", help="segment with a model of `hpseg export --format onnx` "
                                                    "(onnxruntime, instead of --checkpoint)")
     p.add_argument("--out", required=True, help="output folder (labels/, overlays/, figures/, predictions.json)")
@@ -408,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_arguments(p)
     p.set_defaults(run=cmd_demo)
 
-    p = sub.add_parser("import-checkpoint", help="convert a checkpoint of the authors' reference code")
-    p.add_argument("reference", help="the reference's .pth file (net_model_state_dict, linear_model_state_dict, ...)")
+    p = sub.add_parser("import-checkpoint", help="convert a checkpoint of the authors' code")
+    p.add_argument("authors", metavar="AUTHORS_CHECKPOINT", help="the authors' .pth file (net_model_state_dict, linear_model_state_dict, ...)")
     p.add_argument("--out", required=True, help="hpseg checkpoint to write (backbone weights go beside it)")
     p.add_argument("--dataset", choices=("cocostuff27", "cityscapes27", "potsdam3", "folder"),
                    help="the dataset it was trained on: class names and preset (default: from the class count)")

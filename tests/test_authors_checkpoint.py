@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import hpseg
-from hpseg.checkpoints.reference import infer_backbone
-from hpseg.checkpoints.store import CheckpointError, load_checkpoint
+from hpseg.checkpoints.authors import infer_backbone
+from hpseg.checkpoints.payload import load_checkpoint
+from hpseg.checkpoints.store import CheckpointError
 from hpseg.cli.main import main
 from tests.helpers import Notices
 from tests.test_api import one_thread  # noqa: F401 - autouse fixture
@@ -27,7 +28,7 @@ def _tiny_vit():
                              patch_size=8, embed_dim=64, depth=2, num_heads=4, img_size=32)
 
 
-def reference_payload(seed: int = 0) -> dict:
+def authors_payload(seed: int = 0) -> dict:
     """A checkpoint in the reference's layout: a tiny ViT under model.*, random heads and probes."""
     torch.manual_seed(seed)
     vit = _tiny_vit()
@@ -73,7 +74,7 @@ def independent_segmentation(payload: dict, images: torch.Tensor) -> torch.Tenso
 
 @pytest.fixture
 def reference_file(tmp_path: Path) -> tuple[Path, dict]:
-    payload = reference_payload()
+    payload = authors_payload()
     path = tmp_path / "reference.pth"
     torch.save(payload, path)
     return path, payload
@@ -95,9 +96,10 @@ def test_import_round_trip_gives_the_reference_features(reference_file: tuple[Pa
     weights = out.with_name("hp.backbone.safetensors")
     assert out.is_file() and weights.is_file()
     checkpoint = load_checkpoint(out)
-    assert checkpoint["backbone"] == {"name": "vit_tiny_p8", "weights": str(weights.resolve()), "pretrained": True}
-    assert checkpoint["config"]["method"]["dim"] == D and checkpoint["config"]["method"]["n_classes"] == N_CLASSES
-    model = checkpoint["model"]
+    assert checkpoint.backbone.to_dict() == {"name": "vit_tiny_p8", "weights": str(weights.resolve()),
+                                             "pretrained": True, "official_weights": None}
+    assert checkpoint.config.method.dim == D and checkpoint.config.method.n_classes == N_CLASSES
+    model = checkpoint.model
     assert torch.equal(model["cluster_probe.centroids"], payload["cluster_model_state_dict"]["clusters"])
     assert torch.equal(model["ema_segmentation.nonlinear.2.weight"],
                        payload["net_model_state_dict"]["ema_model2.2.weight"])
@@ -154,7 +156,7 @@ def test_backbone_inferred_from_shapes() -> None:
 
 
 def test_clear_errors_name_the_file_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    payload = reference_payload()
+    payload = authors_payload()
     del payload["net_model_state_dict"]["cluster2.2.weight"]
     missing = tmp_path / "missing_key.pth"
     torch.save(payload, missing)
@@ -163,14 +165,14 @@ def test_clear_errors_name_the_file_and_key(tmp_path: Path, capsys: pytest.Captu
     assert "missing_key.pth" in err and "cluster2.2.weight" in err
     assert not (tmp_path / "a.pt").exists()
 
-    payload = reference_payload()
+    payload = authors_payload()
     payload["linear_model_state_dict"]["weight"] = torch.randn(N_CLASSES, D + 1, 1, 1)
     wrong = tmp_path / "wrong_shape.pth"
     torch.save(payload, wrong)
     with pytest.raises(CheckpointError, match=r"wrong_shape.pth.*linear_probe.classifier.weight"):
         hpseg.load(wrong)
 
-    payload = reference_payload()
+    payload = authors_payload()
     del payload["cluster_model_state_dict"]
     torch.save(payload, tmp_path / "no_cluster.pth")
     with pytest.raises(CheckpointError, match="cluster_model_state_dict"):
@@ -182,7 +184,7 @@ class Arbitrary:
 
 
 def test_pickled_objects_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    payload = reference_payload()
+    payload = authors_payload()
     payload["args"] = Arbitrary()
     path = tmp_path / "pickled.pth"
     torch.save(payload, path)
