@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,10 +91,8 @@ def test_damaged_hub_folder_is_refused_naming_the_file(good, tmp_path, monkeypat
         raise AssertionError("a hub folder must never be unpickled")
 
     monkeypatch.setattr(torch, "load", never)
-    start = time.perf_counter()
     with pytest.raises(CheckpointError) as error:
         hpseg.load(folder, device="cpu")
-    assert time.perf_counter() - start < 5  # refused before allocating (10**9 classes took 7 s and 850 MiB)
     assert str(folder / file) in str(error.value) and says in str(error.value)
 
 
