@@ -1,4 +1,4 @@
-"""Importing checkpoints in the layout of the authors' reference implementation."""
+"""Checkpoints in the layout of the authors' implementation: imported, or loaded directly."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _tiny_vit():
 
 
 def authors_payload(seed: int = 0) -> dict:
-    """A checkpoint in the reference's layout: a tiny ViT under model.*, random heads and probes."""
+    """A checkpoint in the authors' layout: a tiny ViT under model.*, random heads and probes."""
     torch.manual_seed(seed)
     vit = _tiny_vit()
     net = {f"model.{k}": v.clone() for k, v in vit.state_dict().items()}
@@ -52,13 +52,13 @@ def authors_payload(seed: int = 0) -> dict:
 
 
 def independent_segmentation(payload: dict, images: torch.Tensor) -> torch.Tensor:
-    """s = Conv(f) + Conv(ReLU(Conv(f))) straight from the reference tensors (no hpseg code)."""
+    """s = Conv(f) + Conv(ReLU(Conv(f))) straight from the authors' tensors (no hpseg code)."""
     net = payload["net_model_state_dict"]
     vit = _tiny_vit()
     vit.load_state_dict({k[len("model."):]: v for k, v in net.items() if k.startswith("model.")})
     vit.eval()
     with torch.no_grad():
-        # DINO's own position interpolation (the reference's ViT), written out in test_backbones.
+        # DINO's own position interpolation (the authors' ViT), written out in test_backbones.
         patches = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
         x = torch.cat([vit.cls_token.expand(len(images), -1, -1), patches], 1)
         x = x + _dino_reference_positions(vit.pos_embed, images, PATCH)
@@ -73,9 +73,9 @@ def independent_segmentation(payload: dict, images: torch.Tensor) -> torch.Tenso
 
 
 @pytest.fixture
-def reference_file(tmp_path: Path) -> tuple[Path, dict]:
+def authors_file(tmp_path: Path) -> tuple[Path, dict]:
     payload = authors_payload()
-    path = tmp_path / "reference.pth"
+    path = tmp_path / "authors.pth"
     torch.save(payload, path)
     return path, payload
 
@@ -87,9 +87,9 @@ def _normalised(array: np.ndarray) -> torch.Tensor:
     return ((x - mean) / std)[None]
 
 
-def test_import_round_trip_gives_the_reference_features(reference_file: tuple[Path, dict], tmp_path: Path,
+def test_import_round_trip_gives_the_authors_features(authors_file: tuple[Path, dict], tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    path, payload = reference_file
+    path, payload = authors_file
     out = tmp_path / "converted" / "hp.pt"
     assert main(["import-checkpoint", str(path), "--out", str(out), "--dataset", "folder"]) == 0
     assert "vit_tiny_p8" in capsys.readouterr().out
@@ -122,22 +122,22 @@ def test_import_round_trip_gives_the_reference_features(reference_file: tuple[Pa
     torch.testing.assert_close(again.features(image).segmentation, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_reference_file_loads_directly(reference_file: tuple[Path, dict], notices: Notices) -> None:
-    path, payload = reference_file
+def test_authors_file_loads_directly(authors_file: tuple[Path, dict], notices: Notices) -> None:
+    path, payload = authors_file
     segmenter = hpseg.load(path, device="cpu", size=0, window=0)
-    assert "reference checkpoint" in notices.messages[0] and str(path) in notices.messages[0]
+    assert "authors' checkpoint" in notices.messages[0] and str(path) in notices.messages[0]
     image = np.random.default_rng(1).integers(0, 256, (16, 24, 3), dtype=np.uint8)
     torch.testing.assert_close(segmenter.features(image).segmentation,
                                independent_segmentation(payload, _normalised(image))[0], rtol=1e-4, atol=1e-5)
     assert segmenter.segment(image, head="linear").shape == (16, 24)
 
 
-def test_loading_a_reference_file_leaves_the_callers_random_numbers_alone(reference_file: tuple[Path, dict]) -> None:
+def test_loading_a_authors_file_leaves_the_callers_random_numbers_alone(authors_file: tuple[Path, dict]) -> None:
     """Defect: the conversion called ``torch.manual_seed(0)``, reseeding the caller's generator."""
     torch.manual_seed(123)
     expected = torch.rand(4)
     torch.manual_seed(123)
-    hpseg.load(reference_file[0], device="cpu")
+    hpseg.load(authors_file[0], device="cpu")
     assert torch.equal(torch.rand(4), expected)
 
 

@@ -123,10 +123,8 @@ class ConvertedAuthors:
     backbone_state: dict[str, torch.Tensor]
     backbone_name: str
 
-    def backbone(self, weights: str | Path | None = None) -> Backbone:
-        """The backbone with the file's own weights (or ``weights``), loaded strictly."""
-        if weights:
-            return create_backbone(self.backbone_name, weights=weights)
+    def backbone(self) -> Backbone:
+        """The backbone with the file's own weights, loaded strictly."""
         with tempfile.TemporaryDirectory() as folder:
             file = Path(folder) / "backbone.safetensors"
             save_file({k: v.contiguous() for k, v in self.backbone_state.items()}, str(file))

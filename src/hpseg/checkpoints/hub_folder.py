@@ -33,7 +33,7 @@ from hpseg.config import Config
 from hpseg.method.model import HiddenPositivesModel
 
 __all__ = ["BACKBONE", "CARD", "CONFIG", "FORMAT", "HEADS", "VERSION", "HubFolder", "HubFolderError",
-           "is_hub_folder", "read_hub_folder", "read_safetensors"]
+           "is_hub_folder", "read_hub_folder"]
 
 FORMAT = "hpseg-hub"
 VERSION = 1
@@ -55,6 +55,11 @@ def is_hub_folder(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG).is_file()
 
 
+#: How messages call JSON values, by the Python type json.loads gives them.
+_JSON_NAMES = {int: "an integer", float: "a number", str: "a string", dict: "an object", list: "a list",
+               bool: "true or false"}
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -71,8 +76,8 @@ def _entry(section: dict[str, Any], key: str, kind: type, file: Path, where: str
     else:
         ok = isinstance(value, kind)
     if not ok:
-        raise HubFolderError(f"{file}: {where}{key} is {value!r} ({type(value).__name__}), expected a "
-                             f"{'number' if kind is float else kind.__name__}")
+        raise HubFolderError(f"{file}: {where}{key} is {value!r} ({_JSON_NAMES.get(type(value), 'null')}), "
+                             f"expected {_JSON_NAMES[kind]}")
     return value
 
 
@@ -215,7 +220,7 @@ def _safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
                              "export the folder again") from None
 
 
-def read_safetensors(file: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+def _read_safetensors(file: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """The tensors of ``file`` after checking, from its header, that it holds exactly the keys and
     shapes ``expected`` (so nothing larger than the model is allocated)."""
     from safetensors.torch import load_file
@@ -255,6 +260,6 @@ def read_hub_folder(folder: str | Path) -> HubFolder:
     if not heads.is_file():
         raise HubFolderError(f"{heads} does not exist: a hub folder holds the heads in {HEADS}")
     payload = CheckpointPayload(kind=kind, step=step, config=config, backbone=backbone,
-                                model=read_safetensors(heads, _head_shapes(sizes, config)),
+                                model=_read_safetensors(heads, _head_shapes(sizes, config)),
                                 class_names=class_names, selection=selection)
     return HubFolder(folder, payload, mapping, size, sizes["n_clusters"])
