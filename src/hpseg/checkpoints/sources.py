@@ -11,8 +11,10 @@ source is, checked in this order:
 * a folder holding ``config.json``: a hub folder (:mod:`hpseg.checkpoints.hub_folder`);
 * a file: an hpseg checkpoint or an authors' checkpoint, told apart by content when read.
 
-Another kind of source (e.g. a released model fetched by name) is one more branch in
-:func:`resolve_source` returning the local file or folder it stands for.
+Another kind of source (e.g. a released model fetched by name) is one more branch at the top
+of :func:`resolve_source` returning a :class:`Source` of the local file or folder it stands for
+(an authors' checkpoint file is then read and converted like any other file), and the same test
+in :func:`names_a_source`.
 """
 
 from __future__ import annotations
