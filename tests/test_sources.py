@@ -164,6 +164,12 @@ def test_hub_model_keeps_the_runs_cluster_count_and_precision(world, tmp_path):
     assert hpseg.load(bf16, device="cpu").amp_dtype == torch.bfloat16
 
 
+def test_eval_of_an_hf_name_writes_beside_the_user_not_into_the_hub_cache(world):
+    checkpoint = load_trained(f"hf://{REPO}@{SHA}", device="cpu").checkpoint
+    assert checkpoint.evaluation_dir(crf=True) == Path(f"eval-someone--hp-over-{SHA}-crf")
+    assert load_trained(world["hub"], device="cpu").checkpoint.evaluation_dir() == world["base"] / "eval-hub"
+
+
 def test_export_lists_every_file_it_wrote(world, tmp_path, capsys):
     assert main(["export", str(world["run"]), "--format", "hub", "--out", str(tmp_path / "hub")]) == 0
     said = capsys.readouterr().out
