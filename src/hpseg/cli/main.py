@@ -245,7 +245,8 @@ def _add_use_elsewhere_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_push)
 
     p = sub.add_parser("app", help="a local web app to segment images (pip install 'hpseg[app]')")
-    p.add_argument("--checkpoint", required=True, help="checkpoint, hub folder or hf://owner/name[@revision]")
+    p.add_argument("--checkpoint", required=True, help="checkpoint, run folder, authors' checkpoint, hub folder or "
+                                                       "hf://owner/name[@revision]")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--mapping", metavar="RESULTS_JSON", help="cluster->class mapping (default: as hpseg predict)")
@@ -332,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clusters", help="how many clusters do unlabelled images hold? (label-free criteria per K)")
     p.add_argument("source", metavar="CHECKPOINT_OR_BACKBONE",
-                   help="an hpseg checkpoint or run folder (HP's features) or a backbone name (raw features)")
+                   help="a trained model: checkpoint, run folder, hub folder or hf://owner/name (HP's features); "
+                        "or a backbone name (raw features)")
     p.add_argument("--data-root", required=True, help="folder dataset: DIR/images or DIR/<split>/images")
     p.add_argument("--split", default="train")
     p.add_argument("--k", default="2..40", help="Ks to try: LOW..HIGH or a list 3,5,8 (default 2..40)")
@@ -361,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_cache)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (unsupervised and linear accuracy / mIoU)")
-    p.add_argument("checkpoint", help="checkpoint file (a run's checkpoints/best.pt or last.pt), or a run folder: "
-                                      "the checkpoint its train.selection chose")
+    p.add_argument("checkpoint", help="checkpoint file (a run's checkpoints/best.pt or last.pt), a run folder (the "
+                                      "checkpoint its train.selection chose), an authors' checkpoint, a hub folder "
+                                      "or hf://owner/name[@revision]")
     p.add_argument("--data-root", help="dataset root, when it moved since training")
     p.add_argument("--out", help="output directory (default: <run>/eval-<name>[-crf] for a run's checkpoints/<name>.pt, "
                                  "eval-<name>[-crf] beside any other checkpoint)")
