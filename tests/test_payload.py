@@ -90,6 +90,7 @@ def test_the_docstring_is_built_from_the_fields() -> None:
     (lambda raw: raw.pop("model"), "no 'model' entry"),
     (lambda raw: raw.update(kind="newest"), "'kind' is 'newest', expected one of last, best, unsupervised, imported"),
     (lambda raw: raw.update(step="12"), "'step' is '12'"),
+    (lambda raw: raw.update(version="1"), "'version' is '1', expected a format version number"),
     (lambda raw: raw.update(class_names="ab"), "'class_names' must be a list of strings"),
     (lambda raw: raw["training"].pop("total_steps"), "incomplete training state (no 'total_steps'"),
     (lambda raw: raw["config"]["method"].update(dim=0), "the config inside it is invalid: method.dim=0"),

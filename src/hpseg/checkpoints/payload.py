@@ -116,7 +116,8 @@ class CheckpointPayload:
             value = getattr(self, f.name)
             if hasattr(value, "to_dict"):
                 value = value.to_dict()
-            if value is not None or f.name in ("step",):
+            # Absent entries stay absent, as earlier versions wrote them; an imported file records step None.
+            if value is not None or f.name == "step":
                 entries[f.name] = value
         return entries
 

@@ -1,6 +1,6 @@
 """A run folder's checkpoints: which one its ``train.selection`` rule chose, and how.
 
-* ``best``: the reference's rule -- the highest sum of the four validation metrics, which uses
+* ``best``: the authors' rule -- the highest sum of the four validation metrics, which uses
   the labels of the validation split the numbers are then reported on **[ref quirk]**;
 * ``last``: the final weights; no label decides anything;
 * ``unsupervised``: the highest label-free criterion (``train.unsupervised_criterion``,

@@ -64,8 +64,11 @@ def check_format(payload: Any, path: str | Path) -> dict[str, Any]:
     if not is_hpseg_checkpoint(payload):
         raise CheckpointError(
             f"{path} is not an hpseg checkpoint (no format marker {FORMAT!r}); "
-            "a checkpoint of the authors' reference code can be converted with `hpseg import-checkpoint`"
+            "an authors' checkpoint (hynnsk/HP) loads as it is, or is converted once with `hpseg import-checkpoint`"
         )
-    if payload.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path} was written by a newer hpseg (format version {payload['version']})")
+    version = payload.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: 'version' is {version!r}, expected a format version number")
+    if version > VERSION:
+        raise CheckpointError(f"{path} was written by a newer hpseg (format version {version})")
     return payload
