@@ -32,7 +32,7 @@ from hpseg.checkpoints.store import CheckpointError
 from hpseg.config import Config
 from hpseg.method.model import HiddenPositivesModel
 
-__all__ = ["BACKBONE", "CARD", "CONFIG", "FORMAT", "HEADS", "VERSION", "HubFolder", "HubFolderError",
+__all__ = ["BACKBONE", "CARD", "CONFIG", "FORMAT", "HEADS", "OFFICIAL", "VERSION", "HubFolder", "HubFolderError",
            "is_hub_folder", "read_hub_folder"]
 
 FORMAT = "hpseg-hub"
@@ -92,11 +92,9 @@ def _bounded(section: dict[str, Any], key: str, low: int, high: int, file: Path,
 class HubFolder:
     """A checked hub folder: the checkpoint it holds, its stored mapping and default image size."""
 
-    folder: Path
     payload: CheckpointPayload
     cluster_to_class: list[int] | None
     size: int
-    n_clusters: int
 
 
 def _read_json(file: Path) -> dict[str, Any]:
@@ -262,4 +260,4 @@ def read_hub_folder(folder: str | Path) -> HubFolder:
     payload = CheckpointPayload(kind=kind, step=step, config=config, backbone=backbone,
                                 model=_read_safetensors(heads, _head_shapes(sizes, config)),
                                 class_names=class_names, selection=selection)
-    return HubFolder(folder, payload, mapping, size, sizes["n_clusters"])
+    return HubFolder(payload, mapping, size)
