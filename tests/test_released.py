@@ -41,7 +41,7 @@ from hpseg.cli.main import main
 from hpseg.data import CITYSCAPES27_CLASS_NAMES, load_cocostuff27_mapping
 from tests.helpers import Notices
 from tests.test_api import one_thread  # noqa: F401 - autouse fixture
-from tests.test_reference_checkpoint import reference_payload
+from tests.test_authors_checkpoint import authors_payload
 
 NAME = "hp/cocostuff27-vits8"
 FILE = "hp_cocostuff27_vits8.pth"
@@ -50,7 +50,7 @@ N_CLASSES, D = 27, 16
 
 def released_bytes(seed: int = 0) -> bytes:
     """A checkpoint in the authors' format with the 27 classes of COCO-Stuff-27 (tiny ViT, D 16)."""
-    payload = reference_payload(seed)
+    payload = authors_payload(seed)
     generator = torch.Generator().manual_seed(seed)
     payload["linear_model_state_dict"] = {"weight": torch.randn(N_CLASSES, D, 1, 1, generator=generator),
                                           "bias": torch.randn(N_CLASSES, generator=generator)}

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpseg.checkpoints.store import CheckpointError, load_checkpoint, save_atomic
+from hpseg.checkpoints.payload import load_checkpoint
+from hpseg.checkpoints.store import CheckpointError, save_atomic
 from hpseg.cli.main import main
 from hpseg.config import Config
 from hpseg.data import DatasetLayoutError, make_synthetic_dataset
@@ -51,9 +52,9 @@ def test_train_writes_run_and_checkpoints(data_root, tmp_path):
     assert [r["step"] for r in records if "validation" in r] == [6, 10, 12]
     last = load_checkpoint(run / "checkpoints" / "last.pt")
     best = load_checkpoint(run / "checkpoints" / "best.pt")
-    assert last["kind"] == "last" and last["step"] == 12 and best["kind"] == "best"
-    assert "best sum" in best["selection"] and set(best["metrics"]) >= {"unsupervised_accuracy", "linear_miou"}
-    assert last["config"]["train"]["seed"] == 0 and len(last["class_names"]) == 4
+    assert last.kind == "last" and last.step == 12 and best.kind == "best"
+    assert "best sum" in best.selection and set(best.metrics) >= {"unsupervised_accuracy", "linear_miou"}
+    assert last.config.train.seed == 0 and len(last.class_names) == 4
     assert (run / "config.yaml").exists() and any((run / "tensorboard").iterdir())
     assert not list((run / "checkpoints").glob("*.tmp"))
 
@@ -109,7 +110,7 @@ def test_interrupted_run_resumes_to_the_same_losses(data_root, tmp_path, monkeyp
         train(tiny_config(data_root, tmp_path, extra=extra + ["train.run_name=b"]))
     monkeypatch.setattr(trainer_module, "training_step", original)
     run = tmp_path / "b"
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 8
+    assert load_checkpoint(run / "checkpoints" / "last.pt").step == 8
     resume(run)
     records = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 13))  # no repeats, no restart
@@ -133,19 +134,19 @@ def test_cli_prepare_train_kill_resume_eval(tmp_path):
     last = run / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        if last.exists() and load_checkpoint(last)["step"] >= 4:
+        if last.exists() and load_checkpoint(last).step >= 4:
             break
         time.sleep(0.2)
     assert process.poll() is None, process.stderr.read().decode()
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_at = load_checkpoint(last)["step"]
+    killed_at = load_checkpoint(last).step
     assert 4 <= killed_at < 40
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     records = read_jsonl(run / "metrics.jsonl")
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, 41))
-    assert load_checkpoint(last)["step"] == 40
+    assert load_checkpoint(last).step == 40
     assert main(["eval", str(run / "checkpoints" / "best.pt"), "--baseline", "--no-progress"]) == 0
     report = json.loads((run / "eval-best" / "results.json").read_text())
     assert report["checkpoint_kind"] == "best" and report["seed"] == 0 and report["crf"] is False
@@ -153,7 +154,7 @@ def test_cli_prepare_train_kill_resume_eval(tmp_path):
     # evaluation rebuilds the (random) backbone and the heads: it must see what validation saw
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     for key in ("unsupervised_accuracy", "unsupervised_miou", "linear_accuracy", "linear_miou"):
-        assert report["hp"][key] == pytest.approx(best["metrics"][key], abs=1e-6), key
+        assert report["hp"][key] == pytest.approx(best.metrics[key], abs=1e-6), key
     assert (run / "eval-best" / "confusion_unsupervised.png").exists()
 
 
@@ -204,12 +205,12 @@ def test_torchrun_two_cpu_processes(tmp_path):
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 7))
     two = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert two["step"] == 6
+    assert two.step == 6
     assert main(["--quiet", "train", "--preset", "cocostuff27", "--run-dir", str(tmp_path / "one"), "--no-progress",
                  *overrides]) == 0
     one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
-    for key, value in one["model"].items():
-        assert torch.allclose(two["model"][key], value, rtol=1e-4, atol=1e-6), key
+    for key, value in one.model.items():
+        assert torch.allclose(two.model[key], value, rtol=1e-4, atol=1e-6), key
 
 
 def test_pool_renewal_counts_steps_within_the_epoch():
@@ -250,7 +251,7 @@ def test_best_is_chosen_among_epoch_end_validations(data_root, tmp_path, monkeyp
     monkeypatch.setattr(trainer_module, "selection_score", lambda results: scores[calls.pop(0)])
     calls = [6, 10, 12]
     run = train(tiny_config(data_root, tmp_path), run_dir=tmp_path / "run")
-    assert not calls and load_checkpoint(run / "checkpoints" / "best.pt")["step"] == 10
+    assert not calls and load_checkpoint(run / "checkpoints" / "best.pt").step == 10
 
 
 @pytest.mark.parametrize(("setting", "scale", "interval"), [("reference", 2048.0, 1000), ("pytorch", 65536.0, 2000)])

@@ -10,7 +10,7 @@ colours from hpseg's dataset tables), the backbone (a name of :mod:`hpseg.backbo
 which knows the official DINO file), the licence and the numbers the paper reports for it.
 
 :func:`fetch_released` returns the verified local file, in the authors' format (converted in
-memory by :mod:`hpseg.checkpoints.reference` when loaded):
+memory by :mod:`hpseg.checkpoints.authors` when loaded):
 
 * the file lives in ``$HPSEG_HOME/released/`` when ``HPSEG_HOME`` is set, else in torch.hub's
   checkpoint folder (``torch.hub.get_dir()/checkpoints``, where the DINO weights go too);

@@ -23,8 +23,7 @@ from PIL import Image
 
 from hpseg.data import ImageReadError, read_image
 from hpseg.export import missing_extra
-from hpseg.export.hub import load
-from hpseg.inference.segmenter import Segmenter
+from hpseg.inference.segmenter import Segmenter, load
 from hpseg.visualize import figure_grid, index_png, label_entries, overlay, save_image_atomic, with_legend
 
 __all__ = ["AppResult", "build_app", "describe", "panel", "segment_files", "serve"]

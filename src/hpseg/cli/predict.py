@@ -34,11 +34,10 @@ from hpseg.cli.errors import UsageError
 from hpseg.data import ImageReadError, read_image
 from hpseg.data.datasets import walk_files
 from hpseg.data.images import IMAGE_SUFFIXES
-from hpseg.export.hub import load
 from hpseg.export.runtime import OnnxSegmenter
 from hpseg.files import remove_stale_temporaries, write_json_atomic
 from hpseg.inference.crf import require_crf
-from hpseg.inference.segmenter import Segmenter, check_head
+from hpseg.inference.segmenter import Segmenter, check_head, load
 from hpseg.logs import progress_bar
 from hpseg.visualize import index_png, overlay, palette, save_image_atomic, segmentation_figure
 

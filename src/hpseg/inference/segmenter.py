@@ -10,7 +10,8 @@
 >>> out = segmenter.features(image)            # backbone f (C, h, w) and segmentation s (D, h, w)
 
 The resizing and sliding-window geometry is :mod:`hpseg.inference.tiling`'s (the ``hpseg
-predict`` command uses this class). The checkpoint is read by
+predict`` command uses this class). Every source a user can name (checkpoint file, run folder,
+hub folder, ``hf://`` name, authors' checkpoint) is read by the one loader,
 :func:`hpseg.checkpoints.trained.load_trained`, whose docstring says which backbone weights are
 used.
 """
@@ -347,13 +348,10 @@ def check_head(head: str) -> None:
 
 def _cluster_mapping(trained: TrainedModel, mapping: str | Path | None, crf: bool) -> tuple[list[int] | None, str | None]:
     """(cluster -> class list, where it came from) for ``load``'s ``mapping`` argument."""
-    if mapping == "auto":
-        mapping = trained.find_mapping(crf)
-        if mapping is None:
-            return None, None
-        logger.info("using the cluster->class mapping of the evaluation in %s", mapping)
     if mapping is None:
         return None, None
+    if mapping == "auto":
+        return trained.auto_mapping(crf) or (None, None)
     return trained.read_mapping(mapping), str(mapping)
 
 
@@ -368,25 +366,28 @@ def load(
     window: int | None = None,
     batch_size: int = 8,
 ) -> Segmenter:
-    """Load a checkpoint for segmenting images (:func:`hpseg.checkpoints.trained.load_trained`).
+    """Load a trained model for segmenting images (:func:`hpseg.checkpoints.trained.load_trained`).
 
     Args:
-        checkpoint: an hpseg checkpoint (``checkpoints/last.pt`` / ``best.pt`` of a run, or one
-            written by ``hpseg import-checkpoint``), a run folder (the checkpoint its
-            ``train.selection`` chose), or an authors' reference checkpoint (converted in memory).
+        checkpoint: what names the model (:mod:`hpseg.checkpoints.sources`): an hpseg checkpoint
+            (``checkpoints/last.pt`` / ``best.pt`` of a run, or one written by ``hpseg
+            import-checkpoint``), a run folder (the checkpoint its ``train.selection`` chose), an
+            authors' checkpoint (converted in memory), a folder written by ``hpseg export
+            --format hub``, or ``"hf://owner/name[@revision]"`` (such a folder on the Hugging
+            Face Hub, through its cache).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...; the precision
             follows the device (a model trained in float16 on a GPU runs in float32 on the CPU).
         weights: local backbone weights file, overriding the checkpoint's.
         mapping: cluster -> class mapping for the cluster head: a ``results.json`` of
-            ``hpseg eval`` (or a JSON list), ``"auto"`` to use an evaluation of this checkpoint
-            found beside it if there is one, None for raw cluster ids.
+            ``hpseg eval`` (or a JSON list), ``"auto"`` to use a hub folder's stored mapping or an
+            evaluation of this checkpoint found beside it if there is one, None for raw cluster ids.
         crf: refine with the dense CRF by default in :meth:`Segmenter.segment`; ``"auto"``
             then prefers the mapping of a CRF evaluation (matched on CRF-refined maps).
-        size: shorter side images are resized to (default: the checkpoint's ``data.val_size``;
-            0 keeps images as they are).
+        size: shorter side images are resized to (default: the checkpoint's ``data.val_size``, a
+            hub folder's ``tiling.size``; 0 keeps images as they are).
         window: sliding-window side (default ``size``; 0 = whole images in one pass).
 
-    Notices (a converted reference checkpoint, a rebuilt random backbone, the mapping used) go
+    Notices (a converted authors' checkpoint, a rebuilt random backbone, the mapping used) go
     to the ``hpseg`` logger.
     """
     return from_trained(load_trained(checkpoint, device, weights), mapping=mapping, crf=crf, size=size,
@@ -397,17 +398,17 @@ def from_trained(trained: TrainedModel, *, mapping: str | Path | None = None, cr
                  size: int | None = None, window: int | None = None, batch_size: int = 8) -> Segmenter:
     """The :class:`Segmenter` of a loaded model (the arguments are :func:`load`'s)."""
     cluster_to_class, source = _cluster_mapping(trained, mapping, crf)
-    val_size = size if size is not None else int(trained.config.data.val_size)
     released = trained.checkpoint.released
     if released is not None:
         logger.info("%s: the authors' released model (%s); it segments with the linear head by default, whose "
                     "outputs are the %d classes of %s; the cluster head gives cluster ids unless a mapping from "
                     "an evaluation is supplied (--mapping results.json of `hpseg eval %s`)", released.name,
                     released.description, released.n_classes, released.dataset, released.name)
+    val_size = size if size is not None else trained.checkpoint.default_size
     return Segmenter(
         trained.model, trained.backbone, class_names=trained.class_names,
         tiling=Tiling.create(val_size, window, trained.backbone.patch_size), device=trained.device,
         amp_dtype=trained.amp_dtype, cluster_to_class=cluster_to_class, mapping_source=source,
-        checkpoint=released.name if released else str(trained.path), batch_size=batch_size, crf=crf,
+        checkpoint=released.name if released else trained.checkpoint.label, batch_size=batch_size, crf=crf,
         default_head="linear" if released else "cluster",
     )

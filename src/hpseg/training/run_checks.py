@@ -45,7 +45,7 @@ def resumable_checkpoint(run_dir: Path) -> TrainedCheckpoint:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} holds no run to resume: {path} does not exist")
     checkpoint = read_trained(path)
-    if checkpoint.reference is not None or not isinstance(checkpoint.payload.get("training"), dict):
+    if checkpoint.payload.training is None:
         raise CheckpointError(
             f"{path} holds no training state (optimisers, pools, random states) -- an imported or exported "
             "checkpoint -- so its run cannot be resumed; start a new run (hpseg train), or evaluate / predict "

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from hpseg.backbones import Backbone, create_backbone
+from hpseg.checkpoints.payload import BackboneRecord, CheckpointKind, CheckpointPayload, TrainingState
 from hpseg.checkpoints.runs import selection_text
-from hpseg.checkpoints.store import FORMAT, VERSION, save_atomic
+from hpseg.checkpoints.store import CheckpointError, save_atomic
 from hpseg.config import Config
 from hpseg.data import DatasetLayoutError, ValCrops, build_raw_dataset
 from hpseg.evaluation.protocol import (
@@ -380,51 +381,48 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def checkpoint(self, kind: str, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    def checkpoint(self, kind: CheckpointKind, metrics: dict[str, Any] | None = None) -> CheckpointPayload:
         state, pools = self.state, self.state.pools
         rng = {"torch": torch.get_rng_state(), "pool": self.state.pool_generator.get_state(),
                "contrast": self.state.contrast_generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
-            "format": FORMAT, "version": VERSION, "kind": kind, "step": state.step,
-            "selection": selection_text(kind, self.config.train.unsupervised_criterion),
-            "selection_rule": self.config.train.selection,
-            "config": self.config.to_dict(),
-            "backbone": {"name": self.backbone.spec.name, "weights": self.config.backbone.weights,
-                         "pretrained": self.config.backbone.pretrained,
-                         # Which official file the name stood for (dino_vits8: the 300-epoch run).
-                         "official_weights": _official_source(self.backbone.spec, self.config.backbone)},
-            "class_names": self.class_names,
-            "model": self.model.state_dict(),
-            "metrics": _json_safe(metrics or {}),
-            "training": {
-                "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-                "scaler": self.scaler.state_dict(),
-                "pool_agnostic": pools.agnostic if pools else None, "pool_specific": pools.specific if pools else None,
-                "best_score": state.best_score, "best_step": state.best_step,
-                "unsupervised_score": state.unsupervised_score, "unsupervised_step": state.unsupervised_step,
-                "total_steps": self.total_steps, "rng": rng,
-            },
-        }
+        return CheckpointPayload(
+            kind=kind, step=state.step, config=self.config,
+            backbone=BackboneRecord(self.backbone.spec.name, weights=self.config.backbone.weights,
+                                    pretrained=self.config.backbone.pretrained,
+                                    # Which official file the name stood for (dino_vits8: the 300-epoch run).
+                                    official_weights=_official_source(self.backbone.spec, self.config.backbone)),
+            model=self.model.state_dict(), class_names=self.class_names,
+            selection=selection_text(kind, self.config.train.unsupervised_criterion),
+            metrics=_json_safe(metrics or {}), selection_rule=self.config.train.selection,
+            training=TrainingState(
+                optimizers={name: opt.state_dict() for name, opt in self.optimizers.items()},
+                scaler=self.scaler.state_dict(),
+                pool_agnostic=pools.agnostic if pools else None, pool_specific=pools.specific if pools else None,
+                best_score=state.best_score, best_step=state.best_step, total_steps=self.total_steps, rng=rng,
+                unsupervised_score=state.unsupervised_score, unsupervised_step=state.unsupervised_step),
+        )
 
-    def save(self, kind: str, metrics: dict[str, Any] | None = None) -> Path:
+    def save(self, kind: CheckpointKind, metrics: dict[str, Any] | None = None) -> Path:
         with self.timers.phase("checkpoint"):
-            return save_atomic(self.checkpoint(kind, metrics), self.run_dir / "checkpoints" / f"{kind}.pt")
+            return save_atomic(self.checkpoint(kind, metrics).to_dict(), self.run_dir / "checkpoints" / f"{kind}.pt")
 
-    def restore(self, payload: dict[str, Any]) -> None:
-        training = payload["training"]
-        self.model.load_state_dict(payload["model"])
+    def restore(self, payload: CheckpointPayload) -> None:
+        training = payload.training
+        if training is None or payload.step is None:
+            raise CheckpointError("no training state to restore")
+        self.model.load_state_dict(payload.model)
         for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(training["optimizers"][name])
-        self.scaler.load_state_dict(training["scaler"])
-        self.state.step = int(payload["step"])
-        self.state.best_score, self.state.best_step = float(training["best_score"]), int(training["best_step"])
-        self.state.unsupervised_score = float(training.get("unsupervised_score", float("-inf")))
-        self.state.unsupervised_step = int(training.get("unsupervised_step", -1))
-        self.state.pools = ThresholdPools(training["pool_agnostic"].to(self.device),
-                                          training["pool_specific"].to(self.device))
-        rng = training["rng"]
+            optimizer.load_state_dict(training.optimizers[name])
+        self.scaler.load_state_dict(training.scaler)
+        self.state.step = payload.step
+        self.state.best_score, self.state.best_step = float(training.best_score), int(training.best_step)
+        self.state.unsupervised_score = float(training.unsupervised_score)
+        self.state.unsupervised_step = int(training.unsupervised_step)
+        self.state.pools = ThresholdPools(training.pool_agnostic.to(self.device),
+                                          training.pool_specific.to(self.device))
+        rng = training.rng
         torch.set_rng_state(rng["torch"])
         self.state.pool_generator.set_state(rng["pool"])
         self.state.contrast_generator.set_state(rng["contrast"])
