@@ -409,15 +409,18 @@ def test_paper_comparison_sets_the_papers_numbers_beside_the_evaluation() -> Non
 
 
 def test_eval_by_name_sets_the_papers_numbers_beside_its_own(server: Server, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.test_data import _make_coco
 
     server.routes[f"/{FILE}"] = serve_file(BODY)
+    monkeypatch.chdir(tmp_path)  # a released model is evaluated into the current folder, not the cache
     root = _make_coco(tmp_path / "cocostuff")
     assert main(["eval", NAME, "--data-root", str(root), "--device", "cpu", "--max-images", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "paper vs this evaluation (COCO-Stuff-27 table of the paper (with CRF); this evaluation without CRF)" in out
-    results = json.loads((_cached().parent / "eval-hp_cocostuff27_vits8" / "results.json").read_text())
+    assert not (_cached().parent / "eval-hp_cocostuff27_vits8").exists()
+    results = json.loads((tmp_path / "eval-hp--cocostuff27-vits8" / "results.json").read_text())
     measured = 100 * results["hp"]["unsupervised_miou"]
     assert f"unsupervised miou        paper  24.6   here {measured:6.2f}" in out
     assert results["paper"]["model"] == NAME and results["paper"]["linear_miou"] == 42.7

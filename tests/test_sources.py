@@ -47,7 +47,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data = synthetic_prepared(base)
     run = base / "run"
     train(tiny_config(data, base / "runs", steps=4, extra=["method.extra_clusters=2", "train.selection=last"]),
-          run_dir=run, progress=False)
+          run_dir=run)
     hub = base / "hub"
     export_hub(run / "checkpoints" / "last.pt", hub, mapping=None)
     cache = base / "cache"
