@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-__all__ = ["TqdmHandler", "configure_logging", "progress_bar", "progress_counter"]
+__all__ = ["TqdmHandler", "byte_progress", "configure_logging", "progress_bar", "progress_counter"]
 
 T = TypeVar("T")
 _ROOT = "hpseg"
@@ -57,3 +57,10 @@ def progress_bar(iterable: Iterable[T], logger: logging.Logger, **kwargs: Any) -
 def progress_counter(logger: logging.Logger, **kwargs: Any) -> tqdm:
     """A bar advanced by hand (``bar.update(n)``, e.g. images per batch), shown as :func:`progress_bar`."""
     return tqdm(disable=not logger.isEnabledFor(logging.INFO), file=sys.stderr, **kwargs)
+
+
+def byte_progress(logger: logging.Logger, total: int | None, initial: int = 0, desc: str = "") -> tqdm:
+    """A byte-counting bar (``bar.update(n_bytes)``) for a download, from ``initial`` bytes (a resumed
+    one) to ``total`` (None: unknown); shown only when ``logger`` would emit INFO records."""
+    return progress_counter(logger, total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
+                            desc=desc, dynamic_ncols=True)
