@@ -93,3 +93,15 @@ def test_the_command_logs_its_choice(tmp_path, flag, env, expected):
     assert run.returncode == 0, run.stderr
     cores = min(2, available_cores())  # the child's: at most two, fewer under a cgroup quota
     assert run.stderr.count("torch uses") == 1 and expected.format(cores=cores) in run.stderr
+
+
+@pytest.mark.parametrize(("command", "flag", "value"), [
+    (["eval", "run"], "--crf-workers", "-1"), (["predict", "x", "--out", "y"], "--crf-workers", "-1"),
+    (["train"], "--threads", "0"), (["clusters", "vit_tiny_p8", "--data-root", "d"], "--threads", "-3"),
+])
+def test_worker_and_thread_counts_are_checked_by_the_parser(capsys, command, flag, value):
+    from hpseg.cli.main import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, flag, value])
+    assert stopped.value.code == 2 and f"argument {flag}: {value}: must be" in capsys.readouterr().err

@@ -58,6 +58,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be 0 or more")
+    return value
+
+
 def _add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                    help="torch's CPU threads, as OMP_NUM_THREADS=N (default: OMP_NUM_THREADS if set, else the cores "
@@ -65,7 +72,7 @@ def _add_threads_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _add_crf_workers_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--crf-workers", type=int, default=None, metavar="N",
+    p.add_argument("--crf-workers", type=_non_negative_int, default=None, metavar="N",
                    help="with --crf: processes refining images with the CRF while the backbone goes on (default: the "
                         "cores available to this process, or this rank's share under torchrun, less the loader's "
                         "workers; 0 = in the main process)")
