@@ -326,7 +326,6 @@ def predict_paths(
     if crf:
         require_crf()  # CRFUnavailableError (with the install hint) before any work
         crf_workers = default_crf_workers(0) if crf_workers is None else crf_workers
-    fit_threads(crf_workers if crf and crf_workers else 0)
     out = Path(out_dir)
     jobs, skipped = _jobs_or_fail(inputs, out)
     _remove_stale_temporaries(out)
@@ -346,6 +345,7 @@ def predict_paths(
     if head == "cluster" and segmenter.cluster_to_class is None:
         logger.info("labels are cluster ids 0..%d (no cluster->class mapping: run `hpseg eval` on this "
                     "checkpoint, or pass --mapping results.json, to get class names)", segmenter.n_clusters - 1)
+    fit_threads(crf_workers if crf and crf_workers else 0)  # once the model is there: an error stays one line
     records = _segment_all(segmenter, jobs, out, head, names, figure, alpha, skipped)
     summary = _summary(segmenter, checkpoint, head, names, records, skipped)
     write_json_atomic(summary, out / "predictions.json")
