@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "is_temporary", "read_jsonl", "remove_stale_temporaries", "write_json_atomic",
-           "write_text_atomic"]
+__all__ = ["OUTPUT_MARKER", "OutputFolderError", "atomic_write", "claim_output_folder", "is_temporary", "read_jsonl",
+           "remove_stale_temporaries", "write_json_atomic", "write_text_atomic"]
 
 
 @contextmanager
@@ -97,3 +97,55 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> int:
             Path(directory, name).unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+# ---------------------------------------------------------------------------------------- output folders
+
+#: The file marking a folder as the output of one hpseg command (hidden: a hub folder pushed as it
+#: is leaves it out, and it does not clutter the user's listing).
+OUTPUT_MARKER = ".hpseg-output.json"
+
+
+class OutputFolderError(ValueError):
+    """An output folder hpseg may not write into (it holds files hpseg did not write)."""
+
+
+def _written_by(folder: Path) -> str | None:
+    """The command named by ``folder``'s marker; None without one. A marker that is not hpseg's
+    JSON counts as none (so the folder is refused, never overwritten)."""
+    try:
+        written_by = json.loads((folder / OUTPUT_MARKER).read_text()).get("written_by")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return written_by if isinstance(written_by, str) else None
+
+
+def claim_output_folder(folder: str | os.PathLike[str], command: str, *, option: str = "--out") -> Path:
+    """The one rule for the output folder of every hpseg command that writes one (``predict``,
+    ``export --format hub``, ``eval``, ``demo``, ``clusters``, ``report``).
+
+    ``folder`` may be new, empty, or an earlier output of the same ``command`` (its
+    :data:`OUTPUT_MARKER` says so); anything else -- a file, the user's own folder, the output of
+    another command -- raises :class:`OutputFolderError` naming the folder, before anything is
+    written. On success the folder exists and carries the marker; returns it.
+    """
+    folder = Path(folder)
+    written_by = f"hpseg {command}"
+    if folder.exists() and not folder.is_dir():
+        raise OutputFolderError(f"{option} {folder} is a file, not a folder: pick a new or empty {option} folder")
+    if folder.is_dir():
+        previous = _written_by(folder)
+        entries = sorted(name for name in os.listdir(folder) if not is_temporary(name) and name != OUTPUT_MARKER)
+        if previous != written_by and entries:
+            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+            whose = f"it is the output of {previous}" if previous else f"no {OUTPUT_MARKER} marks it as {written_by}'s"
+            raise OutputFolderError(
+                f"{option} {folder} already holds {shown} ({whose}): {written_by} writes only into a new or empty "
+                f"folder or its own earlier output; pick another {option} folder, or move those files away")
+        if previous == written_by:
+            return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({"written_by": written_by,
+                       "note": f"{written_by} may write into this folder again, replacing its own outputs"},
+                      folder / OUTPUT_MARKER)
+    return folder

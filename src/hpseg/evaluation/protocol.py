@@ -18,11 +18,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from hpseg.backbones import Backbone
 from hpseg.checkpoints.mapping import evaluation_dir
 from hpseg.checkpoints.trained import TrainedModel, load_trained
+from hpseg.config import MethodConfig
 from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
 from hpseg.data.errors import DatasetLayoutError
 from hpseg.evaluation.kmeans import kmeans
 from hpseg.evaluation.metrics import SegmentationMetrics
-from hpseg.files import write_json_atomic
+from hpseg.files import claim_output_folder, write_json_atomic
 from hpseg.inference.crf import crf_refine_batch, require_crf
 from hpseg.inference.label_maps import kmeans_label_maps, label_maps
 from hpseg.logs import progress_bar
@@ -349,14 +350,18 @@ def evaluate_checkpoint(
     Under ``torchrun`` the ranks share the validation images (every world_size-th) and sum
     their confusion matrices, so the results equal one process's; only rank 0 writes them.
     """
-    if extra_clusters is not None and extra_clusters < 0:
-        raise ValueError(f"extra_clusters={extra_clusters} (--extra-clusters): must be 0 or more")
+    rule = MethodConfig.RULES["extra_clusters"]
+    if extra_clusters is not None and not rule.allows(extra_clusters):
+        raise ValueError(f"--extra-clusters {extra_clusters}: out of range, allowed {rule.describe('extra_clusters')}")
     if crf:
         require_crf()  # fail before any work when the extra is missing
     trained = load_trained(checkpoint, device, weights)
     if data_root:
         trained.config.data.root = data_root
     context = init_distributed(trained.device)
+    out = Path(out_dir) if out_dir else evaluation_dir(trained.path, crf)
+    if context.is_main:
+        claim_output_folder(out, "eval")  # before the evaluation: a refused folder costs no work
     validation = _validation_set_or_hint(trained, moved_hint=not data_root)
     n_images = min(len(validation), max_images) if max_images else len(validation)
 
@@ -383,7 +388,6 @@ def evaluate_checkpoint(
         if "baseline_majority" in report:
             report["matching"]["baseline_majority"] = "majority (many-to-one)"
         text.append(format_results(report["baseline"], "Baseline: k-means / linear probe on raw backbone features"))
-    out = Path(out_dir) if out_dir else evaluation_dir(trained.path, crf)
     if context.is_main:
         _write_results(report, results, class_names, out)
     report["text"] = "\n".join(text)
