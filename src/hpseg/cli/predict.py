@@ -35,7 +35,7 @@ from hpseg.data import ImageReadError, read_image
 from hpseg.data.datasets import walk_files
 from hpseg.data.images import IMAGE_SUFFIXES
 from hpseg.export.hub import load
-from hpseg.export.runtime import OnnxSegmenter
+from hpseg.export.onnx_runner import OnnxSegmenter
 from hpseg.files import claim_output_folder, remove_stale_temporaries, write_json_atomic
 from hpseg.inference.crf import require_crf
 from hpseg.inference.segmenter import Segmenter, check_head

@@ -15,7 +15,7 @@ heads::
     linear_labels  (B, H, W) int64  argmax of linear_logits upsampled bilinearly to (H, W)
 
 Batch, H and W are dynamic. The resize / tiling / averaging of ``hpseg predict`` happens outside
-the graph (in :mod:`hpseg.export.runtime`, numpy only), from the patch logits; the label outputs
+the graph (in :mod:`hpseg.export.onnx_runner`, numpy only), from the patch logits; the label outputs
 are the single-pass maps of an image already at the wanted size. The contract, the tiling
 settings, class names, colours and the mapping are stored as JSON in the model's metadata
 (key ``hpseg``). The dense CRF is not part of the graph.
