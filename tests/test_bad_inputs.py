@@ -32,7 +32,6 @@ from PIL import Image
 import hpseg
 from hpseg.checkpoints.store import CheckpointError, save_atomic
 from hpseg.cli.demo_folder import claim_demo_folder
-from hpseg.cli.errors import UsageError
 from hpseg.cli.main import main
 from hpseg.config import Bounds, Config
 from hpseg.files import OUTPUT_MARKER, OutputFolderError, atomic_write

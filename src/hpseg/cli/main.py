@@ -104,9 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_seeds(args: argparse.Namespace) -> int:
-    from hpseg.training.seeds import train_seeds
-
     from hpseg.config import SEEDS
+    from hpseg.training.seeds import train_seeds
 
     if args.resume or not args.run_dir:
         raise UsageError("--seeds needs --run-dir DIR (one folder seed-<s>/ per seed inside it) and no --resume")
