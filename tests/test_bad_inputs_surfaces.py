@@ -9,6 +9,7 @@ before its fix. Commands run in-process through :func:`hpseg.cli.main.main` (hel
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,61 @@ def test_clusters_arguments_are_checked_before_any_work(options: list[str], mess
     assert message in error
     assert not (tmp_path / "out").exists()
 
+
+
+# ------------------------------------------------------------------------------------ the app
+
+
+@pytest.fixture(scope="module")
+def segmenter(trained: Path):
+    import hpseg
+
+    return hpseg.load(trained / "checkpoints" / "last.pt", device="cpu")
+
+
+def test_app_downscales_a_huge_upload_and_says_so(segmenter, tmp_path: Path) -> None:
+    """An 8000 x 8000 upload took 32-77 s and 4.2 GiB (label map, overlay and PNGs at full size)."""
+    from hpseg.cli.app import MAX_SIDE, segment_files
+
+    wide = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, MAX_SIDE + 452, 3), dtype=np.uint8)).save(wide)
+    result = segment_files(segmenter, [wide], out_dir=tmp_path / "out")
+    assert f"`wide.png`: {MAX_SIDE + 452}×40 downscaled to {MAX_SIDE}×33" in result.message
+    assert Image.open(tmp_path / "out" / "wide.overlay.png").size == (MAX_SIDE, 33)
+    assert np.array(Image.open(tmp_path / "out" / "wide.labels.png")).shape == (33, MAX_SIDE)
+
+
+def test_app_names_an_unreadable_upload_without_the_temporary_path(segmenter, tmp_path: Path) -> None:
+    from hpseg.cli.app import segment_files
+
+    upload = tmp_path / "gradio" / "3f9c0d2e7a" / "holiday.png"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"\x89PNG not really")
+    message = segment_files(segmenter, [upload], out_dir=tmp_path / "out").message
+    assert "`holiday.png`: not a readable image" in message and "3f9c0d2e7a" not in message
+
+
+def test_app_request_folders_are_removed(tmp_path: Path) -> None:
+    """Every request left an ``hpseg-app-*`` folder behind, never removed."""
+    from hpseg.cli.app import RequestFolders
+
+    folders = RequestFolders(keep_s=0)
+    assert folders.root.name.startswith("hpseg-app-")
+    first = folders.new()
+    (first / "a.labels.png").write_bytes(b"x")
+    os.utime(first, (0, 0))  # long ago: gradio has copied its files
+    second = folders.new()
+    assert not first.exists() and second.is_dir()
+    folders.close()
+    assert not folders.root.exists()
+
+
+def test_app_command_prints_no_gradio_share_hint(segmenter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gradio's "set `share=True` in `launch()`" hint means nothing to a CLI user."""
+    gr = pytest.importorskip("gradio")
+    from hpseg.cli.app import serve
+
+    launched: dict[str, object] = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
+    serve(segmenter, port=0, block=True)
+    assert launched["quiet"] is True and launched["share"] is False and launched["server_name"] == "127.0.0.1"
