@@ -120,6 +120,8 @@ def test_every_out_folder_takes_a_fresh_folder_and_its_own_output_again(command:
     assert run(capsys, *argv)[0] == 0
     assert json.loads((out / OUTPUT_MARKER).read_text())["written_by"].startswith("hpseg ")
     assert run(capsys, *argv)[0] == 0  # an earlier output of the same command is written again
+    (out / OUTPUT_MARKER).unlink()  # as written by an hpseg from before the marker: recognised by its files
+    assert run(capsys, *argv)[0] == 0 and (out / OUTPUT_MARKER).is_file()
     other = next(c for c in COMMANDS if c not in (command, "demo"))
     error = refused(capsys, *_command(other, trained, data_root, photos, tmp_path, out))
     assert f"--out {out} already holds" in error and "output of hpseg" in error
@@ -195,6 +197,16 @@ def test_seeds_out_of_range_are_refused_before_training(seed: str, data_root: Pa
                     "--run-dir", str(tmp_path / "sweep"))
     assert f"--seeds {seed}: out of range, allowed 0 <= seed <= 4294967295" in error
     assert not (tmp_path / "sweep").exists()
+
+
+def test_seeds_report_folder_is_checked_before_training(data_root: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``train --seeds`` writes RUN_DIR/report/ after all seeds trained: its folder is checked first."""
+    mine = users_folder(tmp_path / "sweep" / "report")
+    error = refused(capsys, "train", *tiny_overrides(data_root, tmp_path / "runs", steps=1), "--seeds", "0",
+                    "--run-dir", str(tmp_path / "sweep"))
+    assert f"--out {mine} already holds README.md" in error
+    assert not (tmp_path / "sweep" / "seed-0").exists()
 
 
 def test_train_seed_override_has_the_same_range() -> None:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["OUTPUT_MARKER", "OutputFolderError", "atomic_write", "claim_output_folder", "is_temporary", "read_jsonl",
-           "remove_stale_temporaries", "write_json_atomic", "write_text_atomic"]
+__all__ = ["OUTPUT_MARKER", "OutputFolderError", "atomic_write", "claim_output_folder", "holds_only", "is_temporary",
+           "read_jsonl", "remove_stale_temporaries", "write_json_atomic", "write_text_atomic"]
 
 
 @contextmanager
@@ -120,12 +120,21 @@ def _written_by(folder: Path) -> str | None:
     return written_by if isinstance(written_by, str) else None
 
 
-def claim_output_folder(folder: str | os.PathLike[str], command: str, *, option: str = "--out") -> Path:
+def holds_only(folder: Path, names: Iterable[str], required: str) -> bool:
+    """Whether ``folder`` holds ``required`` and nothing but entries named in ``names`` (temporaries
+    aside): the outputs of an hpseg that wrote no marker yet."""
+    entries = {name for name in os.listdir(folder) if not is_temporary(name)}
+    return required in entries and entries <= set(names)
+
+
+def claim_output_folder(folder: str | os.PathLike[str], command: str, *, option: str = "--out",
+                        earlier: Callable[[Path], bool] | None = None) -> Path:
     """The one rule for the output folder of every hpseg command that writes one (``predict``,
     ``export --format hub``, ``eval``, ``demo``, ``clusters``, ``report``).
 
     ``folder`` may be new, empty, or an earlier output of the same ``command`` (its
-    :data:`OUTPUT_MARKER` says so); anything else -- a file, the user's own folder, the output of
+    :data:`OUTPUT_MARKER` says so, or ``earlier(folder)``: the command's own files, written by an
+    hpseg from before the marker); anything else -- a file, the user's own folder, the output of
     another command -- raises :class:`OutputFolderError` naming the folder, before anything is
     written. On success the folder exists and carries the marker; returns it.
     """
@@ -136,13 +145,15 @@ def claim_output_folder(folder: str | os.PathLike[str], command: str, *, option:
     if folder.is_dir():
         previous = _written_by(folder)
         entries = sorted(name for name in os.listdir(folder) if not is_temporary(name) and name != OUTPUT_MARKER)
+        if previous is None and entries and earlier is not None and earlier(folder):
+            previous = written_by
         if previous != written_by and entries:
             shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
             whose = f"it is the output of {previous}" if previous else f"no {OUTPUT_MARKER} marks it as {written_by}'s"
             raise OutputFolderError(
                 f"{option} {folder} already holds {shown} ({whose}): {written_by} writes only into a new or empty "
                 f"folder or its own earlier output; pick another {option} folder, or move those files away")
-        if previous == written_by:
+        if previous == written_by and (folder / OUTPUT_MARKER).is_file():
             return folder
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic({"written_by": written_by,

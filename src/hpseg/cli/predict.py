@@ -36,7 +36,7 @@ from hpseg.data.datasets import walk_files
 from hpseg.data.images import IMAGE_SUFFIXES
 from hpseg.export.hub import load
 from hpseg.export.onnx_runner import OnnxSegmenter
-from hpseg.files import claim_output_folder, remove_stale_temporaries, write_json_atomic
+from hpseg.files import claim_output_folder, holds_only, remove_stale_temporaries, write_json_atomic
 from hpseg.inference.crf import require_crf
 from hpseg.inference.segmenter import Segmenter, check_head
 from hpseg.logs import progress_bar
@@ -322,7 +322,8 @@ def predict_paths(
         require_crf()  # CRFUnavailableError (with the install hint) before any work
     out = Path(out_dir)
     jobs, skipped = _jobs_or_fail(inputs, out)
-    claim_output_folder(out, "predict")
+    claim_output_folder(out, "predict",
+                        earlier=lambda folder: holds_only(folder, (*OUTPUT_FOLDERS, "predictions.json"), "predictions.json"))
     _remove_stale_temporaries(out)
     segmenter: Segmenter | OnnxSegmenter
     if onnx:

@@ -36,7 +36,7 @@ from hpseg.backbones import Backbone, create_backbone
 from hpseg.checkpoints.trained import load_trained
 from hpseg.data import ValCrops, build_raw_dataset
 from hpseg.evaluation.kmeans import kmeans
-from hpseg.files import atomic_write, claim_output_folder, write_json_atomic
+from hpseg.files import atomic_write, claim_output_folder, holds_only, write_json_atomic
 from hpseg.logs import progress_bar
 from hpseg.runtime import resolve_device
 
@@ -308,7 +308,8 @@ def plot_sweep(rows: Sequence[dict[str, Any]], suggested: dict[str, int], path: 
 def run_clusters(source: str, data_root: str, ks: Sequence[int], *, out_dir: str, criterion: str = DEFAULT_CRITERION,
                  max_patches: int = 2000, seed: int = 0, **feature_options: Any) -> dict[str, Any]:
     """``hpseg clusters``: sweep K on the images' patch features; writes clusters.json and clusters.png."""
-    out = claim_output_folder(out_dir, "clusters")
+    out = claim_output_folder(out_dir, "clusters",
+                              earlier=lambda folder: holds_only(folder, ("clusters.json", "clusters.png"), "clusters.json"))
     features, description = image_patch_features(source, data_root, max_patches=max_patches, seed=seed,
                                                  **feature_options)
     rows = cluster_sweep(features, ks, seed=seed, max_patches=max_patches)

@@ -23,7 +23,7 @@ from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
 from hpseg.data.errors import DatasetLayoutError
 from hpseg.evaluation.kmeans import kmeans
 from hpseg.evaluation.metrics import SegmentationMetrics
-from hpseg.files import claim_output_folder, write_json_atomic
+from hpseg.files import claim_output_folder, holds_only, write_json_atomic
 from hpseg.inference.crf import crf_refine_batch, require_crf
 from hpseg.inference.label_maps import kmeans_label_maps, label_maps
 from hpseg.logs import progress_bar
@@ -317,6 +317,10 @@ def _baseline_report(trained: TrainedModel, batches: Callable[[], DataLoader], c
     return report
 
 
+#: What an evaluation writes into its folder.
+EVALUATION_FILES = ("results.json", "confusion_unsupervised.png", "confusion_linear.png")
+
+
 def _write_results(report: dict[str, Any], results: dict[str, Any], class_names: list[str], out: Path) -> None:
     """``results.json`` and the two confusion-matrix images."""
     write_json_atomic(report, out / "results.json")
@@ -361,7 +365,8 @@ def evaluate_checkpoint(
     context = init_distributed(trained.device)
     out = Path(out_dir) if out_dir else evaluation_dir(trained.path, crf)
     if context.is_main:
-        claim_output_folder(out, "eval")  # before the evaluation: a refused folder costs no work
+        # Before the evaluation: a refused folder costs no work.
+        claim_output_folder(out, "eval", earlier=lambda folder: holds_only(folder, EVALUATION_FILES, "results.json"))
     validation = _validation_set_or_hint(trained, moved_hint=not data_root)
     n_images = min(len(validation), max_images) if max_images else len(validation)
 

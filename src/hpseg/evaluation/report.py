@@ -25,12 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from hpseg.files import atomic_write, claim_output_folder, read_jsonl, write_text_atomic
+from hpseg.files import atomic_write, claim_output_folder, holds_only, read_jsonl, write_text_atomic
 
-__all__ = ["aggregate", "collect_results", "config_differences", "write_report"]
+__all__ = ["aggregate", "check_report_folder", "collect_results", "config_differences", "write_report"]
 
 logger = logging.getLogger(__name__)
 
+#: What a report writes into its folder.
+REPORT_FILES = ("report.md", "report.csv", "curves.png")
 #: config keys allowed to differ between the seeds of one report.
 SEED_KEYS = frozenset({"train.seed", "train.run_name", "train.output_dir"})
 #: result sections holding metrics (name in the table, key in results.json).
@@ -267,11 +269,17 @@ def plot_curves(curves: dict[int, dict[str, list[float]]], path: Path, rule: str
     return path
 
 
+def check_report_folder(out_dir: str | Path) -> Path:
+    """``out_dir`` made the report's folder by the rule of every output folder
+    (:func:`hpseg.files.claim_output_folder`), a report folder of an earlier hpseg included."""
+    return claim_output_folder(out_dir, "report", earlier=lambda folder: holds_only(folder, REPORT_FILES, "report.md"))
+
+
 def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> dict[str, Any]:
     """Aggregate the evaluations under ``paths`` into ``out_dir``/report.md, report.csv, curves.png."""
     evaluations = collect_results(paths)
     summary = aggregate(evaluations)
-    out = claim_output_folder(out_dir, "report")
+    out = check_report_folder(out_dir)
     markdown = to_markdown(summary)
     write_text_atomic(markdown, out / "report.md")
     write_text_atomic(to_csv(summary), out / "report.csv")

@@ -30,7 +30,7 @@ from hpseg.backbones import BackboneSpec, create_backbone
 from hpseg.checkpoints.mapping import read_mapping
 from hpseg.checkpoints.trained import load_trained
 from hpseg.export import missing_extra
-from hpseg.files import atomic_write, claim_output_folder, write_json_atomic, write_text_atomic
+from hpseg.files import atomic_write, claim_output_folder, holds_only, write_json_atomic, write_text_atomic
 from hpseg.inference.segmenter import Segmenter, from_trained
 from hpseg.inference.segmenter import load as load_checkpoint
 from hpseg.inference.tiling import Tiling
@@ -131,7 +131,10 @@ def export_hub(checkpoint: str | Path, out: str | Path, *, mapping: str | Path |
     ``mapping``: the cluster->class mapping to store ("auto": the evaluation found beside the
     run, as ``hpseg predict``; a results.json; None: none).
     """
-    out = claim_output_folder(out, "export --format hub")  # never over a user's own README.md / config.json
+    # Never over a user's own README.md / config.json.
+    out = claim_output_folder(out, "export --format hub",
+                              earlier=lambda folder: holds_only(folder, (CONFIG, HEADS, BACKBONE, CARD), CONFIG)
+                              and is_hub_folder(folder))
     trained = load_trained(checkpoint, device="cpu")
     segmenter = from_trained(trained, mapping=mapping)
     config = hub_config(segmenter, trained.payload, trained.weights_source)
