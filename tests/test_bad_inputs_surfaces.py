@@ -17,25 +17,17 @@ import pytest
 from PIL import Image
 
 from hpseg.config import Config
-from hpseg.files import OUTPUT_MARKER, OutputFolderError, claim_output_folder
+from hpseg.files import OUTPUT_MARKER, OutputFolder, OutputFolderError, claim_output_folder
 from hpseg.runtime import collective_timeout
-from tests.helpers import synthetic_prepared, tiny_overrides
+from tests import test_bad_inputs
+from tests.helpers import tiny_overrides
 from tests.test_bad_inputs import hpseg_logger, refused, run, snapshot  # noqa: F401 - hpseg_logger: autouse fixture
 from tests.test_report import fake_results, write
 
 # ------------------------------------------------------------------------------------ fixtures
 
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tests.test_api import tiny_run
-
-    return tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data_root(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_prepared(tmp_path_factory.getbasetemp() / "hpseg-tiny-data")
+#: The tiny trained run and its data (module-scoped fixtures of tests/test_bad_inputs.py).
+trained, data_root = test_bad_inputs.trained, test_bad_inputs.data_root
 
 
 @pytest.fixture
@@ -59,6 +51,8 @@ def users_folder(path: Path) -> Path:
 
 
 def test_claim_output_folder_fresh_empty_own_foreign_and_file(tmp_path: Path) -> None:
+    assert OutputFolder(tmp_path / "checked", "eval").check() == tmp_path / "checked"
+    assert not (tmp_path / "checked").exists()  # checking writes nothing: a failure before the writing leaves no folder
     fresh = claim_output_folder(tmp_path / "new" / "deep", "eval")
     assert json.loads((fresh / OUTPUT_MARKER).read_text())["written_by"] == "hpseg eval"
     (fresh / "results.json").write_text("{}")

@@ -15,11 +15,12 @@ import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["OUTPUT_MARKER", "OutputFolderError", "atomic_write", "claim_output_folder", "holds_only", "is_temporary",
-           "read_jsonl", "remove_stale_temporaries", "write_json_atomic", "write_text_atomic"]
+__all__ = ["OUTPUT_MARKER", "OutputFolder", "OutputFolderError", "atomic_write", "claim_output_folder", "holds_only",
+           "is_temporary", "read_jsonl", "remove_stale_temporaries", "write_json_atomic", "write_text_atomic"]
 
 
 @contextmanager
@@ -127,36 +128,56 @@ def holds_only(folder: Path, names: Iterable[str], required: str) -> bool:
     return required in entries and entries <= set(names)
 
 
-def claim_output_folder(folder: str | os.PathLike[str], command: str, *, option: str = "--out",
-                        earlier: Callable[[Path], bool] | None = None) -> Path:
-    """The one rule for the output folder of every hpseg command that writes one (``predict``,
+@dataclass(frozen=True)
+class OutputFolder:
+    """The output folder of one hpseg command and the one rule of every such folder (``predict``,
     ``export --format hub``, ``eval``, ``demo``, ``clusters``, ``report``).
 
-    ``folder`` may be new, empty, or an earlier output of the same ``command`` (its
-    :data:`OUTPUT_MARKER` says so, or ``earlier(folder)``: the command's own files, written by an
+    The folder may be new, empty, or an earlier output of the same ``command`` (its
+    :data:`OUTPUT_MARKER` says so, or ``earlier(path)``: the command's own files, written by an
     hpseg from before the marker); anything else -- a file, the user's own folder, the output of
-    another command -- raises :class:`OutputFolderError` naming the folder, before anything is
-    written. On success the folder exists and carries the marker; returns it.
+    another command -- is refused with an :class:`OutputFolderError` naming the folder.
+    :meth:`check` before the work (nothing written), :meth:`claim` when the writing starts.
     """
-    folder = Path(folder)
-    written_by = f"hpseg {command}"
-    if folder.exists() and not folder.is_dir():
-        raise OutputFolderError(f"{option} {folder} is a file, not a folder: pick a new or empty {option} folder")
-    if folder.is_dir():
+
+    path: Path
+    command: str
+    earlier: Callable[[Path], bool] | None = None
+    option: str = "--out"
+
+    @property
+    def written_by(self) -> str:
+        return f"hpseg {self.command}"
+
+    def check(self) -> Path:
+        """The path if the command may write there; raises :class:`OutputFolderError` otherwise."""
+        folder, option = self.path, self.option
+        if folder.exists() and not folder.is_dir():
+            raise OutputFolderError(f"{option} {folder} is a file, not a folder: pick a new or empty {option} folder")
+        if not folder.is_dir():
+            return folder
         previous = _written_by(folder)
         entries = sorted(name for name in os.listdir(folder) if not is_temporary(name) and name != OUTPUT_MARKER)
-        if previous is None and entries and earlier is not None and earlier(folder):
-            previous = written_by
-        if previous != written_by and entries:
-            shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-            whose = f"it is the output of {previous}" if previous else f"no {OUTPUT_MARKER} marks it as {written_by}'s"
-            raise OutputFolderError(
-                f"{option} {folder} already holds {shown} ({whose}): {written_by} writes only into a new or empty "
-                f"folder or its own earlier output; pick another {option} folder, or move those files away")
-        if previous == written_by and (folder / OUTPUT_MARKER).is_file():
+        if not entries or previous == self.written_by:
             return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic({"written_by": written_by,
-                       "note": f"{written_by} may write into this folder again, replacing its own outputs"},
-                      folder / OUTPUT_MARKER)
-    return folder
+        if previous is None and self.earlier is not None and self.earlier(folder):
+            return folder
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        whose = f"it is the output of {previous}" if previous else f"no {OUTPUT_MARKER} marks it as {self.written_by}'s"
+        raise OutputFolderError(
+            f"{option} {folder} already holds {shown} ({whose}): {self.written_by} writes only into a new or empty "
+            f"folder or its own earlier output; pick another {option} folder, or move those files away")
+
+    def claim(self) -> Path:
+        """:meth:`check`, then create the folder and mark it as the command's; returns the path."""
+        folder = self.check()
+        if _written_by(folder) != self.written_by:
+            write_json_atomic({"written_by": self.written_by,
+                               "note": f"{self.written_by} may write into this folder again, replacing its own outputs"},
+                              folder / OUTPUT_MARKER)
+        return folder
+
+
+def claim_output_folder(folder: str | os.PathLike[str], command: str, **rule: Any) -> Path:
+    """``OutputFolder(Path(folder), command, **rule).claim()``: for a command that writes at once."""
+    return OutputFolder(Path(folder), command, **rule).claim()

@@ -113,9 +113,9 @@ def _train_seeds(args: argparse.Namespace) -> int:
         if not SEEDS.allows(seed):
             raise UsageError(f"--seeds {seed}: out of range, allowed {SEEDS.describe('seed')}")
     if not args.no_eval:  # the report's folder, checked before hours of training rather than after
-        from hpseg.evaluation.report import check_report_folder
+        from hpseg.evaluation.report import report_folder
 
-        check_report_folder(Path(args.run_dir) / "report")
+        report_folder(Path(args.run_dir) / "report").check()
     result = train_seeds(_config_from(args), args.run_dir, args.seeds, evaluate=not args.no_eval, crf=args.crf)
     if result["report"]:
         print(result["report"]["markdown"])

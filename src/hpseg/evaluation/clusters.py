@@ -36,7 +36,7 @@ from hpseg.backbones import Backbone, create_backbone
 from hpseg.checkpoints.trained import load_trained
 from hpseg.data import ValCrops, build_raw_dataset
 from hpseg.evaluation.kmeans import kmeans
-from hpseg.files import atomic_write, claim_output_folder, holds_only, write_json_atomic
+from hpseg.files import OutputFolder, atomic_write, holds_only, write_json_atomic
 from hpseg.logs import progress_bar
 from hpseg.runtime import resolve_device
 
@@ -308,12 +308,14 @@ def plot_sweep(rows: Sequence[dict[str, Any]], suggested: dict[str, int], path: 
 def run_clusters(source: str, data_root: str, ks: Sequence[int], *, out_dir: str, criterion: str = DEFAULT_CRITERION,
                  max_patches: int = 2000, seed: int = 0, **feature_options: Any) -> dict[str, Any]:
     """``hpseg clusters``: sweep K on the images' patch features; writes clusters.json and clusters.png."""
-    out = claim_output_folder(out_dir, "clusters",
-                              earlier=lambda folder: holds_only(folder, ("clusters.json", "clusters.png"), "clusters.json"))
+    folder = OutputFolder(Path(out_dir), "clusters",
+                          earlier=lambda path: holds_only(path, ("clusters.json", "clusters.png"), "clusters.json"))
+    folder.check()  # before the features are computed
     features, description = image_patch_features(source, data_root, max_patches=max_patches, seed=seed,
                                                  **feature_options)
     rows = cluster_sweep(features, ks, seed=seed, max_patches=max_patches)
     suggested = {name: suggest_k(rows, name) for name in CRITERIA}
+    out = folder.claim()
     report = {
         "features": description, "n_patches": int(features.shape[0]), "patches_scored": min(max_patches, features.shape[0]),
         "seed": seed, "k": list(ks), "criterion": criterion, "suggested_k": suggested[criterion],

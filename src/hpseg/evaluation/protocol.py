@@ -23,7 +23,7 @@ from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
 from hpseg.data.errors import DatasetLayoutError
 from hpseg.evaluation.kmeans import kmeans
 from hpseg.evaluation.metrics import SegmentationMetrics
-from hpseg.files import claim_output_folder, holds_only, write_json_atomic
+from hpseg.files import OutputFolder, holds_only, write_json_atomic
 from hpseg.inference.crf import crf_refine_batch, require_crf
 from hpseg.inference.label_maps import kmeans_label_maps, label_maps
 from hpseg.logs import progress_bar
@@ -364,9 +364,8 @@ def evaluate_checkpoint(
         trained.config.data.root = data_root
     context = init_distributed(trained.device)
     out = Path(out_dir) if out_dir else evaluation_dir(trained.path, crf)
-    if context.is_main:
-        # Before the evaluation: a refused folder costs no work.
-        claim_output_folder(out, "eval", earlier=lambda folder: holds_only(folder, EVALUATION_FILES, "results.json"))
+    folder = OutputFolder(out, "eval", earlier=lambda path: holds_only(path, EVALUATION_FILES, "results.json"))
+    folder.check()  # before the evaluation: a refused folder costs no work
     validation = _validation_set_or_hint(trained, moved_hint=not data_root)
     n_images = min(len(validation), max_images) if max_images else len(validation)
 
@@ -394,7 +393,7 @@ def evaluate_checkpoint(
             report["matching"]["baseline_majority"] = "majority (many-to-one)"
         text.append(format_results(report["baseline"], "Baseline: k-means / linear probe on raw backbone features"))
     if context.is_main:
-        _write_results(report, results, class_names, out)
+        _write_results(report, results, class_names, folder.claim())
     report["text"] = "\n".join(text)
     report["out_dir"] = str(out)
     return report

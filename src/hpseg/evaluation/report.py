@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from hpseg.files import atomic_write, claim_output_folder, holds_only, read_jsonl, write_text_atomic
+from hpseg.files import OutputFolder, atomic_write, holds_only, read_jsonl, write_text_atomic
 
-__all__ = ["aggregate", "check_report_folder", "collect_results", "config_differences", "write_report"]
+__all__ = ["aggregate", "collect_results", "config_differences", "report_folder", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -269,17 +269,19 @@ def plot_curves(curves: dict[int, dict[str, list[float]]], path: Path, rule: str
     return path
 
 
-def check_report_folder(out_dir: str | Path) -> Path:
-    """``out_dir`` made the report's folder by the rule of every output folder
-    (:func:`hpseg.files.claim_output_folder`), a report folder of an earlier hpseg included."""
-    return claim_output_folder(out_dir, "report", earlier=lambda folder: holds_only(folder, REPORT_FILES, "report.md"))
+def report_folder(out_dir: str | Path) -> OutputFolder:
+    """``out_dir`` under the rule of every output folder (:class:`hpseg.files.OutputFolder`), a
+    report folder of an earlier hpseg included."""
+    return OutputFolder(Path(out_dir), "report", earlier=lambda path: holds_only(path, REPORT_FILES, "report.md"))
 
 
 def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> dict[str, Any]:
     """Aggregate the evaluations under ``paths`` into ``out_dir``/report.md, report.csv, curves.png."""
+    folder = report_folder(out_dir)
+    folder.check()
     evaluations = collect_results(paths)
     summary = aggregate(evaluations)
-    out = check_report_folder(out_dir)
+    out = folder.claim()
     markdown = to_markdown(summary)
     write_text_atomic(markdown, out / "report.md")
     write_text_atomic(to_csv(summary), out / "report.csv")

@@ -30,7 +30,7 @@ from hpseg.backbones import BackboneSpec, create_backbone
 from hpseg.checkpoints.mapping import read_mapping
 from hpseg.checkpoints.trained import load_trained
 from hpseg.export import missing_extra
-from hpseg.files import atomic_write, claim_output_folder, holds_only, write_json_atomic, write_text_atomic
+from hpseg.files import OutputFolder, atomic_write, holds_only, write_json_atomic, write_text_atomic
 from hpseg.inference.segmenter import Segmenter, from_trained
 from hpseg.inference.segmenter import load as load_checkpoint
 from hpseg.inference.tiling import Tiling
@@ -132,12 +132,13 @@ def export_hub(checkpoint: str | Path, out: str | Path, *, mapping: str | Path |
     run, as ``hpseg predict``; a results.json; None: none).
     """
     # Never over a user's own README.md / config.json.
-    out = claim_output_folder(out, "export --format hub",
-                              earlier=lambda folder: holds_only(folder, (CONFIG, HEADS, BACKBONE, CARD), CONFIG)
-                              and is_hub_folder(folder))
+    folder = OutputFolder(Path(out), "export --format hub",
+                          earlier=lambda path: holds_only(path, (CONFIG, HEADS, BACKBONE, CARD), CONFIG) and is_hub_folder(path))
+    folder.check()
     trained = load_trained(checkpoint, device="cpu")
     segmenter = from_trained(trained, mapping=mapping)
     config = hub_config(segmenter, trained.payload, trained.weights_source)
+    out = folder.claim()
     _write_safetensors(segmenter.model.state_dict(), out / HEADS, metadata={"format": FORMAT})
     if config["backbone"]["weights"] == BACKBONE:
         _write_safetensors(segmenter.backbone.model.state_dict(), out / BACKBONE)
