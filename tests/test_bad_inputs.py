@@ -500,6 +500,7 @@ def test_predict_removes_the_temporaries_of_a_killed_run(photos: Path, trained: 
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half an image")
+    (out / OUTPUT_MARKER).write_text('{"written_by": "hpseg predict"}')  # the killed run marked its folder first
     assert _predict(capsys, trained, out, photos)[0] == 0
     assert temporaries(out) == []
 
