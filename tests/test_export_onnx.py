@@ -324,6 +324,17 @@ def test_damaged_metadata_is_named_by_predict_onnx(edit: Any, message: str, dino
     assert message in err
 
 
+def test_export_replaces_only_a_model_an_export_wrote(dino_onnx: Path, tmp_path: Path) -> None:
+    """The --out rule for the one file of an ONNX export (docs/outputs.md)."""
+    from hpseg.export.onnx import check_destination
+    from hpseg.files import OutputFolderError
+
+    assert check_destination(dino_onnx) == dino_onnx and check_destination(tmp_path / "new.onnx") == tmp_path / "new.onnx"
+    foreign = _with_metadata(dino_onnx, tmp_path / "foreign.onnx", lambda text: None)  # an ONNX model, not hpseg's
+    with pytest.raises(OutputFolderError, match=f"--out {foreign} exists and is not an ONNX model written by"):
+        check_destination(foreign)
+
+
 def test_clear_errors(tmp_path: Path, dino: tuple[Segmenter, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
         OnnxSegmenter(tmp_path / "missing.onnx")

@@ -43,6 +43,7 @@ from hpseg.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from hpseg.backbones import vit as vit_backbone
 from hpseg.data.transforms import normalize
 from hpseg.export import missing_extra
+from hpseg.export.onnx_runner import OnnxModelError, read_metadata
 from hpseg.files import OutputFolderError
 from hpseg.inference.segmenter import Segmenter
 from hpseg.method.probes import centroid_scores
@@ -181,11 +182,16 @@ def check_destination(out: str | Path) -> Path:
 
 
 def _exported_by_hpseg(path: Path) -> bool:
+    """Whether ``path`` is an ONNX model whose hpseg metadata the runner's reader accepts."""
     try:
         model = _import_onnx().load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - onnx raises protobuf's and its own errors: not a model, not ours
         return False
-    return any(prop.key == METADATA_KEY for prop in model.metadata_props)
+    try:
+        read_metadata(path, {prop.key: prop.value for prop in model.metadata_props}.get(METADATA_KEY))
+    except OnnxModelError:
+        return False
+    return True
 
 
 def _set_metadata(model: Any, info: dict[str, Any]) -> None:
