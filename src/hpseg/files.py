@@ -6,6 +6,10 @@ and a crash, a kill or a full disk leaves the previous version (or nothing) in p
 temporary is created with mode 0o666 filtered by the umask, like any other file the user
 writes, so colleagues sharing a folder can read the outputs (``mkstemp``'s 0o600 would survive
 the rename).
+
+Output folders follow one rule (:class:`OutputFolder`, docs/outputs.md): a command writes into a
+new or empty folder or its own earlier output, marked by :data:`OUTPUT_MARKER`; anything else is
+refused naming the folder, before the work.
 """
 
 from __future__ import annotations
