@@ -138,12 +138,12 @@ def test_onnx_export_into_a_folder_is_refused_before_the_export(trained: Path, t
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """``export --format onnx --out <existing folder>`` exported for 18-61 s, then failed."""
     pytest.importorskip("onnx")
-    import hpseg.export.hub as hub
+    import hpseg.inference.segmenter as segmenter
 
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded for an export whose --out is refused")
 
-    monkeypatch.setattr(hub, "load", never)
+    monkeypatch.setattr(segmenter, "load", never)
     folder = users_folder(tmp_path / "models")
     before = snapshot(folder)
     error = refused(capsys, "export", str(trained / "checkpoints" / "last.pt"), "--format", "onnx", "--out", str(folder))

@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from hpseg.files import OUTPUT_MARKER
+
 pytest.importorskip("huggingface_hub")
 
 import hpseg  # noqa: E402
@@ -93,7 +95,8 @@ def test_authors_checkpoint_exports_with_its_backbone(tmp_path: Path) -> None:
     torch.save(authors_payload(seed=2), authors)
     out = tmp_path / "hub"
     written = export_hub(authors, out)
-    assert sorted(p.name for p in written) == sorted(p.name for p in out.iterdir())
+    # Every file but the hidden output marker (--out rule, hpseg.files) is listed to the user.
+    assert sorted(p.name for p in written) == sorted(p.name for p in out.iterdir() if p.name != OUTPUT_MARKER)
     config = json.loads((out / "config.json").read_text())
     assert config["backbone"]["weights"] == "backbone.safetensors" and (out / "backbone.safetensors").is_file()
     assert config["checkpoint"]["selection"].startswith("imported from the authors'")
