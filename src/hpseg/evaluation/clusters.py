@@ -35,6 +35,7 @@ from torch import Tensor
 from hpseg.backbones import Backbone, create_backbone
 from hpseg.checkpoints.trained import load_trained
 from hpseg.data import ValCrops, build_raw_dataset
+from hpseg.errors import InvalidInputError
 from hpseg.evaluation.kmeans import kmeans
 from hpseg.files import atomic_write, write_json_atomic
 from hpseg.logs import progress_bar
@@ -170,9 +171,9 @@ def parse_k_range(text: str) -> list[int]:
         else:
             ks = sorted({int(v) for v in text.split(",") if v.strip()})
     except ValueError:
-        raise ValueError(f"--k {text!r}: expected a range LOW..HIGH (e.g. 2..40) or a list like 3,5,8") from None
+        raise InvalidInputError(f"--k {text!r}: expected a range LOW..HIGH (e.g. 2..40) or a list like 3,5,8") from None
     if not ks or ks[0] < 2:
-        raise ValueError(f"--k {text!r}: every K must be at least 2 (a single cluster cannot be scored)")
+        raise InvalidInputError(f"--k {text!r}: every K must be at least 2 (a single cluster cannot be scored)")
     return ks
 
 
@@ -191,7 +192,7 @@ def cluster_sweep(features: Tensor, ks: Sequence[int], *, seed: int = 0, max_pat
     features = features.float().cpu()
     too_many = [k for k in ks if k >= features.shape[0]]
     if too_many:
-        raise ValueError(f"K={too_many[0]} needs more than {features.shape[0]} patches: use fewer clusters or more images")
+        raise InvalidInputError(f"K={too_many[0]} needs more than {features.shape[0]} patches: use fewer clusters or more images")
     eigenvalues = laplacian_spectrum(features, n_neighbours)
     rows = []
     for k in ks:
@@ -214,11 +215,11 @@ def cluster_sweep(features: Tensor, ks: Sequence[int], *, seed: int = 0, max_pat
 def suggest_k(rows: Sequence[dict[str, Any]], criterion: str = DEFAULT_CRITERION) -> int:
     """The K of ``rows`` (from :func:`cluster_sweep`) that ``criterion`` rates best."""
     if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; expected one of {sorted(CRITERIA)}")
+        raise InvalidInputError(f"unknown criterion {criterion!r}; expected one of {sorted(CRITERIA)}")
     sign = 1.0 if CRITERIA[criterion] else -1.0
     scored = [r for r in rows if math.isfinite(r[criterion])]
     if not scored:
-        raise ValueError(f"no K could be scored by {criterion}")
+        raise InvalidInputError(f"no K could be scored by {criterion}")
     return int(max(scored, key=lambda r: sign * r[criterion])["k"])
 
 

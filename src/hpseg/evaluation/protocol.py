@@ -20,6 +20,7 @@ from hpseg.checkpoints.mapping import evaluation_dir
 from hpseg.checkpoints.trained import TrainedModel, load_trained
 from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
 from hpseg.data.errors import DatasetLayoutError
+from hpseg.errors import InvalidInputError
 from hpseg.evaluation.kmeans import kmeans
 from hpseg.evaluation.metrics import SegmentationMetrics
 from hpseg.files import write_json_atomic
@@ -350,7 +351,7 @@ def evaluate_checkpoint(
     their confusion matrices, so the results equal one process's; only rank 0 writes them.
     """
     if extra_clusters is not None and extra_clusters < 0:
-        raise ValueError(f"extra_clusters={extra_clusters} (--extra-clusters): must be 0 or more")
+        raise InvalidInputError(f"extra_clusters={extra_clusters} (--extra-clusters): must be 0 or more")
     if crf:
         require_crf()  # fail before any work when the extra is missing
     trained = load_trained(checkpoint, device, weights)

@@ -29,6 +29,7 @@ from safetensors.torch import save as safetensors_bytes
 from hpseg.backbones import BackboneSpec, create_backbone
 from hpseg.checkpoints.mapping import read_mapping
 from hpseg.checkpoints.trained import load_trained
+from hpseg.errors import InvalidInputError
 from hpseg.export import missing_extra
 from hpseg.files import atomic_write, write_json_atomic, write_text_atomic
 from hpseg.inference.segmenter import Segmenter, from_trained
@@ -240,7 +241,7 @@ def resolve_reference(reference: str) -> Path:
     """
     match = _REFERENCE.match(reference)
     if match is None:
-        raise ValueError(f"{reference!r} is not a Hub reference of the form hf://owner/name[@revision]")
+        raise InvalidInputError(f"{reference!r} is not a Hub reference of the form hf://owner/name[@revision]")
     repo, revision = match["repo"], match["revision"]
     try:
         # Lazy: an optional extra, only needed for hf:// references.
@@ -253,7 +254,7 @@ def resolve_reference(reference: str) -> Path:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
         where = f"{repo}@{revision}" if revision else repo
         offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        raise ValueError(f"hf://{where}: the repository is not in the Hugging Face cache {constants.HF_HUB_CACHE} "
+        raise InvalidInputError(f"hf://{where}: the repository is not in the Hugging Face cache {constants.HF_HUB_CACHE} "
                          f"and cannot be downloaded{offline}: {type(error).__name__}: {error}") from None
 
 
@@ -263,12 +264,12 @@ def hub_folder(checkpoint: str | Path) -> Path | None:
     if str(checkpoint).startswith("hf://"):
         folder = resolve_reference(str(checkpoint))
         if not is_hub_folder(folder):
-            raise ValueError(f"{checkpoint}: no hpseg {CONFIG} (format {FORMAT!r}) in the repository")
+            raise InvalidInputError(f"{checkpoint}: no hpseg {CONFIG} (format {FORMAT!r}) in the repository")
         return folder
     path = Path(checkpoint)
     if path.is_dir():
         if not is_hub_folder(path):
-            raise ValueError(f"{path} is a folder without an hpseg {CONFIG} (format {FORMAT!r}): "
+            raise InvalidInputError(f"{path} is a folder without an hpseg {CONFIG} (format {FORMAT!r}): "
                              "expected a checkpoint file or a folder written by `hpseg export --format hub`")
         return path
     return None
@@ -278,9 +279,9 @@ def read_hub_config(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads((folder / CONFIG).read_text())
     except (OSError, ValueError) as error:
-        raise ValueError(f"{folder / CONFIG}: not readable JSON ({error})") from None
+        raise InvalidInputError(f"{folder / CONFIG}: not readable JSON ({error})") from None
     if config.get("version", 0) > VERSION:
-        raise ValueError(f"{folder / CONFIG} was written by a newer hpseg (format version {config['version']})")
+        raise InvalidInputError(f"{folder / CONFIG} was written by a newer hpseg (format version {config['version']})")
     return config
 
 
@@ -302,7 +303,7 @@ def load_hub(folder: Path, *, device: str = "auto", weights: str | None = None, 
     try:
         model.load_state_dict(load_file(str(folder / HEADS)))
     except (OSError, RuntimeError) as error:
-        raise ValueError(f"{folder / HEADS}: the heads do not load into D={sizes['dim']}, "
+        raise InvalidInputError(f"{folder / HEADS}: the heads do not load into D={sizes['dim']}, "
                          f"{sizes['n_classes']} classes on {spec['name']!r}: {error}") from None
     cluster_to_class, source = None, None
     if mapping == "auto" and config.get("cluster_to_class") is not None:
@@ -344,7 +345,7 @@ def push_operations(folder: str | Path) -> list[Any]:
         raise missing_extra("hub", "huggingface_hub", error) from None
     folder = Path(folder)
     if not is_hub_folder(folder):
-        raise ValueError(f"{folder} is not a folder written by `hpseg export --format hub` (no hpseg {CONFIG})")
+        raise InvalidInputError(f"{folder} is not a folder written by `hpseg export --format hub` (no hpseg {CONFIG})")
     files = sorted(p for p in folder.rglob("*") if p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     return [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]

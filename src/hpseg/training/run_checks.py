@@ -22,6 +22,7 @@ from typing import Any
 
 from hpseg.checkpoints.store import CheckpointError
 from hpseg.checkpoints.trained import TrainedCheckpoint, read_trained, weight_mismatch_summary
+from hpseg.errors import InvalidInputError
 from hpseg.files import read_jsonl, write_text_atomic
 
 __all__ = ["check_class_count", "restore_or_explain", "resumable_checkpoint", "truncate_metrics"]
@@ -36,7 +37,7 @@ def check_class_count(config: Any, n_classes: int, source: str | Path) -> None:
         return
     more = (" (more clusters than classes: method.extra_clusters)" if hasattr(config.method, "extra_clusters")
             else "")
-    raise ValueError(f"method.n_classes={configured} but the labelled data has {n_classes} classes ({source}): "
+    raise InvalidInputError(f"method.n_classes={configured} but the labelled data has {n_classes} classes ({source}): "
                      f"set method.n_classes={n_classes}{more}")
 
 

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Subset
 
 from hpseg.backbones import Backbone
 from hpseg.data import ValCrops
+from hpseg.errors import InvalidInputError
 from hpseg.files import write_json_atomic
 from hpseg.runtime import autocast
 from hpseg.training.cache.identity import (
@@ -208,7 +209,7 @@ def validation_features(
     if setting in ("off", "false", "none", "no"):
         return None
     if setting not in SETTINGS:
-        raise ValueError(f"data.val_feature_cache={setting!r}: expected one of {', '.join(SETTINGS)}")
+        raise InvalidInputError(f"data.val_feature_cache={setting!r}: expected one of {', '.join(SETTINGS)}")
     identity = validation_identity(backbone, dataset, indices)
     layout = _layout(identity)
     nbytes = sum(int(np.prod(e["shape"])) * np.dtype(e["dtype"]).itemsize for e in layout.values())

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hpseg.errors import InvalidInputError
 from hpseg.method.loss.terms import LossSettings
 from hpseg.method.loss.torch_path import torch_loss_and_gradients
 from hpseg.method.positives import PositiveInputs, SharedContrastPattern
@@ -52,7 +53,7 @@ class LossBackend:
 
     def __post_init__(self) -> None:
         if self.name not in NAMES:
-            raise ValueError(f"unknown loss backend {self.name!r}; known: {', '.join(NAMES)}")
+            raise InvalidInputError(f"unknown loss backend {self.name!r}; known: {', '.join(NAMES)}")
 
     def sparse_density_limit(self, device: torch.device) -> float:
         """The tile density at or under which the torch path uses the sparse path on ``device``
@@ -68,7 +69,7 @@ class LossBackend:
         if self.name == "triton":
             reason = _why_not_triton(inputs, matmul_dtype)
             if reason:
-                raise ValueError(f"loss backend 'triton': {reason}")
+                raise InvalidInputError(f"loss backend 'triton': {reason}")
             return True
         return self.name == "auto" and not self.triton_failed and not _why_not_triton(inputs, matmul_dtype)
 
