@@ -1,22 +1,47 @@
+"""Fixtures shared by the test modules. The session-scoped ones are built once per test process
+(once per worker under ``pytest -n 2``) and are read-only: a test that changes one works on a copy."""
+
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import Notices
+from tests.helpers import DATA, Notices, synthetic_prepared, tiny_config
 
 # Tests never touch the network: the model hub must fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DATA = Path(__file__).parent / "data"
+#: Steps of the tiny run: validated once (val_interval 6), so the run has best.pt with its metrics.
+TINY_RUN_STEPS = 6
 
 
 @pytest.fixture
 def data_dir() -> Path:
     return DATA
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic folder dataset (8 training images, their 32 px five-crops prepared, 4 validation
+    images, 4 classes). A test that writes into a dataset (a feature cache in its default place, a
+    broken image) makes its own with :func:`tests.helpers.synthetic_prepared`."""
+    return synthetic_prepared(tmp_path_factory.mktemp("hpseg-tiny-data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny run on ``data_root`` (random vit_tiny_p8, 32 px crops): checkpoints/last.pt and
+    best.pt, metrics.jsonl. Copy it (``shutil.copytree``) to change it."""
+    from hpseg.training.trainer import train  # imported when a test asks for a run, not at collection
+
+    runs = tmp_path_factory.mktemp("hpseg-tiny-run")
+    run = runs / "run"
+    shutil.rmtree(run, ignore_errors=True)
+    return train(tiny_config(data_root, runs, steps=TINY_RUN_STEPS), run_dir=run)
 
 
 @pytest.fixture

@@ -37,8 +37,7 @@ from hpseg.cli.main import main
 from hpseg.config import Bounds, Config
 from hpseg.files import atomic_write
 from hpseg.training.run_lock import LOCK_NAME
-from tests.helpers import synthetic_prepared, tiny_overrides
-from tests.test_api import tiny_run
+from tests.helpers import tiny_overrides
 
 # ------------------------------------------------------------------------------------ helpers
 
@@ -80,13 +79,8 @@ def temporaries(folder: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data_root(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_prepared(tmp_path_factory.getbasetemp() / "hpseg-tiny-data")
+def trained(tiny_run: Path) -> Path:
+    return tiny_run
 
 
 @pytest.fixture

@@ -226,6 +226,16 @@ def test_help_imports_no_torch() -> None:
     assert_help_is_torch_free(SOURCE)
 
 
+def test_no_test_module_imports_another() -> None:
+    """Shared test code lives in tests/helpers.py and tests/conftest.py, not in a test module."""
+    tests = Path(__file__).parent
+    found = sorted(f"{path.name}: {module}" for path in tests.glob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+                   for module in ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                                  [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                   if module.startswith("tests.test_") or module.startswith("test_"))
+    assert not found, found
+
+
 def test_the_onnx_runtime_imports_neither_torch_nor_hpseg() -> None:
     """``hpseg/export/runtime.py`` is copied beside scripts where only numpy, Pillow and onnxruntime exist."""
     tree = ast.parse(LAYOUT.modules["hpseg.export.runtime"].read_text())

@@ -26,12 +26,7 @@ from hpseg.method import (
 from hpseg.method.local_positives import row_quantile
 from hpseg.method.loss import LossBackend, reference_loss
 from hpseg.method.probes import centroid_scores
-from tests.helpers import clustered_batch
-
-
-def full_contrast(hw: int, n: int) -> SharedContrastPattern:
-    return SharedContrastPattern(torch.ones(hw, n, dtype=torch.bool))
-
+from tests.helpers import clustered_batch, full_contrast
 
 # ---------------------------------------------------------------- positives
 
