@@ -19,6 +19,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TINY_RUN_STEPS = 6
 
 
+#: Per-test limit of the tests marked ``slow`` (several ranks training, a browser); the others have
+#: the ``timeout`` of pyproject.toml. Generous: a hung test fails instead of stalling the run.
+SLOW_TIMEOUT_S = 600
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
+
 @pytest.fixture
 def data_dir() -> Path:
     return DATA
