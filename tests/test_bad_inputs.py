@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import pickle
 import random
@@ -32,46 +31,14 @@ from PIL import Image
 import hpseg
 from hpseg.checkpoints.store import CheckpointError, save_atomic
 from hpseg.cli.demo_folder import claim_demo_folder
-from hpseg.cli.main import main
 from hpseg.config import Bounds, Config
 from hpseg.files import OUTPUT_MARKER, OutputFolderError, atomic_write
 from hpseg.training.run_lock import LOCK_NAME
-from tests.helpers import synthetic_prepared, tiny_overrides
-from tests.test_api import tiny_run
+from tests.helpers import refused, run, snapshot, tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("hpseg_logger")  # main() configures the hpseg logger
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-@pytest.fixture(autouse=True)
-def hpseg_logger() -> Iterator[None]:
-    """``main`` configures the ``hpseg`` logger; put it back as it was for the other tests."""
-    logger = logging.getLogger("hpseg")
-    state = logger.level, logger.propagate, list(logger.handlers)
-    yield
-    logger.setLevel(state[0])
-    logger.propagate = state[1]
-    logger.handlers[:] = state[2]
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    """``hpseg ARGV`` in-process -> (exit status, stderr); asserts no traceback was printed."""
-    status = main([*argv, "-q"])
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err, captured.err
-    return status, captured.err + captured.out
-
-
-def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """The one-line error of a command that must stop with exit status 2."""
-    status, text = run(capsys, *argv)
-    assert status == 2, text
-    errors = [line for line in text.splitlines() if ": error: " in line]
-    assert len(errors) == 1, text
-    return errors[0]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def temporaries(folder: Path) -> list[Path]:
@@ -79,13 +46,8 @@ def temporaries(folder: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data_root(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_prepared(tmp_path_factory.getbasetemp() / "hpseg-tiny-data")
+def trained(tiny_run: Path) -> Path:
+    return tiny_run
 
 
 @pytest.fixture
@@ -587,7 +549,6 @@ def test_atomic_write_on_a_read_only_folder_names_it(tmp_path: Path) -> None:
             stream.write("{}")
     finally:
         folder.chmod(0o755)
-
 
 
 # ------------------------------------------------------------------------------------ kill -9, then --resume

@@ -2,8 +2,8 @@
 timeout variable, ``--seeds``, ``report``, ``clusters``, config keys, the app, ONNX files.
 
 Each case failed (a traceback, an unclear message, lost files or work done before a refusal)
-before its fix. Commands run in-process through :func:`hpseg.cli.main.main` (helpers of
-``tests/test_bad_inputs.py``); the trained model is the tiny run of ``tests/test_api.py``.
+before its fix. Commands run in-process through :func:`hpseg.cli.main.main` (``tests/helpers.py``);
+the trained model is the session's tiny run (``tests/conftest.py``).
 """
 
 from __future__ import annotations
@@ -19,15 +19,17 @@ from PIL import Image
 from hpseg.config import Config
 from hpseg.files import OUTPUT_MARKER, OutputFolder, OutputFolderError, claim_output_folder
 from hpseg.runtime import collective_timeout
-from tests import test_bad_inputs
-from tests.helpers import tiny_overrides
-from tests.test_bad_inputs import hpseg_logger, refused, run, snapshot  # noqa: F401 - hpseg_logger: autouse fixture
-from tests.test_report import fake_results, write
+from tests.helpers import fake_results, refused, run, snapshot, tiny_overrides, write_results
 
 # ------------------------------------------------------------------------------------ fixtures
 
-#: The tiny trained run and its data (module-scoped fixtures of tests/test_bad_inputs.py).
-trained, data_root = test_bad_inputs.trained, test_bad_inputs.data_root
+pytestmark = pytest.mark.usefixtures("hpseg_logger")  # main() configures the hpseg logger
+
+
+@pytest.fixture
+def trained(tiny_run: Path) -> Path:
+    """The tiny trained run of conftest.py (read-only)."""
+    return tiny_run
 
 
 @pytest.fixture
@@ -77,7 +79,7 @@ def test_claim_output_folder_fresh_empty_own_foreign_and_file(tmp_path: Path) ->
 def _command(name: str, trained: Path, data_root: Path, photos: Path, tmp_path: Path, out: Path) -> list[str]:
     checkpoint = str(trained / "checkpoints" / "last.pt")
     if name == "report":
-        write(tmp_path / "evals" / "seed0", fake_results(0, 0.5))
+        write_results(tmp_path / "evals" / "seed0", fake_results(0, 0.5))
         return ["report", str(tmp_path / "evals" / "seed0"), "--out", str(out)]
     return {
         "predict": ["predict", str(photos), "--checkpoint", checkpoint, "--out", str(out), "--size", "0"],
@@ -246,8 +248,8 @@ def test_report_without_checkpoint_entry_reports_with_a_warning(tmp_path: Path,
     """A results.json lacking ``checkpoint`` (older or hand-edited) was a KeyError traceback."""
     first = fake_results(0, 0.5)
     del first["checkpoint"]
-    a = write(tmp_path / "a", first)
-    b = write(tmp_path / "b", fake_results(1, 0.6))
+    a = write_results(tmp_path / "a", first)
+    b = write_results(tmp_path / "b", fake_results(1, 0.6))
     status, text = run(capsys, "report", str(a), str(b), "--out", str(tmp_path / "report"))
     assert status == 0, text
     assert f"{a / 'results.json'} has no 'checkpoint' entry" in text  # -q keeps warnings
@@ -263,7 +265,7 @@ def test_report_with_a_validation_record_without_step(tmp_path: Path, capsys: py
         if seed == 1:
             log.append({"validation": {"unsupervised_miou": 0.3}})  # no step
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
-        paths.append(str(write(run_dir / "eval-last", fake_results(seed, 0.5, run=run_dir))))
+        paths.append(str(write_results(run_dir / "eval-last", fake_results(seed, 0.5, run=run_dir))))
     status, text = run(capsys, "report", *paths, "--out", str(tmp_path / "report"))
     assert status == 0, text
     assert f"{tmp_path / 'run1' / 'metrics.jsonl'} line 2: a validation record without an integer 'step'" in text
@@ -279,7 +281,7 @@ def test_report_names_the_file_and_the_missing_entry(edit, message: str, tmp_pat
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     results = fake_results(0, 0.5)
     edit(results)
-    bad = write(tmp_path / "bad", results)
+    bad = write_results(tmp_path / "bad", results)
     error = refused(capsys, "report", str(bad), "--out", str(tmp_path / "report"))
     assert f"{bad / 'results.json'}: {message}" in error
 

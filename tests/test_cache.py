@@ -33,6 +33,8 @@ def messages(notices) -> str:
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
+    """Its own dataset, not conftest's shared one: a test here builds the cache in its default
+    place inside the dataset, where every later training on it would find it."""
     return synthetic_prepared(tmp_path_factory.mktemp("synthetic_cache"))
 
 

@@ -29,54 +29,14 @@ from hpseg.data import (
     prepare_five_crops,
 )
 from hpseg.data.images import read_image, read_label
-
-H, W = 40, 48
-
-
-def _rgb(seed: int, h: int = H, w: int = W) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-
-
-def _save_png(a: np.ndarray, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(a).save(path)
-    return path
-
-
-def _stripes(values: list[int], h: int = H, w: int = W) -> np.ndarray:
-    """(h, w) uint8 label with one vertical band per value."""
-    lab = np.zeros((h, w), np.uint8)
-    for j, v in enumerate(np.array_split(np.arange(w), len(values))):
-        lab[:, v] = values[j]
-    return lab
-
+from tests.helpers import COCO_IDS, FINE, H, W, make_coco, random_rgb, save_png, stripes
 
 # ------------------------------------------------------------------------------------------------
 # COCO-Stuff-27
 
-COCO_IDS = ["000000000009", "000000000025"]
-FINE = [0, 9, 91, 100, 181, 255]  # hand-picked fine ids, 255 = unlabeled
-
-
-def _make_coco(root: Path) -> Path:
-    json_path = Path(__file__).parents[1] / "src/hpseg/data/cocostuff27.json"
-    assert json_path.is_file()
-    for _split, sd, lst in [
-        ("train", "train2017", "Coco164kFull_Stuff_Coarse.txt"),
-        ("val", "val2017", "Coco164kFull_Stuff_Coarse_7.txt"),
-    ]:
-        for k, i in enumerate(COCO_IDS):
-            img_path = root / "images" / sd / f"{i}.jpg"
-            img_path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(_rgb(k)).save(img_path, quality=90)
-            _save_png(_stripes(FINE), root / "annotations" / sd / f"{i}.png")
-        (root / "curated" / sd).mkdir(parents=True, exist_ok=True)
-        (root / "curated" / sd / lst).write_text("\n".join(COCO_IDS) + "\n")
-    return root
-
 
 def test_cocostuff_fine_to_coarse(tmp_path):
-    root = _make_coco(tmp_path / "cocostuff")
+    root = make_coco(tmp_path / "cocostuff")
     spec = json.loads((Path(__file__).parents[1] / "src/hpseg/data/cocostuff27.json").read_text())
     ds = build_raw_dataset("cocostuff27", root, "train")
     assert len(ds) == 2 and ds.n_classes == 27 and ds.class_names == spec["coarse_names"]
@@ -97,7 +57,7 @@ def test_cocostuff_fine_to_coarse(tmp_path):
 
 
 def test_cocostuff_missing_split_list_and_label(tmp_path):
-    root = _make_coco(tmp_path)
+    root = make_coco(tmp_path)
     lst = root / "curated/val2017/Coco164kFull_Stuff_Coarse_7.txt"
     lst.unlink()
     with pytest.raises(DatasetLayoutError) as e:
@@ -122,10 +82,10 @@ def test_cityscapes_label_ids(tmp_path):
     for split in ("train", "val"):
         for city in ("aachen", "bochum"):
             base = f"{city}_000000_000019"
-            _save_png(_rgb(1), tmp_path / "leftImg8bit" / split / city / f"{base}_leftImg8bit.png")
-            _save_png(_stripes(ids), tmp_path / "gtFine" / split / city / f"{base}_gtFine_labelIds.png")
+            save_png(random_rgb(1), tmp_path / "leftImg8bit" / split / city / f"{base}_leftImg8bit.png")
+            save_png(stripes(ids), tmp_path / "gtFine" / split / city / f"{base}_gtFine_labelIds.png")
             # other gtFine files of the official release must be ignored
-            _save_png(_stripes(ids), tmp_path / "gtFine" / split / city / f"{base}_gtFine_instanceIds.png")
+            save_png(stripes(ids), tmp_path / "gtFine" / split / city / f"{base}_gtFine_instanceIds.png")
     ds = build_raw_dataset("cityscapes27", tmp_path, "val")
     assert (
         len(ds) == 2
@@ -156,7 +116,7 @@ def test_potsdam_mat_and_coarse_map(tmp_path):
         img = np.random.default_rng(i).integers(0, 256, size=(H, W, 4), dtype=np.uint8)  # R G B IR
         savemat(tmp_path / "imgs" / f"{name}.mat", {"img": img})
         if name != "u0":  # an unlabelled training image without a gt file
-            savemat(tmp_path / "gt" / f"{name}.mat", {"gt": _stripes(fine).astype(np.int32)})
+            savemat(tmp_path / "gt" / f"{name}.mat", {"gt": stripes(fine).astype(np.int32)})
     (tmp_path / "labelled_train.txt").write_text("a0\na1\n")
     (tmp_path / "unlabelled_train.txt").write_text("u0\n")
     (tmp_path / "labelled_test.txt").write_text("t0\n")
@@ -195,10 +155,10 @@ def _make_folder(root: Path, labels: bool = True) -> list[str]:
     for k, rel in enumerate(rels):
         p = root / "images" / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(_rgb(k)).save(p)
+        Image.fromarray(random_rgb(k)).save(p)
         if labels:
-            lab = _stripes([0, 1, 2, 255]) if k != 3 else _stripes([1])
-            _save_png(lab, (root / "labels" / rel).with_suffix(".png"))
+            lab = stripes([0, 1, 2, 255]) if k != 3 else stripes([1])
+            save_png(lab, (root / "labels" / rel).with_suffix(".png"))
     (root / "images" / "notes.txt").write_text("not an image")
     return rels
 
@@ -246,9 +206,9 @@ def test_image_modes_become_rgb(tmp_path):
     cases = {
         "l.png": Image.fromarray(g, "L"),
         "la.png": Image.fromarray(np.stack([g, g], -1), "LA"),
-        "rgba.png": Image.fromarray(np.dstack([_rgb(0), g]), "RGBA"),
-        "p.png": Image.fromarray(_rgb(0)).convert("P"),
-        "cmyk.tif": Image.fromarray(_rgb(0)).convert("CMYK"),
+        "rgba.png": Image.fromarray(np.dstack([random_rgb(0), g]), "RGBA"),
+        "p.png": Image.fromarray(random_rgb(0)).convert("P"),
+        "cmyk.tif": Image.fromarray(random_rgb(0)).convert("CMYK"),
         "f.tif": Image.fromarray(g.astype(np.float32) / 255.0, "F"),
     }
     for name, img in cases.items():
@@ -256,7 +216,7 @@ def test_image_modes_become_rgb(tmp_path):
         out = read_image(tmp_path / name)
         assert out.mode == "RGB" and out.size == (W, H), name
     np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "l.png"))[:, :, 1], g)
-    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "rgba.png")), _rgb(0))
+    np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "rgba.png")), random_rgb(0))
     np.testing.assert_array_equal(np.asarray(read_image(tmp_path / "f.tif"))[:, :, 0], g)
     # 16 bit: scaled by the full range (65535 -> 255), not clipped at 255
     v16 = (g.astype(np.uint16) * 257).astype(np.uint16)
@@ -299,8 +259,8 @@ def _position_dataset(root: Path, h: int = 8, w: int = 12) -> np.ndarray:
     """One h x w image whose R = row, G = column; label = row * w + column (< 255)."""
     rr, cc = np.mgrid[0:h, 0:w]
     img = np.stack([rr * 10, cc * 10, np.full_like(rr, 7)], -1).astype(np.uint8)
-    _save_png(img, root / "images/pos.png")
-    _save_png((rr * w + cc).astype(np.uint8), root / "labels/pos.png")
+    save_png(img, root / "images/pos.png")
+    save_png((rr * w + cc).astype(np.uint8), root / "labels/pos.png")
     (root / "classes.txt").write_text("\n".join(f"c{k}" for k in range(h * w)) + "\n")
     return img
 
@@ -394,8 +354,8 @@ def test_val_crops_geometry(tmp_path):
     h, w = 6, 10
     rr, cc = np.mgrid[0:h, 0:w]
     img = np.stack([rr * 20, cc * 20, np.full_like(rr, 3)], -1).astype(np.uint8)
-    _save_png(img, tmp_path / "images/v.png")
-    _save_png((rr * w + cc).astype(np.uint8), tmp_path / "labels/v.png")
+    save_png(img, tmp_path / "images/v.png")
+    save_png((rr * w + cc).astype(np.uint8), tmp_path / "labels/v.png")
     (tmp_path / "classes.txt").write_text("\n".join(f"c{k}" for k in range(60)))
     raw = build_raw_dataset("folder", tmp_path, "val")
     ds = ValCrops(raw, size=4)
@@ -434,7 +394,7 @@ def test_normalize_and_photometric():
     assert aug.shape == rgb.shape and aug.dtype == torch.uint8
     batch = photometric_augment(rgb.expand(4, 3, 8, 8).float() / 255)
     assert batch.shape == (4, 3, 8, 8) and batch.dtype == torch.float32
-    assert photometric_augment(Image.fromarray(_rgb(0))).size == (W, H)
+    assert photometric_augment(Image.fromarray(random_rgb(0))).size == (W, H)
 
 
 def test_registry():
@@ -449,13 +409,13 @@ def test_registry():
 def _folder(tmp_path: Path, names: list[str]) -> Path:
     root = tmp_path / "ds"
     for i, name in enumerate(names):
-        _save_png(_rgb(i), root / "images" / name)
+        save_png(random_rgb(i), root / "images" / name)
     return root
 
 
 def test_tiny_image_is_named_and_skippable(tmp_path):
     root = _folder(tmp_path, ["ok.png"])
-    _save_png(_rgb(1, 1, 1), root / "images" / "tiny.png")
+    save_png(random_rgb(1, 1, 1), root / "images" / "tiny.png")
     raw = build_raw_dataset("folder", root, "train", n_classes=2)
     with pytest.raises(ImageReadError, match=r"tiny\.png: image of 1x1 pixels is too small"):
         prepare_five_crops(raw, tmp_path / "crops", crop_size=8)

@@ -16,7 +16,6 @@ from hpseg.backbones import create_backbone
 from hpseg.cli import demo
 from hpseg.cli.main import main
 from tests.helpers import Notices
-from tests.test_api import one_thread  # noqa: F401 - autouse fixture
 
 # On the CPU also where a GPU is present: the checks of equal numbers assume one device's arithmetic
 # (on an H200 the figure's k-means and the evaluation's differed in the 4th digit).

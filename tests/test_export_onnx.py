@@ -32,9 +32,7 @@ from hpseg.inference.segmenter import Segmenter  # noqa: E402
 from hpseg.inference.tiling import Tiling, resized_shape  # noqa: E402
 from hpseg.method.model import HiddenPositivesModel  # noqa: E402
 from hpseg.method.probes import centroid_scores  # noqa: E402
-from tests.test_api import one_thread, tiny_run  # noqa: E402,F401 - one_thread: autouse fixture
-from tests.test_authors_checkpoint import authors_payload  # noqa: E402
-from tests.test_readme import README, code_blocks  # noqa: E402
+from tests.helpers import README, authors_payload, code_blocks  # noqa: E402
 
 MAPPING = [2, 0, -1, 1]  # one cluster matched to no class: -1 must survive the graph
 
@@ -44,10 +42,9 @@ def _images(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def dino(tmp_path_factory: pytest.TempPathFactory) -> tuple[Segmenter, Path]:
+def dino(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Segmenter, Path]:
     """The tiny trained run (random vit_tiny_p8) with a cluster->class mapping, and its checkpoint."""
-    run = tiny_run(tmp_path_factory)
-    checkpoint = run / "checkpoints" / "last.pt"
+    checkpoint = tiny_run / "checkpoints" / "last.pt"
     results = tmp_path_factory.mktemp("mapping") / "results.json"
     step = torch.load(checkpoint, weights_only=True)["step"]
     results.write_text(json.dumps({"checkpoint": str(checkpoint), "step": step, "cluster_to_class": MAPPING}))

@@ -22,8 +22,7 @@ pytest.importorskip("huggingface_hub")
 import hpseg  # noqa: E402
 from hpseg.cli.main import main  # noqa: E402
 from hpseg.export.hub import export_hub, push, push_operations  # noqa: E402
-from tests.test_api import one_thread, tiny_run  # noqa: E402,F401 - one_thread: autouse fixture
-from tests.test_authors_checkpoint import authors_payload  # noqa: E402
+from tests.helpers import authors_payload  # noqa: E402
 
 MAPPING = [3, 1, 0, 2]
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -34,10 +33,10 @@ def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def run_with_eval(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_with_eval(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the tiny run with an evaluation of its last checkpoint where `hpseg eval` puts it."""
     run = tmp_path_factory.mktemp("hub") / "run"
-    shutil.copytree(tiny_run(tmp_path_factory), run)
+    shutil.copytree(tiny_run, run)
     checkpoint = run / "checkpoints" / "last.pt"
     step = torch.load(checkpoint, weights_only=True)["step"]
     (run / "eval-last").mkdir()

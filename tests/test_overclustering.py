@@ -8,7 +8,7 @@ from hpseg.config import Config
 from hpseg.evaluation.metrics import SegmentationMetrics, hungarian_match, majority_match
 from hpseg.evaluation.protocol import evaluate_checkpoint
 from hpseg.training.trainer import train
-from tests.helpers import synthetic_prepared, tiny_config
+from tests.helpers import tiny_config
 
 # 3 clusters x 2 classes: confusion[p, c] = pixels of cluster p labelled c.
 CONFUSION = np.array([[5, 1], [0, 3], [4, 0]])
@@ -53,11 +53,6 @@ def test_extra_clusters_config_is_checked():
     assert Config().override(["method.n_classes=4", "method.extra_clusters=3"]).n_clusters == 7
     with pytest.raises(ValueError, match="method.extra_clusters"):
         Config().override(["method.extra_clusters=-1"])
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return synthetic_prepared(tmp_path_factory.mktemp("synthetic"))
 
 
 def test_over_clustered_probe_and_baseline_are_scored_both_ways(data_root, tmp_path):

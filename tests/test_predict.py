@@ -18,12 +18,11 @@ from hpseg.cli.main import main
 from hpseg.cli.predict import collect_images
 from hpseg.data import read_image
 from hpseg.files import OUTPUT_MARKER
-from tests.test_api import one_thread, tiny_run  # noqa: F401 - one_thread: autouse fixture
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_run(tmp_path_factory) / "checkpoints" / "last.pt"
+def checkpoint(tiny_run: Path) -> Path:
+    return tiny_run / "checkpoints" / "last.pt"
 
 
 def _save(path: Path, height: int, width: int, mode: str = "RGB", seed: int = 0) -> Path:

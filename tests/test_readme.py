@@ -11,15 +11,9 @@ from pathlib import Path
 import pytest
 
 from hpseg.cli.main import build_parser
-from tests.test_api import one_thread, tiny_run  # noqa: F401 - one_thread: autouse fixture
+from tests.helpers import README, code_blocks
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 TEST_COMMAND = 'pip install -e ".[test,crf]" && HF_HUB_OFFLINE=1 python -m pytest -n 2'
-
-
-def code_blocks(text: str) -> list[tuple[str, str]]:
-    """(language, body) of every fenced code block."""
-    return [(m.group(1).strip(), m.group(2)) for m in re.finditer(r"^```([^\n]*)\n(.*?)^```", text, re.M | re.S)]
 
 
 def shell_commands(body: str) -> list[list[str]]:
@@ -81,18 +75,17 @@ def test_readme_command_parses(argv: list[str]) -> None:
         config.override(list(getattr(args, "overrides", [])))  # every key=value is a real config key
 
 
-def test_readme_python_example_runs(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+def test_readme_python_example_runs(tiny_run: Path, data_root: Path, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The API example, on a checkpoint and an image placed where the example looks for them."""
     blocks = [body for language, body in code_blocks(README.read_text()) if language == "python"]
     example = next(body for body in blocks if "hpseg.load(" in body)
-    run = tiny_run(tmp_path_factory)
     checkpoint = tmp_path / "hpseg-demo" / "run" / "checkpoints" / "last.pt"
     checkpoint.parent.mkdir(parents=True)
-    shutil.copy(run / "checkpoints" / "last.pt", checkpoint)
+    shutil.copy(tiny_run / "checkpoints" / "last.pt", checkpoint)
     image = re.search(r'Image\.open\("([^"]+)"\)', example)
     assert image is not None
-    source = next((run.parent / "hpseg-tiny-data" / "data" / "val" / "images").glob("*.png"))
+    source = next((data_root / "val" / "images").glob("*.png"))
     (tmp_path / image.group(1)).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(source, tmp_path / image.group(1))
     monkeypatch.chdir(tmp_path)

@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from hpseg.errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class Bounds:
@@ -93,7 +95,7 @@ class DataConfig:
         if self.prepared_dir:
             return Path(self.prepared_dir)
         if not self.root:
-            raise ValueError("data.root is not set: pass --data-root DIR (or data.prepared_dir=DIR)")
+            raise InvalidInputError("data.root is not set: pass --data-root DIR (or data.prepared_dir=DIR)")
         return Path(self.root) / "hpseg_prepared" / f"train_{self.crop_size}"
 
 
@@ -211,7 +213,7 @@ class Config:
         config = cls()
         for section, entries in values.items():
             if not hasattr(config, section) or not isinstance(entries, dict):
-                raise ValueError(f"unknown config section {section!r}; expected one of {_sections()}")
+                raise InvalidInputError(f"unknown config section {section!r}; expected one of {_sections()}")
             for key, value in entries.items():
                 _set_field(getattr(config, section), f"{section}.{key}", key, value)
         return config.validate()
@@ -220,13 +222,13 @@ class Config:
         """Apply ``section.field=value`` strings (values parsed as YAML scalars)."""
         for assignment in assignments:
             if "=" not in assignment:
-                raise ValueError(f"override {assignment!r} is not of the form section.field=value")
+                raise InvalidInputError(f"override {assignment!r} is not of the form section.field=value")
             dotted, raw = assignment.split("=", 1)
             if dotted.count(".") != 1:
-                raise ValueError(f"override key {dotted!r} must be section.field, e.g. train.batch_size")
+                raise InvalidInputError(f"override key {dotted!r} must be section.field, e.g. train.batch_size")
             section, key = dotted.split(".")
             if section not in _sections():
-                raise ValueError(f"unknown config section {section!r}; expected one of {_sections()}")
+                raise InvalidInputError(f"unknown config section {section!r}; expected one of {_sections()}")
             _set_field(getattr(self, section), dotted, key, _parse_value(assignment, raw))
         return self.validate()
 
@@ -239,13 +241,13 @@ class Config:
                 value = getattr(values, key)
                 if not bounds.allows(value):
                     dotted = f"{section}.{key}"
-                    raise ValueError(f"{dotted}={value!r} is out of range: allowed {bounds.describe(dotted)}")
+                    raise InvalidInputError(f"{dotted}={value!r} is out of range: allowed {bounds.describe(dotted)}")
         val_feature_cache_setting(self.data.val_feature_cache)
         if self.train.selection == "unsupervised" and self.train.label_free_crops == 0:
-            raise ValueError("train.selection=unsupervised scores checkpoints on train.label_free_crops training "
+            raise InvalidInputError("train.selection=unsupervised scores checkpoints on train.label_free_crops training "
                              "crops: set train.label_free_crops to 1 or more (default 32)")
         if self.train.max_steps == 0 and self.train.epochs == 0:
-            raise ValueError("train.epochs=0 with train.max_steps=0 gives no training step: "
+            raise InvalidInputError("train.epochs=0 with train.max_steps=0 gives no training step: "
                              "set train.epochs >= 1 or train.max_steps >= 1")
         return self
 
@@ -279,7 +281,7 @@ def _parse_value(assignment: str, raw: str) -> Any:
         return yaml.safe_load(raw) if raw else None
     except yaml.YAMLError as error:
         problem = str(getattr(error, "problem", None) or error).strip()
-        raise ValueError(f"override {assignment!r}: the value {raw!r} is not valid YAML ({problem})") from None
+        raise InvalidInputError(f"override {assignment!r}: the value {raw!r} is not valid YAML ({problem})") from None
 
 
 def _sections() -> list[str]:
@@ -290,7 +292,7 @@ def _set_field(obj: Any, dotted: str, key: str, value: Any) -> None:
     hints = get_type_hints(type(obj))
     if key not in {f.name for f in dataclasses.fields(obj)}:  # not RULES, a class variable
         names = ", ".join(f.name for f in dataclasses.fields(obj))
-        raise ValueError(f"unknown config key {dotted!r}; known keys: {names}")
+        raise InvalidInputError(f"unknown config key {dotted!r}; known keys: {names}")
     setattr(obj, key, _coerce(dotted, hints[key], value))
 
 
@@ -298,17 +300,17 @@ def _coerce(dotted: str, hint: Any, value: Any) -> Any:
     origin = get_origin(hint)
     if origin is Literal:
         if value not in get_args(hint):
-            raise ValueError(f"{dotted}={value!r}: expected one of {list(get_args(hint))}")
+            raise InvalidInputError(f"{dotted}={value!r}: expected one of {list(get_args(hint))}")
         return value
     args = [a for a in get_args(hint) if a is not type(None)]
     if value is None:
         if type(None) in get_args(hint):
             return None
-        raise ValueError(f"{dotted} may not be empty")
+        raise InvalidInputError(f"{dotted} may not be empty")
     target = args[0] if args else hint
     if target is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{dotted}={value!r}: expected true or false")
+            raise InvalidInputError(f"{dotted}={value!r}: expected true or false")
         return value
     if target is float and isinstance(value, str):
         # YAML 1.1 reads "2e-3" (no dot) as a string; it is a float all the same.
@@ -322,7 +324,7 @@ def _coerce(dotted: str, hint: Any, value: Any) -> Any:
         return value
     if target is str:
         return str(value)
-    raise ValueError(f"{dotted}={value!r}: expected a value of type {getattr(target, '__name__', target)}")
+    raise InvalidInputError(f"{dotted}={value!r}: expected a value of type {getattr(target, '__name__', target)}")
 
 
 def preset_names() -> list[str]:
@@ -339,7 +341,7 @@ def load_preset(name_or_path: str) -> Config:
         text = path.read_text()
     else:
         if name_or_path not in preset_names():
-            raise ValueError(f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())}")
+            raise InvalidInputError(f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())}")
         text = (resources.files("hpseg") / "presets" / f"{name_or_path}.yaml").read_text()
     try:
         values = yaml.safe_load(text) or {}
@@ -347,10 +349,10 @@ def load_preset(name_or_path: str) -> Config:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = str(getattr(error, "problem", None) or error).strip()
-        raise ValueError(f"config file {name_or_path} is not valid YAML{where}: {problem}") from None
+        raise InvalidInputError(f"config file {name_or_path} is not valid YAML{where}: {problem}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"preset {name_or_path}: expected a mapping of sections at the top level")
+        raise InvalidInputError(f"preset {name_or_path}: expected a mapping of sections at the top level")
     try:
         return Config.from_dict(values)
     except ValueError as error:
-        raise ValueError(f"config file {name_or_path}: {error}") from None
+        raise InvalidInputError(f"config file {name_or_path}: {error}") from None

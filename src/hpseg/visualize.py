@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from hpseg.errors import InvalidInputError
 from hpseg.files import atomic_write
 
 __all__ = [
@@ -132,7 +133,7 @@ def _format_for(path: str | os.PathLike[str]) -> str:
     ext = Path(path).suffix.lower()
     fmt = Image.registered_extensions().get(ext)
     if fmt is None:
-        raise ValueError(f"cannot tell the image format of {str(path)!r} from its extension")
+        raise InvalidInputError(f"cannot tell the image format of {str(path)!r} from its extension")
     return fmt
 
 

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpseg.errors import HpsegError
+
 from .registry import BackboneSpec
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def strip_key_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
     return key
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(HpsegError, RuntimeError):
     """Backbone weights could not be obtained or do not fit the backbone."""
 
 

@@ -4,11 +4,11 @@ This module only parses arguments: each command imports what it runs inside its 
 function, so that ``hpseg --help`` and argument errors answer without importing torch (seconds).
 
 Output: a command's result goes to stdout; progress bars and notices go to stderr through the
-``hpseg`` logger (``--quiet``: warnings only, ``--verbose``: debug records too). Errors: hpseg's
-own errors (``CheckpointError``, ``BackboneWeightsError``, ``DatasetLayoutError``,
-``ImageReadError``, ...), the ``ValueError`` / ``RuntimeError`` hpseg raises about its inputs and
-the system's ``OSError`` print one line and exit with 2; anything else is unexpected and keeps
-its traceback (exit 1); ``--debug`` shows the traceback of every error.
+``hpseg`` logger (``--quiet``: warnings only, ``--verbose``: debug records too). Errors: the
+errors a user can fix (:class:`hpseg.errors.HpsegError`: ``CheckpointError``, ``DatasetLayoutError``,
+``UsageError``, ...) and the system's ``OSError`` (a missing file, a full disk) print one line and
+exit with 2; anything else is unexpected and keeps its traceback (exit 1); ``--debug`` shows the
+traceback of every error.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from types import TracebackType
 
 from hpseg import __version__
 from hpseg.cli import export as export_commands  # argparse only at import: the parser stays torch-free
 from hpseg.cli.errors import UsageError
+from hpseg.errors import HpsegError
 from hpseg.logs import configure_logging
 
 #: Exit status of a failure hpseg explains in one line, and of an unexpected one.
@@ -449,32 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _innermost_module(trace: TracebackType | None) -> str:
-    """The module of the function that raised (the last frame of the traceback)."""
-    if trace is None:
-        return ""
-    while trace.tb_next is not None:
-        trace = trace.tb_next
-    return str(trace.tb_frame.f_globals.get("__name__", ""))
-
-
-def _in_hpseg(module: str) -> bool:
-    return module == "hpseg" or module.startswith("hpseg.")
-
-
 def is_user_error(error: BaseException) -> bool:
-    """Whether ``error``'s message is written for users, so that one line says it all.
-
-    True for hpseg's own error classes, for a ``ValueError`` / ``RuntimeError`` raised by hpseg's
-    code (its checks of configs, arguments and files) and for the system's ``OSError`` (missing
-    file, full disk, permissions: the message names the file). False for anything else, e.g. a
-    ``RuntimeError`` raised inside torch or a ``KeyError``: a bug, whose traceback is needed.
-    """
-    if any(_in_hpseg(cls.__module__) for cls in type(error).__mro__):
-        return True
-    if isinstance(error, OSError):
-        return True
-    return isinstance(error, (ValueError, RuntimeError)) and _in_hpseg(_innermost_module(error.__traceback__))
+    """Whether ``error``'s message is written for users, so that one line says it all: an
+    :class:`~hpseg.errors.HpsegError`, or the system's ``OSError`` (its message names the file).
+    Anything else, e.g. a ``RuntimeError`` inside torch or a ``KeyError``, is a bug whose
+    traceback is needed."""
+    return isinstance(error, (HpsegError, OSError))
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

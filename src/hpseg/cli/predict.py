@@ -34,7 +34,7 @@ from hpseg.cli.errors import UsageError
 from hpseg.data import ImageReadError, read_image
 from hpseg.data.datasets import walk_files
 from hpseg.data.images import IMAGE_SUFFIXES
-from hpseg.export.onnx_runner import OnnxSegmenter
+from hpseg.export.onnx_runner import OnnxRuntimeMissingError, OnnxSegmenter
 from hpseg.files import OutputFolder, holds_only, remove_stale_temporaries, write_json_atomic
 from hpseg.inference.crf import require_crf
 from hpseg.inference.segmenter import Segmenter, check_head, load
@@ -329,8 +329,8 @@ def predict_paths(
     _remove_stale_temporaries(out)
     segmenter: Segmenter | OnnxSegmenter
     if onnx:
-        segmenter = OnnxSegmenter(onnx, size=size, window=window, batch_size=batch_size,
-                                  use_mapping=mapping is not None)
+        segmenter = _onnx_segmenter(onnx, size=size, window=window, batch_size=batch_size,
+                                    use_mapping=mapping is not None)
         checkpoint = onnx
         head = head or "cluster"
     else:
@@ -347,6 +347,15 @@ def predict_paths(
     summary = _summary(segmenter, checkpoint, head, names, records, skipped)
     write_json_atomic(summary, out / "predictions.json")
     return summary
+
+
+def _onnx_segmenter(path: str | Path, **settings: Any) -> OnnxSegmenter:
+    """The ONNX runner, its errors about the model (raised by the hpseg-free runtime as
+    ``ValueError`` / ``ImportError``) turned into :class:`UsageError`: one line on the command line."""
+    try:
+        return OnnxSegmenter(path, **settings)
+    except (OnnxRuntimeMissingError, ValueError) as error:
+        raise UsageError(str(error)) from error
 
 
 def run_cli(args: Any) -> int:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hpseg.errors import InvalidInputError
+
 from .datasets import RawDataset
 from .images import read_image, read_label
 from .prepare import IGNORE_U8, load_manifest
@@ -71,7 +73,7 @@ class TrainCrops(Dataset):
         rgb = pil_to_uint8_tensor(read_image(self.root / "images" / f"{stem}.png"))
         s = self.crop_size
         if tuple(rgb.shape[1:]) != (s, s):
-            raise ValueError(
+            raise InvalidInputError(
                 f"crop {self.image_path(i)} is {tuple(rgb.shape[1:])}, expected {(s, s)}; re-prepare"
             )
         out: dict[str, Any] = {"image": normalize(rgb)}

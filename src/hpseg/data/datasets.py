@@ -57,6 +57,8 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
+from hpseg.errors import InvalidInputError
+
 from .errors import DatasetLayoutError, ImageReadError
 from .images import IMAGE_SUFFIXES, array_to_rgb, read_image, read_label
 
@@ -196,7 +198,7 @@ class RawDataset:
         self.skip_bad_images = bool(skip_bad_images)
         self.skipped: list[Path] = []
         if len(self.class_names) != self.n_classes:
-            raise ValueError(f"{len(self.class_names)} class names for {self.n_classes} classes")
+            raise InvalidInputError(f"{len(self.class_names)} class names for {self.n_classes} classes")
         keys = [it.key for it in items]
         if len(set(keys)) != len(keys):
             seen: dict[str, Path] = {}
@@ -620,7 +622,7 @@ def _class_names(root: Path, base: Path, n_classes: int | None) -> list[str] | N
         if not names:
             raise DatasetLayoutError(f"empty class list {candidate}", candidate)
         if n_classes is not None and n_classes != len(names):
-            raise ValueError(f"n_classes={n_classes} but {candidate} lists {len(names)} classes")
+            raise InvalidInputError(f"n_classes={n_classes} but {candidate} lists {len(names)} classes")
         return names
     return None
 
@@ -705,15 +707,15 @@ def build_raw_dataset(
     layout (before reading any image).
     """
     if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise InvalidInputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     cls = _REGISTRY[name]
     if cls is FolderDataset:
         if not split or "/" in split or split.startswith("."):
-            raise ValueError(f"invalid split name {split!r}")
+            raise InvalidInputError(f"invalid split name {split!r}")
         return FolderDataset(root, split, n_classes=n_classes, skip_bad_images=skip_bad_images)
     if split not in cls.SPLITS:
-        raise ValueError(f"split must be one of {', '.join(cls.SPLITS)} for {name}, got {split!r}")
+        raise InvalidInputError(f"split must be one of {', '.join(cls.SPLITS)} for {name}, got {split!r}")
     ds = cls(root, split, skip_bad_images=skip_bad_images)
     if n_classes is not None and n_classes != ds.n_classes:
-        raise ValueError(f"{name} has {ds.n_classes} classes, n_classes={n_classes} was given")
+        raise InvalidInputError(f"{name} has {ds.n_classes} classes, n_classes={n_classes} was given")
     return ds

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from hpseg.errors import InvalidInputError
 from hpseg.files import atomic_write, remove_stale_temporaries, write_json_atomic
 from hpseg.logs import progress_bar
 
@@ -66,7 +67,7 @@ def five_crop_boxes(height: int, width: int) -> list[tuple[int, int, int, int]]:
     """
     h, w = height // 2, width // 2
     if h < 1 or w < 1:
-        raise ValueError(f"image of {width}x{height} pixels is too small for five half-size crops")
+        raise InvalidInputError(f"image of {width}x{height} pixels is too small for five half-size crops")
     top_c, left_c = round((height - h) / 2.0), round((width - w) / 2.0)
     return [
         (0, 0, w, h),
@@ -88,9 +89,9 @@ def five_crops(
     lab_img = None
     if label is not None:
         if label.shape != (image.height, image.width):
-            raise ValueError(f"label shape {label.shape} differs from image {(image.height, image.width)}")
+            raise InvalidInputError(f"label shape {label.shape} differs from image {(image.height, image.width)}")
         if label.max(initial=-1) >= IGNORE_U8:
-            raise ValueError(f"class id {int(label.max())} does not fit the uint8 label format")
+            raise InvalidInputError(f"class id {int(label.max())} does not fit the uint8 label format")
         lab_img = Image.fromarray(np.where(label < 0, IGNORE_U8, label).astype(np.uint8), "L")
     out = []
     for box in five_crop_boxes(image.height, image.width):
@@ -292,7 +293,7 @@ def prepare_five_crops(raw: RawDataset, out_dir: str | Path, crop_size: int = 22
     ``manifest.json`` to do so. Progress is shown when the ``hpseg`` logger shows INFO.
     """
     if crop_size < 1:
-        raise ValueError(f"crop_size must be positive, got {crop_size}")
+        raise InvalidInputError(f"crop_size must be positive, got {crop_size}")
     out_dir = Path(out_dir)
     previous = _previous_manifest(out_dir, raw, crop_size)
     outputs = _Outputs.open(out_dir, raw.has_labels)

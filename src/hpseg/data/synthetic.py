@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hpseg.errors import InvalidInputError
+
 __all__ = ["TEXTURES", "make_synthetic_dataset"]
 
 TEXTURES = ("stripes", "checker", "grain", "gradient", "dots")
@@ -170,11 +172,11 @@ def make_synthetic_dataset(
     Read it back with ``build_raw_dataset("folder", out_dir, "train")``.
     """
     if not 1 <= n_classes <= 254:
-        raise ValueError(f"n_classes must be in [1, 254], got {n_classes}")
+        raise InvalidInputError(f"n_classes must be in [1, 254], got {n_classes}")
     if size < 8:
-        raise ValueError(f"size must be at least 8, got {size}")
+        raise InvalidInputError(f"size must be at least 8, got {size}")
     if n_train < 0 or n_val < 0:
-        raise ValueError("n_train and n_val must be non-negative")
+        raise InvalidInputError("n_train and n_val must be non-negative")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     styles = _class_styles(n_classes)

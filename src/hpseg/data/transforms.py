@@ -25,6 +25,7 @@ from PIL import Image
 
 # The normalisation belongs to the backbones; data applies it for them.
 from hpseg.backbones.registry import IMAGENET_MEAN, IMAGENET_STD
+from hpseg.errors import InvalidInputError
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -105,7 +106,7 @@ def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
     ``int(size * long / short)``, at least 1.
     """
     if height < 1 or width < 1:
-        raise ValueError(f"empty image of size {width}x{height}")
+        raise InvalidInputError(f"empty image of size {width}x{height}")
     if size <= 0:
         return height, width
     if height <= width:
@@ -126,7 +127,7 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     """Centre ``size × size`` crop of an image at least ``size`` pixels on each side."""
     w, h = img.size
     if w < size or h < size:
-        raise ValueError(f"centre crop {size} larger than image {w}x{h}")
+        raise InvalidInputError(f"centre crop {size} larger than image {w}x{h}")
     top = round((h - size) / 2.0)
     left = round((w - size) / 2.0)
     return img.crop((left, top, left + size, top + size))

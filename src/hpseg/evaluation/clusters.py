@@ -36,6 +36,7 @@ from hpseg.backbones import Backbone, create_backbone
 from hpseg.checkpoints.sources import names_a_source
 from hpseg.checkpoints.trained import load_trained
 from hpseg.data import ValCrops, build_raw_dataset
+from hpseg.errors import InvalidInputError
 from hpseg.evaluation.kmeans import kmeans
 from hpseg.files import OutputFolder, atomic_write, holds_only, write_json_atomic
 from hpseg.logs import progress_bar
@@ -175,14 +176,14 @@ def parse_k_range(text: str, max_patches: int = 2000) -> list[int]:
     except ValueError:
         ks = []
     if not ks or (is_range and len(ks) != 2):
-        raise ValueError(f"--k {text!r}: expected a range LOW..HIGH (e.g. 2..40) or a list like 3,5,8")
+        raise InvalidInputError(f"--k {text!r}: expected a range LOW..HIGH (e.g. 2..40) or a list like 3,5,8")
     if is_range and ks[0] > ks[1]:
-        raise ValueError(f"--k {text!r}: the range is reversed; write LOW..HIGH ({ks[1]}..{ks[0]})")
+        raise InvalidInputError(f"--k {text!r}: the range is reversed; write LOW..HIGH ({ks[1]}..{ks[0]})")
     low, high = min(ks), max(ks)
     if low < 2:
-        raise ValueError(f"--k {text!r}: every K must be at least 2 (a single cluster cannot be scored)")
+        raise InvalidInputError(f"--k {text!r}: every K must be at least 2 (a single cluster cannot be scored)")
     if high >= max_patches:
-        raise ValueError(f"--k {text!r}: K = {high} needs more than the {max_patches} patches sampled "
+        raise InvalidInputError(f"--k {text!r}: K = {high} needs more than the {max_patches} patches sampled "
                          "(--max-patches): every K must be below --max-patches")
     return list(range(low, high + 1)) if is_range else sorted(set(ks))
 
@@ -202,7 +203,7 @@ def cluster_sweep(features: Tensor, ks: Sequence[int], *, seed: int = 0, max_pat
     features = features.float().cpu()
     too_many = [k for k in ks if k >= features.shape[0]]
     if too_many:
-        raise ValueError(f"K={too_many[0]} needs more than {features.shape[0]} patches: use fewer clusters or more images")
+        raise InvalidInputError(f"K={too_many[0]} needs more than {features.shape[0]} patches: use fewer clusters or more images")
     eigenvalues = laplacian_spectrum(features, n_neighbours)
     rows = []
     for k in ks:
@@ -225,11 +226,11 @@ def cluster_sweep(features: Tensor, ks: Sequence[int], *, seed: int = 0, max_pat
 def suggest_k(rows: Sequence[dict[str, Any]], criterion: str = DEFAULT_CRITERION) -> int:
     """The K of ``rows`` (from :func:`cluster_sweep`) that ``criterion`` rates best."""
     if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; expected one of {sorted(CRITERIA)}")
+        raise InvalidInputError(f"unknown criterion {criterion!r}; expected one of {sorted(CRITERIA)}")
     sign = 1.0 if CRITERIA[criterion] else -1.0
     scored = [r for r in rows if math.isfinite(r[criterion])]
     if not scored:
-        raise ValueError(f"no K could be scored by {criterion}")
+        raise InvalidInputError(f"no K could be scored by {criterion}")
     return int(max(scored, key=lambda r: sign * r[criterion])["k"])
 
 

@@ -21,6 +21,7 @@ from hpseg.checkpoints.trained import TrainedModel, load_trained
 from hpseg.config import MethodConfig
 from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
 from hpseg.data.errors import DatasetLayoutError
+from hpseg.errors import InvalidInputError
 from hpseg.evaluation.kmeans import kmeans
 from hpseg.evaluation.metrics import SegmentationMetrics
 from hpseg.files import OutputFolder, holds_only, write_json_atomic
@@ -356,7 +357,7 @@ def evaluate_checkpoint(
     """
     rule = MethodConfig.RULES["extra_clusters"]
     if extra_clusters is not None and not rule.allows(extra_clusters):
-        raise ValueError(f"--extra-clusters {extra_clusters}: out of range, allowed {rule.describe('extra_clusters')}")
+        raise InvalidInputError(f"--extra-clusters {extra_clusters}: out of range, allowed {rule.describe('extra_clusters')}")
     if crf:
         require_crf()  # fail before any work when the extra is missing
     trained = load_trained(checkpoint, device, weights)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from hpseg.errors import InvalidInputError
 from hpseg.files import OutputFolder, atomic_write, holds_only, read_jsonl, write_text_atomic
 
 __all__ = ["aggregate", "collect_results", "config_differences", "report_folder", "write_report"]
@@ -61,9 +62,9 @@ def collect_results(paths: Iterable[str | Path]) -> list[tuple[Path, dict[str, A
         try:
             results = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not readable JSON: {error}") from None
+            raise InvalidInputError(f"{path} is not readable JSON: {error}") from None
         if not isinstance(results, dict) or "hp" not in results or "config" not in results:
-            raise ValueError(f"{path} is not the results.json of `hpseg eval` (no 'hp' or 'config' key)")
+            raise InvalidInputError(f"{path} is not the results.json of `hpseg eval` (no 'hp' or 'config' key)")
         _check_results(path, results)
         out.append((path, results))
     return out
@@ -102,20 +103,20 @@ def _check_configs(evaluations: list[tuple[Path, dict[str, Any]]]) -> None:
     if differing:
         detail = "; ".join(f"{k}: " + ", ".join(sorted({json.dumps(_flatten(r['config']).get(k)) for _, r in evaluations}))
                            for k in differing)
-        raise ValueError(f"refusing to average runs whose configs differ in more than the seed: {detail}")
+        raise InvalidInputError(f"refusing to average runs whose configs differ in more than the seed: {detail}")
 
 
 def _check_group(group: list[tuple[Path, dict[str, Any]]]) -> None:
     for field in ("checkpoint_kind", "selection_rule"):
         values = {str(r.get(field)) for _, r in group}
         if len(values) > 1:
-            raise ValueError(f"refusing to average checkpoints chosen differently ({field}: {', '.join(sorted(values))}); "
+            raise InvalidInputError(f"refusing to average checkpoints chosen differently ({field}: {', '.join(sorted(values))}); "
                              "report each rule separately")
     seeds = [r.get("seed") for _, r in group]
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
         paths = ", ".join(str(p) for p, r in group if r.get("seed") in repeated)
-        raise ValueError(f"seed {repeated[0]} appears in several evaluations of the same CRF setting ({paths}): "
+        raise InvalidInputError(f"seed {repeated[0]} appears in several evaluations of the same CRF setting ({paths}): "
                          "pass one evaluation per seed")
 
 
@@ -134,7 +135,7 @@ def aggregate(evaluations: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
     Raises ValueError naming the differing keys when the evaluations are not seeds of one setup.
     """
     if not evaluations:
-        raise ValueError("no evaluations to report")
+        raise InvalidInputError("no evaluations to report")
     by_crf: dict[bool, list[tuple[Path, dict[str, Any]]]] = {}
     for path, results in evaluations:
         by_crf.setdefault(bool(results.get("crf")), []).append((path, results))

@@ -37,8 +37,8 @@ class OnnxRuntimeMissingError(ImportError):
     """onnxruntime is not installed; the message names the pip command.
 
     Defined here rather than taken from :mod:`hpseg.export` so that this file imports nothing from
-    hpseg; ``hpseg predict --onnx`` reports it in one line with the usage-error status, as it does
-    every error class of an ``hpseg.*`` module.
+    hpseg (so it is no :class:`hpseg.errors.HpsegError`); ``hpseg predict --onnx`` turns it, and
+    the ``ValueError`` about an unloadable model, into a ``UsageError`` printed in one line.
     """
 
 

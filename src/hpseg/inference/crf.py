@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hpseg.backbones.registry import IMAGENET_MEAN, IMAGENET_STD
+from hpseg.errors import HpsegError
 
 __all__ = [
     "BILATERAL_COMPAT",
@@ -59,7 +60,7 @@ _INSTALL_HINT = (
 )
 
 
-class CRFUnavailableError(ImportError):
+class CRFUnavailableError(HpsegError, ImportError):
     """Raised when dense CRF is requested but ``pydensecrf`` cannot be imported."""
 
     def __init__(self, message: str = _INSTALL_HINT) -> None:

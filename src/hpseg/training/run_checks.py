@@ -24,6 +24,7 @@ from pathlib import Path
 from hpseg.checkpoints.store import CheckpointError
 from hpseg.checkpoints.trained import TrainedCheckpoint, read_trained, weight_mismatch_summary
 from hpseg.config import Config
+from hpseg.errors import InvalidInputError
 from hpseg.files import read_jsonl, write_text_atomic
 
 __all__ = ["check_class_count", "resumable_checkpoint", "training_state_errors", "truncate_metrics"]
@@ -35,7 +36,7 @@ def check_class_count(config: Config, n_classes: int, source: str | Path) -> Non
     """Stop when the labelled data from ``source`` has ``n_classes`` classes and the config another count."""
     configured = config.method.n_classes
     if configured != n_classes:
-        raise ValueError(f"method.n_classes={configured} but the labelled data has {n_classes} classes ({source}): "
+        raise InvalidInputError(f"method.n_classes={configured} but the labelled data has {n_classes} classes ({source}): "
                          f"set method.n_classes={n_classes} (more clusters than classes: method.extra_clusters)")
 
 

@@ -33,6 +33,7 @@ from hpseg.checkpoints.runs import selection_text
 from hpseg.checkpoints.store import CheckpointError, save_atomic
 from hpseg.config import Config
 from hpseg.data import DatasetLayoutError, ValCrops, build_raw_dataset
+from hpseg.errors import InvalidInputError
 from hpseg.evaluation.protocol import (
     evaluate_features,
     evaluate_model,
@@ -137,7 +138,7 @@ class Trainer:
 
         self.steps_per_epoch = len(self.features) // config.train.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{len(self.features)} training crops in {config.data.prepared_path()} are fewer than one batch "
                 f"of {config.train.batch_size} (train.batch_size, the global batch): lower train.batch_size"
             )

@@ -16,6 +16,7 @@ import torch
 
 from hpseg.backbones import Backbone
 from hpseg.data import TrainCrops
+from hpseg.errors import HpsegError
 from hpseg.training.features import CLAMP_QUANTILES
 
 CACHE_FORMAT = "hpseg-feature-cache"
@@ -36,7 +37,7 @@ OLD_VERSIONS = {
 }
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(HpsegError, ValueError):
     """A feature cache that cannot be built or used; the message names the directory and the fix."""
 
 
