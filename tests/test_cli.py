@@ -85,12 +85,12 @@ def _exception_classes() -> dict[str, type[BaseException]]:
 
 def test_every_hpseg_error_class_derives_from_hpseg_error() -> None:
     """One base class for the errors a user can fix; each keeps the built-in base it always had.
-    The ONNX runtime's own class is the exception: that file runs without hpseg (the CLI turns it
-    into a UsageError)."""
+    The ONNX runner's own classes are the exception: that file runs without hpseg (the CLI turns
+    them into a UsageError)."""
     classes = _exception_classes()
     assert len(classes) >= 12
     outside = sorted(name for name, cls in classes.items() if not issubclass(cls, HpsegError))
-    assert outside == ["hpseg.export.runtime.OnnxRuntimeMissingError"]
+    assert outside == ["hpseg.export.onnx_runner.OnnxModelError", "hpseg.export.onnx_runner.OnnxRuntimeMissingError"]
     assert issubclass(classes["hpseg.checkpoints.store.CheckpointError"], ValueError)
     assert issubclass(classes["hpseg.data.errors.ImageReadError"], OSError)
     assert issubclass(classes["hpseg.backbones.weights.BackboneWeightsError"], RuntimeError)

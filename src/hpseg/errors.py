@@ -7,8 +7,8 @@ Any other exception is a bug or a failure hpseg did not foresee and keeps its tr
 
 Each subclass also derives from the built-in class it has always been (``CheckpointError`` is a
 ``ValueError``, ``ImageReadError`` an ``OSError``, ...), so existing ``except`` clauses still
-catch it. The one exception class not derived from it is
-``hpseg.export.runtime.OnnxRuntimeMissingError``: that file runs standalone, without hpseg.
+catch it. The exception classes not derived from it are
+the ONNX runner's (``hpseg.export.onnx_runner``): that file runs standalone, without hpseg.
 """
 
 from __future__ import annotations

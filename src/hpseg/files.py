@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from hpseg.errors import HpsegError
+
 __all__ = ["OUTPUT_MARKER", "OutputFolder", "OutputFolderError", "atomic_write", "claim_output_folder", "holds_only",
            "is_temporary", "read_jsonl", "remove_stale_temporaries", "write_json_atomic", "write_text_atomic"]
 
@@ -111,7 +113,7 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> int:
 OUTPUT_MARKER = ".hpseg-output.json"
 
 
-class OutputFolderError(ValueError):
+class OutputFolderError(HpsegError, ValueError):
     """An output folder hpseg may not write into (it holds files hpseg did not write)."""
 
 

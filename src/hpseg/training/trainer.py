@@ -33,7 +33,7 @@ from hpseg.checkpoints.runs import selection_text
 from hpseg.checkpoints.store import CheckpointError, save_atomic
 from hpseg.config import Config
 from hpseg.data import DatasetLayoutError, ValCrops, build_raw_dataset
-from hpseg.errors import InvalidInputError
+from hpseg.errors import HpsegError, InvalidInputError
 from hpseg.evaluation.protocol import (
     evaluate_features,
     evaluate_model,
@@ -67,7 +67,7 @@ _other_ranks = logging.getLogger(f"{__name__}.other_ranks")
 _other_ranks.setLevel(logging.WARNING)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(HpsegError, RuntimeError):
     """The loss of a step is NaN or infinite: training stops before that step changes any weight."""
 
 
