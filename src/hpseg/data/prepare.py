@@ -63,6 +63,7 @@ __all__ = [
     "CropRule",
     "five_crop_boxes",
     "five_crops",
+    "item_stems",
     "load_manifest",
     "prepare_five_crops",
     "prepare_training_set",
@@ -139,6 +140,11 @@ def whole_view(image: Image.Image, label: np.ndarray | None, crop_size: int) -> 
     (RGB PIL, uint8 'L' PIL label with 255 = ignore, or None)."""
     img, lab = val_view(image, label, crop_size, "nearest")
     return img, None if lab is None else _label_image(lab, img)
+
+
+def item_stems(key: str, crop_rule: CropRule) -> list[str]:
+    """The names of the training items that one source image (``key``) gives under ``crop_rule``."""
+    return [key] if crop_rule == "whole" else [f"{key}_{k}" for k in range(N_CROPS)]
 
 
 def training_recipe(crop_rule: CropRule, crop_format: CropFormat, crop_size: int) -> dict[str, Any]:
@@ -260,8 +266,7 @@ class _Outputs:
         return SUFFIX[self.recipe["crop_format"]]
 
     def stems(self, key: str) -> list[str]:
-        """The item names of one source image."""
-        return [key] if self.recipe["crop_rule"] == "whole" else [f"{key}_{k}" for k in range(N_CROPS)]
+        return item_stems(key, self.recipe["crop_rule"])
 
     def has(self, stem: str) -> bool:
         return stem + self.suffix in self.have_images and (self.labels is None or stem + ".png" in self.have_labels)
