@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -621,3 +622,18 @@ def test_non_ascii_names_keep_unique_readable_keys(tmp_path):
     assert keys["a b.png"].startswith("a_b-") and keys["a_b.png"].startswith("a_b-")
     out = prepare_five_crops(raw, tmp_path / "crops", crop_size=8)
     assert (out / "images" / "猫_0.jpg").is_file()
+
+
+def test_resume_on_items_made_otherwise_is_refused(tmp_path):
+    """The resumed run's config (from its checkpoint) asks for JPEG crops: a prepared set cut
+    again as PNG in the meantime is refused, naming the crop format."""
+    from hpseg.training.trainer import resume, train
+    from tests.helpers import synthetic_prepared, tiny_config
+
+    data = synthetic_prepared(tmp_path, n_train=4, n_val=2)
+    run = train(tiny_config(data, tmp_path / "runs", steps=2, extra=["train.checkpoint_interval=1"]))
+    prepared = data / "hpseg_prepared" / "train_32"
+    shutil.rmtree(prepared)
+    prepare_five_crops(build_raw_dataset("folder", data, "train"), prepared, crop_size=32, crop_format="png")
+    with pytest.raises(ValueError, match=r"made otherwise than this run's config asks \(crop_format: 'png' there"):
+        resume(run)
