@@ -11,7 +11,7 @@ option, and Potsdam-like runs (the mosaic written in Potsdam's ``.mat`` layout, 
 training tiles unlabelled) with the whole-tile labelled set against both lists five-cropped.
 One seed each: these show what changes (items, steps, inputs, metrics), not significance.
 
-    python benchmarks/data_effects.py --work /tmp/hpseg-data-effects [--steps 60]
+    python benchmarks/data_effects.py --work /tmp/hpseg-data-effects [--steps 20 --epochs 2]
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def _unnormalize(image: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ part 2
 
-TINY = ["data.crop_size=32", "data.val_size=64", "data.num_workers=0", "method.dim=32", "method.pool_size=128",
+TINY = ["data.crop_size=32", "data.val_size=32", "data.num_workers=0", "method.dim=32", "method.pool_size=128",
         "method.renew_interval=20", "train.batch_size=8", "train.log_interval=1000", "train.checkpoint_interval=1000"]
 
 
@@ -162,7 +162,7 @@ def potsdam_mosaic(source: Path, out: Path) -> Path:
 
 
 def training_runs(work: Path, steps: int, epochs: int) -> list[str]:
-    coco_like = make_texture_mosaic_dataset(work / "mosaic", n_train=48, n_val=16, size=64, n_classes=4, seed=0)
+    coco_like = make_texture_mosaic_dataset(work / "mosaic", n_train=24, n_val=8, size=64, n_classes=4, seed=0)
     coco_options = [("default (jpeg, normalized)", []), ("data.crop_format=png", ["data.crop_format=png"]),
                     ("data.photometric_input=uint8", ["data.photometric_input=uint8"])]
     rows = []
@@ -170,7 +170,7 @@ def training_runs(work: Path, steps: int, epochs: int) -> list[str]:
         result = _train(work, f"coco{k}", "cocostuff27", coco_like, ["data.dataset=folder", "method.n_classes=4",
                         *options], [f"train.max_steps={steps}", f"method.warmup={steps // 6}", "train.val_interval=1000"])
         rows.append(_row("cocostuff27 preset, mosaic", label, result))
-    three = make_texture_mosaic_dataset(work / "mosaic3", n_train=48, n_val=16, size=64, n_classes=3, seed=1)
+    three = make_texture_mosaic_dataset(work / "mosaic3", n_train=24, n_val=8, size=64, n_classes=3, seed=1)
     potsdam = potsdam_mosaic(three, work / "potsdam")
     for k, (label, options) in enumerate([("default (labelled, whole)", []),
                                           ("data.potsdam_train=all_five_crops", ["data.potsdam_train=all_five_crops"])]):
@@ -190,8 +190,8 @@ def _row(what: str, label: str, result: dict) -> str:
 def main_() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/hpseg-data-effects"))
-    parser.add_argument("--steps", type=int, default=60, help="steps of each COCO-like run")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs of each Potsdam-like run")
+    parser.add_argument("--steps", type=int, default=20, help="steps of each COCO-like run")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of each Potsdam-like run")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.disable(logging.WARNING)
@@ -200,7 +200,7 @@ def main_() -> None:
     torch.set_num_threads(2)
     print("| dataset | setting | items | authors' items | in common | max |Δ| (levels) | mean |Δ| (levels) |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    print("\n".join(golden_figures(args.work / "golden")))
+    print("\n".join(golden_figures(args.work / "golden")), flush=True)
     print("\n| data | setting | items | steps | unsup. mIoU | unsup. acc | linear mIoU | linear acc | seconds |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     print("\n".join(training_runs(args.work, args.steps, args.epochs)))
