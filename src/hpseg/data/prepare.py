@@ -183,6 +183,13 @@ def image_suffix(manifest: dict[str, Any]) -> str:
     return SUFFIX[manifest["crop_format"]]
 
 
+def _with_recipe(manifest: dict[str, Any]) -> dict[str, Any]:
+    """A manifest with its recipe: version 1 sets were all five PNG crops stored at ``crop_size``."""
+    if manifest.get("format_version") != 1:
+        return manifest
+    return {**manifest, **training_recipe("five", "png", int(manifest.get("crop_size", 0)))}
+
+
 def load_manifest(prepared_dir: str | Path, *, check_files: bool = True) -> dict[str, Any]:
     """Read and validate ``prepared_dir/manifest.json`` (a version 1 manifest gets the recipe
     of its time: five PNG crops stored at ``crop_size``).
@@ -203,8 +210,7 @@ def load_manifest(prepared_dir: str | Path, *, check_files: bool = True) -> dict
         m = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DatasetLayoutError(f"unreadable manifest {path} ({e}); {hint}", path) from e
-    if m.get("format_version") == 1:
-        m = {**m, **training_recipe("five", "png", int(m.get("crop_size", 0)))}
+    m = _with_recipe(m)
     required = ("format_version", "dataset", "split", *_RECIPE_KEYS, "n_classes", "class_names", "has_labels", "crops")
     missing = [k for k in required if k not in m]
     if missing:
@@ -230,10 +236,10 @@ def load_manifest(prepared_dir: str | Path, *, check_files: bool = True) -> dict
 
 
 def _check_compatible(m: dict[str, Any], raw: RawDataset, recipe: dict[str, Any], out_dir: Path) -> None:
-    wanted = {"format_version": FORMAT_VERSION, "dataset": raw.name, "split": raw.split,
-              "has_labels": raw.has_labels, **recipe}
-    if m.get("format_version") == 1:
-        m = {**m, **training_recipe("five", "png", int(m.get("crop_size", 0))), "format_version": FORMAT_VERSION}
+    wanted = {"dataset": raw.name, "split": raw.split, "has_labels": raw.has_labels, **recipe}
+    m = _with_recipe(m)
+    if m.get("format_version") not in READABLE_VERSIONS:
+        wanted["format_version"] = FORMAT_VERSION
     diff = [f"{k}: {m.get(k)!r} there, {v!r} requested" for k, v in wanted.items() if m.get(k) != v]
     if diff:
         raise DatasetLayoutError(

@@ -42,6 +42,7 @@ __all__ = [
     "label_view",
     "normalize",
     "photometric_augment",
+    "photometric_pair",
     "photometric_view",
     "pil_to_uint8_tensor",
     "resize_shorter_side",
