@@ -92,7 +92,9 @@ class Golden:
     def root(self, d: str) -> Path:
         return self.tmp / "raw" / str(self.g[f"config/{d}/root"])
 
-    def overrides(self, d: str) -> list[str]:
+    @property
+    def overrides(self) -> list[str]:
+        """The fixture's resolutions; every other setting is the preset's default."""
         return [f"data.crop_size={self.train_res}", f"data.val_size={self.val_res}"]
 
     def prepared(self, d: str) -> Path:
@@ -100,14 +102,14 @@ class Golden:
         if d not in self._prepared:
             out = self.tmp / f"prepared_{d}"
             subprocess.run([sys.executable, "-m", "hpseg", "prepare", "--preset", self.name(d), "--data-root",
-                            str(self.root(d)), "--out", str(out), *self.overrides(d)],
+                            str(self.root(d)), "--out", str(out), *self.overrides],
                            check=True, capture_output=True, text=True)
             self._prepared[d] = out
         return self._prepared[d]
 
     def validation(self, d: str) -> ValCrops:
         """The validation set as training and evaluation build it (raw val split, ValCrops at val_size)."""
-        config = load_preset(self.name(d)).override(self.overrides(d))
+        config = load_preset(self.name(d)).override(self.overrides)
         raw = build_raw_dataset(config.data.dataset, self.root(d), "val", n_classes=config.method.n_classes)
         return ValCrops(raw, size=config.data.val_size)
 
@@ -246,7 +248,7 @@ def test_training_tensors_and_labels(golden, d):
         if crops.suffix == ".jpg":
             same = crops.image_path(i).read_bytes() == g.ref_crops[f"{_crop_folder(g, d)}/img/train/{j}.jpg"]
         else:
-            same = True  # lossless items: nothing to encode differently
+            same = True  # lossless items (Potsdam's whole tiles): must be exact
         same_bytes += same
         difference = float(np.abs(item["image"].numpy() - reference).max())
         worst = max(worst, difference)
@@ -294,3 +296,18 @@ def test_random_views_draw_then_apply(golden):
         assert 0.0 <= float(view.min()) and float(view.max()) <= 1.0
     for d in DATASETS:
         assert g[f"{d}/train/img_aug_min"].min() >= 0.0 and g[f"{d}/train/img_aug_max"].max() <= 1.0
+
+
+def test_extra_golden_folder_adds_data_files(tmp_path, monkeypatch):
+    """$HPSEG_EXTRA_GOLDEN adds its data_*.npz files (other names ignored, tests/data not twice)."""
+    (tmp_path / "data_b.npz").write_bytes(b"")
+    (tmp_path / "hp_z.npz").write_bytes(b"")
+    public = [p.stem for p in sorted(DATA.glob("data_*.npz"))]
+    assert "data_a" in public
+    monkeypatch.setenv("HPSEG_EXTRA_GOLDEN", str(tmp_path))
+    assert [_id(p) for p in _golden_files()] == [*public, "extra-data_b"]
+    monkeypatch.setenv("HPSEG_EXTRA_GOLDEN", str(DATA))
+    assert [_id(p) for p in _golden_files()] == public
+    monkeypatch.setenv("HPSEG_EXTRA_GOLDEN", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        _golden_files()
