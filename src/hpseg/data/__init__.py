@@ -23,6 +23,7 @@ from .datasets import (
     RawDataset,
     RawSample,
     build_raw_dataset,
+    dataset_class_names,
     load_cocostuff27_mapping,
 )
 from .errors import DatasetLayoutError, ImageReadError
@@ -67,6 +68,7 @@ __all__ = [
     "ValCrops",
     "array_to_rgb",
     "build_raw_dataset",
+    "dataset_class_names",
     "draw_photometric_params",
     "five_crop_boxes",
     "five_crops",
