@@ -32,7 +32,7 @@ from PIL import Image
 from scipy.io import savemat
 
 from hpseg.cli.main import main
-from hpseg.data import PhotometricParams, TrainCrops, normalize, photometric_view
+from hpseg.data import IMAGENET_MEAN, IMAGENET_STD, PhotometricParams, TrainCrops, normalize, photometric_view
 from hpseg.data.datasets import safe_key
 from hpseg.data.mosaic import make_texture_mosaic_dataset
 
@@ -112,8 +112,7 @@ def golden_figures(work: Path) -> list[str]:
 
 def _unnormalize(image: torch.Tensor) -> torch.Tensor:
     """(3, H, W) normalised float -> uint8 (the golden inputs are normalised uint8 images)."""
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return ((image * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
