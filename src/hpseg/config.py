@@ -76,11 +76,22 @@ class DataConfig:
                                           "num_workers": NON_NEGATIVE}
     dataset: str = "cocostuff27"  # cocostuff27 | cityscapes27 | potsdam3 | folder
     root: str = ""
-    prepared_dir: str | None = None  # five-crop training set; default <root>/hpseg_prepared/train_<crop_size>
+    prepared_dir: str | None = None  # prepared training set; default <root>/hpseg_prepared/train_<crop_size>
     crop_size: int = 224
     val_size: int = 320
     num_workers: int = 2
     skip_bad_images: bool = False  # skip (and report) unreadable images instead of stopping
+    # [ref quirk] "jpeg": five-crop files as the authors' crop step wrote them (Pillow's defaults,
+    # quality 75, 4:2:0, each crop at its own size, resized when read); "png": lossless, stored at crop_size.
+    crop_format: Literal["jpeg", "png"] = "jpeg"
+    # [ref quirk] Potsdam-3's training set: "labelled_whole" = labelled_train.txt only, each whole tile
+    # resized (nearest, shorter side to crop_size) and centre-cropped (the authors'); "all_five_crops" =
+    # unlabelled_train.txt + labelled_train.txt, five-cropped.
+    potsdam_train: Literal["labelled_whole", "all_five_crops"] = "labelled_whole"
+    # [ref quirk] "normalized": the consistency loss's photometric view is applied to the normalised
+    # tensor (torchvision's float ops clip it to [0, 1]) and not normalised again (the authors');
+    # "uint8": applied to the 0..255 image, then normalised.
+    photometric_input: Literal["normalized", "uint8"] = "normalized"
     # Backbone feature cache (`hpseg cache`, hpseg.training.cache): None/"auto" = use
     # <prepared_dir>/feature_cache/<backbone> when it exists (it must then be valid); a path = that
     # cache (must be valid); "off" = always compute features with the backbone.
@@ -90,8 +101,16 @@ class DataConfig:
     # "off" (the backbone runs on the validation images at every validation).
     val_feature_cache: str = "auto"  # checked by Config.validate (val_feature_cache_setting)
 
+    def crop_rule(self) -> Literal["five", "whole"]:
+        """How ``hpseg prepare`` makes the training items: whole tiles for Potsdam-3 by default, else five crops."""
+        return "whole" if self.dataset == "potsdam3" and self.potsdam_train == "labelled_whole" else "five"
+
+    def potsdam_lists(self) -> Literal["labelled", "all"]:
+        """Potsdam-3's training lists (hpseg.data.build_raw_dataset)."""
+        return "labelled" if self.potsdam_train == "labelled_whole" else "all"
+
     def prepared_path(self) -> Path:
-        """Where ``hpseg prepare`` writes the five-crop training set and training reads it."""
+        """Where ``hpseg prepare`` writes the training set and training reads it."""
         if self.prepared_dir:
             return Path(self.prepared_dir)
         if not self.root:

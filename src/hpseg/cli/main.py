@@ -72,15 +72,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from hpseg.data import build_raw_dataset, prepare_five_crops
+    from hpseg.data import build_raw_dataset, prepare_training_set
 
     config = _config_from(args)
+    data = config.data
     if args.out:
-        config.data.prepared_dir = args.out
-    raw = build_raw_dataset(config.data.dataset, config.data.root, "train", n_classes=config.method.n_classes,
-                            skip_bad_images=config.data.skip_bad_images)
-    out = prepare_five_crops(raw, config.data.prepared_path(), crop_size=config.data.crop_size)
-    print(f"five-crop training set of {len(raw)} images ready in {out}")
+        data.prepared_dir = args.out
+    raw = build_raw_dataset(data.dataset, data.root, "train", n_classes=config.method.n_classes,
+                            skip_bad_images=data.skip_bad_images, potsdam_lists=data.potsdam_lists())
+    rule = data.crop_rule()
+    out = prepare_training_set(raw, data.prepared_path(), crop_size=data.crop_size, crop_rule=rule,
+                               crop_format=data.crop_format)
+    what = "five-crop" if rule == "five" else "whole-image"
+    print(f"{what} training set of {len(raw)} images ready in {out}")
     return 0
 
 
@@ -329,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the authors' released models (hpseg predict --model NAME)")
     p.set_defaults(run=cmd_models)
 
-    p = sub.add_parser("prepare", help="cut the training set into five crops (offline step of the protocol)")
+    p = sub.add_parser("prepare", help="prepare the training set: five crops, or whole Potsdam tiles (offline step of the protocol)")
     _add_config_arguments(p)
     p.add_argument("--out", help="output directory (default: <data-root>/hpseg_prepared/train_<crop>)")
     _add_no_progress(p)

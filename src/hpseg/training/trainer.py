@@ -51,6 +51,7 @@ from hpseg.training.lost_ranks import explain_lost_ranks
 from hpseg.training.pools import ThresholdPools, collect_pool, pool_batches
 from hpseg.training.run_checks import (
     check_class_count,
+    check_prepared_recipe,
     resumable_checkpoint,
     training_state_errors,
     truncate_metrics,
@@ -130,6 +131,9 @@ class Trainer:
         self.class_names: list[str] = list(self.features.class_names)
         if self.features.has_labels:
             check_class_count(config, len(self.class_names), config.data.prepared_path() / "manifest.json")
+        crops = getattr(self.features, "dataset", None)
+        if hasattr(crops, "manifest"):  # a run (or a resumed one) on items made otherwise is refused
+            check_prepared_recipe(config, crops.manifest, config.data.prepared_path())
         self.learner = build_learner(config, self.backbone.embed_dim, self.device, self.amp_dtype, self.context)
         self.model, self.optimizers, self.scaler = self.learner.model, self.learner.optimizers, self.learner.scaler
         self._seed_ranks()
@@ -166,11 +170,12 @@ class Trainer:
         cached = open_feature_cache(
             config.data.feature_cache, prepared, self.backbone, sigma=config.method.sigma,
             with_augmented=with_augmented, device=self.device, amp_dtype=self.amp_dtype,
-            num_workers=config.data.num_workers,
+            num_workers=config.data.num_workers, photometric_input=config.data.photometric_input,
         )
         return cached or BackboneFeatures(
             self.backbone, str(prepared), with_augmented=with_augmented, sigma=config.method.sigma,
             device=self.device, amp_dtype=self.amp_dtype, num_workers=config.data.num_workers,
+            photometric_input=config.data.photometric_input,
         )
 
     def _validation_set(self) -> ValCrops | None:
