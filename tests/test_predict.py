@@ -84,7 +84,7 @@ def test_globs_files_and_the_linear_head(inputs: Path, checkpoint: Path, tmp_pat
     assert _outputs(out) >= {"labels/a/x.png", "labels/b/x.png", "labels/c.png", "overlays/a/x.png"}
     assert np.array(Image.open(out / "labels" / "c.png")).shape == (40, 30)
     summary = json.loads((out / "predictions.json").read_text())
-    assert summary["head"] == "linear" and summary["labels"][0]["name"] == "class 0 (stripes)"
+    assert summary["head"] == "linear" and summary["labels"][0]["name"] == "class 0 (red stripes)"
     assert summary["size"] == 0 and summary["window"] == 16
 
 
