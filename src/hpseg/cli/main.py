@@ -14,6 +14,8 @@ its traceback (exit 1); ``--debug`` shows the traceback of every error.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
 import traceback
@@ -66,6 +68,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from hpseg.data import build_raw_dataset, prepare_five_crops
+    from hpseg.data.prepare import MANIFEST_NAME
 
     config = _config_from(args)
     if args.out:
@@ -73,7 +76,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     raw = build_raw_dataset(config.data.dataset, config.data.root, "train", n_classes=config.method.n_classes,
                             skip_bad_images=config.data.skip_bad_images)
     out = prepare_five_crops(raw, config.data.prepared_path(), crop_size=config.data.crop_size)
-    print(f"five-crop training set of {len(raw)} images ready in {out}")
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    skipped = len(manifest["skipped"])
+    used = len(raw) - skipped
+    print(f"five-crop training set of {used} image{'s' * (used != 1)} ready in {out}"
+          + (f" ({skipped} unreadable image{'s' * (skipped != 1)} skipped: listed under \"skipped\" in "
+             f"{out / MANIFEST_NAME})" if skipped else ""))
     return 0
 
 
@@ -87,19 +95,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = resume(args.resume)
     else:
+        # The resolved config goes to <run>/config.yaml (and to --verbose), not to the screen: ~70
+        # lines that would bury a first error such as missing weights.
         config = _config_from(args)
-        if is_main:
-            print("resolved config:\n" + config.to_yaml())
+        logging.getLogger("hpseg.cli").debug("resolved config:\n%s", config.to_yaml())
         run_dir = train(config, run_dir=args.run_dir)
     if is_main:
         from hpseg.checkpoints.runs import resolve_checkpoint
         from hpseg.checkpoints.store import CheckpointError
 
+        written = ", ".join(f"checkpoints/{path.name}" for path in sorted((run_dir / "checkpoints").glob("*.pt")))
         try:
-            chosen = f"the checkpoint train.selection chose: {resolve_checkpoint(run_dir)}"
+            chosen = f"the checkpoint train.selection chose, which the run folder stands for: {resolve_checkpoint(run_dir)}"
         except CheckpointError as error:
             chosen = str(error)
-        print(f"run written to {run_dir} (checkpoints/, metrics.jsonl); {chosen}")
+        print(f"run written to {run_dir} ({written or 'no checkpoint'}, metrics.jsonl, config.yaml); {chosen}")
     return 0
 
 
@@ -150,8 +160,6 @@ def _other_rank() -> bool:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    import logging
-
     if _other_rank():
         return 0  # rank 0 builds the cache (its progress file resumes one writer), the others have nothing to do
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -258,7 +258,10 @@ def _crop_image(raw: RawDataset, i: int, outputs: _Outputs, crop_size: int) -> I
         _check_croppable(sample.image, raw.path_of(i))
     except ImageReadError as error:
         if not raw.skip_bad_images:
-            raise
+            if "skip_bad_images" in str(error):
+                raise
+            raise ImageReadError(f"{error}; to skip unreadable images instead, add data.skip_bad_images=true",
+                                 error.path) from error
         return error
     for name, (image, label) in zip(names, five_crops(sample.image, sample.label, crop_size)):
         if name not in outputs.have_images:

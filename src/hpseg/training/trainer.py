@@ -15,6 +15,7 @@ checkpoint (sum of the four metrics, the reference's rule) beside ``last`` under
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -143,6 +144,13 @@ class Trainer:
             )
         self.total_steps = config.train.max_steps or config.train.epochs * self.steps_per_epoch
         self.validation = self._validation_set()
+        if self.validation is None and config.train.selection == "best":
+            # "best" ranks checkpoints by labelled validation metrics: without them it would keep
+            # no checkpoint at all. The final weights are the label-free choice that needs nothing.
+            self._notice("train.selection=best needs labelled validation images, which this dataset lacks: "
+                         "keeping the final weights instead (train.selection=last, checkpoints/last.pt)")
+            self.config = config = copy.deepcopy(config)
+            config.train.selection = "last"
         self.label_free_batches = label_free_batches(len(self.features), config.train.label_free_crops,
                                                      config.train.batch_size, config.train.seed + 3)
         self.validation_features: ValidationFeatures | None = None  # built at the first validation
@@ -208,7 +216,10 @@ class Trainer:
         """A pool of the job: each rank computes ``maps_of`` its share of every batch; the rows are gathered."""
         batches = self._pool_batches()
         shares = [distributed.rank_share(batch, self.context) for batch in batches]
-        maps = (maps_of(f) for f in self.features.feature_maps(shares))
+        # A bar of its own: on a CPU the backbone passes of the first pools take close to a minute.
+        feature_maps = progress_bar(self.features.feature_maps(shares), logger if self.context.is_main else _other_ranks,
+                                    total=len(shares), desc="reference pools", unit="batch", leave=False)
+        maps = (maps_of(f) for f in feature_maps)
         pool = distributed.gather_pool(maps, [len(b) for b in batches], self.config.method.pool_size,
                                        self.pool_generator, self.context)
         return pool.to(self.device)
@@ -479,7 +490,7 @@ def train(config: Config, *, run_dir: str | Path | None = None, backbone: Backbo
                                   "or pick another name")
         trainer = Trainer(config, run_dir, backbone=backbone, feature_source=feature_source)
         if trainer.context.is_main:
-            (run_dir / "config.yaml").write_text(config.to_yaml())
+            (run_dir / "config.yaml").write_text(trainer.config.to_yaml())
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         _fit(trainer)
     return run_dir
