@@ -129,10 +129,13 @@ def _choose_backbone(out: Path, weights: str | None, backbone: str | None) -> tu
     return name, str(file.resolve()), False
 
 
-def _config(settings: DemoSettings, data: Path, prepared: Path, name: str, weights: str, out: Path) -> Config:
+def _config(settings: DemoSettings, data: Path, prepared: Path, name: str, weights: str, pretrained: bool,
+            out: Path) -> Config:
     s = settings
+    # The weights file is what every step loads; backbone.pretrained records whether it holds trained
+    # weights (false: the random initialisation saved to a file), which reports and the hub card state.
     return Config().override([
-        f"backbone.name={name}", f"backbone.weights={weights}", "backbone.pretrained=true",
+        f"backbone.name={name}", f"backbone.weights={weights}", f"backbone.pretrained={str(pretrained).lower()}",
         "data.dataset=folder", f"data.root={data}", f"data.prepared_dir={prepared}",
         f"data.crop_size={s.crop_size}", f"data.val_size={s.image_size}", "data.num_workers=0",
         f"method.dim={s.dim}", f"method.n_classes={s.n_classes}", f"method.pool_size={s.pool_size}",
@@ -346,7 +349,7 @@ def _run(out: Path, settings: DemoSettings, weights: str | None, backbone: str |
     data, prepared = _synthetic_data(out, settings)
     timings["data_s"] = round(time.time() - started, 1)
 
-    config = _config(settings, data, prepared, name, weights_file, out)
+    config = _config(settings, data, prepared, name, weights_file, pretrained, out)
     config.train.device = str(torch_device)
     run_dir = out / "run"
     mark = time.time()
