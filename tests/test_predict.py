@@ -186,3 +186,12 @@ def test_predict_onnx_without_onnxruntime_says_how_to_install(inputs: Path, tmp_
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hpseg predict: error: onnxruntime is not installed"), lines
     assert 'pip install "hpseg[onnx]"' in lines[0]
+
+
+def test_predict_warns_about_a_random_backbone(checkpoint: Path, inputs: Path, tmp_path: Path, notices) -> None:
+    """The tiny run's backbone is a random initialisation, as the demo's: say that its segments of
+    real photos mean nothing, as the demo itself does."""
+    assert main(["predict", str(inputs), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]) == 0
+    warned = [m for m in notices.messages if "RANDOMLY INITIALISED" in m]
+    assert len(warned) == 1 and str(checkpoint) in warned[0] and "vit_tiny_p8" in warned[0]
+    assert hpseg.load(checkpoint, device="cpu").random_backbone

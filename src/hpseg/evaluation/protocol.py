@@ -313,6 +313,7 @@ def _baseline_report(trained: TrainedModel, batches: Callable[[], DataLoader], c
     }
     if "unsupervised_majority_miou" in base:
         report["baseline_majority"] = _majority_section(base)
+        report["baseline_n_clusters"] = k
     return report
 
 
@@ -383,6 +384,10 @@ def evaluate_checkpoint(
         if "baseline_majority" in report:
             report["matching"]["baseline_majority"] = "majority (many-to-one)"
         text.append(format_results(report["baseline"], "Baseline: k-means / linear probe on raw backbone features"))
+        if "baseline_majority" in report:
+            text.append(format_results(report["baseline_majority"],
+                                       f"Baseline over-clustered (K={report['baseline_n_clusters']}), many-to-one "
+                                       "majority matching"))
     out = Path(out_dir) if out_dir else evaluation_dir(trained.path, crf)
     if context.is_main:
         _write_results(report, results, class_names, out)

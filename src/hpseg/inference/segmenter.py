@@ -141,7 +141,8 @@ class Segmenter:
     the linear probe predicts), ``cluster_to_class`` (None, or the class of each cluster from an
     evaluation's Hungarian matching), ``n_clusters``, ``tiling`` (:class:`hpseg.inference.tiling.Tiling`),
     ``device``, ``batch_size`` (windows per forward pass), ``checkpoint``, ``crf`` (whether
-    :meth:`segment` refines with the dense CRF by default).
+    :meth:`segment` refines with the dense CRF by default), ``random_backbone`` (whether the
+    backbone is a random initialisation, whose segments of real photos mean nothing).
     """
 
     def __init__(
@@ -158,6 +159,7 @@ class Segmenter:
         checkpoint: str | None = None,
         batch_size: int = 8,
         crf: bool = False,
+        random_backbone: bool = False,
     ) -> None:
         self.model = model.eval()
         self.backbone = backbone
@@ -173,6 +175,7 @@ class Segmenter:
             raise ValueError(f"batch_size={batch_size}: windows per forward pass must be at least 1")
         self.batch_size = batch_size
         self.crf = crf
+        self.random_backbone = random_backbone
 
     def __repr__(self) -> str:
         return (f"Segmenter(checkpoint={self.checkpoint!r}, backbone={self.backbone.spec.name}, "
@@ -392,5 +395,5 @@ def from_trained(trained: TrainedModel, *, mapping: str | Path | None = None, cr
         trained.model, trained.backbone, class_names=trained.class_names,
         tiling=Tiling.create(val_size, window, trained.backbone.patch_size), device=trained.device,
         amp_dtype=trained.amp_dtype, cluster_to_class=cluster_to_class, mapping_source=source,
-        checkpoint=str(trained.path), batch_size=batch_size, crf=crf,
+        checkpoint=str(trained.path), batch_size=batch_size, crf=crf, random_backbone=trained.random_backbone,
     )
