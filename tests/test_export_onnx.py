@@ -1,6 +1,6 @@
 """ONNX export: the graph agrees with hpseg's PyTorch path (DINO-style ViT, DINOv2-style ViT with
 registers, a checkpoint imported from the authors' format), the torch-free runner reproduces ``hpseg predict``, and the
-README example runs where torch cannot be imported."""
+documented example runs where torch cannot be imported."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from hpseg.inference.tiling import Tiling, resized_shape  # noqa: E402
 from hpseg.method.model import HiddenPositivesModel  # noqa: E402
 from hpseg.method.probes import centroid_scores  # noqa: E402
 from tests.test_api import one_thread, tiny_run  # noqa: E402,F401 - one_thread: autouse fixture
-from tests.test_readme import README, code_blocks  # noqa: E402
+from tests.test_readme import DOCUMENTS, code_blocks  # noqa: E402
 from tests.test_reference_checkpoint import reference_payload  # noqa: E402
 
 MAPPING = [2, 0, -1, 1]  # one cluster matched to no class: -1 must survive the graph
@@ -222,8 +222,8 @@ def tiny_images(tmp_path: Path) -> Path:
 
 def test_readme_example_runs_without_torch(dino: tuple[Segmenter, Path], dino_onnx: Path, tmp_path: Path,
                                            tiny_images: Path) -> None:
-    """The README's onnxruntime example, in a process where ``import torch`` fails."""
-    example = next(body for language, body in code_blocks(README.read_text())
+    """The documented onnxruntime example (docs/deployment.md), in a process where ``import torch`` fails."""
+    example = next(body for document in DOCUMENTS for language, body in code_blocks(document.read_text())
                    if language == "python" and "OnnxSegmenter" in body)
     model = re.search(r'OnnxSegmenter\("([^"]+)"\)', example)
     folder = re.search(r'Path\("([^"]+)"\)', example)

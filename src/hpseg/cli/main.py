@@ -148,8 +148,8 @@ def cmd_clusters(args: argparse.Namespace) -> int:
         print(f"{row['k']:4d}  {row['silhouette']:10.3f}  {row['davies_bouldin']:14.3f}  {row['stability']:9.3f}  "
               f"{row['eigengap']:8.4f}")
     print(f"suggested K = {report['suggested_k']} (by {report['criterion']}; by each criterion: "
-          f"{report['suggested_k_by_criterion']}). How often this was right on data with known classes: README, "
-          "'How many clusters'.")
+          f"{report['suggested_k_by_criterion']}). How often this was right on data with known classes: "
+          "docs/results.md, 'How many clusters?'.")
     print(f"written to {args.out}/clusters.json" + (" and clusters.png" if report["plot"] else ""))
     return 0
 
