@@ -74,8 +74,9 @@ def _table(runs: dict[int, tuple[tuple[tuple[float, float], ...], int]], command
     def cell(pair: tuple[float, float]) -> str:
         return f"{pair[0]:.1f} / {pair[1]:.1f}"
 
-    lines = [f"Measured with `{command}` on commit `{_commit()}` (unsupervised accuracy / mIoU, percent; the",
-             "wall time depends on the machine):", "",
+    load = f", load average {os.getloadavg()[2]:.1f} over the last 15 minutes" if hasattr(os, "getloadavg") else ""
+    lines = [f"Measured with `{command}` on commit `{_commit()}`, on {os.cpu_count()} CPU cores{load}",
+             "(the wall time depends on the machine and its load). Unsupervised accuracy / mIoU, percent:", "",
              "| `--seed` | " + " | ".join(COLUMNS) + " | wall time |", "|---|---|---|---|---|"]
     for seed, (numbers, seconds) in runs.items():
         lines.append(f"| {seed} | " + " | ".join(cell(pair) for pair in numbers) + f" | {seconds} s |")
