@@ -50,9 +50,13 @@ def _argument_row(action: argparse.Action) -> str | None:
     return f"| {names} | {shown} | {_cell((action.help or '') % {'default': default} if action.help else '')}{choices} |"
 
 
+#: Options every subcommand shares (``--quiet``, ``--verbose``, ``--debug``): listed once, under ``hpseg``.
+SHARED = {"verbosity", "debug"}
+
+
 def _section(name: str, help_line: str, parser: argparse.ArgumentParser) -> str:
     usage = parser.format_usage().replace("usage: ", "", 1).strip()
-    rows = [row for row in map(_argument_row, parser._actions) if row]
+    rows = [row for action in parser._actions if action.dest not in SHARED and (row := _argument_row(action))]
     lines = [f"## hpseg {name}", "", help_line[:1].upper() + help_line[1:] + ".", "", "```", usage, "```", ""]
     if rows:
         lines += ["| argument | default | meaning |", "|---|---|---|", *rows, ""]
@@ -65,10 +69,13 @@ def cli_reference() -> str:
     parser.prog = "hpseg"
     global_rows = [row for action in parser._actions
                    if not isinstance(action, argparse._SubParsersAction) and (row := _argument_row(action))]
+    subcommands = _subcommands(parser)
     head = ["## hpseg", "", parser.description or "", "", "```", parser.format_usage().replace("usage: ", "", 1).strip(),
-            "```", "", "| argument | default | meaning |", "|---|---|---|",
-            *global_rows, ""]
-    return "\n".join(head) + "\n" + "\n".join(_section(*sub) for sub in _subcommands(parser))
+            "```", "", "| command | what it does |", "|---|---|",
+            *[f"| [`{name}`](#hpseg-{name}) | {_cell(help_line)} |" for name, help_line, _ in subcommands], "",
+            "Options of every command (before or after its name):", "",
+            "| argument | default | meaning |", "|---|---|---|", *global_rows, ""]
+    return "\n".join(head) + "\n" + "\n".join(_section(*sub) for sub in subcommands)
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ANN001 - MkDocs' hook signature
