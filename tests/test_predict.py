@@ -110,7 +110,7 @@ def test_mapping_from_an_evaluation_names_classes(inputs: Path, checkpoint: Path
                "--mapping", str(results), "--no-progress"])
     assert rc == 0
     summary = json.loads((out / "predictions.json").read_text())
-    assert summary["mapping"] == str(results) and summary["labels"][3]["name"] == "class 3 (gradient)"
+    assert summary["mapping"] == str(results) and summary["labels"][3]["name"] == "class 3 (violet gradient)"
 
 
 def test_nothing_readable_exits_nonzero(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
