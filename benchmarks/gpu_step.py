@@ -2,7 +2,7 @@
 
 Random ``dino_vits8``, 224 px crops, batch 64, cocostuff27 preset, fp16 AMP, alpha 0.05, from the
 backbone and from the feature cache; 16 images (80 crops; batches repeat across epochs),
-reference pools filled to 2048 rows from them (``--full-pools``), loader processes when /dev/shm
+threshold pools filled to 2048 rows from them (``--full-pools``), loader processes when /dev/shm
 allows (else none, and once more without them if they crash); 2 warm-up + 5 timed steps; median
 step time, input time, HP loss time (share of the step), peak CUDA memory.
 
@@ -97,7 +97,7 @@ def check(run) -> dict:
     return {"command": " ".join(command), "machine": data.get("machine"), "builds": data.get("builds"), "rows": rows,
             "failures": failures, "attempts": attempts, "num_workers": workers,
             "shm_free_gib": shm_free and shm_free / GIB,
-            "note": "step = next(inputs) + Trainer.training_step, synchronised; inputs = the fetch part; HP loss = "
+            "note": "step = next(inputs) + training_step (with its contrast draw), synchronised; inputs = the fetch part; HP loss = "
                     "the hidden_positive_loss call inside the step (synchronised around it); peak = "
                     "torch.cuda.max_memory_allocated over the steps, after the pools were built"}
 

@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--side", type=int, default=28, help="patches per image side (28 for ViT-S/8 at 224 px)")
     parser.add_argument("--dim", type=int, default=512, help="D: segmentation / projection width")
     parser.add_argument("--feature-dim", type=int, default=384, help="C: backbone feature width")
-    parser.add_argument("--pool", type=int, default=2048, help="reference pool size")
+    parser.add_argument("--pool", type=int, default=2048, help="threshold pool size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     parser.add_argument("--child-batch", type=int, help=argparse.SUPPRESS)

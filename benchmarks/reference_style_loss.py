@@ -42,7 +42,7 @@ def reference_style_loss(
     Args:
         z, z_mix: (N, D) normalised embeddings (GHP and LHP side); gradients flow into them.
         task_agnostic, task_specific: (N, C) f and (N, D) s' (normalised here).
-        pool_agnostic, pool_specific: (P, C) and (P, D) reference pools.
+        pool_agnostic, pool_specific: (P, C) and (P, D) threshold pools.
         random_pattern: (hw, N) bool, True where patch j is in anchor row i's random subsample;
             shared by the anchors of every image.
     """

@@ -9,11 +9,12 @@ that peak resident memory is that configuration's own):
   (float16 features), the backbone only for the photometric view when α > 0.
 
 A step is timed from fetching its inputs (reading crops, or the cache) to the optimiser update,
-i.e. ``next(steps)`` + ``Trainer.training_step``; the first ``--warmup`` steps are not timed.
+i.e. ``next(steps)`` + :func:`hpseg.training.step.training_step` (with its contrast draw); the first
+``--warmup`` steps are not timed.
 Both wall-clock and CPU time (``time.process_time``) are recorded; with ``--threads 1`` (the
 default) CPU time is the compute time and hardly depends on other processes sharing the machine,
 so it is the better number on a busy host (GPU runs: use wall-clock).
-Reference pools are built before the timed steps (not timed). Memory: on the CPU the peak
+Threshold pools are built before the timed steps (not timed). Memory: on the CPU the peak
 resident set of the steps alone (the kernel's high-water mark ``VmHWM``, reset through
 ``/proc/self/clear_refs`` once the pools are built) and its growth over the resident set
 before the first step; on CUDA ``torch.cuda.max_memory_allocated`` over the steps.
@@ -26,11 +27,12 @@ on the weights. Data: a synthetic folder dataset, five-cropped at the crop size.
 
 GPU options (``benchmarks/gpu_step.py`` uses them for the paper-scale step):
 ``--num-workers N`` reads and augments the crops in N loader processes (default 0: in the
-step's own process, which on a GPU can dominate the step); ``--full-pools`` fills the reference
+step's own process, which on a GPU can dominate the step); ``--full-pools`` fills the threshold
 pools to ``method.pool_size`` (2048) rows by drawing further random patches from one pass over a
 dataset that has fewer crops than that, so the pool thresholds cost what they cost at full scale
 without thousands of crops; ``--time-loss`` also times the GHP + LHP loss call inside each step
-(device synchronised around it: its gradient is computed in that call, backward only scales it).
+(device synchronised around it: its gradient is computed in that call, backward only scales it);
+``--loss-backend NAME`` sets ``method.loss_backend`` (default auto).
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ def prepare(work: Path, crop_size: int, n_images: int) -> Path:
 
 
 def overrides(name: str, root: Path, crop_size: int, batch: int, alpha: float, device: str, cache: str,
-              num_workers: int = 0) -> list[str]:
-    return [
+              num_workers: int = 0, loss_backend: str = "auto") -> list[str]:
+    return [f"method.loss_backend={loss_backend}",
         f"backbone.name={name}", "backbone.pretrained=false", "data.dataset=folder", f"data.root={root}",
         f"data.crop_size={crop_size}", f"data.num_workers={num_workers}", f"data.feature_cache={cache}",
         f"train.batch_size={batch}", f"method.alpha={alpha}", f"train.device={device}",
@@ -98,7 +100,7 @@ def build_cache(name: str, root: Path, crop_size: int, device: str) -> dict:
 
 
 def build_pools(trainer, full: bool) -> dict:
-    """The trainer's reference pools; ``full``: filled to method.pool_size rows even from few crops.
+    """The trainer's threshold pools; ``full``: filled to method.pool_size rows even from few crops.
 
     With fewer crops than the pool size, one pass over the data gives a smaller pool (one patch
     per crop). ``full`` keeps that pass's feature maps and lets the trainer's own pool builders
@@ -106,15 +108,17 @@ def build_pools(trainer, full: bool) -> dict:
     """
     import itertools
 
-    from hpseg.training.step import ReferencePools
+    from hpseg.training.pools import ThresholdPools, pool_batches
 
     features = trainer.features
     if full:
-        maps = list(features.feature_maps(trainer._pool_batches()))
+        batches = pool_batches(len(features), trainer.config.train.batch_size, trainer.config.method.pool_size,
+                               trainer.state.pool_generator)
+        maps = list(features.feature_maps(batches))
         features.feature_maps = lambda batches: itertools.cycle(maps)  # instance attribute: shadows the method
     try:
         agnostic = trainer.build_agnostic_pool()
-        trainer.state.pools = ReferencePools(agnostic, trainer.build_specific_pool())
+        trainer.state.pools = ThresholdPools(agnostic, trainer.build_specific_pool())
     finally:
         if full:
             del features.feature_maps
@@ -123,7 +127,7 @@ def build_pools(trainer, full: bool) -> dict:
 
 
 def _timed_loss(original, times: list, cuda: bool):
-    """hidden_positive_loss, timed with the device synchronised before and after each call."""
+    """The HP loss's forward, timed with the device synchronised before and after each call."""
     import torch
 
     def timed(*args, **kwargs):
@@ -143,13 +147,14 @@ def child(spec: dict) -> dict:
     """One configuration, in this process."""
     import torch
 
-    import hpseg.training.step
     from hpseg.config import load_preset
+    from hpseg.training.step import draw_contrast, training_step
     from hpseg.training.trainer import Trainer
 
     config = load_preset("cocostuff27").override(
         overrides(spec["name"], Path(spec["root"]), spec["crop"], spec["batch"], spec["alpha"], spec["device"],
-                  "auto" if spec["mode"] == "cache" else "off", spec.get("num_workers", 0))
+                  "auto" if spec["mode"] == "cache" else "off", spec.get("num_workers", 0),
+                  spec.get("loss_backend", "auto"))
     )
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(config, Path(run_dir))
@@ -159,7 +164,8 @@ def child(spec: dict) -> dict:
         pools = build_pools(trainer, spec.get("full_pools", False))
         loss_times: list[float] = []
         if spec.get("time_loss"):
-            hpseg.training.step.hidden_positive_loss = _timed_loss(hpseg.training.step.hidden_positive_loss, loss_times, cuda)
+            loss = trainer.learner.loss
+            loss.forward = _timed_loss(loss.forward, loss_times, cuda)  # instance attribute: shadows the method
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(trainer.device)
@@ -178,7 +184,10 @@ def child(spec: dict) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             got = time.perf_counter()
-            values = trainer.training_step(inputs, lmbd=0.5)
+            batch, _, height, width = inputs.features.shape
+            draw = draw_contrast(config.method, height * width, batch * height * width, trainer.state.contrast_generator,
+                                 trainer.device)
+            values = training_step(trainer.learner, inputs, trainer.state.pools, draw, 0.5)
             if cuda:
                 torch.cuda.synchronize()
             end, cpu_end = time.perf_counter(), time.process_time()
@@ -246,8 +255,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--num-workers", type=int, default=0, help="data loader processes (default 0)")
     parser.add_argument("--full-pools", action="store_true",
-                        help="fill the reference pools to method.pool_size rows even from fewer crops")
+                        help="fill the threshold pools to method.pool_size rows even from fewer crops")
     parser.add_argument("--time-loss", action="store_true", help="also time the HP loss call inside each step")
+    parser.add_argument("--loss-backend", default="auto", help="method.loss_backend of the runs (default: auto)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -282,7 +292,8 @@ def main() -> None:
                     spec = {"name": name, "crop": crop, "batch": batch, "alpha": alpha, "mode": mode,
                             "root": str(root), "device": args.device, "steps": args.steps, "warmup": args.warmup,
                             "threads": args.threads, "num_workers": args.num_workers,
-                            "full_pools": args.full_pools, "time_loss": args.time_loss}
+                            "full_pools": args.full_pools, "time_loss": args.time_loss,
+                            "loss_backend": args.loss_backend}
                     result = run_child(spec)
                     rows.append(result)
                     print(f"  {name} {crop}px B={batch} alpha={alpha} {mode}: step {result['cpu_s']:.3f} s CPU, "

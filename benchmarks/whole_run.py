@@ -36,7 +36,7 @@ from hpseg.training.trainer import train
 
 PHASE_LABELS = {
     "startup": "start-up (backbone, data, model)",
-    "initial_pools": "initial reference pools",
+    "initial_pools": "initial threshold pools",
     "data_wait": "step inputs (loader + backbone forward)",
     "loader_wait": "  of which waiting on the loader",
     "step": "training steps",
@@ -90,13 +90,13 @@ def print_breakdown(timing: dict[str, Any]) -> None:
 def compare_validation(config: Config, run_dir: Path, repeats: int) -> dict[str, Any]:
     """One validation of the trained run's model with the backbone (``off``) and from the validation
     feature cache (in memory), median seconds of ``repeats``; the cache's one-off build time."""
-    from hpseg.checkpoints.store import load_checkpoint
+    from hpseg.checkpoints.payload import load_checkpoint
     from hpseg.training.trainer import Trainer
 
     timings: dict[str, Any] = {}
     for setting in ("off", "memory"):
         trainer = Trainer(config.override([f"data.val_feature_cache={setting}"]), run_dir / f"compare-{setting}")
-        trainer.model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"])
+        trainer.model.load_state_dict(load_checkpoint(run_dir / "checkpoints" / "last.pt").model)
         start = time.perf_counter()
         first = trainer._evaluate()  # with the cache: builds it
         build = time.perf_counter() - start

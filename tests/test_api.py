@@ -17,7 +17,9 @@ from safetensors.torch import save_file
 import hpseg
 from hpseg.backbones import BackboneWeightsError, create_backbone
 from hpseg.checkpoints.mapping import evaluation_dir, find_mapping
-from hpseg.checkpoints.store import CheckpointError
+from hpseg.checkpoints.payload import CheckpointPayload
+from hpseg.checkpoints.sources import Source, SourceKind
+from hpseg.checkpoints.store import FORMAT, CheckpointError
 from hpseg.checkpoints.trained import inference_dtype, load_trained
 from hpseg.cli.main import main
 from hpseg.config import Config
@@ -56,7 +58,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (run / "checkpoints" / "best.pt").exists():
         data = synthetic_prepared(base / "hpseg-tiny-data")
         shutil.rmtree(run, ignore_errors=True)
-        train(tiny_config(data, base / "runs", steps=STEPS), run_dir=run, progress=False)
+        train(tiny_config(data, base / "runs", steps=STEPS), run_dir=run)
     return run
 
 
@@ -354,7 +356,9 @@ def test_official_weights_are_those_the_checkpoint_was_trained_on(recorded, expe
     monkeypatch.setattr(trained, "create_backbone", lambda name, **kwargs: built.append((name, kwargs)) or "bb")
     config = Config()
     config.backbone.name = recorded["name"]
-    checkpoint = trained.TrainedCheckpoint(tmp_path / "old.pt", {"backbone": recorded}, config)
+    payload = CheckpointPayload.from_dict({"format": FORMAT, "config": config.to_dict(), "model": {},
+                                           "backbone": recorded}, tmp_path / "old.pt")
+    checkpoint = trained.TrainedCheckpoint(Source(SourceKind.FILE, tmp_path / "old.pt", "old.pt"), payload)
     assert trained.resolve_backbone(checkpoint) == ("bb", "official")
     assert built == [(expected, {"pretrained": True})]
     assert ("300-epoch" in " ".join(notices.messages)) == (expected != recorded["name"])

@@ -113,7 +113,8 @@ def test_registry_lists_every_backbone_with_its_geometry() -> None:
     table = format_backbone_table()
     for name in REGISTERED:
         assert name in table
-    assert "huggingface.co/timm/vit_small_patch8_224.dino" in table
+    assert "huggingface.co/timm/vit_small_patch14_reg4_dinov2.lvd142m" in table
+    assert "dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth" in table
     assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
 
 
@@ -574,12 +575,13 @@ def test_offline_error_is_actionable_and_fast(empty_hub_cache: Path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     with pytest.raises(BackboneWeightsError) as info:
-        create_backbone("dino_vits8_800ep")
+        create_backbone("dinov2_vits14_reg")
     # No network attempt: the unpatched hub client would first hang for about 47 s.
     assert time.perf_counter() - start < 10
     msg = str(info.value)
-    for fragment in ("dino_vits8_800ep", "--weights FILE", "weights=FILE", "model.safetensors",
-                     "https://huggingface.co/timm/vit_small_patch8_224.dino", "dino_deitsmall8_pretrain.pth"):
+    for fragment in ("dinov2_vits14_reg", "--weights FILE", "weights=FILE", "model.safetensors",
+                     "https://huggingface.co/timm/vit_small_patch14_reg4_dinov2.lvd142m",
+                     "dinov2_vits14_reg4_pretrain.pth"):
         assert fragment in msg, msg
     assert info.value.__cause__ is None
     assert info.value.__context__ is None or info.value.__suppress_context__
@@ -634,13 +636,9 @@ def test_each_dino_name_is_pinned_to_its_file() -> None:
         spec = get_spec(name)
         assert spec.weights_url == f"https://dl.fbaipublicfiles.com/dino/{filename[:-4]}/{filename}"
         assert filename in spec.weights_source
-    paper = get_spec("dino_vits8")
-    # timm's Hub copy of ViT-S/8 is the 800-epoch file: the paper's comes from its own URL.
-    assert paper.download_url == paper.weights_url and not paper.hf_hub_id
-    assert paper.weights_file == "dino_deitsmall8_300ep_pretrain.pth"
-    assert get_spec("dino_vits8_800ep").hf_hub_id == "timm/vit_small_patch8_224.dino"
-    for name in ("dino_vits16", "dino_vitb8", "dino_vitb16"):
-        assert get_spec(name).hf_hub_id == f"timm/{get_spec(name).timm_name}" and not get_spec(name).download_url
+        # DINO's own released file from DINO's URL, never timm's converted Hub copy.
+        assert spec.download_url == spec.weights_url and not spec.hf_hub_id, name
+        assert spec.weights_file == filename
 
 
 @pytest.fixture

@@ -32,8 +32,8 @@ from hpseg.inference.tiling import Tiling, resized_shape  # noqa: E402
 from hpseg.method.model import HiddenPositivesModel  # noqa: E402
 from hpseg.method.probes import centroid_scores  # noqa: E402
 from tests.test_api import one_thread, tiny_run  # noqa: E402,F401 - one_thread: autouse fixture
+from tests.test_authors_checkpoint import authors_payload  # noqa: E402
 from tests.test_readme import DOCUMENTS, code_blocks  # noqa: E402
-from tests.test_reference_checkpoint import reference_payload  # noqa: E402
 
 MAPPING = [2, 0, -1, 1]  # one cluster matched to no class: -1 must survive the graph
 
@@ -110,7 +110,7 @@ def imported_reference(folder: Path) -> tuple[Segmenter, Path]:
     """The authors' format (a tiny ViT the converter infers as vit_tiny_p8, random heads, no
     mapping) through ``hpseg import-checkpoint`` and ``hpseg export --format onnx``: the
     segmenter of the converted checkpoint and the .onnx file."""
-    torch.save(reference_payload(seed=4), folder / "reference.pth")
+    torch.save(authors_payload(seed=4), folder / "reference.pth")
     imported, path = folder / "imported.pt", folder / "reference.onnx"
     assert main(["import-checkpoint", str(folder / "reference.pth"), "--out", str(imported), "--dataset", "folder"]) == 0
     assert main(["export", str(imported), "--format", "onnx", "--out", str(path)]) == 0

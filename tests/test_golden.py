@@ -55,7 +55,7 @@ def load(path: Path) -> dict:
 
 def test_golden_files_present():
     assert [p.name for p in sorted(DATA.glob("hp_*.npz"))] == ["hp_a.npz", "hp_b.npz", "hp_c.npz"]
-    assert [p.name for p in sorted(DATA.glob("backbone_*.npz"))] == ["backbone_a.npz"]
+    assert [p.name for p in sorted(DATA.glob("backbone_*.npz"))] == ["backbone_a.npz", "backbone_b.npz"]
 
 
 @pytest.mark.parametrize("path", GOLDEN, ids=golden_id)
@@ -143,8 +143,21 @@ def _reference_backbone(g: dict, tmp_path: Path):
     return create_backbone(spec, weights=path)
 
 
-def _sizes(g: dict) -> list[int]:
-    return sorted(int(key.split("_")[1]) for key in g if key.startswith("image_"))
+def _sizes(g: dict) -> list[str]:
+    """The input sizes a backbone golden file holds, from its keys: ``image_32`` (square) and
+    ``image_48x80`` (48 rows, 80 columns) give ``["32", "48x80"]``."""
+    return sorted(key[len("image_"):] for key in g if key.startswith("image_"))
+
+
+def _rows_columns(size: str) -> tuple[int, int]:
+    rows, _, columns = size.partition("x")
+    return int(rows), int(columns or rows)
+
+
+def test_sizes_are_read_from_the_keys():
+    g = {"image_32": 0, "image_48x80": 0, "image_88x40": 0, "features_32": 0, "teacher/x": 0}
+    assert _sizes(g) == ["32", "48x80", "88x40"]
+    assert [_rows_columns(s) for s in _sizes(g)] == [(32, 32), (48, 80), (88, 40)]
 
 
 class _GoldenImages(Dataset):
@@ -157,8 +170,7 @@ class _GoldenImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict:
-        size = self.images.shape[-1]
-        return {"image": self.images[i], "label": torch.full((size, size), -1, dtype=torch.int64)}
+        return {"image": self.images[i], "label": torch.full(self.images.shape[-2:], -1, dtype=torch.int64)}
 
 
 @pytest.mark.parametrize("path", BACKBONE_GOLDEN, ids=golden_id)
@@ -187,9 +199,10 @@ def test_training_lhp_weights_match_reference(path: Path, tmp_path: Path):
     backbone = _reference_backbone(g, tmp_path)
     sigma = 28.0
     for size in _sizes(g):
-        side = size // backbone.patch_size
+        rows, columns = _rows_columns(size)
+        grid = (rows // backbone.patch_size, columns // backbone.patch_size)
         images = g[f"image_{size}"]
-        expected = attention_neighbour_weights(g[f"attention_logits_{size}"], (side, side), 1, sigma)
+        expected = attention_neighbour_weights(g[f"attention_logits_{size}"], grid, 1, sigma)
         assert expected.abs().max() > 0
         source = BackboneFeatures(backbone, str(_prepared(tmp_path)), with_augmented=False, sigma=sigma,
                                   device=torch.device("cpu"), amp_dtype=None)

@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from hpseg.config import Config
-from hpseg.method import SharedContrastPattern, attention_neighbour_weights, collect_pool
+from hpseg.method import SharedContrastPattern, attention_neighbour_weights, fill_pool, picked_patches
 from hpseg.runtime import resolve_device
 from hpseg.training.features import StepInputs
-from hpseg.training.step import ReferencePools, build_learner, specific_pool_maps, training_step
+from hpseg.training.pools import ThresholdPools
+from hpseg.training.step import build_learner, specific_pool_maps, training_step
 
 DATA = Path(__file__).parent / "data"
 
@@ -100,19 +101,23 @@ def test_training_steps_match_reference(path):
     init.update({name.replace("segmentation.", "ema_segmentation.", 1): value
                  for name, value in init.items() if name.startswith("segmentation.")})  # S' starts as S
     model.load_state_dict(init, strict=True)
-    pools = ReferencePools(torch.from_numpy(g["pool_ag"]), torch.from_numpy(g["pool_sp"]))
+    pools = ThresholdPools(torch.from_numpy(g["pool_ag"]), torch.from_numpy(g["pool_sp"]))
 
-    measured = {key: [] for key in [*LOSSES, "grad_norm"]}
+    # With α = 0 the consistency loss is not computed (absent from the step's values), so only
+    # compared where α > 0.
+    compared = {key: name for key, name in LOSSES.items() if name != "consistency" or config.method.alpha > 0}
+    measured = {key: [] for key in [*compared, "grad_norm"]}
     for step in range(int(g["steps"])):
         draw = SharedContrastPattern.from_uniform(torch.from_numpy(g["uniform"][step]), config.method.rho)
         values = training_step(learner, step_inputs(g, step, config.method.sigma), pools, draw,
                                float(g["lmbd"][step]))
-        for key, name in LOSSES.items():
+        assert ("consistency" in values) == (config.method.alpha > 0)
+        for key, name in compared.items():
             measured[key].append(values[name])
         measured["grad_norm"].append(values["grad_norm"])
 
     # Measured: losses 5e-7 relative at most, clip norms 4e-7, final weights 1.5e-6.
-    for key in LOSSES:
+    for key in compared:
         np.testing.assert_allclose(measured[key], g[key], rtol=1e-3, err_msg=key)
     np.testing.assert_allclose(measured["grad_norm"], g["grad_norm"], rtol=2e-3)
     state = model.state_dict()
@@ -122,11 +127,10 @@ def test_training_steps_match_reference(path):
             assert relative(state[name], torch.from_numpy(value)) < 1e-3, name
 
     # A renewal of the task-specific pool: S' on the recorded features, one recorded patch per
-    # image (the reference's random pick), through hpseg's pool code.
+    # image (the authors' random pick), through hpseg's pool code.
     with torch.no_grad():
         maps = specific_pool_maps(model, config.method, torch.from_numpy(g["pool_image_features"]))
     picks = torch.from_numpy(g["pool_patch_index"])
-    picked = maps.flatten(2)[torch.arange(maps.shape[0]), :, picks][..., None, None]  # (P, D, 1, 1)
-    renewed = collect_pool([picked], pool_size=picked.shape[0])
+    renewed = fill_pool([picked_patches(maps, picks)], pool_size=maps.shape[0])
     # The reference stores its pools in float16 (measured: 3.7e-4 at most, float16 rounding).
     torch.testing.assert_close(renewed, torch.from_numpy(g["pool_sp_renewed"]), rtol=0, atol=1e-3)

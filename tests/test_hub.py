@@ -21,7 +21,7 @@ import hpseg  # noqa: E402
 from hpseg.cli.main import main  # noqa: E402
 from hpseg.export.hub import export_hub, push, push_operations  # noqa: E402
 from tests.test_api import one_thread, tiny_run  # noqa: E402,F401 - one_thread: autouse fixture
-from tests.test_reference_checkpoint import reference_payload  # noqa: E402
+from tests.test_authors_checkpoint import authors_payload  # noqa: E402
 
 MAPPING = [3, 1, 0, 2]
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -89,14 +89,19 @@ def test_folder_round_trips(folder: Path, run_with_eval: Path) -> None:
 
 
 def test_authors_checkpoint_exports_with_its_backbone(tmp_path: Path) -> None:
-    reference = tmp_path / "reference.pth"
-    torch.save(reference_payload(seed=2), reference)
-    out = export_hub(reference, tmp_path / "hub")
+    authors = tmp_path / "authors.pth"
+    torch.save(authors_payload(seed=2), authors)
+    out = tmp_path / "hub"
+    written = export_hub(authors, out)
+    assert sorted(p.name for p in written) == sorted(p.name for p in out.iterdir())
     config = json.loads((out / "config.json").read_text())
     assert config["backbone"]["weights"] == "backbone.safetensors" and (out / "backbone.safetensors").is_file()
     assert config["checkpoint"]["selection"].startswith("imported from the authors'")
+    # The card is published: it names the file the weights came from, never a local path.
+    card = (out / "README.md").read_text()
+    assert "authors.pth" in card and str(tmp_path) not in card
     image = _image(40, 48)
-    direct = hpseg.load(reference, device="cpu")
+    direct = hpseg.load(authors, device="cpu")
     assert np.array_equal(hpseg.load(out, device="cpu").segment(image), direct.segment(image))
 
 
@@ -141,10 +146,10 @@ def test_hf_reference_missing_offline_names_the_repository(tmp_path: Path, monke
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(ValueError, match=r"hf://nobody/nothing@v2: the repository is not in the Hugging Face cache"):
         hpseg.load("hf://nobody/nothing@v2")
-    with pytest.raises(ValueError, match="not a Hub reference"):
+    with pytest.raises(ValueError, match="not a Hub repository id"):
         hpseg.load("hf://just-a-name")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(ValueError, match="without an hpseg config.json"):
+    with pytest.raises(ValueError, match="neither a run folder .no config.yaml. nor a hub folder .no config.json."):
         hpseg.load(tmp_path / "folder")
 
 

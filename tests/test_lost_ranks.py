@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from hpseg.checkpoints.store import load_checkpoint
+from hpseg.checkpoints.payload import load_checkpoint
 from hpseg.runtime import COLLECTIVE_TIMEOUT_ENV, DistributedContext, collective_timeout
 from hpseg.training.lost_ranks import RankLostError, explain_lost_ranks
 from tests.helpers import synthetic_prepared, tiny_overrides
@@ -46,13 +46,13 @@ def test_a_killed_rank_stops_the_job_and_resume_finishes_it(tmp_path):
     assert (f"the last checkpoint is {run}/checkpoints/last.pt (step 2): resume with `hpseg train --resume {run}`"
             in message.group(0))
     assert hashlib.sha256((run / "checkpoints" / "last.pt").read_bytes()).hexdigest() == record.read_text()
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
+    assert load_checkpoint(run / "checkpoints" / "last.pt").step == 2
 
     resumed = subprocess.run([*TORCHRUN, "-m", "hpseg", "train", "--resume", str(run), "--no-progress"], env=env,
                              capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 6
+    assert load_checkpoint(run / "checkpoints" / "last.pt").step == 6
 
 
 def _silent_peer(rank: int, port: int, out: str) -> None:

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hpseg.config import Config, MethodConfig
 from hpseg.method import (
     HiddenPositivesModel,
     IndependentContrastDraw,
     SegmentationHead,
     SharedContrastPattern,
     attention_neighbour_weights,
-    collect_pool,
     consistency_loss,
     ema_update_,
     hidden_positive_loss,
@@ -24,7 +24,8 @@ from hpseg.method import (
     propagate_to_neighbours,
 )
 from hpseg.method.local_positives import row_quantile
-from hpseg.method.loss import LossBackend, reference_loss
+from hpseg.method.loss import HiddenPositiveLoss, LossBackend, dense_loss
+from hpseg.method.loss.backend import NAMES
 from hpseg.method.probes import centroid_scores
 from tests.helpers import clustered_batch
 
@@ -100,25 +101,6 @@ def test_ema_after_k_steps():
     assert not ema.weight.requires_grad
 
 
-def test_collect_pool_one_patch_per_image_normalised():
-    maps = [torch.randn(4, 3, 2, 2) * 5 for _ in range(3)]
-    pool = collect_pool(iter(maps), pool_size=10, generator=torch.Generator().manual_seed(0))
-    assert pool.shape == (10, 3)
-    torch.testing.assert_close(pool.norm(dim=1), torch.ones(10))
-    # every row is (a normalised copy of) a patch of the image it came from
-    first = F.normalize(maps[0].flatten(2), dim=1)
-    for row, image in zip(pool[:4], first):
-        assert torch.isclose(image.T @ row, torch.tensor(1.0)).any()
-
-
-def test_collect_pool_stops_when_full():
-    def batches():
-        yield torch.randn(4, 3, 2, 2)
-        raise AssertionError("pool was full: the pass must stop")
-
-    assert collect_pool(batches(), pool_size=4).shape == (4, 3)
-
-
 # ---------------------------------------------------------------- LHP
 
 
@@ -173,8 +155,8 @@ def test_lhp_edge_patch_divides_by_six():
 
 @pytest.mark.parametrize("backend", ["torch-sparse", "torch-dense"])
 @pytest.mark.parametrize("lmbd,rho,reweighting", [(0.0, 1.0, True), (0.7, 0.3, True), (0.3, 0.5, False)])
-def test_chunked_loss_equals_reference_loss_and_gradients(lmbd, rho, reweighting, backend):
-    """Both tile paths of the torch loss (sparse sampled products, dense products) match the reference."""
+def test_chunked_loss_equals_dense_loss_and_gradients(lmbd, rho, reweighting, backend):
+    """Both tile paths of the torch loss (sparse sampled products, dense products) match its dense definition."""
     torch.manual_seed(0)
     hw, batch = 9, 3
     n = hw * batch
@@ -188,11 +170,56 @@ def test_chunked_loss_equals_reference_loss_and_gradients(lmbd, rho, reweighting
     loss = hidden_positive_loss(z, z_mix, f, s, pool_ag, pool_sp, chunk_size=4, backend=backend, **kwargs)
     gz, gm = torch.autograd.grad(loss, (z, z_mix))
     z2, m2 = z.detach().clone().requires_grad_(), z_mix.detach().clone().requires_grad_()
-    expected = reference_loss(z2, m2, f, s, pool_ag, pool_sp, **kwargs)
+    expected = dense_loss(z2, m2, f, s, pool_ag, pool_sp, **kwargs)
     ez, em = torch.autograd.grad(expected, (z2, m2))
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gz, ez, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gm, em, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_from_config_holds_its_settings_and_backend():
+    """A run's loss is built from ``MethodConfig``: its settings and backend reach the value."""
+    method = MethodConfig(tau=0.4, tau_base=0.1, temperature_factor=False, reweighting=False, chunk_size=3,
+                          loss_backend="torch-sparse")
+    loss = HiddenPositiveLoss.from_config(method)
+    assert isinstance(loss, torch.nn.Module) and loss.backend.name == "torch-sparse" and loss.chunk_size == 3
+    torch.manual_seed(0)
+    hw, n = 4, 12
+    z, z_mix = F.normalize(torch.randn(n, 5), dim=1), F.normalize(torch.randn(n, 5), dim=1)
+    f, s, pool_ag, pool_sp = torch.randn(n, 3), torch.randn(n, 5), torch.randn(4, 3), torch.randn(4, 5)
+    draw = SharedContrastPattern(torch.rand(hw, n) < 0.5)
+    value = loss(z, z_mix, f, s, pool_ag, pool_sp, patches_per_image=hw, contrast_draw=draw, lmbd=0.3)
+    expected = dense_loss(z, z_mix, f, s, pool_ag, pool_sp, patches_per_image=hw, contrast_draw=draw, lmbd=0.3,
+                          tau=0.4, tau_base=0.1, temperature_factor=False, reweighting=False)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    # The defaults (tau / tau_base scaling, reweighting) give another value: the settings did matter.
+    default = HiddenPositiveLoss.from_config(MethodConfig(tau=0.4, tau_base=0.1))
+    assert default.backend.name == "auto"
+    other = default(z, z_mix, f, s, pool_ag, pool_sp, patches_per_image=hw, contrast_draw=draw, lmbd=0.3)
+    assert not torch.isclose(other, value)
+
+
+def test_each_loss_object_owns_its_backend_state():
+    """No process-wide backend: two losses share neither the Triton failure flag nor compiled functions."""
+    first, second = HiddenPositiveLoss(0.5), HiddenPositiveLoss(0.5)
+    assert first.backend is not second.backend
+    assert first.backend.dense_functions is not second.backend.dense_functions
+    first.backend.triton_failed = True
+    assert not second.backend.triton_failed and not HiddenPositiveLoss(0.5).backend.triton_failed
+    benchmark = LossBackend("torch", compile=False)
+    assert HiddenPositiveLoss.from_config(MethodConfig(), benchmark).backend is benchmark
+
+
+def test_config_names_every_loss_backend():
+    """``method.loss_backend`` accepts exactly the backends there are; a typo is refused."""
+    import typing
+
+    hint = typing.get_type_hints(MethodConfig)["loss_backend"]
+    assert set(typing.get_args(hint)) == set(NAMES)
+    for name in NAMES:
+        assert Config().override([f"method.loss_backend={name}"]).method.loss_backend == name
+    with pytest.raises(ValueError, match="loss_backend"):
+        Config().override(["method.loss_backend=cuda"])
 
 
 def test_unknown_backend_is_refused():

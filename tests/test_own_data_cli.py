@@ -15,7 +15,7 @@ from PIL import Image
 
 from hpseg.backbones import BackboneWeightsError, get_spec
 from hpseg.backbones.weights import resolve_official_weights
-from hpseg.checkpoints.runs import resolve_checkpoint
+from hpseg.checkpoints.runs import selected_checkpoint
 from hpseg.cli.main import USER_ERROR, main
 from hpseg.data import make_synthetic_dataset
 from tests.helpers import tiny_overrides
@@ -87,8 +87,8 @@ def test_unlabelled_training_keeps_the_final_weights_and_says_so(tmp_path: Path,
     assert main(["train", "--run-dir", str(run), *overrides]) == 0  # train.selection=best, the default
     notices, last_line = screen.getvalue(), capsys.readouterr().out.strip().splitlines()[-1]
     assert "train.selection=best needs labelled validation images" in notices
-    assert "reference pools" in notices  # the first pools have a progress bar
+    assert "threshold pools" in notices  # the first pools have a progress bar
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["selection"] == "last"
-    assert resolve_checkpoint(run) == run / "checkpoints" / "last.pt"
+    assert selected_checkpoint(run) == run / "checkpoints" / "last.pt"
     assert "checkpoints/last.pt" in last_line and str(run / "checkpoints" / "last.pt") in last_line
     assert "does not exist" not in last_line

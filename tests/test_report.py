@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hpseg.checkpoints.store import load_checkpoint
+from hpseg.checkpoints.payload import load_checkpoint
 from hpseg.cli.main import main
 from hpseg.config import Config
 from hpseg.evaluation.report import aggregate, collect_results, config_differences, write_report
-from hpseg.training.seeds import _train_in_processes, train_command
+from hpseg.training.multi_seed import _train_in_processes, train_command
 from tests.helpers import synthetic_prepared, tiny_overrides
 
 
@@ -147,8 +147,8 @@ def test_train_command_trains_the_seed_on_its_device(tmp_path):
     command = train_command(run / "requested-config.yaml", run, "cpu")
     assert command[:4] == [sys.executable, "-m", "hpseg", "train"]
     assert main(command[3:]) == 0  # what `python -m hpseg` runs
-    saved = load_checkpoint(run / "checkpoints" / "last.pt")["config"]["train"]
-    assert (saved["seed"], saved["device"]) == (5, "cpu")
+    saved = load_checkpoint(run / "checkpoints" / "last.pt").config.train
+    assert (saved.seed, saved.device) == (5, "cpu")
 
 
 def test_report_states_where_the_backbone_weights_came_from(tmp_path):

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from hpseg.checkpoints.runs import resolve_checkpoint
-from hpseg.checkpoints.store import CheckpointError, load_checkpoint
+from hpseg.checkpoints.payload import load_checkpoint
+from hpseg.checkpoints.runs import selected_checkpoint
+from hpseg.checkpoints.store import CheckpointError
 from hpseg.cli.main import main
 from hpseg.config import Config
 from hpseg.training.selection import label_free_scores
@@ -26,7 +27,7 @@ def test_last_rule_writes_no_label_chosen_checkpoint(data_root, tmp_path):
     run = train(tiny_config(data_root, tmp_path, extra=["train.selection=last"]), run_dir=tmp_path / "run")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "validation" in r] == [6, 10, 12]  # and at the epoch end (10 steps)
-    assert resolve_checkpoint(run) == run / "checkpoints" / "last.pt"
+    assert selected_checkpoint(run) == run / "checkpoints" / "last.pt"
     assert main(["eval", str(run), "--no-progress", "--max-images", "2"]) == 0
     report = json.loads((run / "eval-last" / "results.json").read_text())
     assert report["selection_rule"] == "last" and report["labels_used_for_selection"] is False
@@ -35,8 +36,8 @@ def test_last_rule_writes_no_label_chosen_checkpoint(data_root, tmp_path):
 
 def test_best_rule_resolves_to_best(data_root, tmp_path):
     run = train(tiny_config(data_root, tmp_path, steps=6), run_dir=tmp_path / "run")
-    assert resolve_checkpoint(run) == run / "checkpoints" / "best.pt"
-    assert load_checkpoint(run / "checkpoints" / "best.pt")["selection_rule"] == "best"
+    assert selected_checkpoint(run) == run / "checkpoints" / "best.pt"
+    assert load_checkpoint(run / "checkpoints" / "best.pt").selection_rule == "best"
 
 
 def test_unsupervised_rule_keeps_the_highest_label_free_score(data_root, tmp_path):
@@ -48,10 +49,10 @@ def test_unsupervised_rule_keeps_the_highest_label_free_score(data_root, tmp_pat
     chosen = load_checkpoint(run / "checkpoints" / "unsupervised.pt")
     best_value = max(value for value, _ in scored)
     # ties go to the later step (>=), as for the reference's rule
-    assert chosen["step"] == max(step for value, step in scored if value == best_value)
-    assert chosen["kind"] == "unsupervised" and "no labels" in chosen["selection"]
-    assert chosen["metrics"]["label_free"]["silhouette"] == pytest.approx(best_value, abs=1e-5)
-    assert resolve_checkpoint(run) == run / "checkpoints" / "unsupervised.pt"
+    assert chosen.step == max(step for value, step in scored if value == best_value)
+    assert chosen.kind == "unsupervised" and "no labels" in chosen.selection
+    assert chosen.metrics["label_free"]["silhouette"] == pytest.approx(best_value, abs=1e-5)
+    assert selected_checkpoint(run) == run / "checkpoints" / "unsupervised.pt"
 
 
 def test_unsupervised_rule_needs_label_free_crops():
@@ -75,8 +76,7 @@ def test_label_free_scores_by_hand():
 
 def test_resolve_checkpoint_errors(tmp_path):
     with pytest.raises(CheckpointError, match="config.yaml"):
-        resolve_checkpoint(tmp_path)
+        selected_checkpoint(tmp_path)
     (tmp_path / "config.yaml").write_text("train:\n  selection: last\n")
     with pytest.raises(CheckpointError, match="last.pt"):
-        resolve_checkpoint(tmp_path)
-    assert resolve_checkpoint(tmp_path / "x.pt") == tmp_path / "x.pt"
+        selected_checkpoint(tmp_path)

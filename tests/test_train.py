@@ -12,12 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpseg.checkpoints.store import CheckpointError, load_checkpoint, save_atomic
+from hpseg.checkpoints.payload import load_checkpoint
+from hpseg.checkpoints.store import CheckpointError, save_atomic
 from hpseg.cli.main import main
 from hpseg.config import Config
 from hpseg.data import DatasetLayoutError, make_synthetic_dataset
+from hpseg.method import HiddenPositiveLoss, LossBackend
+from hpseg.training import trainer as trainer_module
 from hpseg.training.step import build_learner
-from hpseg.training.trainer import Trainer, renews_pool_before, resume, train, validates_after
+from hpseg.training.trainer import (
+    NonFiniteLossError,
+    Trainer,
+    renews_pool_before,
+    resume,
+    train,
+    validates_after,
+)
 from tests.helpers import synthetic_prepared, tiny_config, tiny_overrides
 
 
@@ -42,9 +52,9 @@ def test_train_writes_run_and_checkpoints(data_root, tmp_path):
     assert [r["step"] for r in records if "validation" in r] == [6, 10, 12]
     last = load_checkpoint(run / "checkpoints" / "last.pt")
     best = load_checkpoint(run / "checkpoints" / "best.pt")
-    assert last["kind"] == "last" and last["step"] == 12 and best["kind"] == "best"
-    assert "best sum" in best["selection"] and set(best["metrics"]) >= {"unsupervised_accuracy", "linear_miou"}
-    assert last["config"]["train"]["seed"] == 0 and len(last["class_names"]) == 4
+    assert last.kind == "last" and last.step == 12 and best.kind == "best"
+    assert "best sum" in best.selection and set(best.metrics) >= {"unsupervised_accuracy", "linear_miou"}
+    assert last.config.train.seed == 0 and len(last.class_names) == 4
     assert (run / "config.yaml").exists() and any((run / "tensorboard").iterdir())
     assert not list((run / "checkpoints").glob("*.tmp"))
 
@@ -86,21 +96,21 @@ def test_interrupted_run_resumes_to_the_same_losses(data_root, tmp_path, monkeyp
     reference = train(tiny_config(data_root, tmp_path, extra=extra + ["train.run_name=a"]))
     expected = [r["loss"] for r in read_jsonl(reference / "metrics.jsonl") if "loss" in r]
 
-    original = Trainer.training_step
+    original = trainer_module.training_step
     calls = {"n": 0}
 
-    def interrupted(self, *args, **kwargs):
+    def interrupted(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 9:  # crash during step 10; last checkpoint is at step 8
             raise KeyboardInterrupt
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "training_step", interrupted)
+    monkeypatch.setattr(trainer_module, "training_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(data_root, tmp_path, extra=extra + ["train.run_name=b"]))
-    monkeypatch.setattr(Trainer, "training_step", original)
+    monkeypatch.setattr(trainer_module, "training_step", original)
     run = tmp_path / "b"
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 8
+    assert load_checkpoint(run / "checkpoints" / "last.pt").step == 8
     resume(run)
     records = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 13))  # no repeats, no restart
@@ -124,19 +134,19 @@ def test_cli_prepare_train_kill_resume_eval(tmp_path):
     last = run / "checkpoints" / "last.pt"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
-        if last.exists() and load_checkpoint(last)["step"] >= 4:
+        if last.exists() and load_checkpoint(last).step >= 4:
             break
         time.sleep(0.2)
     assert process.poll() is None, process.stderr.read().decode()
     process.send_signal(signal.SIGKILL)
     process.wait()
-    killed_at = load_checkpoint(last)["step"]
+    killed_at = load_checkpoint(last).step
     assert 4 <= killed_at < 40
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     records = read_jsonl(run / "metrics.jsonl")
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, 41))
-    assert load_checkpoint(last)["step"] == 40
+    assert load_checkpoint(last).step == 40
     assert main(["eval", str(run / "checkpoints" / "best.pt"), "--baseline", "--no-progress"]) == 0
     report = json.loads((run / "eval-best" / "results.json").read_text())
     assert report["checkpoint_kind"] == "best" and report["seed"] == 0 and report["crf"] is False
@@ -144,7 +154,7 @@ def test_cli_prepare_train_kill_resume_eval(tmp_path):
     # evaluation rebuilds the (random) backbone and the heads: it must see what validation saw
     best = load_checkpoint(run / "checkpoints" / "best.pt")
     for key in ("unsupervised_accuracy", "unsupervised_miou", "linear_accuracy", "linear_miou"):
-        assert report["hp"][key] == pytest.approx(best["metrics"][key], abs=1e-6), key
+        assert report["hp"][key] == pytest.approx(best.metrics[key], abs=1e-6), key
     assert (run / "eval-best" / "confusion_unsupervised.png").exists()
 
 
@@ -195,12 +205,12 @@ def test_torchrun_two_cpu_processes(tmp_path):
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 7))
     two = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert two["step"] == 6
+    assert two.step == 6
     assert main(["--quiet", "train", "--preset", "cocostuff27", "--run-dir", str(tmp_path / "one"), "--no-progress",
                  *overrides]) == 0
     one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
-    for key, value in one["model"].items():
-        assert torch.allclose(two["model"][key], value, rtol=1e-4, atol=1e-6), key
+    for key, value in one.model.items():
+        assert torch.allclose(two.model[key], value, rtol=1e-4, atol=1e-6), key
 
 
 def test_pool_renewal_counts_steps_within_the_epoch():
@@ -241,7 +251,7 @@ def test_best_is_chosen_among_epoch_end_validations(data_root, tmp_path, monkeyp
     monkeypatch.setattr(trainer_module, "selection_score", lambda results: scores[calls.pop(0)])
     calls = [6, 10, 12]
     run = train(tiny_config(data_root, tmp_path), run_dir=tmp_path / "run")
-    assert not calls and load_checkpoint(run / "checkpoints" / "best.pt")["step"] == 10
+    assert not calls and load_checkpoint(run / "checkpoints" / "best.pt").step == 10
 
 
 @pytest.mark.parametrize(("setting", "scale", "interval"), [("reference", 2048.0, 1000), ("pytorch", 65536.0, 2000)])
@@ -251,6 +261,23 @@ def test_grad_scaler_settings(data_root, tmp_path, setting, scale, interval):
     assert learner.scaler.is_enabled() and learner.scaler.get_scale() == scale
     assert learner.scaler.get_growth_interval() == interval
     assert Config().train.grad_scaler == "reference"  # [ref quirk] the default
+
+
+def test_a_run_computes_its_loss_with_the_backend_its_config_names(data_root, tmp_path, monkeypatch):
+    used = []
+    original = LossBackend.loss_and_gradients
+
+    def recorded(self, *args, **kwargs):
+        used.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LossBackend, "loss_and_gradients", recorded)
+    config = tiny_config(data_root, tmp_path, steps=2, extra=["method.loss_backend=torch-dense",
+                                                              "train.val_interval=100", "train.label_free_crops=0"])
+    train(config, run_dir=tmp_path / "run")
+    assert used == ["torch-dense", "torch-dense"]
+    benchmark = LossBackend("torch-sparse", compile=False)  # a benchmark's backend replaces the config's
+    assert build_learner(config, 64, torch.device("cpu"), None, loss_backend=benchmark).loss.backend is benchmark
 
 
 def test_missing_validation_split_means_no_validation(data_root, tmp_path, monkeypatch):
@@ -270,3 +297,61 @@ def test_other_validation_set_problems_stop_training(data_root, tmp_path, monkey
     monkeypatch.setattr(sys.modules[Trainer.__module__], "build_raw_dataset", broken)
     with pytest.raises(type(error), match=str(error.args[0])):
         Trainer(tiny_config(data_root, tmp_path), tmp_path / "run")
+
+
+def nan_loss_from_call(monkeypatch, first_bad: int) -> None:
+    """The HP loss returns NaN from its ``first_bad``-th call on (as an overflow would)."""
+    original, calls = HiddenPositiveLoss.forward, {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] >= first_bad else loss
+
+    monkeypatch.setattr(HiddenPositiveLoss, "forward", forward)
+
+
+def test_non_finite_loss_stops_training_with_step_value_and_last_checkpoint(data_root, tmp_path, monkeypatch):
+    """A NaN at step 7 stops the run there: the error names the step, the value and last.pt of
+    step 4 (checkpoint_interval 4); nothing of step 7 reaches the weights, the log or a checkpoint."""
+    nan_loss_from_call(monkeypatch, first_bad=7)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as caught:
+        train(tiny_config(data_root, tmp_path, extra=["train.val_interval=100"]), run_dir=run)
+    message = str(caught.value)
+    assert "step 7: the loss is nan" in message and "hp nan" in message
+    assert f"{run / 'checkpoints' / 'last.pt'} (step 4)" in message and f"--resume {run}" in message
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so(data_root, tmp_path, monkeypatch):
+    nan_loss_from_call(monkeypatch, first_bad=1)
+    config = tiny_config(data_root, tmp_path, steps=3)
+    trainer = Trainer(config, tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match="step 1: the loss is nan.*no checkpoint was written"):
+        trainer.fit()
+    for key, value in trainer.model.state_dict().items():  # the bad step changed no weight (EMA included)
+        assert torch.equal(value, weights[key]), key
+
+
+def test_cli_exits_non_zero_on_a_non_finite_loss(data_root, tmp_path, monkeypatch, capsys):
+    nan_loss_from_call(monkeypatch, first_bad=2)
+    code = main(["--quiet", "train", "--run-dir", str(tmp_path / "run"),
+                 *tiny_overrides(data_root, tmp_path, steps=4)])
+    assert code != 0
+    assert "step 2: the loss is nan" in capsys.readouterr().err
+
+
+def test_consistency_is_absent_when_alpha_is_zero(data_root, tmp_path):
+    """α = 0: the consistency loss is not computed, so no value (not 0.0) is logged; α > 0 logs it."""
+    for alpha, run in ((0.0, tmp_path / "off"), (0.3, tmp_path / "on")):
+        train(tiny_config(data_root, tmp_path, steps=2, extra=[f"method.alpha={alpha}"]), run_dir=run)
+        records = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+        assert len(records) == 2
+        if alpha:
+            assert all(r["consistency"] > 0 for r in records)
+        else:
+            assert not any("consistency" in r for r in records)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from hpseg.method import IndependentContrastDraw, LossBackend, SharedContrastPattern, hidden_positive_loss
-from hpseg.method.loss import reference_loss, triton_kernels
+from hpseg.method.loss import dense_loss, triton_kernels
 from hpseg.method.positives import PositiveInputs
 from tests.helpers import clustered_batch
 from tests.test_golden import GOLDEN, golden_id, load
@@ -152,7 +152,7 @@ def test_golden_values_through_the_kernels(path, monkeypatch):
 
 @interpreted
 @pytest.mark.parametrize("lmbd,rho,reweighting", [(0.0, 1.0, True), (0.7, 0.3, True), (0.3, 0.5, False)])
-def test_kernels_equal_the_reference_loss(lmbd, rho, reweighting, monkeypatch):
+def test_kernels_equal_the_dense_loss(lmbd, rho, reweighting, monkeypatch):
     """Without TS (lambda = 0), every patch in the contrast set (rho = 1), no reweighting; the pair
     gradient in two blocks of rows (16 and 11)."""
     torch.manual_seed(0)
@@ -170,7 +170,7 @@ def test_kernels_equal_the_reference_loss(lmbd, rho, reweighting, monkeypatch):
     )
     assert calls.statistics == 1 and calls.gradients == 2
     z2, m2 = z.clone().requires_grad_(), z_mix.clone().requires_grad_()
-    expected = reference_loss(z2, m2, f, s, pool_ag, pool_sp, **kwargs)
+    expected = dense_loss(z2, m2, f, s, pool_ag, pool_sp, **kwargs)
     ez, em = torch.autograd.grad(expected, (z2, m2))
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gz, ez, rtol=1e-4, atol=1e-5)

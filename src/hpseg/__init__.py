@@ -1,7 +1,7 @@
 """hpseg: unsupervised semantic segmentation with Hidden Positives on frozen self-supervised ViTs.
 
-``hpseg.load(checkpoint)`` returns a :class:`hpseg.inference.segmenter.Segmenter` (see :mod:`hpseg.inference.segmenter`);
-it also loads hub folders and ``hf://`` references (:func:`hpseg.export.hub.load`).
+``hpseg.load(source)`` returns a :class:`hpseg.inference.segmenter.Segmenter` (see :func:`hpseg.inference.segmenter.load`)
+of a checkpoint file, a run folder, a hub folder, an ``hf://`` name or an authors' checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ __all__ = ["Segmenter", "__version__", "load"]
 def __getattr__(name: str) -> Any:
     # Lazy: ``import hpseg`` (e.g. for the CLI's --version) does not import torch.
     if name == "load":
-        from hpseg.export.hub import load
+        from hpseg.inference.segmenter import load
 
         return load
     if name == "Segmenter":

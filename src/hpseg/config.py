@@ -122,6 +122,9 @@ class MethodConfig:
     # [ref quirk] the loss is scaled by tau / tau_base; False drops the factor.
     temperature_factor: bool = True
     chunk_size: int = 0  # anchors per chunk in the loss; 0 = choose automatically
+    # How the loss computes its pair work (hpseg.method.loss.backend.LossBackend; all give the same
+    # loss): "auto" = the Triton kernels on CUDA under fp16 / bf16, else the torch path.
+    loss_backend: Literal["auto", "triton", "torch", "torch-dense", "torch-sparse"] = "auto"
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-__all__ = ["TqdmHandler", "configure_logging", "progress_bar"]
+__all__ = ["TqdmHandler", "byte_progress", "configure_logging", "progress_bar"]
 
 T = TypeVar("T")
 _ROOT = "hpseg"
@@ -67,3 +67,10 @@ def progress_bar(iterable: Iterable[T], logger: logging.Logger, **kwargs: Any) -
         kwargs.setdefault("mininterval", LOG_FILE_INTERVAL)
     disable = not logger.isEnabledFor(logging.INFO) or (nested and not to_screen)
     return tqdm(iterable, disable=disable, file=sys.stderr, **kwargs)
+
+
+def byte_progress(logger: logging.Logger, total: int | None, initial: int = 0, desc: str = "") -> tqdm:
+    """A byte-counting bar (``bar.update(n_bytes)``) for a download, from ``initial`` bytes (a resumed
+    one) to ``total`` (None: unknown); shown only when ``logger`` would emit INFO records."""
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                disable=not logger.isEnabledFor(logging.INFO), file=sys.stderr, dynamic_ncols=True)

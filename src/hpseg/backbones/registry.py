@@ -5,14 +5,13 @@ Each entry is a :class:`BackboneSpec`: the timm architecture that builds it, its
 official weights come from. ``list_backbones`` / ``get_spec`` look entries up and
 ``format_backbone_table`` renders them for the ``hpseg backbones`` CLI command.
 
-Official weights are fetched through timm's Hugging Face Hub copies (``hf_hub_id``), which
-hold the authors' weights converted to timm's key names, or -- where the paper's file has no
-Hub copy (DINO ViT-S/8, 300 epochs) -- straight from the authors' URL (``download_url``) into
-torch.hub's checkpoint cache. The authors' original files (``weights_url``) load as well when
-passed as a local file.
+Official weights: every DINO (v1) name downloads DINO's own released file straight from DINO's
+URL (``download_url``) into torch.hub's checkpoint cache -- the files the paper's numbers rest
+on, not timm's converted Hub copies (timm's ``vit_small_patch8_224.dino`` is even another run
+than the paper's ViT-S/8). DINOv2 and DINOv3 come through timm's Hugging Face Hub copies
+(``hf_hub_id``). Any original file (``weights_url``) also loads when passed as a local file.
 
-Which DINO file each name means (HP, like STEGO, uses the 300-epoch ViT-S/8 run; timm's Hub
-copy ``vit_small_patch8_224.dino`` is the other, 800-epoch run):
+Which DINO file each name means (HP, like STEGO, uses the 300-epoch ViT-S/8 run):
 
 ====================  ==========================================
 ``dino_vits8``        ``dino_deitsmall8_300ep_pretrain.pth`` (the paper's)
@@ -101,21 +100,14 @@ _DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{0}/{0}_reg4_pretrain.pth"
 _DINOV3_PAGE = "https://github.com/facebookresearch/dinov3 (weights after accepting the DINOv3 licence)"
 
 
-def _dino(name: str, timm_name: str, patch: int, dim: int, heads: int, fb_name: str, desc: str,
-          hub: bool = True) -> BackboneSpec:
-    """A DINO backbone; ``hub=False``: timm's Hub copy is another file, download ``fb_name`` itself."""
+def _dino(name: str, timm_name: str, patch: int, dim: int, heads: int, fb_name: str, desc: str) -> BackboneSpec:
+    """A DINO backbone whose weights are DINO's own released file ``fb_name``.pth, downloaded from
+    DINO's URL: timm's Hub copies are conversions (and for ViT-S/8 another run than the paper's)."""
     url = _DINO_URL.format(fb_name)
-    if not hub:
-        return BackboneSpec(
-            name=name, timm_name=timm_name, patch_size=patch, embed_dim=dim, num_heads=heads,
-            num_prefix_tokens=1, weights_source=f"the official DINO file {url}",
-            description=desc, family="dino", weights_url=url, download_url=url,
-        )
-    hub_id = f"timm/{timm_name}"
     return BackboneSpec(
         name=name, timm_name=timm_name, patch_size=patch, embed_dim=dim, num_heads=heads,
-        num_prefix_tokens=1, weights_source=f"{_HF}{hub_id} (= the official DINO file {url})",
-        description=desc, family="dino", hf_hub_id=hub_id, weights_url=url,
+        num_prefix_tokens=1, weights_source=f"the official DINO file {url}",
+        description=desc, family="dino", weights_url=url, download_url=url,
     )
 
 
@@ -141,11 +133,11 @@ def _dinov3(name: str, timm_name: str, dim: int, heads: int, desc: str) -> Backb
 
 
 _SPECS: tuple[BackboneSpec, ...] = (
-    # timm's Hub copy of ViT-S/8 is the 800-epoch run; the paper's is the 300-epoch one.
+    # DINO released two ViT-S/8 runs: the paper's is the 300-epoch one.
     _dino("dino_vits8", "vit_small_patch8_224.dino", 8, 384, 6, "dino_deitsmall8_300ep_pretrain",
-          "DINO ViT-S/8, 300 epochs (HP default, the paper's weights)", hub=False),
+          "DINO ViT-S/8, 300 epochs (HP default, the paper's weights)"),
     _dino("dino_vits8_800ep", "vit_small_patch8_224.dino", 8, 384, 6, "dino_deitsmall8_pretrain",
-          "DINO ViT-S/8, 800 epochs (timm's Hub copy; not the paper's)"),
+          "DINO ViT-S/8, 800 epochs (not the paper's)"),
     _dino("dino_vits16", "vit_small_patch16_224.dino", 16, 384, 6, "dino_deitsmall16_pretrain",
           "DINO ViT-S/16"),
     _dino("dino_vitb8", "vit_base_patch8_224.dino", 8, 768, 12, "dino_vitbase8_pretrain",

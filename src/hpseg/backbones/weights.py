@@ -291,7 +291,8 @@ def _describe_file(sd: Mapping[str, torch.Tensor]) -> str:
 # Official weights through the Hugging Face Hub cache
 
 
-def _offline() -> bool:
+def offline_mode() -> bool:
+    """Whether downloads are off (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE, as huggingface_hub reads them)."""
     # huggingface_hub reads HF_HUB_OFFLINE once at import; also honour it when set later.
     from huggingface_hub import constants
 
@@ -316,7 +317,7 @@ def resolve_official_weights(spec: BackboneSpec) -> Path:
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
-    if _offline():
+    if offline_mode():
         # Pure cache lookup: no network request, so this answers in milliseconds.
         for filename in _HUB_FILENAMES:
             cached = huggingface_hub.try_to_load_from_cache(spec.hf_hub_id, filename)
@@ -350,7 +351,7 @@ def _resolve_url_weights(spec: BackboneSpec) -> Path:
     target = url_weights_path(spec)
     if target.is_file():
         return target
-    if _offline():
+    if offline_mode():
         raise BackboneWeightsError(_unavailable_message(
             spec, f"offline mode (HF_HUB_OFFLINE) and not in torch.hub's cache ({target})"))
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MappingError", "evaluation_dir", "find_mapping", "read_mapping"]
+__all__ = ["MappingError", "check_mapping", "evaluation_dir", "find_mapping", "read_mapping"]
 
 #: The folder of a run's checkpoints (``<run>/checkpoints/last.pt``).
 RUN_CHECKPOINTS = "checkpoints"
@@ -72,8 +72,15 @@ def read_mapping(path: str | Path, n_clusters: int, n_classes: int, step: Any = 
             raise MappingError(f"{path} was computed for the checkpoint of step {value['step']}, "
                                f"not this one (step {step}): evaluate this checkpoint with `hpseg eval`")
         value = value["cluster_to_class"]
-    if not isinstance(value, list) or len(value) != n_clusters or not all(isinstance(v, int) for v in value):
-        raise MappingError(f"{path}: cluster_to_class must be a list of {n_clusters} integers (one class per cluster)")
+    return check_mapping(value, n_clusters, n_classes, f"{path}: cluster_to_class")
+
+
+def check_mapping(value: Any, n_clusters: int, n_classes: int, where: str) -> list[int]:
+    """``value`` if it is a cluster -> class list for these sizes (-1: a cluster matched to no
+    class); MappingError starting with ``where`` otherwise."""
+    if (not isinstance(value, list) or len(value) != n_clusters
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise MappingError(f"{where} must be a list of {n_clusters} integers (one class per cluster)")
     if any(v < -1 or v >= n_classes for v in value):
-        raise MappingError(f"{path}: cluster_to_class holds ids outside -1..{n_classes - 1}")
+        raise MappingError(f"{where} holds ids outside -1..{n_classes - 1}")
     return value

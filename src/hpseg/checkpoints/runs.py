@@ -1,14 +1,14 @@
 """A run folder's checkpoints: which one its ``train.selection`` rule chose, and how.
 
-* ``best``: the reference's rule -- the highest sum of the four validation metrics, which uses
+* ``best``: the authors' rule -- the highest sum of the four validation metrics, which uses
   the labels of the validation split the numbers are then reported on **[ref quirk]**;
 * ``last``: the final weights; no label decides anything;
 * ``unsupervised``: the highest label-free criterion (``train.unsupervised_criterion``,
   :mod:`hpseg.training.selection`) on a fixed sample of training crops, without their labels.
 
-Each rule keeps ``<run>/checkpoints/<rule>.pt``; ``hpseg eval RUN``, ``hpseg predict
---checkpoint RUN`` and ``hpseg.load(RUN)`` use that one (:func:`resolve_checkpoint`), so that
-under ``last`` or ``unsupervised`` no labelled data influences which checkpoint they use.
+Each rule keeps ``<run>/checkpoints/<rule>.pt``; every command given a run folder uses that
+one (:func:`selected_checkpoint`, through :func:`hpseg.checkpoints.sources.resolve_source`), so
+that under ``last`` or ``unsupervised`` no labelled data influences which checkpoint they use.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ import yaml
 
 from hpseg.checkpoints.store import CheckpointError
 
-__all__ = ["SELECTION_RULES", "resolve_checkpoint", "rule_checkpoint", "selection_text"]
+__all__ = ["RUN_CONFIG", "SELECTION_RULES", "is_run_folder", "rule_checkpoint", "selected_checkpoint",
+           "selection_text"]
 
 #: The values of ``train.selection``; rule r keeps ``checkpoints/<r>.pt``.
 SELECTION_RULES = ("best", "last", "unsupervised")
+#: The file that marks a run folder: the run's resolved config.
+RUN_CONFIG = "config.yaml"
 
 
 def selection_text(rule: str, criterion: str = "") -> str:
@@ -41,20 +44,28 @@ def rule_checkpoint(run_dir: str | Path, rule: str) -> Path:
     return Path(run_dir) / "checkpoints" / f"{rule}.pt"
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file as it is; a run folder -> the checkpoint its ``train.selection`` chose.
+def is_run_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by ``hpseg train`` (it holds the run's ``config.yaml``)."""
+    return (Path(path) / RUN_CONFIG).is_file()
 
-    Raises CheckpointError for a folder without ``config.yaml`` or whose rule's checkpoint is
-    missing (training not finished, or a run of an older hpseg whose rule wrote no such file).
-    """
-    path = Path(path)
-    if not path.is_dir():
-        return path
-    config_file = path / "config.yaml"
+
+def selected_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint the run's ``train.selection`` chose; CheckpointError when the folder is no
+    run folder or that checkpoint is missing (training not finished, or a run of an older hpseg
+    whose rule wrote no such file)."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / RUN_CONFIG
     if not config_file.is_file():
-        raise CheckpointError(f"{path} is a folder but not a run folder (no config.yaml): pass a checkpoint file")
-    rule = ((yaml.safe_load(config_file.read_text()) or {}).get("train") or {}).get("selection", "best")
-    chosen = rule_checkpoint(path, rule)
+        raise CheckpointError(f"{run_dir} is a folder but not a run folder (no {RUN_CONFIG}): pass a checkpoint file")
+    try:
+        recorded = yaml.safe_load(config_file.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise CheckpointError(f"{config_file}: not readable YAML ({type(error).__name__})") from None
+    train = (recorded or {}).get("train") if isinstance(recorded, dict) else None
+    rule = train.get("selection", "best") if isinstance(train, dict) else "best"
+    if rule not in SELECTION_RULES:
+        raise CheckpointError(f"{config_file}: train.selection={rule!r}, expected one of {', '.join(SELECTION_RULES)}")
+    chosen = rule_checkpoint(run_dir, rule)
     if not chosen.is_file():
         raise CheckpointError(f"{chosen} does not exist: the run's rule train.selection={rule} wrote no checkpoint "
                               "yet (did training finish?)")

@@ -1,11 +1,6 @@
-"""hpseg checkpoints: atomic writes, safe loads (no arbitrary unpickling).
+"""hpseg checkpoint files: atomic writes, safe loads (no arbitrary unpickling), the format marker.
 
-A checkpoint is a dict of tensors and plain Python values:
-``format``, ``version``, ``kind`` ("last" | "best"), ``step``, ``config`` (the run's resolved
-config as a dict), ``backbone`` (name, weights, pretrained), ``model`` (state dict of
-:class:`hpseg.method.HiddenPositivesModel`), ``class_names``, ``metrics`` (validation metrics
-at that step, may be empty), ``selection`` (how it was chosen) and, for resuming, ``training``
-(optimisers, scaler, pools, random states, best score).
+What a checkpoint holds is :class:`hpseg.checkpoints.payload.CheckpointPayload`'s.
 """
 
 from __future__ import annotations
@@ -59,11 +54,6 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
                               f"{type(error).__name__}: {short_error(error)})") from None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load an hpseg checkpoint and check its format."""
-    return check_format(read_torch_file(path, map_location), path)
-
-
 def is_hpseg_checkpoint(payload: Any) -> bool:
     """Whether a loaded file carries hpseg's format marker."""
     return isinstance(payload, dict) and payload.get("format") == FORMAT
@@ -74,8 +64,11 @@ def check_format(payload: Any, path: str | Path) -> dict[str, Any]:
     if not is_hpseg_checkpoint(payload):
         raise CheckpointError(
             f"{path} is not an hpseg checkpoint (no format marker {FORMAT!r}); "
-            "a checkpoint of the authors' reference code can be converted with `hpseg import-checkpoint`"
+            "an authors' checkpoint (hynnsk/HP) loads as it is, or is converted once with `hpseg import-checkpoint`"
         )
-    if payload.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path} was written by a newer hpseg (format version {payload['version']})")
+    version = payload.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path}: 'version' is {version!r}, expected a format version number")
+    if version > VERSION:
+        raise CheckpointError(f"{path} was written by a newer hpseg (format version {version})")
     return payload

@@ -1,18 +1,23 @@
-"""One loader for trained models: ``load_trained(path, device, weights) -> TrainedModel``.
+"""The one loader of trained models: ``load_trained(source, device, weights) -> TrainedModel``.
 
-``hpseg.load``, ``hpseg eval`` and ``hpseg predict`` all go through :func:`load_trained`; resume
-can use its first half, :func:`read_trained` (the file read once, checked, with its config). It
+``hpseg.load``, ``predict``, ``eval``, ``app``, ``export`` and ``clusters`` all go through
+:func:`load_trained`; resume uses its first half, :func:`read_trained` (the source read once and
+checked, with its config). It
 
-1. reads the file once (weights-only) and converts an authors' reference checkpoint in memory;
-2. resolves the backbone, in order: ``weights=`` given by the caller; for a reference file, the
-   backbone tensors inside it; the checkpoint's ``backbone.weights`` file, looked up beside the
-   checkpoint too when the folder moved (``hpseg import-checkpoint`` writes the weights beside
-   the checkpoint, and a run records an absolute path); the official weights (Hugging Face
-   cache); or -- for a run trained on a randomly initialised backbone -- the same
-   deterministic random initialisation;
-3. builds the heads and loads their weights strictly, without touching the caller's random
-   number generator;
-4. picks the inference precision for the device it runs on (:func:`inference_dtype`).
+1. resolves what the user named (:func:`hpseg.checkpoints.sources.resolve_source`: a checkpoint
+   file, a run folder, a hub folder or an ``hf://`` name) and reads it once: a checkpoint file
+   weights-only (an authors' checkpoint converted in memory), a hub folder through its
+   validating reader (JSON and safetensors only);
+2. resolves the backbone, in order: ``weights=`` given by the caller; for an authors' file, the
+   backbone tensors inside it; the checkpoint's ``backbone.weights`` file (a hub folder's
+   ``backbone.safetensors``), looked up beside the checkpoint too when the folder moved
+   (``hpseg import-checkpoint`` writes the weights beside the checkpoint, and a run records an
+   absolute path); the official weights (Hugging Face cache); or -- for a run trained on a
+   randomly initialised backbone -- the same deterministic random initialisation;
+3. builds the heads (with the run's cluster count) and loads their weights strictly, without
+   touching the caller's random number generator;
+4. picks the inference precision of the run's ``train.amp`` for the device it runs on
+   (:func:`inference_dtype`).
 """
 
 from __future__ import annotations
@@ -21,15 +26,18 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from hpseg.backbones import Backbone, BackboneWeightsError, create_backbone
-from hpseg.checkpoints.mapping import find_mapping, read_mapping
-from hpseg.checkpoints.reference import ConvertedReference, convert_reference, is_reference_checkpoint
-from hpseg.checkpoints.runs import resolve_checkpoint
-from hpseg.checkpoints.store import CheckpointError, check_format, read_torch_file
+from hpseg.checkpoints.authors import ConvertedAuthors, convert_authors, is_authors_checkpoint
+from hpseg.checkpoints.hf_names import HF_SCHEME
+from hpseg.checkpoints.hub_folder import CONFIG, HubFolder, read_hub_folder
+from hpseg.checkpoints.mapping import evaluation_dir, find_mapping, read_mapping
+from hpseg.checkpoints.payload import BackboneRecord, CheckpointPayload
+from hpseg.checkpoints.released import ReleasedModel
+from hpseg.checkpoints.sources import Source, SourceKind, resolve_source
+from hpseg.checkpoints.store import CheckpointError, read_torch_file
 from hpseg.config import Config
 from hpseg.method.model import HiddenPositivesModel
 from hpseg.runtime import amp_dtype, resolve_device
@@ -53,60 +61,84 @@ def inference_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 @dataclass
 class TrainedCheckpoint:
-    """A checkpoint file read once: its hpseg payload (converted, for a reference file) and config.
+    """A source read once: its typed payload and where it came from.
 
-    ``reference`` holds the conversion of an authors' reference checkpoint (its backbone
-    tensors), None for an hpseg checkpoint.
+    ``authors`` holds the conversion of an authors' checkpoint (its backbone tensors), ``hub``
+    the checked hub folder (its stored mapping and image size); both None for an hpseg
+    checkpoint file.
     """
 
-    path: Path
-    payload: dict[str, Any]
-    config: Config
-    reference: ConvertedReference | None = None
+    source: Source
+    payload: CheckpointPayload
+    authors: ConvertedAuthors | None = None
+    hub: HubFolder | None = None
 
     @property
-    def step(self) -> Any:
-        return self.payload.get("step")
+    def path(self) -> Path:
+        """The checkpoint file read (a run folder's chosen one), or the hub folder."""
+        return self.source.path
 
     @property
-    def kind(self) -> str:
-        return str(self.payload.get("kind", "checkpoint"))
+    def label(self) -> str:
+        """How outputs name the model: the checkpoint file, or the hub folder / ``hf://`` name given."""
+        return self.source.name if self.hub is not None else str(self.path)
 
     @property
-    def resumable(self) -> bool:
-        """Whether the file holds the optimiser and pool state to continue training."""
-        return "training" in self.payload
+    def config(self) -> Config:
+        return self.payload.config
+
+    @property
+    def released(self) -> ReleasedModel | None:
+        """The authors' released model the source names (:mod:`hpseg.checkpoints.released`), if any."""
+        return self.source.released
+
+    @property
+    def step(self) -> int | None:
+        return self.payload.step
 
     @property
     def class_names(self) -> list[str]:
         """The dataset's class names (generic ``"class k"`` when the checkpoint has none)."""
-        n_classes = self.config.method.n_classes
-        return list(self.payload.get("class_names") or [f"class {k}" for k in range(n_classes)])
+        return self.payload.class_names or [f"class {k}" for k in range(self.config.method.n_classes)]
+
+    def evaluation_dir(self, crf: bool = False) -> Path:
+        """Where ``hpseg eval`` writes by default: :func:`hpseg.checkpoints.mapping.evaluation_dir`
+        of the file or folder, and for an ``hf://`` or released model's name ``eval-<owner>--<name>``
+        in the current folder (never inside a download cache)."""
+        if self.source.kind in (SourceKind.HF, SourceKind.RELEASED):
+            name = self.source.name.removeprefix(HF_SCHEME).replace("/", "--").replace("@", "-")
+            return Path(f"eval-{name}{'-crf' if crf else ''}")
+        return evaluation_dir(self.path, crf)
+
+    @property
+    def default_size(self) -> int:
+        """The shorter side images are resized to unless told: the hub folder's, else ``data.val_size``."""
+        return self.hub.size if self.hub is not None else int(self.config.data.val_size)
 
 
-def read_trained(path: str | Path) -> TrainedCheckpoint:
-    """Read ``path`` once: an hpseg checkpoint, or an authors' reference one (converted in memory);
-    a run folder stands for the checkpoint its ``train.selection`` chose."""
-    path = resolve_checkpoint(path)
-    raw = read_torch_file(path)
-    reference = None
-    if is_reference_checkpoint(raw):
-        reference = convert_reference(raw, path)
-        payload = reference.checkpoint
-        logger.info("%s: an authors' reference checkpoint, converted in memory (backbone %s; "
-                    "`hpseg import-checkpoint` converts it once for all)", path, reference.backbone_name)
-    else:
-        payload = check_format(raw, path)
-    if not isinstance(payload.get("config"), dict):
-        raise CheckpointError(f"{path}: incomplete hpseg checkpoint (no 'config' entry: the run's settings are "
-                              "needed to rebuild the model)")
-    try:
-        config = Config.from_dict(payload["config"])
-    except (ValueError, TypeError) as error:
-        raise CheckpointError(f"{path}: the config inside it is invalid: {error}") from None
-    if not isinstance(payload.get("model"), dict):
-        raise CheckpointError(f"{path}: incomplete hpseg checkpoint (no model weights)")
-    return TrainedCheckpoint(path, payload, config, reference)
+def _read_file(source: Source) -> TrainedCheckpoint:
+    raw = read_torch_file(source.path)
+    if not is_authors_checkpoint(raw):
+        return TrainedCheckpoint(source, CheckpointPayload.from_dict(raw, source.path))
+    released = source.released
+    authors = convert_authors(raw, source.path, dataset=released.dataset if released else None)
+    if released is not None and authors.backbone_name != released.backbone:
+        logger.warning("%s: %s holds a %s backbone, not the %s it was released with: is it the right file?",
+                       released.name, source.path, authors.backbone_name, released.backbone)
+    logger.info("%s: an authors' checkpoint, converted in memory (backbone %s; `hpseg import-checkpoint` "
+                "converts it once for all)", source.path, authors.backbone_name)
+    return TrainedCheckpoint(source, authors.checkpoint, authors=authors)
+
+
+def read_trained(source: str | Path) -> TrainedCheckpoint:
+    """Read what ``source`` names once (see :mod:`hpseg.checkpoints.sources`): an hpseg checkpoint,
+    an authors' one (converted in memory), a run folder's chosen checkpoint, a hub folder, an
+    ``hf://`` name or a released model's name (its verified, downloaded file)."""
+    resolved = resolve_source(source)
+    if resolved.kind.is_hub:
+        hub = read_hub_folder(resolved.path)
+        return TrainedCheckpoint(resolved, hub.payload, hub=hub)
+    return _read_file(resolved)
 
 
 def _stored_weights(checkpoint: TrainedCheckpoint, stored: str) -> Path:
@@ -127,9 +159,10 @@ def _stored_weights(checkpoint: TrainedCheckpoint, stored: str) -> Path:
 _EARLIER_OFFICIAL = {"dino_vits8": "dino_vits8_800ep"}
 
 
-def _official_name(recorded: dict[str, Any], name: str, path: Path) -> str:
+def _official_name(recorded: BackboneRecord, path: Path) -> str:
     """The registered name whose official weights ``recorded`` (a checkpoint's ``backbone``) was trained on."""
-    if name not in _EARLIER_OFFICIAL or "official_weights" in recorded:
+    name = recorded.name
+    if name not in _EARLIER_OFFICIAL or recorded.official_recorded:
         return name
     earlier = _EARLIER_OFFICIAL[name]
     logger.warning("%s was trained on %s's official weights before hpseg switched that name to the paper's "
@@ -140,19 +173,17 @@ def _official_name(recorded: dict[str, Any], name: str, path: Path) -> str:
 def resolve_backbone(checkpoint: TrainedCheckpoint, weights: str | Path | None = None) -> tuple[Backbone, str]:
     """The backbone ``checkpoint`` was trained on and where its weights came from (a file,
     ``"official"`` or ``"random"``); the order is the module docstring's."""
-    recorded = checkpoint.payload.get("backbone") or {}
-    config = checkpoint.config.backbone
-    name = recorded.get("name") or config.name
+    recorded = checkpoint.payload.backbone
+    name = recorded.name
     if weights:
         return create_backbone(name, weights=weights), str(weights)
-    if checkpoint.reference is not None:
-        return checkpoint.reference.backbone(), f"{checkpoint.path} (the reference checkpoint's own tensors)"
-    stored = recorded.get("weights") or config.weights
-    if stored:
-        path = _stored_weights(checkpoint, stored)
+    if checkpoint.authors is not None:
+        return checkpoint.authors.backbone(), f"{checkpoint.path} (the authors' checkpoint's own tensors)"
+    if recorded.weights:
+        path = _stored_weights(checkpoint, recorded.weights)
         return create_backbone(name, weights=path), str(path)
-    if recorded.get("pretrained", config.pretrained):
-        return create_backbone(_official_name(recorded, name, checkpoint.path), pretrained=True), "official"
+    if recorded.pretrained:
+        return create_backbone(_official_name(recorded, checkpoint.path), pretrained=True), "official"
     # A random backbone is not stored in the checkpoint; hpseg's random initialisation is
     # deterministic (a fixed seed), so this rebuilds the network training used.
     logger.info("%s: the backbone %r was randomly initialised; rebuilding the same random network "
@@ -168,7 +199,7 @@ def _trained_heads(checkpoint: TrainedCheckpoint, backbone: Backbone) -> HiddenP
         model = HiddenPositivesModel(backbone.embed_dim, method.dim, method.n_classes, method.dropout,
                                      n_clusters=checkpoint.config.n_clusters)
     try:
-        model.load_state_dict(checkpoint.payload["model"])
+        model.load_state_dict(checkpoint.payload.model)
     except RuntimeError as error:
         raise CheckpointError(f"{checkpoint.path}: the model weights do not fit backbone {backbone.spec.name!r} and "
                               f"the config inside it (dim {method.dim}, {method.n_classes} classes): "
@@ -211,7 +242,7 @@ class TrainedModel:
         return self.checkpoint.path
 
     @property
-    def payload(self) -> dict[str, Any]:
+    def payload(self) -> CheckpointPayload:
         return self.checkpoint.payload
 
     @property
@@ -233,21 +264,31 @@ class TrainedModel:
     def n_clusters(self) -> int:
         return int(self.model.cluster_probe.centroids.shape[0])
 
-    def find_mapping(self, crf: bool = False) -> Path | None:
-        """An evaluation of this checkpoint recorded beside it (see :func:`hpseg.checkpoints.mapping.find_mapping`)."""
-        return find_mapping(self.path, self.checkpoint.step, crf)
+    def auto_mapping(self, crf: bool = False) -> tuple[list[int], str] | None:
+        """The cluster -> class mapping that goes with this model, and where it came from: a hub
+        folder's stored one, or an evaluation of this checkpoint recorded beside it (see
+        :func:`hpseg.checkpoints.mapping.find_mapping`); None when there is none."""
+        hub = self.checkpoint.hub
+        if hub is not None:
+            return None if hub.cluster_to_class is None else (hub.cluster_to_class, f"{self.checkpoint.label}/{CONFIG}")
+        found = find_mapping(self.path, self.checkpoint.step, crf)
+        if found is None:
+            return None
+        logger.info("using the cluster->class mapping of the evaluation in %s", found)
+        return self.read_mapping(found), str(found)
 
     def read_mapping(self, path: str | Path) -> list[int]:
         """The cluster -> class list in ``path``, checked against this model's sizes and step."""
         return read_mapping(path, self.n_clusters, self.config.method.n_classes, self.checkpoint.step)
 
 
-def load_trained(path: str | Path, device: str = "auto", weights: str | Path | None = None) -> TrainedModel:
-    """Load a trained model for inference on ``device`` (``"auto"``: CUDA when available).
+def load_trained(source: str | Path, device: str = "auto", weights: str | Path | None = None) -> TrainedModel:
+    """Load the trained model ``source`` names (see :func:`read_trained`) for inference on
+    ``device`` (``"auto"``: CUDA when available).
 
     ``weights``: a local backbone weights file, overriding the checkpoint's.
     """
-    checkpoint = read_trained(path)
+    checkpoint = read_trained(source)
     torch_device = resolve_device(device)
     backbone, source = resolve_backbone(checkpoint, weights)
     model = _trained_heads(checkpoint, backbone)

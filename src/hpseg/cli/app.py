@@ -1,6 +1,7 @@
 """``hpseg app``: a local web app (Gradio) to segment images with a trained checkpoint.
 
     hpseg app --checkpoint run/checkpoints/best.pt      # or a hub folder, or hf://owner/name
+    hpseg app --model hp/cocostuff27-vits8              # a released model (`hpseg models`)
 
 Upload or drop images (several at once), pick the head (cluster / linear), the CRF and the
 overlay's opacity; each image comes back as image | overlay with a legend of the classes
@@ -22,8 +23,7 @@ from PIL import Image
 
 from hpseg.data import ImageReadError, read_image
 from hpseg.export import missing_extra
-from hpseg.export.hub import load
-from hpseg.inference.segmenter import Segmenter
+from hpseg.inference.segmenter import Segmenter, load
 from hpseg.visualize import figure_grid, index_png, label_entries, overlay, save_image_atomic, with_legend
 
 __all__ = ["AppResult", "build_app", "describe", "panel", "segment_files", "serve"]
@@ -41,9 +41,11 @@ class AppResult:
 def describe(segmenter: Segmenter) -> str:
     """Markdown: which checkpoint, backbone and cluster->class mapping are in use."""
     mapping = segmenter.mapping_source or "none (the cluster head gives cluster ids)"
+    default = (" · **default head** `linear` (a released model: the dataset's classes)"
+               if segmenter.default_head == "linear" else "")
     return (f"**Checkpoint** `{segmenter.checkpoint}` · **backbone** `{segmenter.backbone.spec.name}` · "
             f"**mapping** `{mapping}` · {len(segmenter.class_names)} classes, {segmenter.n_clusters} clusters · "
-            f"resize {segmenter.tiling.size or 'off'}, window {segmenter.tiling.window or 'whole image'}")
+            f"resize {segmenter.tiling.size or 'off'}, window {segmenter.tiling.window or 'whole image'}{default}")
 
 
 def panel(image: Image.Image, overlaid: Image.Image, labels: np.ndarray, names: Sequence[str],
@@ -126,7 +128,7 @@ def build_app(segmenter: Segmenter) -> Any:
             with gr.Column(scale=1):
                 files = gr.File(label="Images (upload or drop, several at once)", file_count="multiple",
                                 type="filepath", elem_id="images")
-                head = gr.Radio(["cluster", "linear"], value="cluster", label="Head", elem_id="head")
+                head = gr.Radio(["cluster", "linear"], value=segmenter.default_head, label="Head", elem_id="head")
                 crf = gr.Checkbox(False, label="Dense CRF (needs hpseg[crf])", elem_id="crf")
                 opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity", elem_id="opacity")
                 button = gr.Button("Segment", variant="primary", elem_id="segment")

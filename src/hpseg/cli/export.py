@@ -12,7 +12,7 @@ from hpseg.cli.errors import UsageError
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="hpseg checkpoint, authors' reference checkpoint, hub folder or hf://owner/name")
+    p.add_argument("checkpoint", help="hpseg checkpoint, run folder, authors' checkpoint, hub folder or hf://owner/name")
     p.add_argument("--format", choices=("onnx", "hub"), required=True,
                    help="onnx: one graph for onnxruntime (pip install 'hpseg[onnx]'); hub: a Hugging Face Hub folder")
     p.add_argument("--out", required=True, help="model.onnx to write (onnx) or folder to write (hub)")
@@ -34,12 +34,12 @@ def run_export(args: argparse.Namespace) -> int:
         if args.size is not None or args.window is not None or args.weights:
             raise UsageError("--size, --window and --weights apply to --format onnx only (a hub folder keeps "
                              "the checkpoint's settings and weights)")
-        out = export_hub(args.checkpoint, args.out, mapping=mapping)
-        print(f"hub folder written to {out} (config.json, model.safetensors, README.md); "
-              f"upload it with: hpseg push {out} OWNER/NAME")
+        written = export_hub(args.checkpoint, args.out, mapping=mapping)
+        print(f"hub folder written to {args.out} ({', '.join(p.name for p in written)}); "
+              f"upload it with: hpseg push {args.out} OWNER/NAME")
         return 0
-    from hpseg.export.hub import load  # torch: only when the command runs
     from hpseg.export.onnx import OPSET, export_onnx
+    from hpseg.inference.segmenter import load  # torch: only when the command runs
 
     segmenter = load(args.checkpoint, device="cpu", weights=args.weights, mapping=mapping, size=args.size,
                      window=args.window)

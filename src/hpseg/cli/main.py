@@ -66,6 +66,13 @@ def cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from hpseg.checkpoints.released import format_released_table
+
+    print(format_released_table())
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from hpseg.data import build_raw_dataset, prepare_five_crops
     from hpseg.data.prepare import MANIFEST_NAME
@@ -101,12 +108,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         logging.getLogger("hpseg.cli").debug("resolved config:\n%s", config.to_yaml())
         run_dir = train(config, run_dir=args.run_dir)
     if is_main:
-        from hpseg.checkpoints.runs import resolve_checkpoint
+        from hpseg.checkpoints.runs import selected_checkpoint
         from hpseg.checkpoints.store import CheckpointError
 
         written = ", ".join(f"checkpoints/{path.name}" for path in sorted((run_dir / "checkpoints").glob("*.pt")))
         try:
-            chosen = f"the checkpoint train.selection chose, which the run folder stands for: {resolve_checkpoint(run_dir)}"
+            chosen = f"the checkpoint train.selection chose, which the run folder stands for: {selected_checkpoint(run_dir)}"
         except CheckpointError as error:
             chosen = str(error)
         print(f"run written to {run_dir} ({written or 'no checkpoint'}, metrics.jsonl, config.yaml); {chosen}")
@@ -114,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_seeds(args: argparse.Namespace) -> int:
-    from hpseg.training.seeds import train_seeds
+    from hpseg.training.multi_seed import train_seeds
 
     if args.resume or not args.run_dir:
         raise UsageError("--seeds needs --run-dir DIR (one folder seed-<s>/ per seed inside it) and no --resume")
@@ -215,11 +222,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_import_checkpoint(args: argparse.Namespace) -> int:
-    from hpseg.checkpoints.reference import import_reference_checkpoint
+    from hpseg.checkpoints.authors import import_authors_checkpoint
 
-    summary = import_reference_checkpoint(args.reference, args.out, dataset=args.dataset, backbone=args.backbone,
+    summary = import_authors_checkpoint(args.authors, args.out, dataset=args.dataset, backbone=args.backbone,
                                           data_root=args.data_root)
-    print(f"converted {args.reference} ({summary['backbone']}, D={summary['dim']}, {summary['n_classes']} classes, "
+    print(f"converted {args.authors} ({summary['backbone']}, D={summary['dim']}, {summary['n_classes']} classes, "
           f"dataset {summary['dataset']}) to {summary['checkpoint']}; backbone weights in {summary['weights']}")
     return 0
 
@@ -253,7 +260,10 @@ def _add_use_elsewhere_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=cmd_push)
 
     p = sub.add_parser("app", help="a local web app to segment images (pip install 'hpseg[app]')")
-    p.add_argument("--checkpoint", required=True, help="checkpoint, hub folder or hf://owner/name[@revision]")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint, run folder, authors' checkpoint, hub folder or "
+                                             "hf://owner/name[@revision]")
+    source.add_argument("--model", dest="checkpoint", metavar="NAME", help="a released model (`hpseg models`)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: loopback only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--mapping", metavar="RESULTS_JSON", help="cluster->class mapping (default: as hpseg predict)")
@@ -314,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backbones", help="list the supported backbones")
     p.set_defaults(run=cmd_backbones)
 
+    p = sub.add_parser("models", help="list the authors' released models (hpseg predict --model NAME)")
+    p.set_defaults(run=cmd_models)
+
     p = sub.add_parser("prepare", help="cut the training set into five crops (offline step of the protocol)")
     _add_config_arguments(p)
     p.add_argument("--out", help="output directory (default: <data-root>/hpseg_prepared/train_<crop>)")
@@ -340,7 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clusters", help="how many clusters do unlabelled images hold? (label-free criteria per K)")
     p.add_argument("source", metavar="CHECKPOINT_OR_BACKBONE",
-                   help="an hpseg checkpoint or run folder (HP's features) or a backbone name (raw features)")
+                   help="a trained model: checkpoint, run folder, hub folder or hf://owner/name (HP's features); "
+                        "or a backbone name (raw features)")
     p.add_argument("--data-root", required=True, help="folder dataset: DIR/images or DIR/<split>/images")
     p.add_argument("--split", default="train")
     p.add_argument("--k", default="2..40", help="Ks to try: LOW..HIGH or a list 3,5,8 (default 2..40)")
@@ -369,8 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_cache)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (unsupervised and linear accuracy / mIoU)")
-    p.add_argument("checkpoint", help="checkpoint file (a run's checkpoints/best.pt or last.pt), or a run folder: "
-                                      "the checkpoint its train.selection chose")
+    p.add_argument("checkpoint", help="checkpoint file (a run's checkpoints/best.pt or last.pt), a run folder (the "
+                                      "checkpoint its train.selection chose), an authors' checkpoint, a hub folder, "
+                                      "hf://owner/name[@revision] or a released model's name (`hpseg models`): "
+                                      "the paper's numbers are shown beside the results")
     p.add_argument("--data-root", help="dataset root, when it moved since training")
     p.add_argument("--out", help="output directory (default: <run>/eval-<name>[-crf] for a run's checkpoints/<name>.pt, "
                                  "eval-<name>[-crf] beside any other checkpoint)")
@@ -388,12 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment your own images (files, folders, globs) with a checkpoint")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--checkpoint", help="hpseg checkpoint, a run folder (the checkpoint its train.selection chose), "
-                                        "an authors' reference checkpoint, a hub folder or hf://owner/name[@revision]")
+                                        "an authors' checkpoint, a hub folder or hf://owner/name[@revision]")
+    p.add_argument("--model", dest="checkpoint", metavar="NAME",
+                   help="a released model, e.g. hp/cocostuff27-vits8 (`hpseg models`), downloaded on first use")
     p.add_argument("--onnx", metavar="MODEL", help="segment with a model of `hpseg export --format onnx` "
                                                    "(onnxruntime, instead of --checkpoint)")
     p.add_argument("--out", required=True, help="output folder (labels/, overlays/, figures/, predictions.json)")
-    p.add_argument("--head", choices=("cluster", "linear"), default="cluster",
-                   help="cluster probe (unsupervised, default) or linear probe (trained with labels)")
+    p.add_argument("--head", choices=("cluster", "linear"), default=None,
+                   help="cluster probe (unsupervised; the default) or linear probe (trained with labels; the default "
+                        "of a released model, whose clusters have no class names without an evaluation)")
     p.add_argument("--mapping", metavar="RESULTS_JSON",
                    help="cluster->class mapping: the results.json of `hpseg eval` (default: the evaluation of this "
                         "checkpoint beside it, <run>/eval-<name>[-crf]/results.json, when there is one; with "
@@ -416,8 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_arguments(p)
     p.set_defaults(run=cmd_demo)
 
-    p = sub.add_parser("import-checkpoint", help="convert a checkpoint of the authors' reference code")
-    p.add_argument("reference", help="the reference's .pth file (net_model_state_dict, linear_model_state_dict, ...)")
+    p = sub.add_parser("import-checkpoint", help="convert a checkpoint of the authors' code")
+    p.add_argument("authors", metavar="AUTHORS_CHECKPOINT", help="the authors' .pth file (net_model_state_dict, linear_model_state_dict, ...)")
     p.add_argument("--out", required=True, help="hpseg checkpoint to write (backbone weights go beside it)")
     p.add_argument("--dataset", choices=("cocostuff27", "cityscapes27", "potsdam3", "folder"),
                    help="the dataset it was trained on: class names and preset (default: from the class count)")

@@ -34,11 +34,10 @@ from hpseg.cli.errors import UsageError
 from hpseg.data import ImageReadError, read_image
 from hpseg.data.datasets import walk_files
 from hpseg.data.images import IMAGE_SUFFIXES
-from hpseg.export.hub import load
 from hpseg.export.runtime import OnnxSegmenter
 from hpseg.files import remove_stale_temporaries, write_json_atomic
 from hpseg.inference.crf import require_crf
-from hpseg.inference.segmenter import Segmenter, check_head
+from hpseg.inference.segmenter import Segmenter, check_head, load
 from hpseg.logs import progress_bar
 from hpseg.visualize import index_png, overlay, palette, save_image_atomic, segmentation_figure
 
@@ -295,7 +294,7 @@ def predict_paths(
     checkpoint: str | Path,
     out_dir: str | Path,
     *,
-    head: str = "cluster",
+    head: str | None = None,
     crf: bool = False,
     figure: bool = False,
     mapping: str | Path | None = "auto",
@@ -313,10 +312,12 @@ def predict_paths(
     ``skipped`` [{path, reason}], ``labels`` [{id, name, colour}], settings). ``mapping="auto"``
     uses an evaluation of the checkpoint found beside it, a CRF one first with ``crf``.
     Unreadable files are reported and skipped; raises :class:`UsageError` when there is nothing
-    to segment, before loading the checkpoint. ``onnx``: segment with a model of ``hpseg export
+    to segment, before loading the checkpoint. ``head`` None: the model's default head (the
+    cluster head; the linear head for a released model, :mod:`hpseg.checkpoints.released`). ``onnx``: segment with a model of ``hpseg export
     --format onnx`` through onnxruntime instead (same geometry; its mapping and weights are in it).
     """
-    check_head(head)
+    if head is not None:
+        check_head(head)
     _check_sizes(batch_size=batch_size, size=size, window=window)
     if crf:
         require_crf()  # CRFUnavailableError (with the install hint) before any work
@@ -328,10 +329,12 @@ def predict_paths(
         segmenter = OnnxSegmenter(onnx, size=size, window=window, batch_size=batch_size,
                                   use_mapping=mapping is not None)
         checkpoint = onnx
+        head = head or "cluster"
     else:
         segmenter = load(checkpoint, device=device, weights=weights,
-                         mapping=(mapping if head == "cluster" else None), crf=crf, size=size, window=window,
+                         mapping=(mapping if head in (None, "cluster") else None), crf=crf, size=size, window=window,
                          batch_size=batch_size)
+        head = head or segmenter.default_head
     names = segmenter.label_names(head)
     if getattr(segmenter, "random_backbone", False):  # an ONNX model does not record it
         logger.warning("%s was trained on a RANDOMLY INITIALISED backbone (%s, e.g. the demo's): its features carry "
@@ -350,7 +353,7 @@ def predict_paths(
 def run_cli(args: Any) -> int:
     """``hpseg predict`` (see :func:`predict_paths`); exit status 1 when no image succeeded."""
     if (args.checkpoint is None) == (args.onnx is None):
-        raise UsageError("give either --checkpoint or --onnx")
+        raise UsageError("give either --checkpoint (or --model) or --onnx")
     if args.onnx and (args.crf or args.mapping or args.weights):
         raise UsageError("--crf, --mapping and --weights need --checkpoint: an ONNX model has its mapping and "
                          "weights built in, and no CRF")

@@ -22,6 +22,7 @@ from .datasets import (
     RawDataset,
     RawSample,
     build_raw_dataset,
+    dataset_class_names,
     load_cocostuff27_mapping,
 )
 from .errors import DatasetLayoutError, ImageReadError
@@ -48,6 +49,7 @@ __all__ = [
     "ValCrops",
     "array_to_rgb",
     "build_raw_dataset",
+    "dataset_class_names",
     "five_crop_boxes",
     "five_crops",
     "load_cocostuff27_mapping",

@@ -73,6 +73,7 @@ __all__ = [
     "RawDataset",
     "RawSample",
     "build_raw_dataset",
+    "dataset_class_names",
     "load_cocostuff27_mapping",
 ]
 
@@ -302,6 +303,15 @@ def load_cocostuff27_mapping() -> tuple[np.ndarray, list[str]]:
     for fine, coarse in spec["fine_to_coarse"].items():
         lut[int(fine)] = int(coarse)
     return lut, list(spec["coarse_names"])
+
+
+def dataset_class_names(dataset: str) -> list[str] | None:
+    """The class names of a dataset with fixed classes (``cocostuff27``, ``cityscapes27``,
+    ``potsdam3``); None for a dataset whose classes are its own (``folder``)."""
+    if dataset == "cocostuff27":
+        return list(load_cocostuff27_mapping()[1])
+    fixed = {"cityscapes27": CITYSCAPES27_CLASS_NAMES, "potsdam3": POTSDAM3_CLASS_NAMES}.get(dataset)
+    return None if fixed is None else list(fixed)
 
 
 _COCO_LAYOUT = """\

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hpseg.backbones import Backbone, create_backbone
+from hpseg.checkpoints.sources import names_a_source
 from hpseg.checkpoints.trained import load_trained
 from hpseg.data import ValCrops, build_raw_dataset
 from hpseg.evaluation.kmeans import kmeans
@@ -228,11 +229,12 @@ def suggest_k(rows: Sequence[dict[str, Any]], criterion: str = DEFAULT_CRITERION
 def _feature_extractor(source: str, *, weights: str | None, random_backbone: bool, device: str
                        ) -> tuple[Backbone, torch.nn.Module | None, int, str]:
     """-> (backbone, segmentation head or None, default image size, description) for ``source``:
-    an hpseg checkpoint or run folder (HP's segmentation features) or a backbone name (raw features)."""
-    if Path(source).exists():
+    a trained model (:func:`hpseg.checkpoints.sources.names_a_source`: HP's segmentation features) or a
+    backbone name (raw features)."""
+    if names_a_source(source):
         trained = load_trained(source, device, weights)
-        return trained.backbone.eval(), trained.model.segmentation.eval(), trained.config.data.val_size, \
-            f"HP segmentation features of {trained.path} (step {trained.checkpoint.step}, {trained.payload.get('selection')})"
+        return trained.backbone.eval(), trained.model.segmentation.eval(), trained.checkpoint.default_size, \
+            f"HP segmentation features of {trained.checkpoint.label} (step {trained.checkpoint.step}, {trained.payload.selection})"
     backbone = create_backbone(source, weights=weights, pretrained=not random_backbone).to(resolve_device(device)).eval()
     kind = "random" if random_backbone else (weights or "official")
     return backbone, None, 224, f"raw features of backbone {source} ({kind} weights)"

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from hpseg.backbones import Backbone
-from hpseg.checkpoints.mapping import evaluation_dir
+from hpseg.checkpoints.released import paper_comparison
 from hpseg.checkpoints.trained import TrainedModel, load_trained
 from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
 from hpseg.data.errors import DatasetLayoutError
@@ -256,12 +256,12 @@ def _hp_report(trained: TrainedModel, results: dict[str, Any], class_names: list
     """What ``results.json`` says about HP's results and the checkpoint that produced them."""
     config = trained.config
     report: dict[str, Any] = {
-        "checkpoint": str(trained.path),
-        "checkpoint_kind": trained.payload.get("kind"),
-        "selection": trained.payload.get("selection"),
+        "checkpoint": trained.checkpoint.label,
+        "checkpoint_kind": trained.payload.kind,
+        "selection": trained.payload.selection,
         # The run's train.selection; only "best" lets validation labels choose the checkpoint.
-        "selection_rule": trained.payload.get("selection_rule", config.train.selection),
-        "labels_used_for_selection": trained.payload.get("kind") == "best",
+        "selection_rule": trained.payload.selection_rule or config.train.selection,
+        "labels_used_for_selection": trained.payload.kind == "best",
         "step": trained.checkpoint.step,
         "seed": config.train.seed,
         "crf": crf,
@@ -368,7 +368,7 @@ def evaluate_checkpoint(
         share = len(validation_indices(len(validation), context, max_images))
         logger.info(f"rank {context.rank} of {context.world_size} evaluates {share} of the {n_images} validation "
                     "images (confusion matrices summed over ranks)")
-    class_names = list(trained.payload.get("class_names") or validation.raw.class_names)
+    class_names = list(trained.payload.class_names or validation.raw.class_names)
     results = evaluate_model(trained.model, trained.backbone, batches(), trained.config.method.n_classes,
                              trained.device, trained.amp_dtype, crf)
     report = _hp_report(trained, results, class_names, crf, n_images)
@@ -388,7 +388,11 @@ def evaluate_checkpoint(
             text.append(format_results(report["baseline_majority"],
                                        f"Baseline over-clustered (K={report['baseline_n_clusters']}), many-to-one "
                                        "majority matching"))
-    out = Path(out_dir) if out_dir else evaluation_dir(trained.path, crf)
+    released = trained.checkpoint.released
+    if released is not None:  # the released model's published numbers, side by side
+        report["paper"] = {"model": released.name, **dict(released.paper.items()), "note": released.paper.note}
+        text.append(paper_comparison(released, report["hp"], crf))
+    out = Path(out_dir) if out_dir else trained.checkpoint.evaluation_dir(crf)
     if context.is_main:
         _write_results(report, results, class_names, out)
     report["text"] = "\n".join(text)

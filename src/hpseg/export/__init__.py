@@ -1,5 +1,6 @@
 """Taking a trained segmenter elsewhere: ONNX (:mod:`.onnx`, runs with :mod:`.runtime` and no
-PyTorch), the Hugging Face Hub folder format (:mod:`.hub`, and ``hpseg.load`` of such folders).
+PyTorch), the Hugging Face Hub folder (:mod:`.hub`: writing and pushing it; its format and
+reader are :mod:`hpseg.checkpoints.hub_folder`'s, and ``hpseg.load`` reads it like any source).
 The commands are in :mod:`hpseg.cli.export` and :mod:`hpseg.cli.app`.
 
 Nothing is imported here: :mod:`.runtime` must stay importable where torch is not installed,

@@ -1,47 +1,40 @@
-"""The Hugging Face Hub folder format: ``hpseg export --format hub``, ``hpseg.load(DIR)``,
-``hpseg.load("hf://owner/name[@revision]")`` and ``hpseg push``.
+"""Writing a Hugging Face Hub folder (``hpseg export --format hub``) and uploading it (``hpseg push``).
 
-A folder (push it as it is)::
-
-    config.json          format marker, backbone (name, weights source, licence), model sizes,
-                         tiling, class names and colours, cluster->class mapping, evaluation
-                         results with their checkpoint-selection rule, the run's config
-    model.safetensors    the heads (state dict of HiddenPositivesModel)
-    backbone.safetensors the backbone's weights, only when they are not the official ones
-                         (randomly initialised, a local file, an authors' checkpoint)
-    README.md            the model card
-
-Only JSON and safetensors are read back: nothing is unpickled.
+The folder's layout, and its one validating reader (``hpseg.load(DIR)``,
+``hpseg.load("hf://owner/name[@revision]")``), are :mod:`hpseg.checkpoints.hub_folder`'s.
+``backbone.safetensors`` is written only when the backbone's weights are not the official ones
+(randomly initialised, a local file, an authors' checkpoint).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from hpseg.backbones import BackboneSpec, create_backbone
-from hpseg.checkpoints.mapping import read_mapping
+from hpseg.backbones import BackboneSpec
+from hpseg.checkpoints.hub_folder import (
+    BACKBONE,
+    CARD,
+    CONFIG,
+    FORMAT,
+    HEADS,
+    OFFICIAL,
+    VERSION,
+    HubFolderError,
+    is_hub_folder,
+    read_hub_folder,
+)
+from hpseg.checkpoints.payload import CheckpointPayload
 from hpseg.checkpoints.trained import load_trained
 from hpseg.export import missing_extra
 from hpseg.files import atomic_write, write_json_atomic, write_text_atomic
 from hpseg.inference.segmenter import Segmenter, from_trained
-from hpseg.inference.segmenter import load as load_checkpoint
-from hpseg.inference.tiling import Tiling
-from hpseg.method.model import HiddenPositivesModel
-from hpseg.runtime import resolve_device
 from hpseg.visualize import palette
-
-FORMAT = "hpseg-hub"
-VERSION = 1
-CONFIG, HEADS, BACKBONE, CARD = "config.json", "model.safetensors", "backbone.safetensors", "README.md"
-_REFERENCE = re.compile(r"^hf://(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
 
 #: Licence of the official weights of each backbone family (for the model card).
 WEIGHTS_LICENCE = {
@@ -55,9 +48,9 @@ WEIGHTS_LICENCE = {
 # ---------------------------------------------------------------------------------------- writing
 
 
-def _evaluation(payload: dict[str, Any], mapping_source: str | None) -> dict[str, Any]:
+def _evaluation(payload: CheckpointPayload, mapping_source: str | None) -> dict[str, Any]:
     """Metrics with how they were obtained: the mapping's evaluation, else training's validation."""
-    selection = payload.get("selection") or "unknown"
+    selection = payload.selection
     if mapping_source and mapping_source.endswith(".json"):
         try:
             results = json.loads(Path(mapping_source).read_text())
@@ -69,22 +62,25 @@ def _evaluation(payload: dict[str, Any], mapping_source: str | None) -> dict[str
                     "crf": results.get("crf"), "step": results.get("step"),
                     "checkpoint_kind": results.get("checkpoint_kind"), "selection": selection,
                     "protocol": "unsupervised: Hungarian matching of clusters to classes; linear: the linear probe"}
-    return {"source": "validation during training" if payload.get("metrics") else "none",
-            "metrics": dict(payload.get("metrics") or {}), "dataset": payload["config"]["data"]["dataset"],
-            "step": payload.get("step"), "checkpoint_kind": payload.get("kind"), "selection": selection}
+    return {"source": "validation during training" if payload.metrics else "none",
+            "metrics": dict(payload.metrics), "dataset": payload.config.data.dataset,
+            "step": payload.step, "checkpoint_kind": payload.kind, "selection": selection}
 
 
 def _backbone_entry(spec: BackboneSpec, weights_source: str) -> dict[str, Any]:
     """Which backbone, and whether its weights are the official ones (named, not copied) or
     travel in ``backbone.safetensors``; ``weights_source`` is :class:`TrainedModel`'s."""
-    official = weights_source == "official" and spec.has_official_weights
+    official = weights_source == OFFICIAL and spec.has_official_weights
     random = weights_source == "random"
+    # A local file is named, not located: the folder is published, the path means nothing elsewhere.
+    file_name = Path(weights_source.split(" ")[0]).name
     if official or random:
         licence = WEIGHTS_LICENCE.get(spec.family if official else "random", "see the weights' source")
     else:
-        licence = f"that of the weights it was trained with ({Path(weights_source.split(' ')[0]).name})"
-    return {"name": spec.name, "weights": "official" if official else BACKBONE,
-            "source": spec.weights_source if official else ("random initialisation" if random else weights_source),
+        licence = f"that of the weights it was trained with ({file_name})"
+    return {"name": spec.name, "weights": OFFICIAL if official else BACKBONE,
+            "source": spec.weights_source if official else ("random initialisation" if random
+                                                            else f"the local file {file_name}"),
             "hf_hub_id": spec.hf_hub_id if official else None, "licence": licence,
             "patch_size": spec.patch_size, "embed_dim": spec.embed_dim}
 
@@ -98,24 +94,24 @@ def _hpseg_version() -> str:
         return "unknown (not installed)"
 
 
-def hub_config(segmenter: Segmenter, payload: dict[str, Any], weights_source: str) -> dict[str, Any]:
+def hub_config(segmenter: Segmenter, payload: CheckpointPayload, weights_source: str) -> dict[str, Any]:
     """The ``config.json`` of a hub folder for ``segmenter``, loaded from the checkpoint ``payload``
     with the backbone weights of ``weights_source``."""
-    method = payload["config"]["method"]
+    method = payload.config.method
     return {
         "format": FORMAT, "version": VERSION, "hpseg_version": _hpseg_version(), "library_name": "hpseg",
         "backbone": _backbone_entry(segmenter.backbone.spec, weights_source),
-        "model": {"feature_dim": segmenter.backbone.embed_dim, "dim": method["dim"], "n_classes": method["n_classes"],
-                  "n_clusters": segmenter.n_clusters, "dropout": method.get("dropout", 0.1)},
+        "model": {"feature_dim": segmenter.backbone.embed_dim, "dim": method.dim, "n_classes": method.n_classes,
+                  "n_clusters": segmenter.n_clusters, "dropout": method.dropout},
         "tiling": {"size": segmenter.tiling.size, "window": segmenter.tiling.window, "patch": segmenter.tiling.patch},
         "class_names": list(segmenter.class_names),
         "colours": palette(len(segmenter.class_names)).tolist(),
         "cluster_to_class": segmenter.cluster_to_class,
         "mapping_source": Path(segmenter.mapping_source).name if segmenter.mapping_source else None,
         "evaluation": _evaluation(payload, segmenter.mapping_source),
-        "checkpoint": {"file": Path(str(segmenter.checkpoint)).name, "kind": payload.get("kind"),
-                       "step": payload.get("step"), "selection": payload.get("selection")},
-        "config": payload["config"],
+        "checkpoint": {"file": Path(str(segmenter.checkpoint)).name, "kind": payload.kind,
+                       "step": payload.step, "selection": payload.selection},
+        "config": payload.config.to_dict(),
     }
 
 
@@ -125,24 +121,27 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: d
         handle.write(safetensors_bytes(data, metadata=metadata))
 
 
-def export_hub(checkpoint: str | Path, out: str | Path, *, mapping: str | Path | None = "auto") -> Path:
-    """Write the hub folder of ``checkpoint`` to ``out`` (each file atomically); returns ``out``.
+def export_hub(checkpoint: str | Path, out: str | Path, *, mapping: str | Path | None = "auto") -> list[Path]:
+    """Write the hub folder of ``checkpoint`` (any source :func:`hpseg.load` takes) to ``out``,
+    each file atomically; returns the files written.
 
     ``mapping``: the cluster->class mapping to store ("auto": the evaluation found beside the
-    run, as ``hpseg predict``; a results.json; None: none).
+    run, as ``hpseg predict``, or a hub folder's own; a results.json; None: none).
     """
     out = Path(out)
     trained = load_trained(checkpoint, device="cpu")
     segmenter = from_trained(trained, mapping=mapping)
     config = hub_config(segmenter, trained.payload, trained.weights_source)
     _write_safetensors(segmenter.model.state_dict(), out / HEADS, metadata={"format": FORMAT})
+    written = [out / CONFIG, out / HEADS]
     if config["backbone"]["weights"] == BACKBONE:
         _write_safetensors(segmenter.backbone.model.state_dict(), out / BACKBONE)
+        written.append(out / BACKBONE)
     else:
         (out / BACKBONE).unlink(missing_ok=True)  # a stale file would contradict config.json
     write_json_atomic(config, out / CONFIG)
     write_text_atomic(model_card(config), out / CARD)
-    return out
+    return [*written, out / CARD]
 
 
 # ---------------------------------------------------------------------------------------- model card
@@ -218,121 +217,6 @@ Backbone weights: {backbone['licence']}. The heads are released with this reposi
 """
 
 
-# ---------------------------------------------------------------------------------------- reading
-
-
-def is_hub_folder(path: str | Path) -> bool:
-    config = Path(path) / CONFIG
-    if not config.is_file():
-        return False
-    try:
-        return json.loads(config.read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def resolve_reference(reference: str) -> Path:
-    """``hf://owner/name[@revision]`` -> the snapshot folder in the Hugging Face cache.
-
-    Goes through ``huggingface_hub.snapshot_download`` (the usual cache, ``HF_HUB_CACHE``,
-    ``HF_HUB_OFFLINE`` and the user's token honoured). Raises ValueError naming the repository
-    when it is neither cached nor reachable.
-    """
-    match = _REFERENCE.match(reference)
-    if match is None:
-        raise ValueError(f"{reference!r} is not a Hub reference of the form hf://owner/name[@revision]")
-    repo, revision = match["repo"], match["revision"]
-    try:
-        # Lazy: an optional extra, only needed for hf:// references.
-        from huggingface_hub import constants, snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    except ImportError as error:
-        raise missing_extra("hub", "huggingface_hub", error) from None
-    try:
-        return Path(snapshot_download(repo, revision=revision, repo_type="model"))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
-        where = f"{repo}@{revision}" if revision else repo
-        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
-        raise ValueError(f"hf://{where}: the repository is not in the Hugging Face cache {constants.HF_HUB_CACHE} "
-                         f"and cannot be downloaded{offline}: {type(error).__name__}: {error}") from None
-
-
-def hub_folder(checkpoint: str | Path) -> Path | None:
-    """The hub folder ``checkpoint`` names (an ``hf://`` reference is fetched), or None when it
-    is a checkpoint file."""
-    if str(checkpoint).startswith("hf://"):
-        folder = resolve_reference(str(checkpoint))
-        if not is_hub_folder(folder):
-            raise ValueError(f"{checkpoint}: no hpseg {CONFIG} (format {FORMAT!r}) in the repository")
-        return folder
-    path = Path(checkpoint)
-    if path.is_dir():
-        if not is_hub_folder(path):
-            raise ValueError(f"{path} is a folder without an hpseg {CONFIG} (format {FORMAT!r}): "
-                             "expected a checkpoint file or a folder written by `hpseg export --format hub`")
-        return path
-    return None
-
-
-def read_hub_config(folder: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((folder / CONFIG).read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{folder / CONFIG}: not readable JSON ({error})") from None
-    if config.get("version", 0) > VERSION:
-        raise ValueError(f"{folder / CONFIG} was written by a newer hpseg (format version {config['version']})")
-    return config
-
-
-def load_hub(folder: Path, *, device: str = "auto", weights: str | None = None, mapping: str | Path | None = None,
-             crf: bool = False, size: int | None = None, window: int | None = None, batch_size: int = 8,
-             label: str | None = None) -> Segmenter:
-    """A :class:`Segmenter` from a hub folder (the arguments are :func:`load`'s; ``mapping="auto"``
-    is the folder's stored mapping; ``label`` names the folder, e.g. its ``hf://`` reference)."""
-    config = read_hub_config(folder)
-    spec, sizes = config["backbone"], config["model"]
-    if weights:
-        backbone = create_backbone(spec["name"], weights=weights)
-    elif spec["weights"] == "official":
-        backbone = create_backbone(spec["name"], pretrained=True)
-    else:
-        backbone = create_backbone(spec["name"], weights=folder / BACKBONE)
-    with torch.random.fork_rng(devices=[]):  # the initial values are overwritten: leave the caller's RNG be
-        model = HiddenPositivesModel(backbone.embed_dim, sizes["dim"], sizes["n_classes"], sizes.get("dropout", 0.1))
-    try:
-        model.load_state_dict(load_file(str(folder / HEADS)))
-    except (OSError, RuntimeError) as error:
-        raise ValueError(f"{folder / HEADS}: the heads do not load into D={sizes['dim']}, "
-                         f"{sizes['n_classes']} classes on {spec['name']!r}: {error}") from None
-    cluster_to_class, source = None, None
-    if mapping == "auto" and config.get("cluster_to_class") is not None:
-        cluster_to_class, source = list(config["cluster_to_class"]), f"{label or folder}/{CONFIG}"
-    elif mapping not in (None, "auto"):
-        cluster_to_class = read_mapping(mapping, sizes["n_clusters"], sizes["n_classes"])
-        source = str(mapping)
-    torch_device = resolve_device(device)
-    tiling = Tiling.create(config["tiling"]["size"] if size is None else size, window, backbone.patch_size)
-    return Segmenter(model.to(torch_device).eval(), backbone.to(torch_device), class_names=config["class_names"],
-                     tiling=tiling, device=torch_device, cluster_to_class=cluster_to_class, mapping_source=source,
-                     checkpoint=label or str(folder), batch_size=batch_size, crf=crf)
-
-
-def load(checkpoint: str | Path, device: str = "auto", weights: str | None = None, *,
-         mapping: str | Path | None = None, crf: bool = False, size: int | None = None, window: int | None = None,
-         batch_size: int = 8) -> Segmenter:
-    """``hpseg.load``: :func:`hpseg.inference.segmenter.load` (its arguments), and a hub folder.
-
-    ``checkpoint`` may also be a folder written by ``hpseg export --format hub`` or
-    ``"hf://owner/name[@revision]"`` (that folder on the Hugging Face Hub, through its cache);
-    ``mapping="auto"`` then uses the mapping stored in it.
-    """
-    options = {"mapping": mapping, "crf": crf, "size": size, "window": window, "batch_size": batch_size}
-    folder = hub_folder(checkpoint)
-    if folder is None:
-        return load_checkpoint(checkpoint, device, weights, **options)
-    return load_hub(folder, device=device, weights=weights, label=str(checkpoint), **options)
-
-
 # ---------------------------------------------------------------------------------------- pushing
 
 
@@ -344,7 +228,8 @@ def push_operations(folder: str | Path) -> list[Any]:
         raise missing_extra("hub", "huggingface_hub", error) from None
     folder = Path(folder)
     if not is_hub_folder(folder):
-        raise ValueError(f"{folder} is not a folder written by `hpseg export --format hub` (no hpseg {CONFIG})")
+        raise HubFolderError(f"{folder} is not a folder written by `hpseg export --format hub` (no {CONFIG})")
+    read_hub_folder(folder)  # every entry checked: a damaged folder is not uploaded
     files = sorted(p for p in folder.rglob("*") if p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     return [CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p)) for p in files]

@@ -10,7 +10,8 @@
 >>> out = segmenter.features(image)            # backbone f (C, h, w) and segmentation s (D, h, w)
 
 The resizing and sliding-window geometry is :mod:`hpseg.inference.tiling`'s (the ``hpseg
-predict`` command uses this class). The checkpoint is read by
+predict`` command uses this class). Every source a user can name (checkpoint file, run folder,
+hub folder, ``hf://`` name, authors' checkpoint) is read by the one loader,
 :func:`hpseg.checkpoints.trained.load_trained`, whose docstring says which backbone weights are
 used.
 """
@@ -141,8 +142,10 @@ class Segmenter:
     the linear probe predicts), ``cluster_to_class`` (None, or the class of each cluster from an
     evaluation's Hungarian matching), ``n_clusters``, ``tiling`` (:class:`hpseg.inference.tiling.Tiling`),
     ``device``, ``batch_size`` (windows per forward pass), ``checkpoint``, ``crf`` (whether
-    :meth:`segment` refines with the dense CRF by default), ``random_backbone`` (whether the
-    backbone is a random initialisation, whose segments of real photos mean nothing).
+    :meth:`segment` refines with the dense CRF by default), ``default_head`` (the head
+    :meth:`segment` uses when none is named: ``"cluster"``, or ``"linear"`` for a released model,
+    whose clusters have no class mapping until an evaluation supplies one), ``random_backbone``
+    (whether the backbone is a random initialisation, whose segments of real photos mean nothing).
     """
 
     def __init__(
@@ -159,8 +162,10 @@ class Segmenter:
         checkpoint: str | None = None,
         batch_size: int = 8,
         crf: bool = False,
+        default_head: str = "cluster",
         random_backbone: bool = False,
     ) -> None:
+        check_head(default_head)
         self.model = model.eval()
         self.backbone = backbone
         self.class_names = list(class_names)
@@ -175,6 +180,7 @@ class Segmenter:
             raise ValueError(f"batch_size={batch_size}: windows per forward pass must be at least 1")
         self.batch_size = batch_size
         self.crf = crf
+        self.default_head = default_head
         self.random_backbone = random_backbone
 
     def __repr__(self) -> str:
@@ -184,13 +190,18 @@ class Segmenter:
 
     # -- what the labels mean ------------------------------------------------------------------
 
-    def label_names(self, head: str = "cluster") -> list[str]:
-        """Names of the ids :meth:`segment` returns for ``head``: class names for the linear head
-        or a mapped cluster head, ``"cluster k"`` otherwise."""
-        check_head(head)
+    def label_names(self, head: str | None = None) -> list[str]:
+        """Names of the ids :meth:`segment` returns for ``head`` (None: ``default_head``): class
+        names for the linear head or a mapped cluster head, ``"cluster k"`` otherwise."""
+        head = self._head(head)
         if head == "linear" or self.cluster_to_class is not None:
             return list(self.class_names)
         return [f"cluster {k}" for k in range(self.n_clusters)]
+
+    def _head(self, head: str | None) -> str:
+        head = self.default_head if head is None else head
+        check_head(head)
+        return head
 
     # -- the work ------------------------------------------------------------------------------
 
@@ -247,20 +258,20 @@ class Segmenter:
         return tile_and_average(normalised, self.tiling, self._window_scores(head, kind), self.batch_size), geometry
 
     @torch.no_grad()
-    def segment(self, image: Any, head: str = "cluster", *, crf: bool | None = None) -> np.ndarray:
+    def segment(self, image: Any, head: str | None = None, *, crf: bool | None = None) -> np.ndarray:
         """(H, W) int64 label map at the image's own resolution.
 
-        ``head="cluster"``: cluster ids (or, with ``cluster_to_class``, the matched class ids;
+        ``head`` None: the segmenter's ``default_head``; ``head="cluster"``: cluster ids (or, with ``cluster_to_class``, the matched class ids;
         -1 for a cluster matched to no class); ``head="linear"``: the linear probe's class ids.
         ``crf=True`` refines with the dense CRF (needs ``pip install 'hpseg[crf]'``); None: the
         segmenter's ``crf`` setting (``hpseg.load(..., crf=...)``).
         """
-        check_head(head)
+        head = self._head(head)
         crf = self.crf if crf is None else crf
         grid, geometry = self.scores(image, head, kind=_label_kind(head, crf))
         return self._labels(grid, geometry, head, crf)
 
-    def segment_many(self, images: Iterable[Any], head: str = "cluster", *,
+    def segment_many(self, images: Iterable[Any], head: str | None = None, *,
                      crf: bool | None = None) -> Iterator[np.ndarray]:
         """:meth:`segment` of each image in ``images``, yielded in order, with the windows of
         consecutive images sharing backbone passes (``batch_size`` windows each): faster than
@@ -271,7 +282,7 @@ class Segmenter:
         ``batch_size`` windows and the images they come from. Same label maps as :meth:`segment`
         (the backbone's float rounding aside, which may differ with the batch's composition).
         """
-        check_head(head)  # now, not at the first image
+        head = self._head(head)  # now, not at the first image
         return self._segment_stream(images, head, self.crf if crf is None else crf)
 
     @torch.no_grad()
@@ -340,13 +351,10 @@ def check_head(head: str) -> None:
 
 def _cluster_mapping(trained: TrainedModel, mapping: str | Path | None, crf: bool) -> tuple[list[int] | None, str | None]:
     """(cluster -> class list, where it came from) for ``load``'s ``mapping`` argument."""
-    if mapping == "auto":
-        mapping = trained.find_mapping(crf)
-        if mapping is None:
-            return None, None
-        logger.info("using the cluster->class mapping of the evaluation in %s", mapping)
     if mapping is None:
         return None, None
+    if mapping == "auto":
+        return trained.auto_mapping(crf) or (None, None)
     return trained.read_mapping(mapping), str(mapping)
 
 
@@ -361,25 +369,28 @@ def load(
     window: int | None = None,
     batch_size: int = 8,
 ) -> Segmenter:
-    """Load a checkpoint for segmenting images (:func:`hpseg.checkpoints.trained.load_trained`).
+    """Load a trained model for segmenting images (:func:`hpseg.checkpoints.trained.load_trained`).
 
     Args:
-        checkpoint: an hpseg checkpoint (``checkpoints/last.pt`` / ``best.pt`` of a run, or one
-            written by ``hpseg import-checkpoint``), a run folder (the checkpoint its
-            ``train.selection`` chose), or an authors' reference checkpoint (converted in memory).
+        checkpoint: what names the model (:mod:`hpseg.checkpoints.sources`): an hpseg checkpoint
+            (``checkpoints/last.pt`` / ``best.pt`` of a run, or one written by ``hpseg
+            import-checkpoint``), a run folder (the checkpoint its ``train.selection`` chose), an
+            authors' checkpoint (converted in memory), a folder written by ``hpseg export
+            --format hub``, or ``"hf://owner/name[@revision]"`` (such a folder on the Hugging
+            Face Hub, through its cache).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:1"``, ...; the precision
             follows the device (a model trained in float16 on a GPU runs in float32 on the CPU).
         weights: local backbone weights file, overriding the checkpoint's.
         mapping: cluster -> class mapping for the cluster head: a ``results.json`` of
-            ``hpseg eval`` (or a JSON list), ``"auto"`` to use an evaluation of this checkpoint
-            found beside it if there is one, None for raw cluster ids.
+            ``hpseg eval`` (or a JSON list), ``"auto"`` to use a hub folder's stored mapping or an
+            evaluation of this checkpoint found beside it if there is one, None for raw cluster ids.
         crf: refine with the dense CRF by default in :meth:`Segmenter.segment`; ``"auto"``
             then prefers the mapping of a CRF evaluation (matched on CRF-refined maps).
-        size: shorter side images are resized to (default: the checkpoint's ``data.val_size``;
-            0 keeps images as they are).
+        size: shorter side images are resized to (default: the checkpoint's ``data.val_size``, a
+            hub folder's ``tiling.size``; 0 keeps images as they are).
         window: sliding-window side (default ``size``; 0 = whole images in one pass).
 
-    Notices (a converted reference checkpoint, a rebuilt random backbone, the mapping used) go
+    Notices (a converted authors' checkpoint, a rebuilt random backbone, the mapping used) go
     to the ``hpseg`` logger.
     """
     return from_trained(load_trained(checkpoint, device, weights), mapping=mapping, crf=crf, size=size,
@@ -390,10 +401,18 @@ def from_trained(trained: TrainedModel, *, mapping: str | Path | None = None, cr
                  size: int | None = None, window: int | None = None, batch_size: int = 8) -> Segmenter:
     """The :class:`Segmenter` of a loaded model (the arguments are :func:`load`'s)."""
     cluster_to_class, source = _cluster_mapping(trained, mapping, crf)
-    val_size = size if size is not None else int(trained.config.data.val_size)
+    released = trained.checkpoint.released
+    if released is not None:
+        logger.info("%s: the authors' released model (%s); it segments with the linear head by default, whose "
+                    "outputs are the %d classes of %s; the cluster head gives cluster ids unless a mapping from "
+                    "an evaluation is supplied (--mapping results.json of `hpseg eval %s`)", released.name,
+                    released.description, released.n_classes, released.dataset, released.name)
+    val_size = size if size is not None else trained.checkpoint.default_size
     return Segmenter(
         trained.model, trained.backbone, class_names=trained.class_names,
         tiling=Tiling.create(val_size, window, trained.backbone.patch_size), device=trained.device,
         amp_dtype=trained.amp_dtype, cluster_to_class=cluster_to_class, mapping_source=source,
-        checkpoint=str(trained.path), batch_size=batch_size, crf=crf, random_backbone=trained.random_backbone,
+        checkpoint=released.name if released else trained.checkpoint.label, batch_size=batch_size, crf=crf,
+        default_head="linear" if released else "cluster",
+        random_backbone=trained.random_backbone,
     )

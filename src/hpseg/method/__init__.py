@@ -2,10 +2,10 @@
 
 - ``heads``: segmentation head S, projection head P;  ``ema``: the EMA head S'
 - ``probes``: cluster and linear probes;  ``model``: all trainable parts in one module
-- ``pools``: reference pools;  ``positives``: global hidden positives and contrast sets
+- ``pools``: threshold pools;  ``positives``: global hidden positives and contrast sets
 - ``local_positives``: attention processing and 3x3 propagation (LHP)
-- ``loss``: the GHP + LHP loss by backend (torch path: CPU, sparse, dense; Triton kernels on CUDA),
-  its dense reference definition, and the consistency loss
+- ``loss``: the GHP + LHP loss (``HiddenPositiveLoss``) by backend (torch path: CPU, sparse, dense;
+  Triton kernels on CUDA), its dense definition, and the consistency loss
 - ``schedule``: the lambda schedule
 """
 
@@ -17,9 +17,9 @@ from hpseg.method.local_positives import (
     neighbourhood_counts,
     propagate_to_neighbours,
 )
-from hpseg.method.loss import LossBackend, consistency_loss, hidden_positive_loss
+from hpseg.method.loss import HiddenPositiveLoss, LossBackend, consistency_loss, hidden_positive_loss
 from hpseg.method.model import HiddenPositivesModel
-from hpseg.method.pools import collect_pool, one_patch_per_image
+from hpseg.method.pools import fill_pool, picked_patches
 from hpseg.method.positives import (
     ContrastDraw,
     IndependentContrastDraw,
@@ -35,6 +35,7 @@ __all__ = [
     "NEIGHBOUR_OFFSETS",
     "ClusterProbe",
     "ContrastDraw",
+    "HiddenPositiveLoss",
     "HiddenPositivesModel",
     "IndependentContrastDraw",
     "LinearProbe",
@@ -44,15 +45,15 @@ __all__ = [
     "SegmentationHead",
     "SharedContrastPattern",
     "attention_neighbour_weights",
-    "collect_pool",
     "consistency_loss",
+    "fill_pool",
     "ema_update_",
     "hidden_positive_loss",
     "hidden_positive_masks",
     "lambda_schedule",
     "make_ema_copy",
     "neighbourhood_counts",
-    "one_patch_per_image",
+    "picked_patches",
     "pool_thresholds",
     "propagate_to_neighbours",
     "to_rows",

@@ -1,7 +1,8 @@
-"""Reference pools (spec §2): one random patch feature per image of a shuffled pass.
+"""Threshold pools (spec §2, "reference pools"): one random patch feature per image of a shuffled pass.
 
 The pools set the data-driven thresholds of global hidden positives: a patch j is a positive
 of anchor i only if it is more similar to i than i's best match among these random patches.
+Which patches are picked, and how a run fills its pools, is ``hpseg.training.pools``.
 """
 
 from __future__ import annotations
@@ -12,26 +13,11 @@ import torch
 import torch.nn.functional as F
 
 
-def one_patch_per_image(feature_maps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, C, h, w) -> (B, C): the feature of one patch per image, chosen uniformly at random."""
+def picked_patches(feature_maps: torch.Tensor, picks: torch.Tensor) -> torch.Tensor:
+    """The feature of patch ``picks[b]`` (row-major over h x w) of each image b: (B, C, h, w), (B,) -> (B, C)."""
     batch, channels, height, width = feature_maps.shape
-    picks = torch.randint(height * width, (batch,), generator=generator).to(feature_maps.device)
-    return feature_maps.reshape(batch, channels, height * width)[torch.arange(batch, device=picks.device), :, picks]
-
-
-def collect_pool(
-    feature_batches: Iterable[torch.Tensor], pool_size: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Fill a pool from feature maps of a shuffled pass over the training set.
-
-    Args:
-        feature_batches: iterable of (B, C, h, w) maps (backbone f or EMA-head s'); consumed
-            only until the pool is full.
-        pool_size: rows wanted; a dataset with fewer images gives a smaller pool.
-    Returns:
-        (P, C) float32 L2-normalised rows, P = min(pool_size, images seen).
-    """
-    return fill_pool((one_patch_per_image(maps, generator) for maps in feature_batches), pool_size)
+    rows = torch.arange(batch, device=feature_maps.device)
+    return feature_maps.reshape(batch, channels, height * width)[rows, :, picks.to(feature_maps.device)]
 
 
 def fill_pool(picked_batches: Iterable[torch.Tensor], pool_size: int) -> torch.Tensor:
@@ -45,5 +31,5 @@ def fill_pool(picked_batches: Iterable[torch.Tensor], pool_size: int) -> torch.T
         if count >= pool_size:
             break
     if not rows:
-        raise ValueError("cannot build a reference pool from an empty dataset")
+        raise ValueError("cannot build a threshold pool from an empty dataset")
     return F.normalize(torch.cat(rows), dim=1)

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 
 def pool_thresholds(features: torch.Tensor, pool: torch.Tensor, chunk_size: int = 65536) -> torch.Tensor:
-    """r_i = max_p <features_i, pool_p>: each patch's best match in the reference pool.
+    """r_i = max_p <features_i, pool_p>: each patch's best match in the threshold pool.
 
     Args:
         features: (N, C) L2-normalised patch features.
-        pool: (P, C) L2-normalised reference pool.
+        pool: (P, C) L2-normalised threshold pool.
     Returns:
         (N,) thresholds, in the dtype of the product.
     """

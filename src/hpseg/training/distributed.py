@@ -17,18 +17,15 @@ The job trains the model one process would train on the same global batch:
   the gradients over ranks is the gradient of the whole loss.
 - ``train.positives=local``: each rank finds positives within its own B/W images only (no
   gathering; an anchor sees 1/W of the batch the method is defined on).
-- **Reference pools** are built once for the job: each rank computes its share of every pool
-  batch, and the picked rows are gathered (:func:`gather_pool`).
+- **Threshold pools** are built once for the job: each rank computes its share of every pool
+  batch, and the picked rows are gathered (``training.pools.collect_pool``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-
 import torch
 import torch.distributed as dist
 
-from hpseg.method.pools import fill_pool
 from hpseg.runtime import DistributedContext, broadcast_from_first
 
 
@@ -125,7 +122,7 @@ def sum_over_ranks(value: torch.Tensor, context: DistributedContext) -> torch.Te
     return value
 
 
-def _gather_uneven(rows: torch.Tensor, sizes: list[int], context: DistributedContext) -> torch.Tensor:
+def gather_uneven(rows: torch.Tensor, sizes: list[int], context: DistributedContext) -> torch.Tensor:
     """Like :func:`gather_rows` for ranks holding ``sizes[r]`` rows each (known to every rank)."""
     if not context.enabled:
         return rows
@@ -133,26 +130,3 @@ def _gather_uneven(rows: torch.Tensor, sizes: list[int], context: DistributedCon
     padded[: rows.shape[0]] = rows
     gathered = gather_rows(padded, context)
     return torch.cat([gathered[r * max(sizes) : r * max(sizes) + size] for r, size in enumerate(sizes)])
-
-
-def gather_pool(
-    shares: Iterable[torch.Tensor], batch_sizes: list[int], pool_size: int, generator: torch.Generator,
-    context: DistributedContext,
-) -> torch.Tensor:
-    """``method.pools.collect_pool`` over global batches of which each rank computed its share.
-
-    ``shares`` yields this rank's (b_r, C, h, w) maps of each batch (:func:`rank_share` of
-    ``batch_sizes[k]`` images, at least one per rank); the generator picks one patch per image of the whole batch, as one
-    process would, and the picked rows are gathered. Returns (P, C) float32 L2-normalised rows,
-    the same on every rank.
-    """
-    def gathered() -> Iterator[torch.Tensor]:
-        for maps, size in zip(shares, batch_sizes):
-            batch, channels, height, width = maps.shape
-            picks = torch.randint(height * width, (size,), generator=generator)
-            bounds = [share_bounds(size, r, context.world_size) for r in range(context.world_size)]
-            own = picks[bounds[context.rank]].to(maps.device)
-            picked = maps.reshape(batch, channels, height * width)[torch.arange(batch, device=maps.device), :, own]
-            yield _gather_uneven(picked.float(), [b.stop - b.start for b in bounds], context)
-
-    return fill_pool(gathered(), pool_size)

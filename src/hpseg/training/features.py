@@ -42,9 +42,17 @@ class StepInputs:
 class FeatureSource(Protocol):
     """What the trainer reads training inputs from (the backbone, or the feature cache)."""
 
+    #: The run's timers, set by the trainer: a source counts its waits on its loader as ``loader_wait``.
+    timers: PhaseTimers | None
+
     @property
     def class_names(self) -> list[str]:
         """Names of the classes of the training crops' labels."""
+        ...
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the training crops carry labels (then their classes must be ``method.n_classes``)."""
         ...
 
     def __len__(self) -> int:
@@ -56,7 +64,7 @@ class FeatureSource(Protocol):
         ...
 
     def feature_maps(self, batches: Sequence[list[int]]) -> Iterator[torch.Tensor]:
-        """(B, C, h, w) backbone features of the given batches (for the reference pools)."""
+        """(B, C, h, w) backbone features of the given batches (for the threshold pools)."""
         ...
 
 
@@ -147,6 +155,10 @@ class CropsSource:
     def class_names(self) -> list[str]:
         return list(self.dataset.class_names)
 
+    @property
+    def has_labels(self) -> bool:
+        return self.dataset.has_labels
+
     def __len__(self) -> int:
         return len(self.dataset)
 
@@ -183,7 +195,7 @@ class BackboneFeatures(CropsSource):
             yield StepInputs(out.features, weights, batch["label"].to(self.device, non_blocking=True), aug)
 
     def feature_maps(self, batches: Sequence[list[int]]) -> Iterator[torch.Tensor]:
-        """(B, C, h, w) backbone features of the given batches (for the reference pools)."""
+        """(B, C, h, w) backbone features of the given batches (for the threshold pools)."""
         for batch in make_loader(self.plain_dataset, batches, self.num_workers, self.device):
             with torch.no_grad(), autocast(self.device, self.amp_dtype):
                 yield self.backbone(batch["image"].to(self.device, non_blocking=True)).features

@@ -17,27 +17,26 @@ What ``hpseg train --resume RUN_DIR`` checks before continuing a run:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from hpseg.checkpoints.store import CheckpointError
 from hpseg.checkpoints.trained import TrainedCheckpoint, read_trained, weight_mismatch_summary
+from hpseg.config import Config
 from hpseg.files import read_jsonl, write_text_atomic
 
-__all__ = ["check_class_count", "restore_or_explain", "resumable_checkpoint", "truncate_metrics"]
+__all__ = ["check_class_count", "resumable_checkpoint", "training_state_errors", "truncate_metrics"]
 
 logger = logging.getLogger(__name__)
 
 
-def check_class_count(config: Any, n_classes: int, source: str | Path) -> None:
+def check_class_count(config: Config, n_classes: int, source: str | Path) -> None:
     """Stop when the labelled data from ``source`` has ``n_classes`` classes and the config another count."""
     configured = config.method.n_classes
-    if configured == n_classes:
-        return
-    more = (" (more clusters than classes: method.extra_clusters)" if hasattr(config.method, "extra_clusters")
-            else "")
-    raise ValueError(f"method.n_classes={configured} but the labelled data has {n_classes} classes ({source}): "
-                     f"set method.n_classes={n_classes}{more}")
+    if configured != n_classes:
+        raise ValueError(f"method.n_classes={configured} but the labelled data has {n_classes} classes ({source}): "
+                         f"set method.n_classes={n_classes} (more clusters than classes: method.extra_clusters)")
 
 
 def resumable_checkpoint(run_dir: Path) -> TrainedCheckpoint:
@@ -46,7 +45,7 @@ def resumable_checkpoint(run_dir: Path) -> TrainedCheckpoint:
     if not path.is_file():
         raise CheckpointError(f"{run_dir} holds no run to resume: {path} does not exist")
     checkpoint = read_trained(path)
-    if checkpoint.reference is not None or not isinstance(checkpoint.payload.get("training"), dict):
+    if checkpoint.payload.training is None:
         raise CheckpointError(
             f"{path} holds no training state (optimisers, pools, random states) -- an imported or exported "
             "checkpoint -- so its run cannot be resumed; start a new run (hpseg train), or evaluate / predict "
@@ -54,16 +53,17 @@ def resumable_checkpoint(run_dir: Path) -> TrainedCheckpoint:
     return checkpoint
 
 
-def restore_or_explain(trainer: Any, checkpoint: TrainedCheckpoint) -> None:
-    """``trainer.restore`` of the checkpoint's payload, with a CheckpointError naming the file
-    when its training state is incomplete or does not fit the run."""
+@contextmanager
+def training_state_errors(path: Path) -> Iterator[None]:
+    """Errors of restoring the training state of the checkpoint ``path`` inside the block become a
+    CheckpointError naming the file: the state is incomplete, or does not fit the run."""
     try:
-        trainer.restore(checkpoint.payload)
+        yield
     except (KeyError, TypeError, AttributeError) as error:
-        raise CheckpointError(f"{checkpoint.path}: incomplete training state ({type(error).__name__}: {error}); "
+        raise CheckpointError(f"{path}: incomplete training state ({type(error).__name__}: {error}); "
                               "the run cannot be resumed from it") from None
     except (RuntimeError, ValueError) as error:
-        raise CheckpointError(f"{checkpoint.path}: its state does not fit the run's model and optimisers: "
+        raise CheckpointError(f"{path}: its state does not fit the run's model and optimisers: "
                               f"{weight_mismatch_summary(str(error))}") from None
 
 

@@ -97,9 +97,13 @@ def _remove_leftovers(run_dir: Path) -> None:
 
 
 @contextmanager
-def run_lock(run_dir: str | Path) -> Iterator[None]:
-    """Hold the run folder's lock for the block (created with the folder if need be)."""
-    if os.environ.get("RANK", "0") != "0":  # torchrun: the first rank holds it for the run
+def run_lock(run_dir: str | Path, *, holder: bool = True) -> Iterator[None]:
+    """Hold the run folder's lock for the block (created with the folder if need be).
+
+    ``holder``: whether this process takes the lock; under torchrun the first rank holds it for the
+    job and the others pass False (``DistributedContext.is_main``).
+    """
+    if not holder:
         yield
         return
     run_dir = Path(run_dir)

@@ -1,14 +1,16 @@
 """One HP training step (spec §6) as a function of tensors: the seam the trainer and the
-golden test of the reference's loop (tests/test_golden_steps.py) share.
+golden test of the authors' loop (tests/test_golden_steps.py) share.
 
 ``training_step(learner, inputs, pools, contrast_draw, lmbd)``: f, LHP weights (and the
 photometric view's features) -> S, S' (EMA), s^mix -> z, z^mix -> GHP + LHP loss
 (+ α · consistency, + online probes) -> AdamW / Adam steps with gradient clipping on S -> EMA
 update. Everything random besides channel dropout (the contrast draw) comes in as an argument.
+A non-finite loss updates nothing: the caller sees it in the values and stops.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,32 +19,30 @@ import torch.nn.functional as F
 from hpseg.config import Config, MethodConfig
 from hpseg.method import (
     ContrastDraw,
+    HiddenPositiveLoss,
     HiddenPositivesModel,
+    IndependentContrastDraw,
+    LossBackend,
+    SharedContrastPattern,
     consistency_loss,
-    hidden_positive_loss,
     propagate_to_neighbours,
     to_rows,
 )
 from hpseg.runtime import DistributedContext, autocast, average_gradients, make_grad_scaler
 from hpseg.training import distributed
 from hpseg.training.features import StepInputs
-
-
-@dataclass
-class ReferencePools:
-    """The pools of spec §2: (P, C) task-agnostic, (P, D) task-specific, L2-normalised rows."""
-
-    agnostic: torch.Tensor
-    specific: torch.Tensor
+from hpseg.training.pools import ThresholdPools
 
 
 @dataclass
 class Learner:
-    """What a training step updates: the heads and probes, their optimisers and the grad scaler."""
+    """What a training step updates (the heads and probes, their optimisers and the grad scaler)
+    and the HP loss it computes (with its backend)."""
 
     model: HiddenPositivesModel
     optimizers: dict[str, torch.optim.Optimizer]
     scaler: torch.amp.GradScaler
+    loss: HiddenPositiveLoss
     method: MethodConfig
     grad_clip: float
     device: torch.device
@@ -52,9 +52,10 @@ class Learner:
 
 
 def build_learner(config: Config, feature_dim: int, device: torch.device, amp_dtype: torch.dtype | None,
-                  context: DistributedContext | None = None) -> Learner:
-    """The model of a run with feature width C = ``feature_dim``, on ``device``, and its optimisers
-    (AdamW on S; Adam on P and on each probe, as the reference)."""
+                  context: DistributedContext | None = None, loss_backend: LossBackend | None = None) -> Learner:
+    """The model of a run with feature width C = ``feature_dim``, on ``device``, its optimisers
+    (AdamW on S; Adam on P and on each probe, as the authors) and its loss (``loss_backend``, a
+    benchmark's, replaces ``method.loss_backend``)."""
     method, optim = config.method, config.optim
     model = HiddenPositivesModel(feature_dim, method.dim, method.n_classes, method.dropout,
                                  n_clusters=config.n_clusters).to(device)
@@ -67,8 +68,18 @@ def build_learner(config: Config, feature_dim: int, device: torch.device, amp_dt
         "cluster_probe": torch.optim.Adam(model.cluster_probe.parameters(), lr=optim.cluster_lr),
     }
     scaler = make_grad_scaler(config.train.grad_scaler, device, enabled=amp_dtype == torch.float16)
-    return Learner(model, optimizers, scaler, method, optim.grad_clip, device, amp_dtype,
+    loss = HiddenPositiveLoss.from_config(method, loss_backend)
+    return Learner(model, optimizers, scaler, loss, method, optim.grad_clip, device, amp_dtype,
                    context or DistributedContext(), config.train.positives)
+
+
+def draw_contrast(method: MethodConfig, patches_per_image: int, n_patches: int, generator: torch.Generator,
+                  device: torch.device) -> ContrastDraw:
+    """A step's random part of the contrast sets for (hw, N) pairs (``method.contrast_draw``)."""
+    if method.contrast_draw == "shared":
+        return SharedContrastPattern.draw(patches_per_image, n_patches, method.rho, generator, device)
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator, device=device))
+    return IndependentContrastDraw(method.rho, seed, device)
 
 
 @dataclass
@@ -102,15 +113,16 @@ def _embed(model: HiddenPositivesModel, method: MethodConfig, inputs: StepInputs
 
 
 def _consistency(model: HiddenPositivesModel, method: MethodConfig, z: torch.Tensor,
-                 features_aug: torch.Tensor | None) -> torch.Tensor:
-    """Distance between z and the photometric view's projections (spec §5); 0 when α = 0."""
+                 features_aug: torch.Tensor | None) -> torch.Tensor | None:
+    """Distance between z and the photometric view's projections (spec §5); None (not computed)
+    when α = 0: a 0 would claim that the two views agree."""
     if method.alpha <= 0 or features_aug is None:
-        return torch.zeros((), device=z.device)
+        return None
     z_aug = model.projection(to_rows(model.segmentation(features_aug.float())))
     return consistency_loss(z, z_aug)
 
 
-def _hidden_positive_loss(learner: Learner, embedded: _Embeddings, pools: ReferencePools, hw: int,
+def _hidden_positive_loss(learner: Learner, embedded: _Embeddings, pools: ThresholdPools, hw: int,
                           contrast_draw: ContrastDraw, lmbd: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The HP loss of the step and what this rank back-propagates for it (the same in one process).
 
@@ -118,18 +130,15 @@ def _hidden_positive_loss(learner: Learner, embedded: _Embeddings, pools: Refere
     and W x this rank's share of it (its anchors against all N patches), whose gradients averaged
     over the ranks are the whole loss's.
     """
-    method, device, amp, context = learner.method, learner.device, learner.amp_dtype, learner.context
+    device, amp, context = learner.device, learner.amp_dtype, learner.context
     rows = (embedded.z, embedded.z_mix, embedded.agnostic_rows, embedded.specific_rows)
     anchor_images = None
     if context.enabled and learner.positives == "global":
         anchor_images = distributed.rank_images(embedded.segmentation.shape[0], context)
         rows = (*(distributed.gather_with_gradients(r, context) for r in rows[:2]),
                 *(distributed.gather_rows(r, context) for r in rows[2:]))
-    share = hidden_positive_loss(
-        *rows, pools.agnostic, pools.specific,
-        patches_per_image=hw, contrast_draw=contrast_draw, lmbd=lmbd, tau=method.tau, tau_base=method.tau_base,
-        temperature_factor=method.temperature_factor, reweighting=method.reweighting,
-        chunk_size=method.chunk_size or None,
+    share = learner.loss(
+        *rows, pools.agnostic, pools.specific, patches_per_image=hw, contrast_draw=contrast_draw, lmbd=lmbd,
         matmul_dtype=amp if device.type == "cuda" and amp else torch.float32, anchor_images=anchor_images,
     )
     if anchor_images is None:
@@ -154,19 +163,21 @@ def _optimise(learner: Learner, total: torch.Tensor) -> torch.Tensor:
     return grad_norm
 
 
-def training_step(learner: Learner, inputs: StepInputs, pools: ReferencePools, contrast_draw: ContrastDraw,
+def training_step(learner: Learner, inputs: StepInputs, pools: ThresholdPools, contrast_draw: ContrastDraw,
                   lmbd: float) -> dict[str, float]:
     """One step on a batch of B crops of an h × w patch grid (N = B·h·w patches).
 
     Args:
         inputs: f (B, C, h, w), LHP weights (B, h·w, 9), labels (B, H, W), photometric f (B, C, h, w) or None.
-        pools: the reference pools of this step.
+        pools: the threshold pools of this step.
         contrast_draw: the random part of the contrast sets, for (h·w, N); under torchrun with
             global positives B is this rank's share and N counts the patches of the global batch.
         lmbd: λ of this step (``lambda_schedule``).
     Returns:
-        ``loss`` (total), ``hp`` (GHP + LHP, of the global batch), ``consistency`` (before α),
-        ``linear_probe``, ``cluster_probe`` (these three of this rank's images) and ``grad_norm`` (S's gradient norm before clipping).
+        ``loss`` (total), ``hp`` (GHP + LHP, of the global batch), ``consistency`` (before α;
+        absent when α = 0: not computed), ``linear_probe``, ``cluster_probe`` (these three of this
+        rank's images) and ``grad_norm`` (S's gradient norm before clipping). When ``loss`` is not
+        finite no weight, moment or EMA changes and ``grad_norm`` is NaN.
     """
     model, method = learner.model, learner.method
     model.train()
@@ -177,16 +188,19 @@ def training_step(learner: Learner, inputs: StepInputs, pools: ReferencePools, c
         detached = embedded.segmentation.detach().float()
         linear = model.linear_probe.loss(detached, inputs.labels)
         cluster = model.cluster_probe.loss(detached)
-    # The EMA follows S before this step's update, as in the reference.
-    model.update_ema(method.ema_momentum)
     # Outside autocast: the loss picks its own product dtype and keeps softmax in float32.
     hp, hp_backward = _hidden_positive_loss(learner, embedded, pools, hw, contrast_draw, lmbd)
-    others = method.alpha * consistency + linear + cluster
-    grad_norm = _optimise(learner, hp_backward + others)
-    return {
-        "loss": (hp + others).item(), "hp": hp.item(), "consistency": consistency.item(),
-        "linear_probe": linear.item(), "cluster_probe": cluster.item(), "grad_norm": grad_norm.item(),
-    }
+    others = linear + cluster if consistency is None else method.alpha * consistency + linear + cluster
+    values = {"loss": (hp + others).item(), "hp": hp.item(), "linear_probe": linear.item(),
+              "cluster_probe": cluster.item()}
+    if consistency is not None:
+        values["consistency"] = consistency.item()
+    if not math.isfinite(values["loss"]):
+        return {**values, "grad_norm": math.nan}
+    # The EMA follows S before this step's update, as in the authors' code.
+    model.update_ema(method.ema_momentum)
+    values["grad_norm"] = _optimise(learner, hp_backward + others).item()
+    return values
 
 
 def specific_pool_maps(model: HiddenPositivesModel, method: MethodConfig, features: torch.Tensor) -> torch.Tensor:
@@ -197,6 +211,6 @@ def specific_pool_maps(model: HiddenPositivesModel, method: MethodConfig, featur
 
 
 def pool_dropout(method: MethodConfig, maps: torch.Tensor) -> torch.Tensor:
-    """[ref quirk] the reference fills its pools in training mode: the same channel dropout as the
+    """[ref quirk] the authors fill their pools in training mode: the same channel dropout as the
     similarity features of a step (similarity_dropout=False: clean features)."""
     return F.dropout2d(maps, method.dropout, training=True) if method.similarity_dropout else maps

@@ -3,7 +3,7 @@
 The training loop times its phases with one :class:`PhaseTimers` (``Trainer.timers``) and writes
 the totals to ``metrics.jsonl`` (a ``{"step": N, "timing": {...}}`` record with every validation
 and at the end): ``startup`` (building the trainer: backbone, data, model), ``initial_pools``
-(both reference pools before the first step), ``data_wait`` (waiting for a step's inputs:
+(both threshold pools before the first step), ``data_wait`` (waiting for a step's inputs:
 the loader, and with the backbone as feature source its forward; ``loader_wait`` is the
 loader's part of it, timed by the feature source), ``step`` (the training step),
 ``renewal`` (task-specific pool renewals), ``validation`` and ``checkpoint`` (writing ``last``

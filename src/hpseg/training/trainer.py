@@ -3,14 +3,15 @@
     hpseg train --preset cocostuff27 --data-root DIR [key=value ...]
 
 The inputs of a step come from a :class:`~hpseg.training.features.FeatureSource` (the backbone
-or the feature cache); the step itself is :func:`hpseg.training.step.training_step`. Reference
-pools are built before the first step; the task-specific pool is renewed every
+or the feature cache); the step itself is :func:`hpseg.training.step.training_step`, called from
+:meth:`Trainer.fit`. Threshold pools (:mod:`hpseg.training.pools`) are built before the first step; the task-specific pool is renewed every
 ``renew_interval`` steps (counted within the epoch, [ref quirk]). Validation every
 ``val_interval`` steps (within the epoch) and at the end of every epoch keeps a ``best``
 checkpoint (sum of the four metrics, the reference's rule) beside ``last`` under
 ``train.selection=best``; the label-free criteria are scored at the same steps
 (:mod:`hpseg.training.selection`) and keep ``unsupervised`` under that rule;
-``--resume RUN_DIR`` continues from ``last`` as if never interrupted.
+``--resume RUN_DIR`` continues from ``last`` as if never interrupted. A non-finite loss stops the
+run with :class:`NonFiniteLossError` (the step, the value, the last good checkpoint).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,8 +29,9 @@ from typing import Any
 import torch
 
 from hpseg.backbones import Backbone, create_backbone
+from hpseg.checkpoints.payload import BackboneRecord, CheckpointKind, CheckpointPayload, TrainingState
 from hpseg.checkpoints.runs import selection_text
-from hpseg.checkpoints.store import FORMAT, VERSION, save_atomic
+from hpseg.checkpoints.store import CheckpointError, save_atomic
 from hpseg.config import Config
 from hpseg.data import DatasetLayoutError, ValCrops, build_raw_dataset
 from hpseg.evaluation.protocol import (
@@ -39,32 +42,22 @@ from hpseg.evaluation.protocol import (
     validation_loader,
 )
 from hpseg.logs import progress_bar
-from hpseg.method import (
-    ContrastDraw,
-    IndependentContrastDraw,
-    SharedContrastPattern,
-    lambda_schedule,
-)
+from hpseg.method import lambda_schedule
 from hpseg.runtime import DistributedContext, amp_dtype, init_distributed, resolve_device, seed_everything
 from hpseg.training import distributed
 from hpseg.training.cache import open_feature_cache
 from hpseg.training.features import BackboneFeatures, FeatureSource, StepInputs, batch_seeds, epoch_batches
 from hpseg.training.lost_ranks import explain_lost_ranks
+from hpseg.training.pools import ThresholdPools, collect_pool, pool_batches
 from hpseg.training.run_checks import (
     check_class_count,
-    restore_or_explain,
     resumable_checkpoint,
+    training_state_errors,
     truncate_metrics,
 )
 from hpseg.training.run_lock import run_lock
 from hpseg.training.selection import label_free_batches, label_free_scores, probe_rows
-from hpseg.training.step import (
-    ReferencePools,
-    build_learner,
-    pool_dropout,
-    specific_pool_maps,
-    training_step,
-)
+from hpseg.training.step import build_learner, draw_contrast, pool_dropout, specific_pool_maps, training_step
 from hpseg.training.timers import PhaseTimers, device_synchronizer
 from hpseg.training.validation_cache import ValidationFeatures, validation_cache_dir, validation_features
 
@@ -74,16 +67,24 @@ _other_ranks = logging.getLogger(f"{__name__}.other_ranks")
 _other_ranks.setLevel(logging.WARNING)
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss of a step is NaN or infinite: training stops before that step changes any weight."""
+
+
 @dataclass
 class RunState:
-    """What changes during training besides weights and optimiser moments."""
+    """What changes during training besides weights and optimiser moments (``Trainer.learner``):
+    the place of the run, its selection records, its pools and the generators of its draws."""
 
+    pool_generator: torch.Generator  # which crops, and which patch of each, fill a pool
+    contrast_generator: torch.Generator  # the random part of each step's contrast sets
     step: int = 0
     best_score: float = float("-inf")
     best_step: int = -1
     unsupervised_score: float = float("-inf")  # train.selection=unsupervised: best criterion so far
     unsupervised_step: int = -1
-    pools: ReferencePools | None = None
+    pools: ThresholdPools | None = None
+    last_saved_step: int | None = None  # the step of checkpoints/last.pt, once this run wrote or resumed it
 
 
 def renews_pool_before(step: int, steps_per_epoch: int, interval: int, counter: str = "epoch") -> bool:
@@ -109,32 +110,31 @@ class Trainer:
     """Holds the model, optimisers and run state of one training run."""
 
     def __init__(self, config: Config, run_dir: Path, *, backbone: Backbone | None = None,
-                 feature_source: FeatureSource | None = None) -> None:
+                 feature_source: FeatureSource | None = None, device: torch.device | None = None,
+                 context: DistributedContext | None = None) -> None:
+        """``device`` and ``context``: where :func:`train` already resolved them (None: here)."""
         self.config, self.run_dir = config, run_dir
-        self.device = resolve_device(config.train.device)
+        self.device = device or resolve_device(config.train.device)
         self.timers = PhaseTimers(device_synchronizer(self.device))  # where the run's time goes (metrics.jsonl)
-        self.context: DistributedContext = init_distributed(self.device)
+        self.context: DistributedContext = context or init_distributed(self.device)
         self.amp_dtype = amp_dtype(config.train.amp, self.device)
         # One seed for what every rank builds (backbone, heads); see _seed_ranks for the rest.
         seed_everything(config.train.seed)
-        self.images_per_rank = distributed.check_batch_split(config.train.batch_size, self.context)
+        distributed.check_batch_split(config.train.batch_size, self.context)
         self.backbone = backbone or create_backbone(
             config.backbone.name, weights=config.backbone.weights, pretrained=config.backbone.pretrained
         )
         self.backbone.to(self.device)
         self.features: FeatureSource = feature_source or self._default_feature_source()
-        if hasattr(self.features, "timers"):
-            self.features.timers = self.timers  # the loader's waits: timing "loader_wait"
+        self.features.timers = self.timers  # the loader's waits: timing "loader_wait"
         self.class_names: list[str] = list(self.features.class_names)
-        crops = getattr(self.features, "dataset", None)
-        if getattr(crops, "has_labels", False):
+        if self.features.has_labels:
             check_class_count(config, len(self.class_names), config.data.prepared_path() / "manifest.json")
         self.learner = build_learner(config, self.backbone.embed_dim, self.device, self.amp_dtype, self.context)
         self.model, self.optimizers, self.scaler = self.learner.model, self.learner.optimizers, self.learner.scaler
         self._seed_ranks()
-        self.state = RunState()
-        self.pool_generator = torch.Generator().manual_seed(config.train.seed + 1)
-        self.contrast_generator = torch.Generator(device=self.device).manual_seed(config.train.seed + 2)
+        self.state = RunState(pool_generator=torch.Generator().manual_seed(config.train.seed + 1),
+                              contrast_generator=torch.Generator(device=self.device).manual_seed(config.train.seed + 2))
 
         self.steps_per_epoch = len(self.features) // config.train.batch_size
         if self.steps_per_epoch == 0:
@@ -202,26 +202,17 @@ class Trainer:
         if self.context.is_main:
             logger.info(message)
 
-    def _pool_batches(self) -> list[list[int]]:
-        """Shuffled global batches of the crops a pool pass reads: one patch per crop fills the pool
-        after ``pool_size`` crops, so only those are handed to the loader (its workers read no more);
-        under torchrun a tail of fewer crops than ranks is left out."""
-        order = torch.randperm(len(self.features), generator=self.pool_generator).tolist()
-        size = self.config.train.batch_size
-        needed = -(-self.config.method.pool_size // size) * size
-        batches = [order[i : i + size] for i in range(0, min(len(order), needed), size)]
-        return [batch for batch in batches if len(batch) >= self.context.world_size]
-
     def _pool(self, maps_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """A pool of the job: each rank computes ``maps_of`` its share of every batch; the rows are gathered."""
-        batches = self._pool_batches()
+        train, pool_size = self.config.train, self.config.method.pool_size
+        batches = pool_batches(len(self.features), train.batch_size, pool_size, self.state.pool_generator,
+                               self.context.world_size)
         shares = [distributed.rank_share(batch, self.context) for batch in batches]
         # A bar of its own: on a CPU the backbone passes of the first pools take close to a minute.
         feature_maps = progress_bar(self.features.feature_maps(shares), logger if self.context.is_main else _other_ranks,
-                                    total=len(shares), desc="reference pools", unit="batch", leave=False)
+                                    total=len(shares), desc="threshold pools", unit="batch", leave=False)
         maps = (maps_of(f) for f in feature_maps)
-        pool = distributed.gather_pool(maps, [len(b) for b in batches], self.config.method.pool_size,
-                                       self.pool_generator, self.context)
+        pool = collect_pool(maps, [len(b) for b in batches], pool_size, self.state.pool_generator, self.context)
         return pool.to(self.device)
 
     @torch.no_grad()
@@ -231,27 +222,6 @@ class Trainer:
     @torch.no_grad()
     def build_specific_pool(self) -> torch.Tensor:
         return self._pool(lambda f: specific_pool_maps(self.model, self.config.method, f))
-
-    # ------------------------------------------------------------------ one step
-
-    def contrast_draw(self, patches_per_image: int, n_patches: int) -> ContrastDraw:
-        """This step's random part of the contrast sets (``method.contrast_draw``)."""
-        method = self.config.method
-        if method.contrast_draw == "shared":
-            return SharedContrastPattern.draw(patches_per_image, n_patches, method.rho, self.contrast_generator,
-                                              self.device)
-        seed = int(torch.randint(2**31 - 1, (1,), generator=self.contrast_generator, device=self.device))
-        return IndependentContrastDraw(method.rho, seed, self.device)
-
-    def training_step(self, inputs: StepInputs, lmbd: float) -> dict[str, float]:
-        """The step of :func:`hpseg.training.step.training_step` with this run's pools and draws."""
-        assert self.state.pools is not None, "the reference pools are built before the first step"
-        features = inputs.features
-        hw = features.shape[-2] * features.shape[-1]
-        global_positives = self.context.enabled and self.config.train.positives == "global"
-        images = self.config.train.batch_size if global_positives else features.shape[0]
-        draw = self.contrast_draw(hw, images * hw)
-        return training_step(self.learner, inputs, self.state.pools, draw, lmbd)
 
     # ------------------------------------------------------------------ loop
 
@@ -265,41 +235,71 @@ class Trainer:
         return self.features.steps(shares, seeds[position:])
 
     def fit(self) -> dict[str, Any]:
-        config, state = self.config, self.state
-        if state.pools is None:
-            self._notice("building reference pools ...")
-            with self.timers.phase("initial_pools"):
-                agnostic = self.build_agnostic_pool()
-                state.pools = ReferencePools(agnostic, self.build_specific_pool())
+        """Train to ``total_steps``; under torchrun a lost rank stops the others with the resume
+        command (hpseg.training.lost_ranks), which the log also gives at the start."""
+        config, state, train = self.config, self.state, self.config.train
+        if self.context.enabled:
+            self._notice(f"{self.context.world_size} ranks train {self.run_dir}: if one fails, the others stop "
+                         f"and `hpseg train --resume {self.run_dir}` under the same torchrun command continues "
+                         "from checkpoints/last.pt")
+        # Under torchrun with global positives the contrast pattern spans the patches of the global batch.
+        global_positives = self.context.enabled and train.positives == "global"
         metrics_file = self.run_dir / "metrics.jsonl"
-        writer = _tensorboard(self.run_dir) if self.context.is_main else None
-        bar_logger = logger if self.context.is_main else _other_ranks
-        bar = progress_bar(range(state.step, self.total_steps), bar_logger, total=self.total_steps, initial=state.step,
-                           desc="train", dynamic_ncols=True)
-        steps = None
-        started = time.time()
-        for step in bar:
-            epoch, position = divmod(step, self.steps_per_epoch)
-            if steps is None or position == 0:
-                steps = self._epoch_steps(epoch, position)
-            if renews_pool_before(step, self.steps_per_epoch, config.method.renew_interval,
-                                  config.method.renew_counter):
-                self._renew_specific_pool()
-            lmbd = lambda_schedule(step, config.method.warmup, self.total_steps)
-            with self.timers.phase("data_wait"):
-                inputs = next(steps)
-            with self.timers.phase("step"):
-                values = self.training_step(inputs, lmbd)
-            state.step = step + 1
-            values.update(step=state.step, epoch=epoch, **{"lambda": lmbd}, seconds=round(time.time() - started, 3))
-            bar.set_postfix(loss=f"{values['loss']:.3f}", hp=f"{values['hp']:.3f}")
-            self._after_step(values, metrics_file, writer)
-        bar.close()
-        if writer is not None:
-            writer.close()
-        self._log_timing(metrics_file)
+        with explain_lost_ranks(self.context, self.run_dir, lambda: state.step):
+            self._initial_pools()
+            writer = _tensorboard(self.run_dir) if self.context.is_main else None
+            bar = progress_bar(range(state.step, self.total_steps), logger if self.context.is_main else _other_ranks,
+                               total=self.total_steps, initial=state.step, desc="train", dynamic_ncols=True)
+            steps = None
+            started = time.time()
+            for step in bar:
+                epoch, position = divmod(step, self.steps_per_epoch)
+                if steps is None or position == 0:
+                    steps = self._epoch_steps(epoch, position)
+                if renews_pool_before(step, self.steps_per_epoch, config.method.renew_interval,
+                                      config.method.renew_counter):
+                    self._renew_specific_pool()
+                lmbd = lambda_schedule(step, config.method.warmup, self.total_steps)
+                with self.timers.phase("data_wait"):
+                    inputs = next(steps)
+                with self.timers.phase("step"):
+                    batch, _, height, width = inputs.features.shape
+                    images = train.batch_size if global_positives else batch
+                    draw = draw_contrast(config.method, height * width, images * height * width,
+                                         self.state.contrast_generator, self.device)
+                    values = training_step(self.learner, inputs, state.pools, draw, lmbd)
+                if not math.isfinite(values["loss"]):
+                    raise self._non_finite(step + 1, values)
+                state.step = step + 1
+                values.update(step=state.step, epoch=epoch, **{"lambda": lmbd}, seconds=round(time.time() - started, 3))
+                bar.set_postfix(loss=f"{values['loss']:.3f}", hp=f"{values['hp']:.3f}")
+                self._after_step(values, metrics_file, writer)
+            bar.close()
+            if writer is not None:
+                writer.close()
+            self._log_timing(metrics_file)
         return {"steps": state.step, "best_step": state.best_step, "best_score": state.best_score,
                 "unsupervised_step": state.unsupervised_step}
+
+    def _initial_pools(self) -> None:
+        """Both threshold pools, unless a resumed run brought them."""
+        if self.state.pools is None:
+            self._notice("building threshold pools ...")
+            with self.timers.phase("initial_pools"):
+                agnostic = self.build_agnostic_pool()
+                self.state.pools = ThresholdPools(agnostic, self.build_specific_pool())
+
+    def _non_finite(self, step: int, values: dict[str, float]) -> NonFiniteLossError:
+        """The error that stops the run at ``step``, whose loss (terms in ``values``) is not finite."""
+        terms = ", ".join(f"{key} {values[key]:.6g}" for key in ("hp", "consistency", "linear_probe", "cluster_probe")
+                          if key in values)
+        last = self.run_dir / "checkpoints" / "last.pt"
+        saved = self.state.last_saved_step
+        where = (f"the last good checkpoint is {last} (step {saved}): `hpseg train --resume {self.run_dir}` continues "
+                 "from it (a lower learning rate, or train.amp=none, may avoid the overflow)" if saved is not None
+                 else "no checkpoint was written before it (train.checkpoint_interval)")
+        return NonFiniteLossError(f"step {step}: the loss is {values['loss']} ({terms}); training stopped before "
+                                  f"that step changed any weight; {where}")
 
     def _after_step(self, values: dict[str, Any], metrics_file: Path, writer: Any) -> None:
         """Log the step's values, validate and write ``last`` when their intervals say so."""
@@ -309,7 +309,8 @@ class Trainer:
             _append_jsonl(metrics_file, values)
             if writer is not None:
                 for key in ("loss", "hp", "consistency", "linear_probe", "cluster_probe", "lambda", "grad_norm"):
-                    writer.add_scalar(f"train/{key}", values[key], step)
+                    if key in values:  # consistency: absent when α = 0 (not computed)
+                        writer.add_scalar(f"train/{key}", values[key], step)
         if validates_after(step, self.steps_per_epoch, train.val_interval, self.total_steps,
                            train.validate_at_epoch_end):
             if self.validation is not None:
@@ -320,6 +321,7 @@ class Trainer:
             distributed.check_same_weights(self.model, self.context)
             if self.context.is_main:
                 self.save("last")
+            self.state.last_saved_step = step
 
     def validate(self, metrics_file: Path, writer: Any) -> dict[str, Any]:
         with self.timers.phase("validation"):
@@ -390,54 +392,51 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def checkpoint(self, kind: str, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    def checkpoint(self, kind: CheckpointKind, metrics: dict[str, Any] | None = None) -> CheckpointPayload:
         state, pools = self.state, self.state.pools
-        rng = {"torch": torch.get_rng_state(), "pool": self.pool_generator.get_state(),
-               "contrast": self.contrast_generator.get_state()}
+        rng = {"torch": torch.get_rng_state(), "pool": self.state.pool_generator.get_state(),
+               "contrast": self.state.contrast_generator.get_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
-            "format": FORMAT, "version": VERSION, "kind": kind, "step": state.step,
-            "selection": selection_text(kind, self.config.train.unsupervised_criterion),
-            "selection_rule": self.config.train.selection,
-            "config": self.config.to_dict(),
-            "backbone": {"name": self.backbone.spec.name, "weights": self.config.backbone.weights,
-                         "pretrained": self.config.backbone.pretrained,
-                         # Which official file the name stood for (dino_vits8: the 300-epoch run).
-                         "official_weights": _official_source(self.backbone.spec, self.config.backbone)},
-            "class_names": self.class_names,
-            "model": self.model.state_dict(),
-            "metrics": _json_safe(metrics or {}),
-            "training": {
-                "optimizers": {name: opt.state_dict() for name, opt in self.optimizers.items()},
-                "scaler": self.scaler.state_dict(),
-                "pool_agnostic": pools.agnostic if pools else None, "pool_specific": pools.specific if pools else None,
-                "best_score": state.best_score, "best_step": state.best_step,
-                "unsupervised_score": state.unsupervised_score, "unsupervised_step": state.unsupervised_step,
-                "total_steps": self.total_steps, "rng": rng,
-            },
-        }
+        return CheckpointPayload(
+            kind=kind, step=state.step, config=self.config,
+            backbone=BackboneRecord(self.backbone.spec.name, weights=self.config.backbone.weights,
+                                    pretrained=self.config.backbone.pretrained,
+                                    # Which official file the name stood for (dino_vits8: the 300-epoch run).
+                                    official_weights=_official_source(self.backbone.spec, self.config.backbone)),
+            model=self.model.state_dict(), class_names=self.class_names,
+            selection=selection_text(kind, self.config.train.unsupervised_criterion),
+            metrics=_json_safe(metrics or {}), selection_rule=self.config.train.selection,
+            training=TrainingState(
+                optimizers={name: opt.state_dict() for name, opt in self.optimizers.items()},
+                scaler=self.scaler.state_dict(),
+                pool_agnostic=pools.agnostic if pools else None, pool_specific=pools.specific if pools else None,
+                best_score=state.best_score, best_step=state.best_step, total_steps=self.total_steps, rng=rng,
+                unsupervised_score=state.unsupervised_score, unsupervised_step=state.unsupervised_step),
+        )
 
-    def save(self, kind: str, metrics: dict[str, Any] | None = None) -> Path:
+    def save(self, kind: CheckpointKind, metrics: dict[str, Any] | None = None) -> Path:
         with self.timers.phase("checkpoint"):
-            return save_atomic(self.checkpoint(kind, metrics), self.run_dir / "checkpoints" / f"{kind}.pt")
+            return save_atomic(self.checkpoint(kind, metrics).to_dict(), self.run_dir / "checkpoints" / f"{kind}.pt")
 
-    def restore(self, payload: dict[str, Any]) -> None:
-        training = payload["training"]
-        self.model.load_state_dict(payload["model"])
+    def restore(self, payload: CheckpointPayload) -> None:
+        training = payload.training
+        if training is None or payload.step is None:
+            raise CheckpointError("no training state to restore")
+        self.model.load_state_dict(payload.model)
         for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(training["optimizers"][name])
-        self.scaler.load_state_dict(training["scaler"])
-        self.state.step = int(payload["step"])
-        self.state.best_score, self.state.best_step = float(training["best_score"]), int(training["best_step"])
-        self.state.unsupervised_score = float(training.get("unsupervised_score", float("-inf")))
-        self.state.unsupervised_step = int(training.get("unsupervised_step", -1))
-        self.state.pools = ReferencePools(training["pool_agnostic"].to(self.device),
-                                          training["pool_specific"].to(self.device))
-        rng = training["rng"]
+            optimizer.load_state_dict(training.optimizers[name])
+        self.scaler.load_state_dict(training.scaler)
+        self.state.step = payload.step
+        self.state.best_score, self.state.best_step = float(training.best_score), int(training.best_step)
+        self.state.unsupervised_score = float(training.unsupervised_score)
+        self.state.unsupervised_step = int(training.unsupervised_step)
+        self.state.pools = ThresholdPools(training.pool_agnostic.to(self.device),
+                                          training.pool_specific.to(self.device))
+        rng = training.rng
         torch.set_rng_state(rng["torch"])
-        self.pool_generator.set_state(rng["pool"])
-        self.contrast_generator.set_state(rng["contrast"])
+        self.state.pool_generator.set_state(rng["pool"])
+        self.state.contrast_generator.set_state(rng["contrast"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         if self.context.rank:
@@ -475,52 +474,50 @@ def default_run_dir(config: Config) -> Path:
     return Path(config.train.output_dir) / name
 
 
+def _process(config: Config) -> tuple[torch.device, DistributedContext]:
+    """This process's device and its place in a torchrun job: the rank is read here, once per run."""
+    device = resolve_device(config.train.device)
+    return device, init_distributed(device)
+
+
 def train(config: Config, *, run_dir: str | Path | None = None, backbone: Backbone | None = None,
-          feature_source: FeatureSource | None = None, progress: bool | None = None) -> Path:
+          feature_source: FeatureSource | None = None) -> Path:
     """Train a new run; returns its directory (config.yaml, metrics.jsonl, tensorboard/, checkpoints/).
 
-    Progress and notices go to the ``hpseg.training`` loggers (``hpseg.logs``); ``progress`` is
-    ignored, kept for callers written before that.
+    Progress and notices go to the ``hpseg.training`` loggers (``hpseg.logs``).
     """
     config.validate()  # also a config changed in Python after it was built
     run_dir = Path(run_dir) if run_dir else default_run_dir(config)
-    with run_lock(run_dir):  # one writer per run folder
+    device, context = _process(config)
+    with run_lock(run_dir, holder=context.is_main):  # one writer per run folder
         if (run_dir / "checkpoints" / "last.pt").exists():
             raise FileExistsError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, "
                                   "or pick another name")
-        trainer = Trainer(config, run_dir, backbone=backbone, feature_source=feature_source)
-        if trainer.context.is_main:
+        trainer = Trainer(config, run_dir, backbone=backbone, feature_source=feature_source, device=device,
+                          context=context)
+        if context.is_main:
             (run_dir / "config.yaml").write_text(trainer.config.to_yaml())
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        _fit(trainer)
+        trainer.fit()
     return run_dir
 
 
-def resume(run_dir: str | Path, *, backbone: Backbone | None = None, feature_source: FeatureSource | None = None,
-           progress: bool | None = None) -> Path:
-    """Continue the run in ``run_dir`` from its ``last`` checkpoint, with the run's own config
-    (``progress``: ignored, as for :func:`train`)."""
+def resume(run_dir: str | Path, *, backbone: Backbone | None = None,
+           feature_source: FeatureSource | None = None) -> Path:
+    """Continue the run in ``run_dir`` from its ``last`` checkpoint, with the run's own config."""
     run_dir = Path(run_dir)
     checkpoint = resumable_checkpoint(run_dir)
-    with run_lock(run_dir):
-        trainer = Trainer(checkpoint.config, run_dir, backbone=backbone, feature_source=feature_source)
-        restore_or_explain(trainer, checkpoint)
-        if trainer.context.is_main:
+    device, context = _process(checkpoint.config)
+    with run_lock(run_dir, holder=context.is_main):
+        trainer = Trainer(checkpoint.config, run_dir, backbone=backbone, feature_source=feature_source,
+                          device=device, context=context)
+        with training_state_errors(checkpoint.path):
+            trainer.restore(checkpoint.payload)
+        trainer.state.last_saved_step = trainer.state.step
+        if context.is_main:
             truncate_metrics(run_dir / "metrics.jsonl", trainer.state.step)
-        _fit(trainer)
-    return run_dir
-
-
-def _fit(trainer: Trainer) -> None:
-    """``trainer.fit()``; under torchrun a lost rank stops the others with the resume command
-    (hpseg.training.lost_ranks), which the log also gives at the start."""
-    run_dir, context = trainer.run_dir, trainer.context
-    if context.enabled:
-        trainer._notice(f"{context.world_size} ranks train {run_dir}: if one fails, the others stop and "
-                        f"`hpseg train --resume {run_dir}` under the same torchrun command continues from "
-                        "checkpoints/last.pt")
-    with explain_lost_ranks(context, run_dir, lambda: trainer.state.step):
         trainer.fit()
+    return run_dir
 
 
 def _official_source(spec: Any, backbone_config: Any) -> str | None:

@@ -14,9 +14,10 @@ over the kept anchors (those with a task-agnostic positive) equals
     L(b) = -f * mean_{i kept} n_i / W_i                            (no reweighting)
 
 with f = tau / tau_base [ref quirk] or 1. So the loss is -sum_i c_i n_i with coefficients c_i
-that depend on the masks of the anchor's image only (``terms``). ``reference`` writes the loss out
-densely (its definition, and the tests' oracle). How ``hidden_positive_loss`` computes it, by
-backend (``backend.LossBackend``):
+that depend on the masks of the anchor's image only (``terms``). ``definition`` writes the loss out
+densely (its definition, and the tests' oracle). How ``HiddenPositiveLoss`` (built from
+``MethodConfig`` by ``HiddenPositiveLoss.from_config``; ``hidden_positive_loss`` for one call)
+computes it, by backend (``backend.LossBackend``, ``method.loss_backend``):
 
 - ``torch_path``: one image at a time, its anchors in chunks, each chunk's tiles (a chunk against
   the hw patches of one image) through the sparse path (``sparse``: sampled products for the few
@@ -40,8 +41,9 @@ products (as under AMP), through the Triton kernels: 0.62 GiB of GPU memory and 
 """
 
 from hpseg.method.loss.backend import LossBackend
-from hpseg.method.loss.function import consistency_loss, hidden_positive_loss
-from hpseg.method.loss.reference import reference_loss
+from hpseg.method.loss.definition import dense_loss
+from hpseg.method.loss.hidden_positive import HiddenPositiveLoss, consistency_loss, hidden_positive_loss
 from hpseg.method.loss.torch_path import auto_chunk_size
 
-__all__ = ["LossBackend", "auto_chunk_size", "consistency_loss", "hidden_positive_loss", "reference_loss"]
+__all__ = ["HiddenPositiveLoss", "LossBackend", "auto_chunk_size", "consistency_loss", "dense_loss",
+           "hidden_positive_loss"]

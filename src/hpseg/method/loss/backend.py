@@ -1,4 +1,8 @@
-"""Which implementation computes the HP loss: ``LossBackend``, an argument of ``hidden_positive_loss``."""
+"""Which implementation computes the HP loss: ``LossBackend``, held by each ``HiddenPositiveLoss``.
+
+A backend carries what it learns while it runs (the Triton kernels failed, the compiled dense
+functions): that state belongs to the loss object that owns it, never to the process.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hpseg.method.loss.dense import DenseFunctions
 from hpseg.method.loss.terms import LossSettings
 from hpseg.method.loss.torch_path import torch_loss_and_gradients
 from hpseg.method.positives import PositiveInputs, SharedContrastPattern
 
+#: The backends a run can name (``method.loss_backend``).
 NAMES = ("auto", "triton", "torch", "torch-dense", "torch-sparse")
 # Tiles of the torch path with at most this share of pairs needing a logit go through the sparse
 # path on the CPU, where sparse sampled products win up to about 15 % (BENCHMARKS.md). On a GPU every
@@ -27,13 +33,14 @@ PAIR_GRADIENT_ROWS = 1280
 
 @dataclass(eq=False)
 class LossBackend:
-    """How ``hidden_positive_loss`` computes its pair work; all compute the same loss.
+    """How the HP loss computes its pair work; all compute the same loss.
 
     name:
         ``"auto"``: the fused Triton kernels on CUDA under half-precision products with a
         ``SharedContrastPattern`` (and on CPU tensors under Triton's interpreter,
         ``TRITON_INTERPRET=1``, for tests); elsewhere the torch path with the device's tile choice.
-        If the kernels fail (a compiler or driver error) it warns and uses the torch path from then on.
+        If the kernels fail (a compiler or driver error) it warns and this backend uses the torch
+        path from then on.
         ``"triton"``: the kernels, or an error where they cannot run (float32 on CUDA stays with
         cuBLAS under ``auto``: Triton's exact float32 products are slower).
         ``"torch"``: the torch path: on the CPU, tiles up to ``CPU_SPARSE_DENSITY_LIMIT`` of pairs
@@ -49,10 +56,12 @@ class LossBackend:
     compile: bool = True
     pair_gradient_rows: int = PAIR_GRADIENT_ROWS
     triton_failed: bool = field(default=False, init=False)  # "auto" only: the kernels failed once
+    dense_functions: DenseFunctions = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.name not in NAMES:
             raise ValueError(f"unknown loss backend {self.name!r}; known: {', '.join(NAMES)}")
+        self.dense_functions = DenseFunctions(self.compile)
 
     def sparse_density_limit(self, device: torch.device) -> float:
         """The tile density at or under which the torch path uses the sparse path on ``device``
@@ -90,7 +99,7 @@ class LossBackend:
                 warnings.warn(f"HP loss: the Triton kernels failed ({error!r}); using the torch path from now on", stacklevel=2)
         device = embeddings[0].device
         return torch_loss_and_gradients(
-            embeddings, want_grads, inputs, settings, self.sparse_density_limit(device), self.compile
+            embeddings, want_grads, inputs, settings, self.sparse_density_limit(device), self.dense_functions
         )
 
 
@@ -118,15 +127,3 @@ def _why_not_triton(inputs: PositiveInputs, matmul_dtype: torch.dtype) -> str:
     if not _triton_path().AVAILABLE:
         return "Triton is not installed"
     return ""
-
-
-# The backend of ``backend="auto"``: one for the process, so that a failure of the kernels is
-# met once and warned about once.
-DEFAULT_BACKEND = LossBackend()
-
-
-def resolve_backend(backend: LossBackend | str) -> LossBackend:
-    """A backend object from an object or a name (``"auto"``: ``DEFAULT_BACKEND``)."""
-    if isinstance(backend, LossBackend):
-        return backend
-    return DEFAULT_BACKEND if backend == "auto" else LossBackend(backend)

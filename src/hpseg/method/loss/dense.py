@@ -68,17 +68,18 @@ def _pair_gradient(
 
 
 class CompiledOnCuda:
-    """A dense-block function, compiled on CUDA when asked, eager elsewhere. If compiling fails (no
-    Triton, an unsupported GPU) it warns once and stays eager: both compute the same."""
+    """A dense-block function, compiled on CUDA when ``compile``, eager elsewhere. If compiling fails
+    (no Triton, an unsupported GPU) it warns once and stays eager: both compute the same."""
 
-    def __init__(self, function):
+    def __init__(self, function, compile: bool):
         self.function = function
+        self.compile = compile
         self.compiled = None
         self.failed = False
         functools.update_wrapper(self, function)
 
-    def __call__(self, *args, compile: bool):
-        if compile and not self.failed and args[0].device.type == "cuda":
+    def __call__(self, *args):
+        if self.compile and not self.failed and args[0].device.type == "cuda":
             try:
                 if self.compiled is None:
                     self.compiled = torch.compile(self.function, fullgraph=True, dynamic=True)
@@ -89,10 +90,14 @@ class CompiledOnCuda:
         return self.function(*args)
 
 
-# One compiled version per function for the process (compiling takes seconds).
-row_terms = CompiledOnCuda(_row_terms)
-normaliser = CompiledOnCuda(_normaliser)
-pair_gradient = CompiledOnCuda(_pair_gradient)
+class DenseFunctions:
+    """The elementwise work of the dense blocks off the CPU, each compiled once for its owner (a
+    ``LossBackend``): compiling takes seconds, and a failure is met, and warned about, once."""
+
+    def __init__(self, compile: bool) -> None:
+        self.row_terms = CompiledOnCuda(_row_terms, compile)
+        self.normaliser = CompiledOnCuda(_normaliser, compile)
+        self.pair_gradient = CompiledOnCuda(_pair_gradient, compile)
 
 
 def add_dense_gradients(
@@ -135,8 +140,9 @@ def add_dense_gradients(
 class DenseBlock:
     """A chunk of anchors (``rows`` of the batch) against the ``columns`` of a dense block, off the CPU."""
 
-    def __init__(self, masks: PositiveMasks, rows: slice, columns: slice, lmbd: torch.Tensor, compile: bool):
-        self.rows, self.columns, self.lmbd, self.compile = rows, columns, lmbd, compile
+    def __init__(self, masks: PositiveMasks, rows: slice, columns: slice, lmbd: torch.Tensor,
+                 functions: DenseFunctions):
+        self.rows, self.columns, self.lmbd, self.functions = rows, columns, lmbd, functions
         self.agnostic = masks.task_agnostic[:, columns]
         self.specific = None if masks.task_specific is None else masks.task_specific[:, columns]
         self.contrast = masks.contrast[:, columns]
@@ -147,19 +153,19 @@ class DenseBlock:
         self.logits = None  # the previous embedding's block goes before this one's is made
         self.source = source
         self.logits = scaled.to(source.dtype) @ source[self.columns].T
-        return row_terms(self.logits, self.agnostic, self.specific, self.lmbd, compile=self.compile)
+        return self.functions.row_terms(self.logits, self.agnostic, self.specific, self.lmbd)
 
     def normaliser(self, shift: torch.Tensor) -> torch.Tensor:
         """sum_{j in C(i)} exp(logit_ij - shift_i): (r,) -> (r,)."""
         self.shift = shift
-        return normaliser(self.logits, shift, self.contrast, compile=self.compile)
+        return self.functions.normaliser(self.logits, shift, self.contrast)
 
     def add_gradients(self, softmax_scale: torch.Tensor, weight_scale: torch.Tensor, factor: torch.Tensor | None,
                       grad: torch.Tensor) -> None:
         """grad += this block's gradient; g goes in as g / factor (None: 1) in the product dtype."""
         inverse_factor = torch.ones_like(softmax_scale[0]) if factor is None else 1 / factor
-        pair_grad = pair_gradient(
+        pair_grad = self.functions.pair_gradient(
             self.logits, self.shift, self.contrast, self.agnostic, self.specific, self.lmbd, softmax_scale,
-            weight_scale, inverse_factor, self.source.dtype, compile=self.compile,
+            weight_scale, inverse_factor, self.source.dtype,
         )
         add_dense_gradients(pair_grad, factor, self.source, grad, self.rows, self.columns)

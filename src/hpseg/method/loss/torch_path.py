@@ -21,7 +21,7 @@ from typing import Protocol
 import torch
 
 from hpseg.method.loss.cpu import CpuDenseBlock
-from hpseg.method.loss.dense import DenseBlock
+from hpseg.method.loss.dense import DenseBlock, DenseFunctions
 from hpseg.method.loss.sparse import SparseTiles
 from hpseg.method.loss.terms import AnchorTerms, LossSettings, anchor_terms, count_true, pair_gradient_bound
 from hpseg.method.positives import PositiveInputs, PositiveMasks, image_masks
@@ -60,12 +60,12 @@ class Tiles(Protocol):
 
 def torch_loss_and_gradients(
     embeddings: list[torch.Tensor], want_grads: list[bool], inputs: PositiveInputs, settings: LossSettings,
-    density_limit: float, compile: bool,
+    density_limit: float, dense_functions: DenseFunctions,
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """The loss -sum_i c_i (n_i(z) + n_i(z_mix)) and its gradients (None where not wanted).
 
     ``density_limit``: tiles with at most this share of pairs go through the sparse path (negative:
-    every tile dense); ``compile``: the dense blocks' elementwise work compiled on CUDA.
+    every tile dense); ``dense_functions``: the dense blocks' elementwise work off the CPU.
     """
     dtype = accumulation_dtype(settings.matmul_dtype)
     embeddings = [e.detach().to(dtype) for e in embeddings]
@@ -88,8 +88,8 @@ def torch_loss_and_gradients(
             if not bool(terms.kept[local].any()):
                 continue
             rows = slice(image * hw + local.start, image * hw + local.stop)
-            tiles = chunk_tiles(_rows_of(masks, local), rows, terms.kept[local], lmbd, hw, density_limit, compile,
-                                want_grad=any(want_grads))
+            tiles = chunk_tiles(_rows_of(masks, local), rows, terms.kept[local], lmbd, hw, density_limit,
+                                dense_functions, want_grad=any(want_grads))
             for embedding, source, grad in zip(embeddings, sources, grads):
                 total += embedding_terms(tiles, embedding, source, grad, rows, terms.rows(local), settings)
     return -total, grads
@@ -115,7 +115,7 @@ def _dense_ranges(dense: list[bool], hw: int) -> list[slice]:
 
 def chunk_tiles(
     masks: PositiveMasks, rows: slice, kept: torch.Tensor, lmbd: torch.Tensor, hw: int, density_limit: float,
-    compile: bool, want_grad: bool,
+    dense_functions: DenseFunctions, want_grad: bool,
 ) -> list[Tiles]:
     """The tiles of a chunk of anchors (``rows`` of the batch; ``masks`` their (r, N) masks): the
     sparse ones together, first, then each range of neighbouring dense ones."""
@@ -123,7 +123,7 @@ def chunk_tiles(
     on_cpu = masks.contrast.device.type == "cpu"
 
     def dense_block(columns: slice) -> Tiles:
-        return CpuDenseBlock(masks, rows, columns, lmbd) if on_cpu else DenseBlock(masks, rows, columns, lmbd, compile)
+        return CpuDenseBlock(masks, rows, columns, lmbd) if on_cpu else DenseBlock(masks, rows, columns, lmbd, dense_functions)
 
     if density_limit < 0:  # every tile dense: no need to look at the pairs
         return [dense_block(slice(0, n_patches))]

@@ -71,7 +71,6 @@ def build_feature_cache(
     num_workers: int = 0,
     weights_path: str | None = None,
     overwrite: bool = False,
-    progress: bool | None = None,
 ) -> Path:
     """Compute f and the LHP neighbour weights of every crop in ``prepared_dir`` into ``cache_dir``.
 
@@ -89,7 +88,6 @@ def build_feature_cache(
         overwrite: replace a complete cache that does not fit (another backbone, σ, data ...);
             without it such a cache is an error. Incomplete caches of another identity are
             always restarted.
-        progress: ignored (progress follows logging, ``hpseg.logs``); kept for older callers.
     Returns:
         ``cache_dir``.
     """

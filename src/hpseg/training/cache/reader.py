@@ -178,7 +178,7 @@ class CachedFeatures(CropsSource):
             yield StepInputs(features, weights, labels, aug)
 
     def feature_maps(self, batches: Sequence[list[int]]) -> Iterator[torch.Tensor]:
-        """(B, C, h, w) float32 cached features of the given batches (for the reference pools)."""
+        """(B, C, h, w) float32 cached features of the given batches (for the threshold pools)."""
         for batch in make_loader(self._maps, batches, self.num_workers, self.device):
             yield batch["features"].to(self.device, non_blocking=True).float()
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hpseg.checkpoints.store import load_checkpoint
+from hpseg.checkpoints.payload import load_checkpoint
 from hpseg.config import Config
 from hpseg.evaluation.protocol import evaluate_checkpoint
 from hpseg.evaluation.report import write_report
@@ -42,7 +42,8 @@ def _state(run: Path) -> str:
     if not last.is_file():
         return "new"
     payload = load_checkpoint(last)
-    return "finished" if payload["step"] >= payload["training"]["total_steps"] else "partial"
+    finished = payload.training is None or (payload.step or 0) >= payload.training.total_steps
+    return "finished" if finished else "partial"
 
 
 def _devices(config: Config) -> list[str]:

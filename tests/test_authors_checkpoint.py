@@ -1,4 +1,4 @@
-"""Importing checkpoints in the layout of the authors' reference implementation."""
+"""Checkpoints in the layout of the authors' implementation: imported, or loaded directly."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import hpseg
-from hpseg.checkpoints.reference import infer_backbone
-from hpseg.checkpoints.store import CheckpointError, load_checkpoint
+from hpseg.checkpoints.authors import infer_backbone
+from hpseg.checkpoints.payload import load_checkpoint
+from hpseg.checkpoints.store import CheckpointError
 from hpseg.cli.main import main
 from tests.helpers import Notices
 from tests.test_api import one_thread  # noqa: F401 - autouse fixture
@@ -27,8 +28,8 @@ def _tiny_vit():
                              patch_size=8, embed_dim=64, depth=2, num_heads=4, img_size=32)
 
 
-def reference_payload(seed: int = 0) -> dict:
-    """A checkpoint in the reference's layout: a tiny ViT under model.*, random heads and probes."""
+def authors_payload(seed: int = 0) -> dict:
+    """A checkpoint in the authors' layout: a tiny ViT under model.*, random heads and probes."""
     torch.manual_seed(seed)
     vit = _tiny_vit()
     net = {f"model.{k}": v.clone() for k, v in vit.state_dict().items()}
@@ -51,13 +52,13 @@ def reference_payload(seed: int = 0) -> dict:
 
 
 def independent_segmentation(payload: dict, images: torch.Tensor) -> torch.Tensor:
-    """s = Conv(f) + Conv(ReLU(Conv(f))) straight from the reference tensors (no hpseg code)."""
+    """s = Conv(f) + Conv(ReLU(Conv(f))) straight from the authors' tensors (no hpseg code)."""
     net = payload["net_model_state_dict"]
     vit = _tiny_vit()
     vit.load_state_dict({k[len("model."):]: v for k, v in net.items() if k.startswith("model.")})
     vit.eval()
     with torch.no_grad():
-        # DINO's own position interpolation (the reference's ViT), written out in test_backbones.
+        # DINO's own position interpolation (the authors' ViT), written out in test_backbones.
         patches = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
         x = torch.cat([vit.cls_token.expand(len(images), -1, -1), patches], 1)
         x = x + _dino_reference_positions(vit.pos_embed, images, PATCH)
@@ -72,9 +73,9 @@ def independent_segmentation(payload: dict, images: torch.Tensor) -> torch.Tenso
 
 
 @pytest.fixture
-def reference_file(tmp_path: Path) -> tuple[Path, dict]:
-    payload = reference_payload()
-    path = tmp_path / "reference.pth"
+def authors_file(tmp_path: Path) -> tuple[Path, dict]:
+    payload = authors_payload()
+    path = tmp_path / "authors.pth"
     torch.save(payload, path)
     return path, payload
 
@@ -86,18 +87,19 @@ def _normalised(array: np.ndarray) -> torch.Tensor:
     return ((x - mean) / std)[None]
 
 
-def test_import_round_trip_gives_the_reference_features(reference_file: tuple[Path, dict], tmp_path: Path,
+def test_import_round_trip_gives_the_authors_features(authors_file: tuple[Path, dict], tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    path, payload = reference_file
+    path, payload = authors_file
     out = tmp_path / "converted" / "hp.pt"
     assert main(["import-checkpoint", str(path), "--out", str(out), "--dataset", "folder"]) == 0
     assert "vit_tiny_p8" in capsys.readouterr().out
     weights = out.with_name("hp.backbone.safetensors")
     assert out.is_file() and weights.is_file()
     checkpoint = load_checkpoint(out)
-    assert checkpoint["backbone"] == {"name": "vit_tiny_p8", "weights": str(weights.resolve()), "pretrained": True}
-    assert checkpoint["config"]["method"]["dim"] == D and checkpoint["config"]["method"]["n_classes"] == N_CLASSES
-    model = checkpoint["model"]
+    assert checkpoint.backbone.to_dict() == {"name": "vit_tiny_p8", "weights": str(weights.resolve()),
+                                             "pretrained": True, "official_weights": None}
+    assert checkpoint.config.method.dim == D and checkpoint.config.method.n_classes == N_CLASSES
+    model = checkpoint.model
     assert torch.equal(model["cluster_probe.centroids"], payload["cluster_model_state_dict"]["clusters"])
     assert torch.equal(model["ema_segmentation.nonlinear.2.weight"],
                        payload["net_model_state_dict"]["ema_model2.2.weight"])
@@ -120,22 +122,22 @@ def test_import_round_trip_gives_the_reference_features(reference_file: tuple[Pa
     torch.testing.assert_close(again.features(image).segmentation, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_reference_file_loads_directly(reference_file: tuple[Path, dict], notices: Notices) -> None:
-    path, payload = reference_file
+def test_authors_file_loads_directly(authors_file: tuple[Path, dict], notices: Notices) -> None:
+    path, payload = authors_file
     segmenter = hpseg.load(path, device="cpu", size=0, window=0)
-    assert "reference checkpoint" in notices.messages[0] and str(path) in notices.messages[0]
+    assert "authors' checkpoint" in notices.messages[0] and str(path) in notices.messages[0]
     image = np.random.default_rng(1).integers(0, 256, (16, 24, 3), dtype=np.uint8)
     torch.testing.assert_close(segmenter.features(image).segmentation,
                                independent_segmentation(payload, _normalised(image))[0], rtol=1e-4, atol=1e-5)
     assert segmenter.segment(image, head="linear").shape == (16, 24)
 
 
-def test_loading_a_reference_file_leaves_the_callers_random_numbers_alone(reference_file: tuple[Path, dict]) -> None:
+def test_loading_a_authors_file_leaves_the_callers_random_numbers_alone(authors_file: tuple[Path, dict]) -> None:
     """Defect: the conversion called ``torch.manual_seed(0)``, reseeding the caller's generator."""
     torch.manual_seed(123)
     expected = torch.rand(4)
     torch.manual_seed(123)
-    hpseg.load(reference_file[0], device="cpu")
+    hpseg.load(authors_file[0], device="cpu")
     assert torch.equal(torch.rand(4), expected)
 
 
@@ -154,7 +156,7 @@ def test_backbone_inferred_from_shapes() -> None:
 
 
 def test_clear_errors_name_the_file_and_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    payload = reference_payload()
+    payload = authors_payload()
     del payload["net_model_state_dict"]["cluster2.2.weight"]
     missing = tmp_path / "missing_key.pth"
     torch.save(payload, missing)
@@ -163,14 +165,14 @@ def test_clear_errors_name_the_file_and_key(tmp_path: Path, capsys: pytest.Captu
     assert "missing_key.pth" in err and "cluster2.2.weight" in err
     assert not (tmp_path / "a.pt").exists()
 
-    payload = reference_payload()
+    payload = authors_payload()
     payload["linear_model_state_dict"]["weight"] = torch.randn(N_CLASSES, D + 1, 1, 1)
     wrong = tmp_path / "wrong_shape.pth"
     torch.save(payload, wrong)
     with pytest.raises(CheckpointError, match=r"wrong_shape.pth.*linear_probe.classifier.weight"):
         hpseg.load(wrong)
 
-    payload = reference_payload()
+    payload = authors_payload()
     del payload["cluster_model_state_dict"]
     torch.save(payload, tmp_path / "no_cluster.pth")
     with pytest.raises(CheckpointError, match="cluster_model_state_dict"):
@@ -182,7 +184,7 @@ class Arbitrary:
 
 
 def test_pickled_objects_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    payload = reference_payload()
+    payload = authors_payload()
     payload["args"] = Arbitrary()
     path = tmp_path / "pickled.pth"
     torch.save(payload, path)

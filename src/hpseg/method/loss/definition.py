@@ -1,7 +1,7 @@
 """The HP loss written out densely: its definition, and the oracle of the tests.
 
 Full (N, N) masks and logits, one image at a time, plain autograd: memory O(N^2), so for small
-batches only. ``hidden_positive_loss`` computes the same value and gradients without ever holding
+batches only. ``HiddenPositiveLoss`` computes the same value and gradients without ever holding
 an (N, N) matrix (see ``hpseg.method.loss``).
 """
 
@@ -12,7 +12,7 @@ import torch
 from hpseg.method.positives import ContrastDraw, hidden_positive_masks
 
 
-def reference_loss(
+def dense_loss(
     z: torch.Tensor,
     z_mix: torch.Tensor,
     task_agnostic: torch.Tensor,
@@ -28,7 +28,7 @@ def reference_loss(
     temperature_factor: bool = True,
     reweighting: bool = True,
 ) -> torch.Tensor:
-    """(sum_b L_GHP(b) + sum_b L_LHP(b)) / (2B) of spec §5; the arguments of ``hidden_positive_loss``.
+    """(sum_b L_GHP(b) + sum_b L_LHP(b)) / (2B) of spec §5; the settings and arguments of ``HiddenPositiveLoss``.
 
     For anchor i, w_ij = 1[j in TA(i)] + lambda 1[j in TS(i)], log p_ij = l_ij - log sum_{k in C(i)}
     exp(l_ik), l_ij = <e_i, e_j> / tau, m_i = sum_j w_ij log p_ij / sum_j w_ij; per image, over the
@@ -49,7 +49,7 @@ def reference_loss(
             rows = slice(image * hw, (image + 1) * hw)
             kept = masks.task_agnostic[rows].any(1)
             if not kept.any():
-                continue  # an image without any positive adds nothing (the reference's would be NaN)
+                continue  # an image without any positive adds nothing (the authors' code would give NaN)
             w = weights[rows][kept]
             mean_log_prob = (w * log_prob[rows][kept]).sum(1) / w.sum(1)
             omega = w.sum(1) / w.sum(1).mean() if reweighting else 1.0

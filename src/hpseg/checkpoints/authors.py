@@ -1,8 +1,8 @@
-"""Import checkpoints of the authors' reference implementation.
+"""Checkpoints of the authors' implementation (github hynnsk/HP): read, converted, imported.
 
     hpseg import-checkpoint HP_cocostuff_vits8.pth --out hp-cocostuff-vits8.pt [--dataset cocostuff27]
 
-The reference saves one dict (read here with ``torch.load(weights_only=True)`` only):
+The authors' code saves one dict (read here with ``torch.load(weights_only=True)`` only):
 
 * ``net_model_state_dict``: the backbone under ``model.*`` (DINO key names, which are timm's);
   the segmentation head's linear branch ``cluster1.0.{weight,bias}`` (D x C x 1 x 1) and its
@@ -12,7 +12,7 @@ The reference saves one dict (read here with ``torch.load(weights_only=True)`` o
 * ``cluster_model_state_dict``: the cluster probe ``clusters`` (K x D).
 
 The conversion writes an hpseg checkpoint (``format``, ``config``, ``backbone``, ``model``,
-``class_names``, ...; see :mod:`hpseg.checkpoints.store`) and the backbone's weights as a safetensors
+``class_names``, ...; see :class:`hpseg.checkpoints.payload.CheckpointPayload`) and the backbone's weights as a safetensors
 file beside it (``<out stem>.backbone.safetensors``), referenced by ``backbone.weights`` (an
 absolute path; when the pair of files moves together, ``hpseg predict`` and :func:`hpseg.load`
 find the weights beside the checkpoint, and ``hpseg eval --weights FILE`` points at them
@@ -35,42 +35,36 @@ from safetensors.torch import save, save_file
 
 from hpseg.backbones import Backbone, BackboneWeightsError, create_backbone, list_backbones
 from hpseg.backbones.weights import strip_key_prefixes
-from hpseg.checkpoints.store import (
-    FORMAT,
-    VERSION,
-    CheckpointError,
-    is_hpseg_checkpoint,
-    read_torch_file,
-    save_atomic,
-)
+from hpseg.checkpoints.payload import BackboneRecord, CheckpointPayload
+from hpseg.checkpoints.store import CheckpointError, is_hpseg_checkpoint, read_torch_file, save_atomic
 from hpseg.config import load_preset
-from hpseg.data import CITYSCAPES27_CLASS_NAMES, POTSDAM3_CLASS_NAMES, load_cocostuff27_mapping
+from hpseg.data import dataset_class_names
 from hpseg.files import atomic_write
 from hpseg.method.model import HiddenPositivesModel
 
 __all__ = [
-    "ConvertedReference",
-    "convert_reference",
-    "import_reference_checkpoint",
+    "ConvertedAuthors",
+    "convert_authors",
+    "import_authors_checkpoint",
     "infer_backbone",
-    "is_reference_checkpoint",
+    "is_authors_checkpoint",
 ]
 
 NET, LINEAR, CLUSTER = "net_model_state_dict", "linear_model_state_dict", "cluster_model_state_dict"
 
-#: hpseg's HiddenPositivesModel keys <- the reference's, for the two copies of the head.
+#: hpseg's HiddenPositivesModel keys <- the authors', for the two copies of the head.
 _HEAD_KEYS = {
     "linear.weight": "{}1.0.weight", "linear.bias": "{}1.0.bias",
     "nonlinear.0.weight": "{}2.0.weight", "nonlinear.0.bias": "{}2.0.bias",
     "nonlinear.2.weight": "{}2.2.weight", "nonlinear.2.bias": "{}2.2.bias",
 }
 _PREFIXES = ("module.", "_orig_mod.")
-#: The seed of the projection head P, which the reference file lacks (a fixed filler).
+#: The seed of the projection head P, which the authors' file lacks (a fixed filler).
 _PROJECTION_SEED = 0
 
 
-def is_reference_checkpoint(payload: Any) -> bool:
-    """Whether a loaded file looks like the authors' reference checkpoint (not an hpseg one)."""
+def is_authors_checkpoint(payload: Any) -> bool:
+    """Whether a loaded file looks like an authors' checkpoint (not an hpseg one)."""
     return isinstance(payload, dict) and not is_hpseg_checkpoint(payload) and NET in payload
 
 
@@ -78,7 +72,7 @@ def _section(payload: dict[str, Any], name: str, path: Path) -> dict[str, torch.
     section = payload.get(name)
     if not isinstance(section, dict):
         present = ", ".join(map(str, list(payload)[:8]))
-        raise CheckpointError(f"{path}: not an HP reference checkpoint: no {name!r} (top-level keys: {present})")
+        raise CheckpointError(f"{path}: not an authors' HP checkpoint: no {name!r} (top-level keys: {present})")
     return {strip_key_prefixes(str(k), _PREFIXES): v for k, v in section.items() if isinstance(v, torch.Tensor)}
 
 
@@ -93,7 +87,7 @@ def _tensor(section: dict[str, torch.Tensor], key: str, where: str, path: Path, 
 
 
 def infer_backbone(backbone_state: dict[str, torch.Tensor], path: Path) -> str:
-    """Registered backbone name matching the reference's ViT tensors (width, patch, depth)."""
+    """Registered backbone name matching the authors' ViT tensors (width, patch, depth)."""
     weight = backbone_state.get("patch_embed.proj.weight")
     if weight is None or weight.ndim != 4 or weight.shape[1] != 3:
         raise CheckpointError(f"{path}: cannot tell the backbone: missing or malformed 'model.patch_embed.proj.weight'")
@@ -104,47 +98,41 @@ def infer_backbone(backbone_state: dict[str, torch.Tensor], path: Path) -> str:
             return spec.name
     raise CheckpointError(
         f"{path}: no registered DINO backbone has width {width}, patch {patch} and {depth} blocks "
-        "(the reference uses DINO ViT-S/8, S/16, B/8 or B/16); pass --backbone NAME to force one"
+        "(the authors use DINO ViT-S/8, S/16, B/8 or B/16); pass --backbone NAME to force one"
     )
 
 
 def _class_names(dataset: str | None, n_classes: int, path: Path) -> tuple[str, list[str]]:
     if dataset is None:
         dataset = {27: "cocostuff27", 3: "potsdam3"}.get(n_classes, "folder")
-    names = {
-        "cocostuff27": lambda: list(load_cocostuff27_mapping()[1]),
-        "cityscapes27": lambda: list(CITYSCAPES27_CLASS_NAMES),
-        "potsdam3": lambda: list(POTSDAM3_CLASS_NAMES),
-    }.get(dataset, lambda: [f"class {k}" for k in range(n_classes)])()
+    names = dataset_class_names(dataset) or [f"class {k}" for k in range(n_classes)]
     if len(names) != n_classes:
         raise CheckpointError(f"{path}: the linear probe has {n_classes} classes but {dataset} has {len(names)}")
     return dataset, names
 
 
 @dataclass
-class ConvertedReference:
-    """An hpseg checkpoint dict and the backbone tensors (timm key names) of a reference file."""
+class ConvertedAuthors:
+    """An hpseg checkpoint payload and the backbone tensors (timm key names) of an authors' file."""
 
-    checkpoint: dict[str, Any]
+    checkpoint: CheckpointPayload
     backbone_state: dict[str, torch.Tensor]
     backbone_name: str
 
-    def backbone(self, weights: str | Path | None = None) -> Backbone:
-        """The backbone with the file's own weights (or ``weights``), loaded strictly."""
-        if weights:
-            return create_backbone(self.backbone_name, weights=weights)
+    def backbone(self) -> Backbone:
+        """The backbone with the file's own weights, loaded strictly."""
         with tempfile.TemporaryDirectory() as folder:
             file = Path(folder) / "backbone.safetensors"
             save_file({k: v.contiguous() for k, v in self.backbone_state.items()}, str(file))
             return create_backbone(self.backbone_name, weights=file)
 
 
-def convert_reference(payload: Any, path: str | Path, *, dataset: str | None = None,
-                      backbone: str | None = None) -> ConvertedReference:
-    """Convert a loaded reference checkpoint dict; errors name ``path`` and the key at fault."""
+def convert_authors(payload: Any, path: str | Path, *, dataset: str | None = None,
+                    backbone: str | None = None) -> ConvertedAuthors:
+    """Convert a loaded authors' checkpoint dict; errors name ``path`` and the key at fault."""
     path = Path(path)
     if not isinstance(payload, dict):
-        raise CheckpointError(f"{path}: not an HP reference checkpoint (a {type(payload).__name__}, not a dict)")
+        raise CheckpointError(f"{path}: not an authors' HP checkpoint (a {type(payload).__name__}, not a dict)")
     net = _section(payload, NET, path)
     linear = _section(payload, LINEAR, path)
     cluster = _section(payload, CLUSTER, path)
@@ -196,54 +184,46 @@ def convert_reference(payload: Any, path: str | Path, *, dataset: str | None = N
         config.data.dataset = "folder"
     config.backbone.name, config.backbone.pretrained, config.backbone.weights = name, True, None
     config.method.dim, config.method.n_classes = dim, n_classes
-    checkpoint = {
-        "format": FORMAT, "version": VERSION, "kind": "imported",
-        "step": None,
-        "selection": (f"imported from the authors' reference checkpoint {path.name} "
-                      "(their rule: best sum of validation metrics)"),
-        "config": config.to_dict(),
-        "backbone": {"name": name, "weights": None, "pretrained": True},
-        "class_names": class_names,
-        "model": model.state_dict(),
-        "metrics": {},
-        "imported_from": str(path),
-    }
-    return ConvertedReference(checkpoint, backbone_state, name)
+    checkpoint = CheckpointPayload(
+        kind="imported", step=None, config=config, backbone=BackboneRecord(name, weights=None, pretrained=True),
+        model=model.state_dict(), class_names=class_names,
+        selection=f"imported from the authors' checkpoint {path.name} (their rule: best sum of validation metrics)",
+        imported_from=str(path))
+    return ConvertedAuthors(checkpoint, backbone_state, name)
 
 
-def import_reference_checkpoint(
-    reference: str | Path,
+def import_authors_checkpoint(
+    authors: str | Path,
     out: str | Path,
     *,
     dataset: str | None = None,
     backbone: str | None = None,
     data_root: str | None = None,
 ) -> dict[str, Any]:
-    """Convert the reference checkpoint file ``reference`` to an hpseg checkpoint ``out``.
+    """Convert the authors' checkpoint file ``authors`` to an hpseg checkpoint ``out``.
 
     Writes ``out`` and ``<out stem>.backbone.safetensors`` beside it (both atomically) after
     checking that the backbone tensors load strictly into the inferred backbone. Returns a
     summary (paths, backbone, sizes, dataset).
     """
-    reference, out = Path(reference), Path(out)
-    payload = read_torch_file(reference)
-    converted = convert_reference(payload, reference, dataset=dataset, backbone=backbone)
+    authors, out = Path(authors), Path(out)
+    payload = read_torch_file(authors)
+    converted = convert_authors(payload, authors, dataset=dataset, backbone=backbone)
     out.parent.mkdir(parents=True, exist_ok=True)
     weights = out.with_name(f"{out.stem}.backbone.safetensors")
     try:
         converted.backbone()  # strict: every key and shape, checked before anything is written
     except BackboneWeightsError as error:
-        raise CheckpointError(f"{reference}: the backbone tensors under 'model.' do not load into "
+        raise CheckpointError(f"{authors}: the backbone tensors under 'model.' do not load into "
                               f"{converted.backbone_name}: {error}") from None
     with atomic_write(weights) as handle:
         handle.write(save({k: v.contiguous() for k, v in converted.backbone_state.items()}))
     checkpoint = converted.checkpoint
     resolved = str(weights.resolve())
-    checkpoint["backbone"]["weights"] = resolved
-    checkpoint["config"]["backbone"]["weights"] = resolved
+    checkpoint.backbone.weights = checkpoint.config.backbone.weights = resolved
     if data_root:
-        checkpoint["config"]["data"]["root"] = str(data_root)
-    save_atomic(checkpoint, out)
-    method = checkpoint["config"]["method"]
+        checkpoint.config.data.root = str(data_root)
+    save_atomic(checkpoint.to_dict(), out)
+    method = checkpoint.config.method
     return {"checkpoint": str(out), "weights": str(weights), "backbone": converted.backbone_name,
-            "dataset": checkpoint["config"]["data"]["dataset"], "dim": method["dim"], "n_classes": method["n_classes"]}
+            "dataset": checkpoint.config.data.dataset, "dim": method.dim, "n_classes": method.n_classes}
