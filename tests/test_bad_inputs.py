@@ -31,11 +31,10 @@ from PIL import Image
 
 import hpseg
 from hpseg.checkpoints.store import CheckpointError, save_atomic
-from hpseg.cli.demo_folder import MANIFEST_NAME, claim_demo_folder
-from hpseg.cli.errors import UsageError
+from hpseg.cli.demo_folder import claim_demo_folder
 from hpseg.cli.main import main
 from hpseg.config import Bounds, Config
-from hpseg.files import atomic_write
+from hpseg.files import OUTPUT_MARKER, OutputFolderError, atomic_write
 from hpseg.training.run_lock import LOCK_NAME
 from tests.helpers import synthetic_prepared, tiny_overrides
 from tests.test_api import tiny_run
@@ -403,7 +402,7 @@ def test_demo_refuses_a_folder_with_the_users_own_run_and_data(tmp_path: Path,
     (out / "data" / "classes.txt").write_text("sky\nroad\n")
     before = snapshot(out)
     error = refused(capsys, "demo", "--out", str(out))
-    assert f"{out} already holds data, run that hpseg demo did not write" in error
+    assert f"{out} already holds data, run (no {OUTPUT_MARKER} marks it as hpseg demo's)" in error
     assert snapshot(out) == before
 
 
@@ -416,9 +415,9 @@ def test_demo_replaces_only_what_a_previous_demo_wrote(tmp_path: Path) -> None:
     (out / "metrics.json").write_text("{}")
     (out / "notes.txt").write_text("the user's own")
     claim_demo_folder(out)
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "notes.txt"]
-    (out / MANIFEST_NAME).write_text("{torn")
-    with pytest.raises(UsageError, match=f"{out / MANIFEST_NAME} is damaged"):
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "notes.txt"]
+    (out / OUTPUT_MARKER).write_text("{torn")
+    with pytest.raises(OutputFolderError, match=f"{out} already holds notes.txt"):
         claim_demo_folder(out)
 
 
@@ -501,6 +500,7 @@ def test_predict_removes_the_temporaries_of_a_killed_run(photos: Path, trained: 
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half an image")
+    (out / OUTPUT_MARKER).write_text('{"written_by": "hpseg predict"}')  # the killed run marked its folder first
     assert _predict(capsys, trained, out, photos)[0] == 0
     assert temporaries(out) == []
 

@@ -57,8 +57,8 @@ def folder(run_with_eval: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def test_folder_holds_config_heads_backbone_and_card(folder: Path) -> None:
     from safetensors.torch import load_file
 
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "backbone.safetensors", "config.json",
-                                                         "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".hpseg-output.json", "README.md", "backbone.safetensors",
+                                                         "config.json", "model.safetensors"]  # the marker is not pushed
     config = json.loads((folder / "config.json").read_text())
     assert config["format"] == "hpseg-hub" and config["cluster_to_class"] == MAPPING
     # A random backbone is not "official": its weights travel in safetensors.

@@ -118,8 +118,8 @@ def test_the_checks_see_a_higher_import_and_a_cycle() -> None:
 
 
 def test_the_onnx_runtime_imports_neither_torch_nor_hpseg() -> None:
-    """``hpseg/export/runtime.py`` is copied beside scripts where only numpy, Pillow and onnxruntime exist."""
-    tree = ast.parse(MODULES["hpseg.export.runtime"].read_text())
+    """``hpseg/export/onnx_runner.py`` is copied beside scripts where only numpy, Pillow and onnxruntime exist."""
+    tree = ast.parse(MODULES["hpseg.export.onnx_runner"].read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and not node.level}
     assert not imported & {"torch", "hpseg", "timm", "torchvision"}, imported

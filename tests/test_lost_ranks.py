@@ -107,5 +107,5 @@ def test_collective_timeout_from_the_environment(monkeypatch):
     assert collective_timeout().total_seconds() == 2.5
     for bad in ("0", "-3", "ten"):
         monkeypatch.setenv(COLLECTIVE_TIMEOUT_ENV, bad)
-        with pytest.raises(ValueError, match=f"{COLLECTIVE_TIMEOUT_ENV}='{bad}': expected a positive number"):
+        with pytest.raises(ValueError, match=f"{COLLECTIVE_TIMEOUT_ENV}='{bad}': expected a positive, finite number"):
             collective_timeout()

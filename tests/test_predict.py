@@ -17,6 +17,7 @@ import hpseg.inference.crf
 from hpseg.cli.main import main
 from hpseg.cli.predict import collect_images
 from hpseg.data import read_image
+from hpseg.files import OUTPUT_MARKER
 from tests.test_api import one_thread, tiny_run  # noqa: F401 - one_thread: autouse fixture
 
 
@@ -47,7 +48,8 @@ def inputs(tmp_path: Path) -> Path:
 
 
 def _outputs(out: Path) -> set[str]:
-    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    """The files predict wrote into ``out``, its marker (hpseg.files.OUTPUT_MARKER) left out."""
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER}
 
 
 def test_predict_folder_mirrors_paths_at_input_size(inputs: Path, checkpoint: Path, tmp_path: Path,
@@ -173,7 +175,7 @@ def test_a_failed_write_leaves_no_partial_output(inputs: Path, checkpoint: Path,
     out = tmp_path / "out"
     rc = main(["predict", str(inputs / "c.png"), "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress"])
     assert rc == 2
-    assert not [p for p in out.rglob("*") if p.is_file()]
+    assert not _outputs(out)
 
 
 def test_predict_onnx_without_onnxruntime_says_how_to_install(inputs: Path, tmp_path: Path,

@@ -37,16 +37,27 @@ class Bounds:
     def describe(self, dotted: str) -> str:
         """The range as an inequality, e.g. ``0 < method.rho <= 1``."""
         if self.high is None and self.low is not None:
-            return f"{dotted} {'>' if self.low_open else '>='} {self.low:g}"
-        low = f"{self.low:g} {'<' if self.low_open else '<='} " if self.low is not None else ""
-        high = f" {'<' if self.high_open else '<='} {self.high:g}" if self.high is not None else ""
+            return f"{dotted} {'>' if self.low_open else '>='} {_number(self.low)}"
+        low = f"{_number(self.low)} {'<' if self.low_open else '<='} " if self.low is not None else ""
+        high = f" {'<' if self.high_open else '<='} {_number(self.high)}" if self.high is not None else ""
         return f"{low}{dotted}{high}"
+
+
+def _number(value: float) -> str:
+    """A bound as written: whole numbers in full (a seed's 4294967295, not 4.29497e+09)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 #: The ranges most fields use.
 AT_LEAST_ONE, NON_NEGATIVE, POSITIVE = Bounds(1), Bounds(0), Bounds(0, low_open=True)
 #: [0, 1) and (0, 1].
 FRACTION_BELOW_ONE, FRACTION_ABOVE_ZERO = Bounds(0, 1, high_open=True), Bounds(0, 1, low_open=True)
+#: Classes and extra clusters: the (classes, clusters) confusion matrices and probes must fit in memory
+#: (a 2048 x 4096 int64 matrix is 64 MiB); the largest benchmarks have a few hundred classes.
+MAX_CLASSES = 2048
+#: Seeds: 0 .. 2**32 - 1, numpy's range; the RNG seeds derived from them (seed * 7919 + epoch, ...)
+#: stay within the 64 bits torch accepts.
+SEEDS = Bounds(0, 2**32 - 1)
 
 
 @dataclass
@@ -75,7 +86,7 @@ class DataConfig:
     # Validation features computed once per run (hpseg.training.validation_cache): "auto" = in
     # device memory when they fit, else memory-mapped beside the feature cache; "memory" | "disk" |
     # "off" (the backbone runs on the validation images at every validation).
-    val_feature_cache: str = "auto"
+    val_feature_cache: str = "auto"  # checked by Config.validate (val_feature_cache_setting)
 
     def prepared_path(self) -> Path:
         """Where ``hpseg prepare`` writes the five-crop training set and training reads it."""
@@ -89,10 +100,11 @@ class DataConfig:
 @dataclass
 class MethodConfig:
     RULES: ClassVar[dict[str, Bounds]] = {
-        "dim": AT_LEAST_ONE, "n_classes": AT_LEAST_ONE, "dropout": FRACTION_BELOW_ONE,
+        "dim": AT_LEAST_ONE, "n_classes": Bounds(1, MAX_CLASSES), "dropout": FRACTION_BELOW_ONE,
         "ema_momentum": FRACTION_BELOW_ONE, "pool_size": AT_LEAST_ONE, "renew_interval": AT_LEAST_ONE,
         "rho": FRACTION_ABOVE_ZERO, "tau": POSITIVE, "tau_base": POSITIVE, "warmup": NON_NEGATIVE,
-        "alpha": NON_NEGATIVE, "sigma": POSITIVE, "chunk_size": NON_NEGATIVE, "extra_clusters": NON_NEGATIVE,
+        "alpha": NON_NEGATIVE, "sigma": POSITIVE, "chunk_size": NON_NEGATIVE,
+        "extra_clusters": Bounds(0, MAX_CLASSES),
     }
     dim: int = 512  # D, segmentation feature width
     n_classes: int = 27  # K, clusters of the cluster probe and classes of the linear probe
@@ -144,7 +156,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     RULES: ClassVar[dict[str, Bounds]] = {
-        "batch_size": AT_LEAST_ONE, "epochs": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "seed": NON_NEGATIVE,
+        "batch_size": AT_LEAST_ONE, "epochs": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "seed": SEEDS,
         "val_interval": AT_LEAST_ONE, "val_max_images": NON_NEGATIVE, "log_interval": AT_LEAST_ONE,
         "checkpoint_interval": AT_LEAST_ONE, "label_free_crops": NON_NEGATIVE,
     }
@@ -228,6 +240,7 @@ class Config:
                 if not bounds.allows(value):
                     dotted = f"{section}.{key}"
                     raise ValueError(f"{dotted}={value!r} is out of range: allowed {bounds.describe(dotted)}")
+        val_feature_cache_setting(self.data.val_feature_cache)
         if self.train.selection == "unsupervised" and self.train.label_free_crops == 0:
             raise ValueError("train.selection=unsupervised scores checkpoints on train.label_free_crops training "
                              "crops: set train.label_free_crops to 1 or more (default 32)")
@@ -243,6 +256,21 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+#: The settings of ``data.val_feature_cache`` (hpseg.training.validation_cache).
+VAL_FEATURE_CACHE_SETTINGS = ("auto", "memory", "disk", "off")
+
+
+def val_feature_cache_setting(value: str | None) -> str:
+    """``data.val_feature_cache`` as one of :data:`VAL_FEATURE_CACHE_SETTINGS` (empty = auto; YAML
+    reads ``off`` as false, so false / none / no mean off); ValueError naming the key otherwise."""
+    setting = (value or "auto").strip().lower()
+    if setting in ("false", "none", "no"):
+        return "off"
+    if setting not in VAL_FEATURE_CACHE_SETTINGS:
+        raise ValueError(f"data.val_feature_cache={value!r}: expected one of {', '.join(VAL_FEATURE_CACHE_SETTINGS)}")
+    return setting
 
 
 def _parse_value(assignment: str, raw: str) -> Any:

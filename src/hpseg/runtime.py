@@ -85,6 +85,9 @@ class DistributedContext:
 
 #: Seconds a collective waits for the other ranks before it fails (a rank that died or hangs).
 COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S = "HPSEG_COLLECTIVE_TIMEOUT", 600.0
+#: The longest timeout accepted (a year): torch keeps it in milliseconds, and "wait forever" is
+#: what the timeout exists to prevent.
+MAX_COLLECTIVE_TIMEOUT_S = 365 * 24 * 3600.0
 
 
 def collective_timeout() -> datetime.timedelta:
@@ -95,8 +98,9 @@ def collective_timeout() -> datetime.timedelta:
         seconds = float(text) if text else DEFAULT_COLLECTIVE_TIMEOUT_S
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
-        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
+    if not 0 < seconds <= MAX_COLLECTIVE_TIMEOUT_S:  # nan and inf fail too
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}={text!r}: expected a positive, finite number of seconds "
+                         f"(at most {MAX_COLLECTIVE_TIMEOUT_S:.0f}, a year)")
     return datetime.timedelta(seconds=seconds)
 
 

@@ -13,9 +13,9 @@
 5. writes ``figure.png`` (validation image | ground truth | baseline | HP, clusters coloured as
    the classes they are matched to) and ``metrics.json``, and explains the numbers.
 
-Everything lands in ``--out``, marked as the demo's by ``hpseg-demo.json``
+Everything lands in ``--out``, marked as the demo's by ``.hpseg-output.json``
 (:mod:`hpseg.cli.demo_folder`: a later demo replaces only what the demo wrote, and refuses a
-folder holding the user's own ``run/`` or ``data/``): ``data/`` (dataset and crops), ``run/`` (checkpoints, metrics
+folder holding files of the user's own): ``data/`` (dataset and crops), ``run/`` (checkpoints, metrics
 log, TensorBoard events, ``eval-last/results.json``), ``figure.png``, ``metrics.json``.
 ``hpseg predict IMAGES --checkpoint <out>/run/checkpoints/last.pt --out DIR`` then segments
 other images with the demo's model.
@@ -340,7 +340,7 @@ def _train(config: Config, run_dir: Path, settings: DemoSettings, torch_device: 
 def _run(out: Path, settings: DemoSettings, weights: str | None, backbone: str | None,
          torch_device: torch.device) -> dict[str, Any]:
     started = time.time()
-    claim_demo_folder(out)  # before anything is written: refuses a folder holding the user's own run/ or data/
+    claim_demo_folder(out)  # before anything is written: refuses a folder holding the user's own files
     timings: dict[str, float] = {}
     name, weights_file, pretrained = _choose_backbone(out, weights, backbone)
     patch = get_spec(name).patch_size

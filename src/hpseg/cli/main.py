@@ -121,10 +121,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_seeds(args: argparse.Namespace) -> int:
+    from hpseg.config import SEEDS
     from hpseg.training.multi_seed import train_seeds
 
     if args.resume or not args.run_dir:
         raise UsageError("--seeds needs --run-dir DIR (one folder seed-<s>/ per seed inside it) and no --resume")
+    for seed in args.seeds:
+        if not SEEDS.allows(seed):
+            raise UsageError(f"--seeds {seed}: out of range, allowed {SEEDS.describe('seed')}")
+    if not args.no_eval:  # the report's folder, checked before hours of training rather than after
+        from hpseg.evaluation.report import report_folder
+
+        report_folder(Path(args.run_dir) / "report").check()
     result = train_seeds(_config_from(args), args.run_dir, args.seeds, evaluate=not args.no_eval, crf=args.crf)
     if result["report"]:
         print(result["report"]["markdown"])
@@ -145,7 +153,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_clusters(args: argparse.Namespace) -> int:
     from hpseg.evaluation.clusters import DEFAULT_CRITERION, parse_k_range, run_clusters
 
-    report = run_clusters(args.source, args.data_root, parse_k_range(args.k), out_dir=args.out,
+    if args.max_images < 0:
+        raise UsageError(f"--max-images {args.max_images}: must be 0 (all images) or more")
+    report = run_clusters(args.source, args.data_root, parse_k_range(args.k, args.max_patches), out_dir=args.out,
                           criterion=args.criterion or DEFAULT_CRITERION, max_patches=args.max_patches, seed=args.seed, split=args.split,
                           size=args.size, max_images=args.max_images, weights=args.weights,
                           random_backbone=args.random_backbone, device=args.device)

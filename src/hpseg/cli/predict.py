@@ -34,8 +34,8 @@ from hpseg.cli.errors import UsageError
 from hpseg.data import ImageReadError, read_image
 from hpseg.data.datasets import walk_files
 from hpseg.data.images import IMAGE_SUFFIXES
-from hpseg.export.runtime import OnnxSegmenter
-from hpseg.files import remove_stale_temporaries, write_json_atomic
+from hpseg.export.onnx_runner import OnnxSegmenter
+from hpseg.files import OutputFolder, holds_only, remove_stale_temporaries, write_json_atomic
 from hpseg.inference.crf import require_crf
 from hpseg.inference.segmenter import Segmenter, check_head, load
 from hpseg.logs import progress_bar
@@ -323,6 +323,9 @@ def predict_paths(
         require_crf()  # CRFUnavailableError (with the install hint) before any work
     out = Path(out_dir)
     jobs, skipped = _jobs_or_fail(inputs, out)
+    folder = OutputFolder(out, "predict",
+                          earlier=lambda path: holds_only(path, (*OUTPUT_FOLDERS, "predictions.json"), "predictions.json"))
+    folder.check()  # before loading the model
     _remove_stale_temporaries(out)
     segmenter: Segmenter | OnnxSegmenter
     if onnx:
@@ -344,6 +347,7 @@ def predict_paths(
     if head == "cluster" and segmenter.cluster_to_class is None:
         logger.info("labels are cluster ids 0..%d (no cluster->class mapping: run `hpseg eval` on this "
                     "checkpoint, or pass --mapping results.json, to get class names)", segmenter.n_clusters - 1)
+    folder.claim()
     records = _segment_all(segmenter, jobs, out, head, names, figure, alpha, skipped)
     summary = _summary(segmenter, checkpoint, head, names, records, skipped)
     write_json_atomic(summary, out / "predictions.json")

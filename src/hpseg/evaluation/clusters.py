@@ -37,7 +37,7 @@ from hpseg.checkpoints.sources import names_a_source
 from hpseg.checkpoints.trained import load_trained
 from hpseg.data import ValCrops, build_raw_dataset
 from hpseg.evaluation.kmeans import kmeans
-from hpseg.files import atomic_write, write_json_atomic
+from hpseg.files import OutputFolder, atomic_write, holds_only, write_json_atomic
 from hpseg.logs import progress_bar
 from hpseg.runtime import resolve_device
 
@@ -162,19 +162,29 @@ def laplacian_spectrum(features: Tensor, n_neighbours: int = 10) -> Tensor:
     return torch.linalg.eigvalsh(laplacian).clamp(min=0.0)
 
 
-def parse_k_range(text: str) -> list[int]:
-    """``"2..40"`` or ``"3,5,8"`` -> sorted distinct Ks (each >= 2)."""
+def parse_k_range(text: str, max_patches: int = 2000) -> list[int]:
+    """``"2..40"`` or ``"3,5,8"`` -> sorted distinct Ks, each in 2 .. ``max_patches`` - 1 (k-means
+    of the ``max_patches`` patches sampled needs fewer clusters than patches). ValueError naming
+    ``--k`` or ``--max-patches`` otherwise, before any list is built (``2..10**12`` is refused, not
+    allocated)."""
+    if max_patches < 3:
+        raise ValueError(f"--max-patches {max_patches}: at least 3 patches are needed to score K = 2 (default 2000)")
+    is_range = ".." in text
     try:
-        if ".." in text:
-            low, high = (int(v) for v in text.split(".."))
-            ks = list(range(low, high + 1))
-        else:
-            ks = sorted({int(v) for v in text.split(",") if v.strip()})
+        ks = [int(v) for v in (text.split("..") if is_range else text.split(",")) if v.strip()]
     except ValueError:
-        raise ValueError(f"--k {text!r}: expected a range LOW..HIGH (e.g. 2..40) or a list like 3,5,8") from None
-    if not ks or ks[0] < 2:
+        ks = []
+    if not ks or (is_range and len(ks) != 2):
+        raise ValueError(f"--k {text!r}: expected a range LOW..HIGH (e.g. 2..40) or a list like 3,5,8")
+    if is_range and ks[0] > ks[1]:
+        raise ValueError(f"--k {text!r}: the range is reversed; write LOW..HIGH ({ks[1]}..{ks[0]})")
+    low, high = min(ks), max(ks)
+    if low < 2:
         raise ValueError(f"--k {text!r}: every K must be at least 2 (a single cluster cannot be scored)")
-    return ks
+    if high >= max_patches:
+        raise ValueError(f"--k {text!r}: K = {high} needs more than the {max_patches} patches sampled "
+                         "(--max-patches): every K must be below --max-patches")
+    return list(range(low, high + 1)) if is_range else sorted(set(ks))
 
 
 def cluster_sweep(features: Tensor, ks: Sequence[int], *, seed: int = 0, max_patches: int = 2000,
@@ -300,11 +310,14 @@ def plot_sweep(rows: Sequence[dict[str, Any]], suggested: dict[str, int], path: 
 def run_clusters(source: str, data_root: str, ks: Sequence[int], *, out_dir: str, criterion: str = DEFAULT_CRITERION,
                  max_patches: int = 2000, seed: int = 0, **feature_options: Any) -> dict[str, Any]:
     """``hpseg clusters``: sweep K on the images' patch features; writes clusters.json and clusters.png."""
+    folder = OutputFolder(Path(out_dir), "clusters",
+                          earlier=lambda path: holds_only(path, ("clusters.json", "clusters.png"), "clusters.json"))
+    folder.check()  # before the features are computed
     features, description = image_patch_features(source, data_root, max_patches=max_patches, seed=seed,
                                                  **feature_options)
     rows = cluster_sweep(features, ks, seed=seed, max_patches=max_patches)
     suggested = {name: suggest_k(rows, name) for name in CRITERIA}
-    out = Path(out_dir)
+    out = folder.claim()
     report = {
         "features": description, "n_patches": int(features.shape[0]), "patches_scored": min(max_patches, features.shape[0]),
         "seed": seed, "k": list(ks), "criterion": criterion, "suggested_k": suggested[criterion],

@@ -18,11 +18,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from hpseg.backbones import Backbone
 from hpseg.checkpoints.released import paper_comparison
 from hpseg.checkpoints.trained import TrainedModel, load_trained
+from hpseg.config import MethodConfig
 from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
 from hpseg.data.errors import DatasetLayoutError
 from hpseg.evaluation.kmeans import kmeans
 from hpseg.evaluation.metrics import SegmentationMetrics
-from hpseg.files import write_json_atomic
+from hpseg.files import OutputFolder, holds_only, write_json_atomic
 from hpseg.inference.crf import crf_refine_batch, require_crf
 from hpseg.inference.label_maps import kmeans_label_maps, label_maps
 from hpseg.logs import progress_bar
@@ -317,6 +318,10 @@ def _baseline_report(trained: TrainedModel, batches: Callable[[], DataLoader], c
     return report
 
 
+#: What an evaluation writes into its folder.
+EVALUATION_FILES = ("results.json", "confusion_unsupervised.png", "confusion_linear.png")
+
+
 def _write_results(report: dict[str, Any], results: dict[str, Any], class_names: list[str], out: Path) -> None:
     """``results.json`` and the two confusion-matrix images."""
     write_json_atomic(report, out / "results.json")
@@ -350,14 +355,18 @@ def evaluate_checkpoint(
     Under ``torchrun`` the ranks share the validation images (every world_size-th) and sum
     their confusion matrices, so the results equal one process's; only rank 0 writes them.
     """
-    if extra_clusters is not None and extra_clusters < 0:
-        raise ValueError(f"extra_clusters={extra_clusters} (--extra-clusters): must be 0 or more")
+    rule = MethodConfig.RULES["extra_clusters"]
+    if extra_clusters is not None and not rule.allows(extra_clusters):
+        raise ValueError(f"--extra-clusters {extra_clusters}: out of range, allowed {rule.describe('extra_clusters')}")
     if crf:
         require_crf()  # fail before any work when the extra is missing
     trained = load_trained(checkpoint, device, weights)
     if data_root:
         trained.config.data.root = data_root
     context = init_distributed(trained.device)
+    out = Path(out_dir) if out_dir else trained.checkpoint.evaluation_dir(crf)
+    folder = OutputFolder(out, "eval", earlier=lambda path: holds_only(path, EVALUATION_FILES, "results.json"))
+    folder.check()  # before the evaluation: a refused folder costs no work
     validation = _validation_set_or_hint(trained, moved_hint=not data_root)
     n_images = min(len(validation), max_images) if max_images else len(validation)
 
@@ -392,9 +401,8 @@ def evaluate_checkpoint(
     if released is not None:  # the released model's published numbers, side by side
         report["paper"] = {"model": released.name, **dict(released.paper.items()), "note": released.paper.note}
         text.append(paper_comparison(released, report["hp"], crf))
-    out = Path(out_dir) if out_dir else trained.checkpoint.evaluation_dir(crf)
     if context.is_main:
-        _write_results(report, results, class_names, out)
+        _write_results(report, results, class_names, folder.claim())
     report["text"] = "\n".join(text)
     report["out_dir"] = str(out)
     return report

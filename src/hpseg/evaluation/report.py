@@ -17,6 +17,7 @@ the keys) or whose checkpoints were chosen by different rules, and writes:
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,10 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from hpseg.files import atomic_write, read_jsonl, write_text_atomic
+from hpseg.files import OutputFolder, atomic_write, holds_only, read_jsonl, write_text_atomic
 
-__all__ = ["aggregate", "collect_results", "config_differences", "write_report"]
+__all__ = ["aggregate", "collect_results", "config_differences", "report_folder", "write_report"]
 
+logger = logging.getLogger(__name__)
+
+#: What a report writes into its folder.
+REPORT_FILES = ("report.md", "report.csv", "curves.png")
 #: config keys allowed to differ between the seeds of one report.
 SEED_KEYS = frozenset({"train.seed", "train.run_name", "train.output_dir"})
 #: result sections holding metrics (name in the table, key in results.json).
@@ -59,8 +64,26 @@ def collect_results(paths: Iterable[str | Path]) -> list[tuple[Path, dict[str, A
             raise ValueError(f"{path} is not readable JSON: {error}") from None
         if not isinstance(results, dict) or "hp" not in results or "config" not in results:
             raise ValueError(f"{path} is not the results.json of `hpseg eval` (no 'hp' or 'config' key)")
+        _check_results(path, results)
         out.append((path, results))
     return out
+
+
+def _check_results(path: Path, results: dict[str, Any]) -> None:
+    """ValueError naming ``path`` and the entry when what the report reads is missing or mistyped."""
+    config = results["config"]
+    problems = []
+    if not isinstance(config, dict) or not all(isinstance(entries, dict) for entries in config.values()):
+        problems.append("'config' is not a mapping of sections")
+    else:
+        if not isinstance(config.get("backbone", {}).get("pretrained"), bool):
+            problems.append("no 'config.backbone.pretrained' (true or false)")
+        if not isinstance(config.get("method", {}).get("n_classes"), int):
+            problems.append("no integer 'config.method.n_classes'")
+    problems += [f"'{key}' is not a mapping of metrics" for _, key in SECTIONS
+                 if key in results and not isinstance(results[key], dict)]
+    if problems:
+        raise ValueError(f"{path}: {'; '.join(problems)} (hand-edited, or not written by `hpseg eval`)")
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
@@ -190,16 +213,40 @@ def to_csv(summary: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _validation_records(log: Path) -> list[dict[str, Any]] | None:
+    """The validation records of a run's metrics.jsonl; None (with a warning naming the file, line
+    and what is missing) when one of them lacks its step or metrics: that run gets no curve."""
+    records, _ = read_jsonl(log)  # a torn last line (a crash mid-write) is left out, not fatal
+    validation = []
+    for number, _, record in records:
+        if "validation" not in record:
+            continue
+        if not isinstance(record.get("step"), int) or not isinstance(record["validation"], dict):
+            missing = "an integer 'step'" if not isinstance(record.get("step"), int) else "a 'validation' mapping"
+            logger.warning("%s line %d: a validation record without %s; the validation curve of this run is "
+                           "left out of the report", log, number, missing)
+            return None
+        validation.append(record)
+    return validation
+
+
 def validation_curves(evaluations: list[tuple[Path, dict[str, Any]]]) -> dict[int, dict[str, list[float]]]:
-    """seed -> {"step": [...], metric: [...]} from the metrics.jsonl of each evaluated run."""
+    """seed -> {"step": [...], metric: [...]} from the metrics.jsonl of each evaluated run.
+
+    A results.json without its ``checkpoint`` (older or hand-edited) or a metrics.jsonl with a
+    malformed validation record gives no curve for that run, with a warning naming the file."""
     curves: dict[int, dict[str, list[float]]] = {}
-    for _, results in evaluations:
-        run = Path(results["checkpoint"]).parent.parent
-        log = run / "metrics.jsonl"
+    for path, results in evaluations:
+        if not isinstance(results.get("checkpoint"), str):
+            logger.warning("%s has no 'checkpoint' entry, so its run's metrics.jsonl cannot be found: its "
+                           "validation curve is left out of the report (its metrics are reported)", path)
+            continue
+        log = Path(results["checkpoint"]).parent.parent / "metrics.jsonl"
         if results.get("seed") in curves or not log.is_file():
             continue
-        records, _ = read_jsonl(log)  # a torn last line (a crash mid-write) is left out, not fatal
-        validation = [record for _, _, record in records if "validation" in record]
+        validation = _validation_records(log)
+        if validation is None:
+            continue
         curve: dict[str, list[float]] = {"step": [r["step"] for r in validation]}
         for key in ("unsupervised_miou", "unsupervised_accuracy", "linear_miou", "linear_accuracy"):
             curve[key] = [r["validation"].get(key, float("nan")) for r in validation]
@@ -234,12 +281,19 @@ def plot_curves(curves: dict[int, dict[str, list[float]]], path: Path, rule: str
     return path
 
 
+def report_folder(out_dir: str | Path) -> OutputFolder:
+    """``out_dir`` under the rule of every output folder (:class:`hpseg.files.OutputFolder`), a
+    report folder of an earlier hpseg included."""
+    return OutputFolder(Path(out_dir), "report", earlier=lambda path: holds_only(path, REPORT_FILES, "report.md"))
+
+
 def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> dict[str, Any]:
     """Aggregate the evaluations under ``paths`` into ``out_dir``/report.md, report.csv, curves.png."""
+    folder = report_folder(out_dir)
+    folder.check()
     evaluations = collect_results(paths)
     summary = aggregate(evaluations)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = folder.claim()
     markdown = to_markdown(summary)
     write_text_atomic(markdown, out / "report.md")
     write_text_atomic(to_csv(summary), out / "report.csv")
