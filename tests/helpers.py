@@ -101,7 +101,10 @@ def free_port() -> int:
 
 # ------------------------------------------------------------------------------------------ README
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+#: Every Markdown file whose commands a user may copy: README and the documentation site's pages.
+DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def code_blocks(text: str) -> list[tuple[str, str]]:

@@ -54,7 +54,7 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
                  "--out", str(predictions), "--quiet"]) == 0
     summary = json.loads((predictions / "predictions.json").read_text())
     assert summary["mapping"] == str(out / "run" / "eval-last" / "results.json")
-    assert summary["labels"][0]["name"] == "class 0 (stripes)" and len(summary["labels"]) == 6
+    assert summary["labels"][0]["name"] == "class 0 (red stripes)" and len(summary["labels"]) == 6
     assert np.array(Image.open(predictions / "labels" / "photo.png")).shape == (45, 23)
 
 

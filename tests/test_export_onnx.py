@@ -1,6 +1,6 @@
 """ONNX export: the graph agrees with hpseg's PyTorch path (DINO-style ViT, DINOv2-style ViT with
 registers, a checkpoint imported from the authors' format), the torch-free runner reproduces ``hpseg predict``, and the
-README example runs where torch cannot be imported."""
+documented example runs where torch cannot be imported."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from hpseg.inference.segmenter import Segmenter  # noqa: E402
 from hpseg.inference.tiling import Tiling, resized_shape  # noqa: E402
 from hpseg.method.model import HiddenPositivesModel  # noqa: E402
 from hpseg.method.probes import centroid_scores  # noqa: E402
-from tests.helpers import README, authors_payload, code_blocks  # noqa: E402
+from tests.helpers import DOCUMENTS, authors_payload, code_blocks  # noqa: E402
 
 MAPPING = [2, 0, -1, 1]  # one cluster matched to no class: -1 must survive the graph
 
@@ -236,12 +236,12 @@ def _only_numpy_pillow_onnxruntime(folder: Path) -> Path:
 
 def test_readme_example_runs_as_written_without_hpseg(dino: tuple[Segmenter, Path], dino_onnx: Path,
                                                       tmp_path: Path, tiny_images: Path) -> None:
-    """The README's onnxruntime example, exactly as a user runs it (issue 22: it imported hpseg,
+    """The documented onnxruntime example (docs/deployment.md), exactly as a user runs it (issue 22: it imported hpseg,
     and copying the runner beside it did not help): the script and the runner file side by side,
     ``python -S segment.py`` where only numpy, Pillow and onnxruntime can be imported."""
     import hpseg.export.onnx_runner as runner
 
-    example = next(body for language, body in code_blocks(README.read_text())
+    example = next(body for document in DOCUMENTS for language, body in code_blocks(document.read_text())
                    if language == "python" and "OnnxSegmenter" in body)
     model = re.search(r'OnnxSegmenter\("([^"]+)"\)', example)
     folder = re.search(r'Path\("([^"]+)"\)', example)

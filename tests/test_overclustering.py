@@ -67,3 +67,11 @@ def test_over_clustered_probe_and_baseline_are_scored_both_ways(data_root, tmp_p
     assert report["baseline_majority"]["unsupervised_accuracy"] >= report["baseline"]["unsupervised_accuracy"]
     assert "K=7" in report["baseline_method"]
     assert len(report["cluster_to_class_majority"]) == 7 and -1 in report["cluster_to_class"]
+    # The majority-matched numbers are printed, not only written to results.json.
+    hp_text, baseline_text = report["text"].split("Baseline: ", 1)
+    for text, title, scores in ((hp_text, "HP over-clustered (K=7)", report["hp_majority"]),
+                                (baseline_text, "Baseline over-clustered (K=7)", report["baseline_majority"])):
+        section = text.split(title, 1)[1]
+        assert "many-to-one majority matching" in section.splitlines()[0]
+        for key in ("unsupervised_accuracy", "unsupervised_miou"):
+            assert f"  {key.replace('_', ' '):<24} {100 * scores[key]:6.2f}" in section

@@ -1,5 +1,6 @@
-"""The README is tested: every ``hpseg`` command it shows parses with the real CLI (subcommand,
-flags, presets, config keys), and its Python example runs. A README that drifts is a bug."""
+"""The README and the documentation pages are tested: every ``hpseg`` command they show parses
+with the real CLI (subcommand, flags, presets, config keys), and README's Python example runs.
+Documentation that drifts is a bug."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hpseg.cli.main import build_parser
-from tests.helpers import README, code_blocks
+from tests.helpers import DOCUMENTS, README, code_blocks
 
 TEST_COMMAND = 'pip install -e ".[test,crf]" && HF_HUB_OFFLINE=1 python -m pytest -n 2'
 
@@ -37,10 +38,15 @@ def shell_commands(body: str) -> list[list[str]]:
     return commands
 
 
-def readme_commands() -> list[list[str]]:
-    blocks = code_blocks(README.read_text())
+def readme_commands(document: Path = README) -> list[list[str]]:
+    blocks = code_blocks(document.read_text())
     return [argv for language, body in blocks if language in ("", "bash", "sh", "shell", "console")
             for argv in shell_commands(body)]
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(file name, argv) of every command in README and the documentation pages."""
+    return [(document.name, argv) for document in DOCUMENTS for argv in readme_commands(document)]
 
 
 def test_readme_keeps_the_ci_test_command() -> None:
@@ -56,20 +62,42 @@ def test_quick_start_installs_and_runs_the_demo() -> None:
     assert commands[0] == "pip install -e . && hpseg demo" and commands[1] == TEST_COMMAND
 
 
+def test_test_command_note_gives_the_cpu_install() -> None:
+    """The note above the test command must not suggest the default (CUDA) wheels: the tests run
+    on the CPU, and README's own install advice for the CPU is the CPU index."""
+    note = README.read_text().split("## Quick start", 1)[1].split("<!-- test-command -->", 1)[0]
+    installs = re.findall(r"pip install torch[^`\n]*", note)
+    assert installs and all("--index-url https://download.pytorch.org/whl/cpu" in line for line in installs)
+
+
+def test_quick_start_mentions_offline_use() -> None:
+    quick = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "HF_HUB_OFFLINE=1" in quick.split("<!-- test-command -->", 1)[0]
+
+
 def test_readme_shows_every_subcommand() -> None:
     shown = {argv[0] for argv in readme_commands()}
     assert {"demo", "predict", "prepare", "train", "eval", "import-checkpoint"} <= shown
 
 
-@pytest.mark.parametrize("argv", readme_commands(), ids=lambda argv: " ".join(argv)[:60])
-def test_readme_command_parses(argv: list[str]) -> None:
+def test_docs_show_every_subcommand() -> None:
+    from hpseg.cli.main import build_parser
+
+    subcommands = set(next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices).choices)
+    shown = {argv[0] for _, argv in documented_commands()}
+    assert subcommands <= shown, f"commands no page shows: {sorted(subcommands - shown)}"
+
+
+@pytest.mark.parametrize(("document", "argv"), documented_commands(),
+                         ids=[f"{name}: {' '.join(argv)[:60]}" for name, argv in documented_commands()])
+def test_readme_command_parses(document: str, argv: list[str]) -> None:
     from hpseg.config import load_preset
 
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
-        pytest.fail(f"README command `hpseg {' '.join(argv)}` does not parse (exit {exit_.code})")
+        pytest.fail(f"{document}: command `hpseg {' '.join(argv)}` does not parse (exit {exit_.code})")
     if getattr(args, "preset", None):
         config = load_preset(args.preset)  # a shipped preset name
         config.override(list(getattr(args, "overrides", [])))  # every key=value is a real config key

@@ -129,3 +129,19 @@ def test_train_command_trains_the_seed_on_its_device(tmp_path):
     assert main(command[3:]) == 0  # what `python -m hpseg` runs
     saved = load_checkpoint(run / "checkpoints" / "last.pt").config.train
     assert (saved.seed, saved.device) == (5, "cpu")
+
+
+def test_report_states_where_the_backbone_weights_came_from(tmp_path):
+    """A random backbone is not reported as pretrained (the demo's random network is saved to a
+    file, with backbone.pretrained=false)."""
+    random = Config().override(["backbone.name=vit_tiny_p8", "backbone.pretrained=false",
+                                "backbone.weights=/runs/backbone-vit_tiny_p8-random.safetensors"])
+    paths = [write_results(tmp_path / f"r{s}", fake_results(s, 0.5, config=random)) for s in (0, 1)]
+    markdown = write_report(paths, tmp_path / "random")["markdown"]
+    assert "randomly initialised weights, saved in /runs/backbone-vit_tiny_p8-random.safetensors" in markdown
+    assert "pretrained" not in markdown.split("\n\n")[1]
+    official = [write_results(tmp_path / f"o{s}", {**fake_results(s, 0.5), "backbone_weights": "official"}) for s in (0, 1)]
+    assert "(official pretrained weights)" in write_report(official, tmp_path / "official")["markdown"]
+    from_file = Config().override(["backbone.weights=/weights/dino.pth"])
+    files = [write_results(tmp_path / f"f{s}", fake_results(s, 0.5, config=from_file)) for s in (0, 1)]
+    assert "(weights from /weights/dino.pth)" in write_report(files, tmp_path / "file")["markdown"]

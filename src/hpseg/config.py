@@ -205,7 +205,7 @@ class TrainConfig:
     # the final weights; "unsupervised" the best label-free criterion below (no label used).
     selection: Literal["best", "last", "unsupervised"] = "best"
     # The criterion of selection=unsupervised (hpseg.training.selection): the silhouette tracked the
-    # validation mIoU best across checkpoints in README's measurements ("Label-free checkpoint selection").
+    # validation mIoU best across checkpoints in the measurements of docs/results.md ("Label-free checkpoint selection").
     unsupervised_criterion: Literal["probe_agreement", "stability", "silhouette"] = "silhouette"
     # Training crops whose head features the label-free criteria score at every validation step
     # (logged to metrics.jsonl for any rule); 0 = none, only allowed when selection is not unsupervised.

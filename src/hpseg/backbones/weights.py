@@ -310,8 +310,9 @@ def resolve_official_weights(spec: BackboneSpec) -> Path:
     """
     if not spec.has_official_weights:
         raise BackboneWeightsError(
-            f"backbone {spec.name!r} has no official pretrained weights: use pretrained=False for a "
-            "random initialisation, or pass a weights file with --weights FILE (Python: weights=FILE)"
+            f"backbone {spec.name!r} has no official pretrained weights: use --random-backbone for a random "
+            "initialisation (Python: pretrained=False, config: backbone.pretrained=false), or pass a weights "
+            "file with --weights FILE (Python: weights=FILE)"
         )
     if spec.download_url:
         return _resolve_url_weights(spec)
@@ -370,5 +371,6 @@ def _unavailable_message(spec: BackboneSpec, reason: str) -> str:
         f"cannot get pretrained weights for backbone {spec.name!r} ({spec.description}): {reason}. "
         f"It needs the file {spec.weights_file} from {spec.download_url or spec.weights_source}. "
         f"Download it where there is internet access and pass it with --weights FILE "
-        f"(Python: create_backbone({spec.name!r}, weights=FILE)), or use pretrained=False for random weights."
+        f"(Python: create_backbone({spec.name!r}, weights=FILE)), or use --random-backbone for random weights "
+        f"(Python: pretrained=False)."
     )

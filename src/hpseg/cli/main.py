@@ -14,6 +14,8 @@ traceback of every error.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
 import traceback
@@ -73,6 +75,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from hpseg.data import build_raw_dataset, prepare_training_set
+    from hpseg.data.prepare import MANIFEST_NAME
 
     config = _config_from(args)
     data = config.data
@@ -83,8 +86,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     rule = data.crop_rule()
     out = prepare_training_set(raw, data.prepared_path(), crop_size=data.crop_size, crop_rule=rule,
                                crop_format=data.crop_format)
+    skipped = len(json.loads((out / MANIFEST_NAME).read_text())["skipped"])
+    used = len(raw) - skipped
     what = "five-crop" if rule == "five" else "whole-image"
-    print(f"{what} training set of {len(raw)} images ready in {out}")
+    print(f"{what} training set of {used} image{'s' * (used != 1)} ready in {out}"
+          + (f" ({skipped} unreadable image{'s' * (skipped != 1)} skipped: listed under \"skipped\" in "
+             f"{out / MANIFEST_NAME})" if skipped else ""))
     return 0
 
 
@@ -98,19 +105,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = resume(args.resume)
     else:
+        # The resolved config goes to <run>/config.yaml (and to --verbose), not to the screen: ~70
+        # lines that would bury a first error such as missing weights.
         config = _config_from(args)
-        if is_main:
-            print("resolved config:\n" + config.to_yaml())
+        logging.getLogger("hpseg.cli").debug("resolved config:\n%s", config.to_yaml())
         run_dir = train(config, run_dir=args.run_dir)
     if is_main:
         from hpseg.checkpoints.runs import selected_checkpoint
         from hpseg.checkpoints.store import CheckpointError
 
+        written = ", ".join(f"checkpoints/{path.name}" for path in sorted((run_dir / "checkpoints").glob("*.pt")))
         try:
-            chosen = f"the checkpoint train.selection chose: {selected_checkpoint(run_dir)}"
+            chosen = f"the checkpoint train.selection chose, which the run folder stands for: {selected_checkpoint(run_dir)}"
         except CheckpointError as error:
             chosen = str(error)
-        print(f"run written to {run_dir} (checkpoints/, metrics.jsonl); {chosen}")
+        print(f"run written to {run_dir} ({written or 'no checkpoint'}, metrics.jsonl, config.yaml); {chosen}")
     return 0
 
 
@@ -159,8 +168,8 @@ def cmd_clusters(args: argparse.Namespace) -> int:
         print(f"{row['k']:4d}  {row['silhouette']:10.3f}  {row['davies_bouldin']:14.3f}  {row['stability']:9.3f}  "
               f"{row['eigengap']:8.4f}")
     print(f"suggested K = {report['suggested_k']} (by {report['criterion']}; by each criterion: "
-          f"{report['suggested_k_by_criterion']}). How often this was right on data with known classes: README, "
-          "'How many clusters'.")
+          f"{report['suggested_k_by_criterion']}). How often this was right on data with known classes: "
+          "docs/results.md, 'How many clusters?'.")
     print(f"written to {args.out}/clusters.json" + (" and clusters.png" if report["plot"] else ""))
     return 0
 
@@ -171,8 +180,6 @@ def _other_rank() -> bool:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    import logging
-
     if _other_rank():
         return 0  # rank 0 builds the cache (its progress file resumes one writer), the others have nothing to do
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -339,6 +339,11 @@ def predict_paths(
                          batch_size=batch_size)
         head = head or segmenter.default_head
     names = segmenter.label_names(head)
+    if getattr(segmenter, "random_backbone", False):  # an ONNX model does not record it
+        logger.warning("%s was trained on a RANDOMLY INITIALISED backbone (%s, e.g. the demo's): its features carry "
+                       "colour and a little texture, nothing semantic, so on real photos its segments are "
+                       "meaningless. Train on DINO weights (see `hpseg backbones`) for segments that mean something.",
+                       checkpoint, segmenter.backbone.spec.name)
     if head == "cluster" and segmenter.cluster_to_class is None:
         logger.info("labels are cluster ids 0..%d (no cluster->class mapping: run `hpseg eval` on this "
                     "checkpoint, or pass --mapping results.json, to get class names)", segmenter.n_clusters - 1)

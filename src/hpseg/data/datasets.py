@@ -48,9 +48,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +65,8 @@ from hpseg.errors import InvalidInputError
 
 from .errors import DatasetLayoutError, ImageReadError
 from .images import IMAGE_SUFFIXES, array_to_rgb, read_image, read_label
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CITYSCAPES27_CLASS_NAMES",
@@ -273,8 +275,8 @@ class RawDataset:
     def __getitem__(self, i: int) -> RawSample:
         """Item ``i`` as a RawSample.
 
-        With ``skip_bad_images`` an unreadable item is recorded in ``skipped`` (with one warning
-        per file) and the next readable item is returned instead, so that the length seen by
+        With ``skip_bad_images`` an unreadable item is recorded in ``skipped`` (with one logged
+        warning per file) and the next readable item is returned instead, so that the length seen by
         samplers stays fixed; without it the ImageReadError propagates.
         """
         if not self.skip_bad_images:
@@ -292,7 +294,9 @@ class RawDataset:
         """Record a skipped file, warning once per file."""
         if path not in self.skipped:
             self.skipped.append(path)
-            warnings.warn(f"skipping unreadable image {path}: {error}", RuntimeWarning, stacklevel=3)
+            # A log record, not warnings.warn: the hpseg command shows it as one line above its
+            # progress bar instead of a Python warning with its source line.
+            logger.warning("skipping unreadable image %s: %s", path, error)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -595,7 +599,7 @@ def _report_left_out(left_out: list[tuple[Path, str]], skip: bool) -> None:
     if not skip:
         raise DatasetLayoutError(f"cannot read every folder of the dataset: {listing}; fix the permissions "
                                  "or links, or set data.skip_bad_images=true to leave them out", left_out[0][0])
-    warnings.warn(f"left out {len(left_out)} folder(s) of the dataset: {listing}", stacklevel=3)
+    logger.warning("left out %d folder(s) of the dataset: %s", len(left_out), listing)
 
 
 def _image_files(img_dir: Path, skip: bool) -> list[Path]:

@@ -348,7 +348,10 @@ def _crop_image(raw: RawDataset, i: int, outputs: _Outputs) -> ImageReadError | 
             _check_croppable(sample.image, raw.path_of(i))
     except ImageReadError as error:
         if not raw.skip_bad_images:
-            raise
+            if "skip_bad_images" in str(error):
+                raise
+            raise ImageReadError(f"{error}; to skip unreadable images instead, add data.skip_bad_images=true",
+                                 error.path) from error
         return error
     image_format = outputs.recipe["crop_format"]
     for stem, (image, label) in zip(stems, _items_of(sample, outputs.recipe)):

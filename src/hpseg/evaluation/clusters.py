@@ -15,7 +15,7 @@ without any label by:
 
 Which one makes the suggestion is the ``criterion`` argument; its default is the criterion that
 found the true number of classes most often on data with known classes
-(``benchmarks/cluster_count.py``, README "How many clusters").
+(``benchmarks/cluster_count.py``, docs/results.md "How many clusters?").
 
 All functions are pure and vectorised: features ``(N, C)`` float, labels ``(N,)`` int64.
 """
@@ -59,7 +59,7 @@ __all__ = [
 
 #: criterion -> True when higher is better.
 CRITERIA: dict[str, bool] = {"silhouette": True, "davies_bouldin": False, "stability": True, "eigengap": True}
-#: The criterion that decides the suggestion by default (chosen on the measurements in README).
+#: The criterion that decides the suggestion by default (chosen on the measurements in docs/results.md).
 DEFAULT_CRITERION = "silhouette"
 
 
@@ -323,7 +323,7 @@ def run_clusters(source: str, data_root: str, ks: Sequence[int], *, out_dir: str
         "features": description, "n_patches": int(features.shape[0]), "patches_scored": min(max_patches, features.shape[0]),
         "seed": seed, "k": list(ks), "criterion": criterion, "suggested_k": suggested[criterion],
         "suggested_k_by_criterion": suggested, "rows": rows,
-        "reliability": "see README 'How many clusters' for how often each criterion found the true K on known data",
+        "reliability": "see docs/results.md 'How many clusters?' for how often each criterion found the true K on known data",
     }
     write_json_atomic(report, out / "clusters.json")
     plot = plot_sweep(rows, suggested, out / "clusters.png", description)

@@ -315,6 +315,7 @@ def _baseline_report(trained: TrainedModel, batches: Callable[[], DataLoader], c
     }
     if "unsupervised_majority_miou" in base:
         report["baseline_majority"] = _majority_section(base)
+        report["baseline_n_clusters"] = k
     return report
 
 
@@ -393,6 +394,10 @@ def evaluate_checkpoint(
         if "baseline_majority" in report:
             report["matching"]["baseline_majority"] = "majority (many-to-one)"
         text.append(format_results(report["baseline"], "Baseline: k-means / linear probe on raw backbone features"))
+        if "baseline_majority" in report:
+            text.append(format_results(report["baseline_majority"],
+                                       f"Baseline over-clustered (K={report['baseline_n_clusters']}), many-to-one "
+                                       "majority matching"))
     released = trained.checkpoint.released
     if released is not None:  # the released model's published numbers, side by side
         report["paper"] = {"model": released.name, **dict(released.paper.items()), "note": released.paper.note}

@@ -160,11 +160,23 @@ def aggregate(evaluations: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
         })
     config = evaluations[0][1]["config"]
     return {"groups": groups, "config": config, "dataset": evaluations[0][1].get("dataset"),
-            "backbone": evaluations[0][1].get("backbone"), "n_images": evaluations[0][1].get("n_images")}
+            "backbone": evaluations[0][1].get("backbone"), "n_images": evaluations[0][1].get("n_images"),
+            "backbone_weights": evaluations[0][1].get("backbone_weights")}
 
 
 def _pct(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{100 * value:.1f}"
+
+
+def _weights_text(backbone: dict[str, Any], source: str | None) -> str:
+    """Where the backbone's weights came from, in words: the run's ``backbone`` config and the
+    evaluation's ``backbone_weights`` (``"official"``, ``"random"`` or a file)."""
+    if not backbone.get("pretrained", True) or source == "random":
+        saved = backbone.get("weights")
+        return "randomly initialised weights" + (f", saved in {saved}" if saved else "")
+    if backbone.get("weights") or source not in (None, "official"):
+        return f"weights from {backbone.get('weights') or source}"
+    return "official pretrained weights"
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
@@ -172,7 +184,7 @@ def to_markdown(summary: dict[str, Any]) -> str:
     config = summary["config"]
     lines = ["# hpseg report", "",
              f"Dataset {summary['dataset']}, backbone {summary['backbone']} "
-             f"({'pretrained' if config['backbone']['pretrained'] else 'random'} weights), "
+             f"({_weights_text(config['backbone'], summary.get('backbone_weights'))}), "
              f"{config['method']['n_classes']} classes, {config['method']['n_classes'] + config['method'].get('extra_clusters', 0)} "
              f"clusters, {summary['n_images']} validation images. Configs are identical except the seed.", ""]
     for group in summary["groups"]:

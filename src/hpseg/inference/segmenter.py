@@ -145,7 +145,8 @@ class Segmenter:
     ``device``, ``batch_size`` (windows per forward pass), ``checkpoint``, ``crf`` (whether
     :meth:`segment` refines with the dense CRF by default), ``default_head`` (the head
     :meth:`segment` uses when none is named: ``"cluster"``, or ``"linear"`` for a released model,
-    whose clusters have no class mapping until an evaluation supplies one).
+    whose clusters have no class mapping until an evaluation supplies one), ``random_backbone``
+    (whether the backbone is a random initialisation, whose segments of real photos mean nothing).
     """
 
     def __init__(
@@ -163,6 +164,7 @@ class Segmenter:
         batch_size: int = 8,
         crf: bool = False,
         default_head: str = "cluster",
+        random_backbone: bool = False,
     ) -> None:
         check_head(default_head)
         self.model = model.eval()
@@ -180,6 +182,7 @@ class Segmenter:
         self.batch_size = batch_size
         self.crf = crf
         self.default_head = default_head
+        self.random_backbone = random_backbone
 
     def __repr__(self) -> str:
         return (f"Segmenter(checkpoint={self.checkpoint!r}, backbone={self.backbone.spec.name}, "
@@ -412,4 +415,5 @@ def from_trained(trained: TrainedModel, *, mapping: str | Path | None = None, cr
         amp_dtype=trained.amp_dtype, cluster_to_class=cluster_to_class, mapping_source=source,
         checkpoint=released.name if released else trained.checkpoint.label, batch_size=batch_size, crf=crf,
         default_head="linear" if released else "cluster",
+        random_backbone=trained.random_backbone,
     )

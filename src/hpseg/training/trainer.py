@@ -16,6 +16,7 @@ run with :class:`NonFiniteLossError` (the step, the value, the last good checkpo
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -148,6 +149,13 @@ class Trainer:
             )
         self.total_steps = config.train.max_steps or config.train.epochs * self.steps_per_epoch
         self.validation = self._validation_set()
+        if self.validation is None and config.train.selection == "best":
+            # "best" ranks checkpoints by labelled validation metrics: without them it would keep
+            # no checkpoint at all. The final weights are the label-free choice that needs nothing.
+            self._notice("train.selection=best needs labelled validation images, which this dataset lacks: "
+                         "keeping the final weights instead (train.selection=last, checkpoints/last.pt)")
+            self.config = config = copy.deepcopy(config)
+            config.train.selection = "last"
         self.label_free_batches = label_free_batches(len(self.features), config.train.label_free_crops,
                                                      config.train.batch_size, config.train.seed + 3)
         self.validation_features: ValidationFeatures | None = None  # built at the first validation
@@ -206,7 +214,10 @@ class Trainer:
         batches = pool_batches(len(self.features), train.batch_size, pool_size, self.state.pool_generator,
                                self.context.world_size)
         shares = [distributed.rank_share(batch, self.context) for batch in batches]
-        maps = (maps_of(f) for f in self.features.feature_maps(shares))
+        # A bar of its own: on a CPU the backbone passes of the first pools take close to a minute.
+        feature_maps = progress_bar(self.features.feature_maps(shares), logger if self.context.is_main else _other_ranks,
+                                    total=len(shares), desc="threshold pools", unit="batch", leave=False)
+        maps = (maps_of(f) for f in feature_maps)
         pool = collect_pool(maps, [len(b) for b in batches], pool_size, self.state.pool_generator, self.context)
         return pool.to(self.device)
 
@@ -491,7 +502,7 @@ def train(config: Config, *, run_dir: str | Path | None = None, backbone: Backbo
         trainer = Trainer(config, run_dir, backbone=backbone, feature_source=feature_source, device=device,
                           context=context)
         if context.is_main:
-            (run_dir / "config.yaml").write_text(config.to_yaml())
+            (run_dir / "config.yaml").write_text(trainer.config.to_yaml())
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         trainer.fit()
     return run_dir
