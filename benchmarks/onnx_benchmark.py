@@ -5,7 +5,7 @@ The parent builds a segmenter on a registered backbone (random weights: speed an
 depend on their values; no download), with heads of the paper's size (D = 70, 27 classes), and
 exports it to ONNX. Each runtime then runs in a fresh subprocess, so its peak RSS
 (``getrusage(RUSAGE_SELF).ru_maxrss``) is its own: the PyTorch child imports torch and hpseg;
-the ONNX child runs ``hpseg.export.runtime`` with torch blocked (numpy, Pillow, onnxruntime
+the ONNX child runs ``hpseg.export.onnx_runner`` with torch blocked (numpy, Pillow, onnxruntime
 only). Both segment the same synthetic images with ``hpseg predict``'s geometry (shorter side
 resized to ``--size``, sliding windows of that size), one warm-up image first, with the same
 number of threads. The load average is printed: on a shared machine other processes inflate
@@ -62,7 +62,7 @@ def child(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
         segmenter = build_segmenter(args.backbone, args.size)
     else:
-        from hpseg.export.runtime import OnnxSegmenter
+        from hpseg.export.onnx_runner import OnnxSegmenter
 
         segmenter = OnnxSegmenter(args.model, threads=args.threads, batch_size=2)
     images = _images(args.images + 1, args.size)

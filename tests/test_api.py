@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,36 +34,11 @@ from hpseg.inference.tiling import (
     window_starts,
 )
 from hpseg.runtime import DistributedContext
-from hpseg.training.trainer import train
-from tests.helpers import synthetic_prepared, tiny_config
-
-STEPS = 6  # validated once (val_interval 6): the run has best.pt with its metrics
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests' tensors are tiny: intra-op threads only cost time (and oversubscribe the
-    cores under pytest -n 2). Restored after the module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A trained tiny run (random vit_tiny_p8, synthetic data, 32 px crops), built once per worker."""
-    base = tmp_path_factory.getbasetemp()
-    run = base / "hpseg-tiny-run"
-    if not (run / "checkpoints" / "best.pt").exists():
-        data = synthetic_prepared(base / "hpseg-tiny-data")
-        shutil.rmtree(run, ignore_errors=True)
-        train(tiny_config(data, base / "runs", steps=STEPS), run_dir=run)
-    return run
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_run(tmp_path_factory)
+def run_dir(tiny_run: Path) -> Path:
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

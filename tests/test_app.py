@@ -16,14 +16,13 @@ from PIL import Image
 
 import hpseg
 from hpseg.cli.app import segment_files
-from tests.test_api import one_thread, tiny_run  # noqa: F401 - one_thread: autouse fixture
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
 @pytest.fixture(scope="module")
-def segmenter(tmp_path_factory: pytest.TempPathFactory) -> hpseg.Segmenter:
-    return hpseg.load(tiny_run(tmp_path_factory) / "checkpoints" / "last.pt", device="cpu")
+def segmenter(tiny_run: Path) -> hpseg.Segmenter:
+    return hpseg.load(tiny_run / "checkpoints" / "last.pt", device="cpu")
 
 
 @pytest.fixture

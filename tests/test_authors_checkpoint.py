@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
@@ -16,52 +15,30 @@ from hpseg.checkpoints.authors import infer_backbone
 from hpseg.checkpoints.payload import load_checkpoint
 from hpseg.checkpoints.store import CheckpointError
 from hpseg.cli.main import main
-from tests.helpers import Notices
-from tests.test_api import one_thread  # noqa: F401 - autouse fixture
-from tests.test_backbones import _dino_reference_positions
+from tests.helpers import (
+    AUTHORS_CLASSES,
+    AUTHORS_DIM,
+    AUTHORS_PATCH,
+    AUTHORS_WIDTH,
+    Notices,
+    authors_payload,
+    authors_vit,
+    dino_reference_positions,
+)
 
-C, D, N_CLASSES, PATCH = 64, 16, 5, 8  # vit_tiny_p8: width 64, patch 8, 2 blocks
-
-
-def _tiny_vit():
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=True,
-                             patch_size=8, embed_dim=64, depth=2, num_heads=4, img_size=32)
-
-
-def authors_payload(seed: int = 0) -> dict:
-    """A checkpoint in the authors' layout: a tiny ViT under model.*, random heads and probes."""
-    torch.manual_seed(seed)
-    vit = _tiny_vit()
-    net = {f"model.{k}": v.clone() for k, v in vit.state_dict().items()}
-
-    def head(prefix: str) -> dict:
-        return {
-            f"{prefix}1.0.weight": torch.randn(D, C, 1, 1) * 0.1, f"{prefix}1.0.bias": torch.randn(D) * 0.1,
-            f"{prefix}2.0.weight": torch.randn(C, C, 1, 1) * 0.1, f"{prefix}2.0.bias": torch.randn(C) * 0.1,
-            f"{prefix}2.2.weight": torch.randn(D, C, 1, 1) * 0.1, f"{prefix}2.2.bias": torch.randn(D) * 0.1,
-        }
-
-    net.update(head("cluster"))
-    net.update(head("ema_model"))
-    return {
-        "net_model_state_dict": net,
-        "linear_model_state_dict": {"weight": torch.randn(N_CLASSES, D, 1, 1), "bias": torch.randn(N_CLASSES)},
-        "cluster_model_state_dict": {"clusters": torch.randn(N_CLASSES, D)},
-        "epoch": 2,
-    }
-
+C, D, N_CLASSES, PATCH = AUTHORS_WIDTH, AUTHORS_DIM, AUTHORS_CLASSES, AUTHORS_PATCH
 
 def independent_segmentation(payload: dict, images: torch.Tensor) -> torch.Tensor:
     """s = Conv(f) + Conv(ReLU(Conv(f))) straight from the authors' tensors (no hpseg code)."""
     net = payload["net_model_state_dict"]
-    vit = _tiny_vit()
+    vit = authors_vit()
     vit.load_state_dict({k[len("model."):]: v for k, v in net.items() if k.startswith("model.")})
     vit.eval()
     with torch.no_grad():
         # DINO's own position interpolation (the authors' ViT), written out in test_backbones.
         patches = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
         x = torch.cat([vit.cls_token.expand(len(images), -1, -1), patches], 1)
-        x = x + _dino_reference_positions(vit.pos_embed, images, PATCH)
+        x = x + dino_reference_positions(vit.pos_embed, images, PATCH)
         for block in vit.blocks:
             x = block(x)
         tokens = vit.norm(x)[:, 1:]

@@ -33,6 +33,7 @@ from hpseg.backbones import (
     list_backbones,
 )
 from hpseg.backbones.vit import build_timm_model
+from tests.helpers import dino_reference_positions
 
 REGISTERED = {
     # name: (patch, width, heads, prefix tokens, depth)
@@ -331,21 +332,6 @@ def _manual_tokens_forward(bb: Backbone, images: torch.Tensor, tokens_with_posit
     return m.norm(x)[:, bb.num_prefix_tokens:].transpose(1, 2).reshape(b, c, h, w)
 
 
-def _dino_reference_positions(pos_embed: torch.Tensor, images: torch.Tensor, patch: int) -> torch.Tensor:
-    """DINO's interpolate_pos_encoding, written as DINO writes it (its ``w`` is the image's
-    height): an independent check of hpseg's version."""
-    import math
-
-    _, _, w, h = images.shape
-    n = pos_embed.shape[1] - 1
-    if (w // patch) * (h // patch) == n and w == h:
-        return pos_embed
-    w0, h0 = w // patch + 0.1, h // patch + 0.1
-    grid = pos_embed[:, 1:].reshape(1, int(math.sqrt(n)), int(math.sqrt(n)), -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, scale_factor=(w0 / math.sqrt(n), h0 / math.sqrt(n)), mode="bicubic")
-    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, pos_embed.shape[-1])], 1)
-
-
 @pytest.mark.parametrize("size", [(32, 32), (48, 48), (40, 24), (24, 56)])
 def test_dino_position_interpolation_at_any_size(tiny: Backbone, size: tuple[int, int]) -> None:
     """Square and non-square grids: features equal a forward with DINO's own interpolation, and
@@ -354,7 +340,7 @@ def test_dino_position_interpolation_at_any_size(tiny: Backbone, size: tuple[int
 
     x = _images(2, *size)
     m = tiny.model
-    pos = _dino_reference_positions(m.pos_embed, x, 8)
+    pos = dino_reference_positions(m.pos_embed, x, 8)
 
     def dino(patches: torch.Tensor, h: int, w: int) -> torch.Tensor:
         return torch.cat([m.cls_token.expand(len(patches), -1, -1), patches], 1) + pos

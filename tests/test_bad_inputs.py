@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import pickle
 import random
@@ -31,48 +30,15 @@ from PIL import Image
 
 import hpseg
 from hpseg.checkpoints.store import CheckpointError, save_atomic
-from hpseg.cli.demo_folder import MANIFEST_NAME, claim_demo_folder
-from hpseg.cli.errors import UsageError
-from hpseg.cli.main import main
+from hpseg.cli.demo_folder import claim_demo_folder
 from hpseg.config import Bounds, Config
-from hpseg.files import atomic_write
+from hpseg.files import OUTPUT_MARKER, OutputFolderError, atomic_write
 from hpseg.training.run_lock import LOCK_NAME
-from tests.helpers import synthetic_prepared, tiny_overrides
-from tests.test_api import tiny_run
+from tests.helpers import refused, run, snapshot, tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("hpseg_logger")  # main() configures the hpseg logger
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-@pytest.fixture(autouse=True)
-def hpseg_logger() -> Iterator[None]:
-    """``main`` configures the ``hpseg`` logger; put it back as it was for the other tests."""
-    logger = logging.getLogger("hpseg")
-    state = logger.level, logger.propagate, list(logger.handlers)
-    yield
-    logger.setLevel(state[0])
-    logger.propagate = state[1]
-    logger.handlers[:] = state[2]
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    """``hpseg ARGV`` in-process -> (exit status, stderr); asserts no traceback was printed."""
-    status = main([*argv, "-q"])
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.err, captured.err
-    return status, captured.err + captured.out
-
-
-def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """The one-line error of a command that must stop with exit status 2."""
-    status, text = run(capsys, *argv)
-    assert status == 2, text
-    errors = [line for line in text.splitlines() if ": error: " in line]
-    assert len(errors) == 1, text
-    return errors[0]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def temporaries(folder: Path) -> list[Path]:
@@ -80,13 +46,8 @@ def temporaries(folder: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def data_root(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return synthetic_prepared(tmp_path_factory.getbasetemp() / "hpseg-tiny-data")
+def trained(tiny_run: Path) -> Path:
+    return tiny_run
 
 
 @pytest.fixture
@@ -403,7 +364,7 @@ def test_demo_refuses_a_folder_with_the_users_own_run_and_data(tmp_path: Path,
     (out / "data" / "classes.txt").write_text("sky\nroad\n")
     before = snapshot(out)
     error = refused(capsys, "demo", "--out", str(out))
-    assert f"{out} already holds data, run that hpseg demo did not write" in error
+    assert f"{out} already holds data, run (no {OUTPUT_MARKER} marks it as hpseg demo's)" in error
     assert snapshot(out) == before
 
 
@@ -416,9 +377,9 @@ def test_demo_replaces_only_what_a_previous_demo_wrote(tmp_path: Path) -> None:
     (out / "metrics.json").write_text("{}")
     (out / "notes.txt").write_text("the user's own")
     claim_demo_folder(out)
-    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "notes.txt"]
-    (out / MANIFEST_NAME).write_text("{torn")
-    with pytest.raises(UsageError, match=f"{out / MANIFEST_NAME} is damaged"):
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "notes.txt"]
+    (out / OUTPUT_MARKER).write_text("{torn")
+    with pytest.raises(OutputFolderError, match=f"{out} already holds notes.txt"):
         claim_demo_folder(out)
 
 
@@ -501,6 +462,7 @@ def test_predict_removes_the_temporaries_of_a_killed_run(photos: Path, trained: 
     for path in stale:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half an image")
+    (out / OUTPUT_MARKER).write_text('{"written_by": "hpseg predict"}')  # the killed run marked its folder first
     assert _predict(capsys, trained, out, photos)[0] == 0
     assert temporaries(out) == []
 
@@ -587,7 +549,6 @@ def test_atomic_write_on_a_read_only_folder_names_it(tmp_path: Path) -> None:
             stream.write("{}")
     finally:
         folder.chmod(0o755)
-
 
 
 # ------------------------------------------------------------------------------------ kill -9, then --resume

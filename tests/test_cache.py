@@ -33,6 +33,8 @@ def messages(notices) -> str:
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
+    """Its own dataset, not conftest's shared one: a test here builds the cache in its default
+    place inside the dataset, where every later training on it would find it."""
     return synthetic_prepared(tmp_path_factory.mktemp("synthetic_cache"))
 
 
@@ -195,6 +197,29 @@ def test_invalid_caches_are_refused(data_root, tmp_path):
         build(other, prepared(data_root), good)
     build(other, prepared(data_root), good, overwrite=True)
     validate_cache(good, other, prepared(data_root), SIGMA)
+
+
+def test_caches_on_other_crops_are_refused_with_the_reason(data_root, tmp_path):
+    """A cache records how its crops were made: the same images cut as PNG instead of JPEG are
+    refused, naming the crop format; a cache written before the recipe was recorded (all on five
+    PNG crops) still fits a PNG set."""
+    from hpseg.data import build_raw_dataset, prepare_five_crops
+    from hpseg.training.cache.identity import META_NAME
+
+    backbone = tiny_backbone()
+    cache = build(backbone, prepared(data_root), tmp_path / "jpeg")
+    png = prepare_five_crops(build_raw_dataset("folder", data_root, "train"), tmp_path / "png", crop_size=32,
+                             crop_format="png")
+    with pytest.raises(FeatureCacheError, match=r"crop image format: 'jpeg' in the cache, 'png' now.*--overwrite"):
+        validate_cache(cache, backbone, png, SIGMA)
+    old = build(backbone, png, tmp_path / "old")
+    meta = json.loads((old / META_NAME).read_text())
+    for key in ("crop_rule", "crop_format", "stored_size"):
+        del meta["data"][key]
+    (old / META_NAME).write_text(json.dumps(meta))
+    validate_cache(old, backbone, png, SIGMA)
+    with pytest.raises(FeatureCacheError, match="crop image format"):
+        validate_cache(old, backbone, prepared(data_root), SIGMA)
 
 
 def test_format_1_caches_are_refused_with_the_reason(data_root, tmp_path):

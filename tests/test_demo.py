@@ -16,7 +16,6 @@ from hpseg.backbones import create_backbone
 from hpseg.cli import demo
 from hpseg.cli.main import main
 from tests.helpers import Notices
-from tests.test_api import one_thread  # noqa: F401 - autouse fixture
 
 # On the CPU also where a GPU is present: the checks of equal numbers assume one device's arithmetic
 # (on an H200 the figure's k-means and the evaluation's differed in the 4th digit).
@@ -55,7 +54,7 @@ def test_demo_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
                  "--out", str(predictions), "--quiet"]) == 0
     summary = json.loads((predictions / "predictions.json").read_text())
     assert summary["mapping"] == str(out / "run" / "eval-last" / "results.json")
-    assert summary["labels"][0]["name"] == "class 0 (stripes)" and len(summary["labels"]) == 6
+    assert summary["labels"][0]["name"] == "class 0 (red stripes)" and len(summary["labels"]) == 6
     assert np.array(Image.open(predictions / "labels" / "photo.png")).shape == (45, 23)
 
 
@@ -98,10 +97,20 @@ def test_cache_lookup_is_offline_and_fast(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", from_cache)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     started = time.time()
-    assert demo._official_weights_in_cache("dino_vits16") is None  # nothing cached
+    # A backbone from timm's Hub copies (DINOv2) ...
+    assert demo._official_weights_in_cache("dinov2_vits14_reg") is None  # nothing cached
     assert looked_up and all(offline for _, offline in looked_up)  # looked up with the Hub offline
     cached.update({name: str(tmp_path / name) for name in ("model.safetensors", "pytorch_model.bin")})
-    found = demo._official_weights_in_cache("dino_vits16")
+    found = demo._official_weights_in_cache("dinov2_vits14_reg")
     assert found is not None and found.parent == tmp_path
+    # ... and the demo's DINO ViT-S/16, DINO's own file in torch.hub's cache (never downloaded here).
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    assert demo._official_weights_in_cache(demo.DINO_BACKBONE) is None
+    dino_file = Path(torch.hub.get_dir()) / "checkpoints" / "dino_deitsmall16_pretrain.pth"
+    dino_file.parent.mkdir(parents=True)
+    dino_file.write_bytes(b"cached")
+    assert demo._official_weights_in_cache(demo.DINO_BACKBONE) == dino_file
     assert time.time() - started < 5
     assert "HF_HUB_OFFLINE" not in os.environ  # restored

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -18,18 +17,12 @@ import torch.multiprocessing as mp
 from hpseg.method import SharedContrastPattern, hidden_positive_loss
 from hpseg.runtime import DistributedContext
 from hpseg.training.distributed import check_batch_split, rank_share, share_bounds
-from tests.helpers import synthetic_prepared, tiny_config
+from tests.helpers import free_port, synthetic_prepared, tiny_config
 
 pytestmark = pytest.mark.slow
 
 EXACT = ["train.batch_size=6", "method.dropout=0", "method.similarity_dropout=false", "method.renew_interval=2",
          "train.val_interval=100", "train.validate_at_epoch_end=false"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world_size: int, port: int, data: str, out: str, extra: list[str]) -> None:

@@ -1,6 +1,6 @@
 """ONNX export: the graph agrees with hpseg's PyTorch path (DINO-style ViT, DINOv2-style ViT with
 registers, a checkpoint imported from the authors' format), the torch-free runner reproduces ``hpseg predict``, and the
-README example runs where torch cannot be imported."""
+documented example runs where torch cannot be imported."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,14 +27,12 @@ from hpseg.backbones.vit import dino_position_embedding  # noqa: E402
 from hpseg.cli.main import main  # noqa: E402
 from hpseg.data.transforms import normalize  # noqa: E402
 from hpseg.export.onnx import OPSET, export_onnx, exportable_dino_position_embedding  # noqa: E402
-from hpseg.export.runtime import OnnxSegmenter, OnnxTiling  # noqa: E402
+from hpseg.export.onnx_runner import OnnxSegmenter, OnnxTiling  # noqa: E402
 from hpseg.inference.segmenter import Segmenter  # noqa: E402
 from hpseg.inference.tiling import Tiling, resized_shape  # noqa: E402
 from hpseg.method.model import HiddenPositivesModel  # noqa: E402
 from hpseg.method.probes import centroid_scores  # noqa: E402
-from tests.test_api import one_thread, tiny_run  # noqa: E402,F401 - one_thread: autouse fixture
-from tests.test_authors_checkpoint import authors_payload  # noqa: E402
-from tests.test_readme import README, code_blocks  # noqa: E402
+from tests.helpers import DOCUMENTS, authors_payload, code_blocks  # noqa: E402
 
 MAPPING = [2, 0, -1, 1]  # one cluster matched to no class: -1 must survive the graph
 
@@ -43,10 +42,9 @@ def _images(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def dino(tmp_path_factory: pytest.TempPathFactory) -> tuple[Segmenter, Path]:
+def dino(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Segmenter, Path]:
     """The tiny trained run (random vit_tiny_p8) with a cluster->class mapping, and its checkpoint."""
-    run = tiny_run(tmp_path_factory)
-    checkpoint = run / "checkpoints" / "last.pt"
+    checkpoint = tiny_run / "checkpoints" / "last.pt"
     results = tmp_path_factory.mktemp("mapping") / "results.json"
     step = torch.load(checkpoint, weights_only=True)["step"]
     results.write_text(json.dumps({"checkpoint": str(checkpoint), "step": step, "cluster_to_class": MAPPING}))
@@ -220,10 +218,30 @@ def tiny_images(tmp_path: Path) -> Path:
     return folder
 
 
-def test_readme_example_runs_without_torch(dino: tuple[Segmenter, Path], dino_onnx: Path, tmp_path: Path,
-                                           tiny_images: Path) -> None:
-    """The README's onnxruntime example, in a process where ``import torch`` fails."""
-    example = next(body for language, body in code_blocks(README.read_text())
+def _only_numpy_pillow_onnxruntime(folder: Path) -> Path:
+    """A folder holding links to numpy, Pillow and onnxruntime (and their shared libraries) only:
+    with ``python -S`` and it as PYTHONPATH, the packages a user's bare venv would have."""
+    import PIL
+
+    folder.mkdir()
+    site = Path(np.__file__).resolve().parent.parent
+    for module in (np, PIL, ort):
+        package = Path(module.__file__).resolve().parent
+        (folder / package.name).symlink_to(package)
+    for libs in ("numpy.libs", "pillow.libs"):  # manylinux wheels' vendored libraries
+        if (site / libs).is_dir():
+            (folder / libs).symlink_to(site / libs)
+    return folder
+
+
+def test_readme_example_runs_as_written_without_hpseg(dino: tuple[Segmenter, Path], dino_onnx: Path,
+                                                      tmp_path: Path, tiny_images: Path) -> None:
+    """The documented onnxruntime example (docs/deployment.md), exactly as a user runs it (issue 22: it imported hpseg,
+    and copying the runner beside it did not help): the script and the runner file side by side,
+    ``python -S segment.py`` where only numpy, Pillow and onnxruntime can be imported."""
+    import hpseg.export.onnx_runner as runner
+
+    example = next(body for document in DOCUMENTS for language, body in code_blocks(document.read_text())
                    if language == "python" and "OnnxSegmenter" in body)
     model = re.search(r'OnnxSegmenter\("([^"]+)"\)', example)
     folder = re.search(r'Path\("([^"]+)"\)', example)
@@ -231,15 +249,17 @@ def test_readme_example_runs_without_torch(dino: tuple[Segmenter, Path], dino_on
     (tmp_path / model.group(1)).write_bytes(dino_onnx.read_bytes())
     if folder.group(1) != "photos":
         tiny_images.rename(tmp_path / folder.group(1))
-    blocker = tmp_path / "no-torch"
-    (blocker / "torch").mkdir(parents=True)
-    (blocker / "torch" / "__init__.py").write_text("raise ImportError('torch is blocked in this test')\n")
-    src = Path(hpseg.__file__).resolve().parent.parent
-    script = "import sys\n" + example + "\nassert 'torch' not in sys.modules\n"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(src)])}
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    (tmp_path / "segment.py").write_text(example)
+    (tmp_path / Path(runner.__file__).name).write_bytes(Path(runner.__file__).read_bytes())  # "copy it beside"
+    site = _only_numpy_pillow_onnxruntime(tmp_path / "bare-venv")
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1"}
+    probe = subprocess.run([sys.executable, "-S", "-c", "import hpseg"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert "No module named 'hpseg'" in probe.stderr  # the environment has no hpseg (nor torch)
+    done = subprocess.run([sys.executable, "-S", "segment.py"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+    assert "cluster" in done.stdout or "[" in done.stdout  # print(model.label_names("cluster"))
     written = sorted((tmp_path / folder.group(1)).glob("*.labels.png"))
     assert len(written) == 4
     for file in written:
@@ -248,6 +268,68 @@ def test_readme_example_runs_without_torch(dino: tuple[Segmenter, Path], dino_on
         got = np.array(Image.open(file)).astype(np.int64)
         got[got == 255] = -1
         assert got.shape == expected.shape and (got == expected).mean() >= 0.999
+
+
+def _with_metadata(source: Path, target: Path, edit: Any) -> Path:
+    """A copy of the ONNX model ``source`` whose ``hpseg`` metadata is ``edit(text)`` (None: removed)."""
+    import onnx
+
+    model = onnx.load(str(source))
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    text = edit(props["hpseg"])
+    del model.metadata_props[:]
+    for key, value in props.items():
+        if key != "hpseg" or text is not None:
+            prop = model.metadata_props.add()
+            prop.key, prop.value = key, (text if key == "hpseg" else value)
+    onnx.save(model, str(target))
+    return target
+
+
+def _edit_json(change: Any) -> Any:
+    def edit(text: str) -> str:
+        info = json.loads(text)
+        change(info)
+        return json.dumps(info)
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda text: text[: len(text) // 2], "its 'hpseg' metadata is not valid JSON"),
+    (lambda text: "[1, 2]", "its 'hpseg' metadata is not a JSON object"),
+    (lambda text: None, "has no 'hpseg' metadata"),
+    (_edit_json(lambda info: info.pop("tiling")), "no 'tiling' mapping (size, window, patch)"),
+    (_edit_json(lambda info: info["tiling"].update(patch="8")), "'tiling.patch' is '8', expected an integer >= 1"),
+    (_edit_json(lambda info: info["tiling"].update(size=-5)), "'tiling.size' is -5, expected an integer >= 0"),
+    (_edit_json(lambda info: info.update(n_clusters=True)), "'n_clusters' is True, expected an integer >= 1"),
+    (_edit_json(lambda info: info.update(class_names="sky")), "'class_names' is not a list of names"),
+    (_edit_json(lambda info: info["label_names"].pop("linear")), "'label_names' is not a mapping"),
+    (_edit_json(lambda info: info.update(cluster_to_class=[0, 99, 0, 0])), "'cluster_to_class' is not a list"),
+])
+def test_damaged_metadata_is_named_by_predict_onnx(edit: Any, message: str, dino_onnx: Path, tiny_images: Path,
+                                                   tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Metadata that was not JSON, or lacked ``tiling``, was a traceback through ``predict --onnx``."""
+    from hpseg.export.onnx_runner import OnnxModelError
+
+    damaged = _with_metadata(dino_onnx, tmp_path / "damaged.onnx", edit)
+    with pytest.raises(OnnxModelError, match=re.escape(message)):
+        OnnxSegmenter(damaged)
+    status = main(["predict", str(tiny_images), "--onnx", str(damaged), "--out", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err, err
+    assert f"hpseg predict: error: {damaged}: " in err or f"hpseg predict: error: {damaged} has no" in err
+    assert message in err
+
+
+def test_export_replaces_only_a_model_an_export_wrote(dino_onnx: Path, tmp_path: Path) -> None:
+    """The --out rule for the one file of an ONNX export (docs/outputs.md)."""
+    from hpseg.export.onnx import check_destination
+    from hpseg.files import OutputFolderError
+
+    assert check_destination(dino_onnx) == dino_onnx and check_destination(tmp_path / "new.onnx") == tmp_path / "new.onnx"
+    foreign = _with_metadata(dino_onnx, tmp_path / "foreign.onnx", lambda text: None)  # an ONNX model, not hpseg's
+    with pytest.raises(OutputFolderError, match=f"--out {foreign} exists and is not an ONNX model written by"):
+        check_destination(foreign)
 
 
 def test_clear_errors(tmp_path: Path, dino: tuple[Segmenter, Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -23,34 +22,7 @@ from hpseg.method import (
     hidden_positive_loss,
     propagate_to_neighbours,
 )
-
-DATA = Path(__file__).parent / "data"
-EXTRA_GOLDEN = "HPSEG_EXTRA_GOLDEN"
-
-
-def golden_files(pattern: str) -> list[Path]:
-    """The files matching ``pattern`` in tests/data, then those in $HPSEG_EXTRA_GOLDEN (if set)."""
-    files = sorted(DATA.glob(pattern))
-    extra = os.environ.get(EXTRA_GOLDEN)
-    if extra:
-        if not Path(extra).is_dir():
-            raise FileNotFoundError(f"{EXTRA_GOLDEN}={extra} is not a folder")
-        files += [p for p in sorted(Path(extra).glob(pattern)) if p.resolve().parent != DATA.resolve()]
-    return files
-
-
-def golden_id(path: Path) -> str:
-    """The test id of a golden file: its stem, prefixed with ``extra-`` outside tests/data."""
-    return path.stem if path.parent == DATA else f"extra-{path.stem}"
-
-
-GOLDEN = golden_files("hp_*.npz")
-BACKBONE_GOLDEN = golden_files("backbone_*.npz")
-
-
-def load(path: Path) -> dict:
-    with np.load(path) as archive:
-        return {key: torch.tensor(archive[key]) for key in archive.files}
+from tests.helpers import BACKBONE_GOLDEN, DATA, EXTRA_GOLDEN, GOLDEN, golden_id, load_golden
 
 
 def test_golden_files_present():
@@ -61,7 +33,7 @@ def test_golden_files_present():
 @pytest.mark.parametrize("path", GOLDEN, ids=golden_id)
 @pytest.mark.parametrize("chunk_size", [None, 5])
 def test_loss_and_gradients_match_reference(path, chunk_size):
-    g = load(path)
+    g = load_golden(path)
     z = g["z"].clone().requires_grad_()
     z_mix = g["z_mix"].clone().requires_grad_()
     loss = hidden_positive_loss(
@@ -89,7 +61,7 @@ def test_loss_and_gradients_match_reference(path, chunk_size):
 
 @pytest.mark.parametrize("path", GOLDEN, ids=golden_id)
 def test_local_propagation_matches_reference(path):
-    g = load(path)
+    g = load_golden(path)
     side = int(g["side"])
     weights = attention_neighbour_weights(g["lhp_attention"], (side, side), num_prefix_tokens=1, sigma=float(g["lhp_sigma"]))
     mixed = propagate_to_neighbours(g["lhp_code"], weights)
@@ -177,7 +149,7 @@ class _GoldenImages(Dataset):
 def test_backbone_features_match_reference_at_every_size(path: Path, tmp_path: Path):
     """Features at the native and at interpolated sizes (DINO's own interpolation) and the
     pre-softmax attention scores of the last block."""
-    g = load(path)
+    g = load_golden(path)
     backbone = _reference_backbone(g, tmp_path)
     assert len(_sizes(g)) >= 2
     for size in _sizes(g):
@@ -195,7 +167,7 @@ def test_training_lhp_weights_match_reference(path: Path, tmp_path: Path):
     from hpseg.training.cache import CachedFeatures, build_feature_cache
     from hpseg.training.features import BackboneFeatures
 
-    g = load(path)
+    g = load_golden(path)
     backbone = _reference_backbone(g, tmp_path)
     sigma = 28.0
     for size in _sizes(g):

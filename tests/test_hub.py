@@ -15,13 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
+from hpseg.files import OUTPUT_MARKER
+
 pytest.importorskip("huggingface_hub")
 
 import hpseg  # noqa: E402
 from hpseg.cli.main import main  # noqa: E402
 from hpseg.export.hub import export_hub, push, push_operations  # noqa: E402
-from tests.test_api import one_thread, tiny_run  # noqa: E402,F401 - one_thread: autouse fixture
-from tests.test_authors_checkpoint import authors_payload  # noqa: E402
+from tests.helpers import authors_payload  # noqa: E402
 
 MAPPING = [3, 1, 0, 2]
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -32,10 +33,10 @@ def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def run_with_eval(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_with_eval(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the tiny run with an evaluation of its last checkpoint where `hpseg eval` puts it."""
     run = tmp_path_factory.mktemp("hub") / "run"
-    shutil.copytree(tiny_run(tmp_path_factory), run)
+    shutil.copytree(tiny_run, run)
     checkpoint = run / "checkpoints" / "last.pt"
     step = torch.load(checkpoint, weights_only=True)["step"]
     (run / "eval-last").mkdir()
@@ -57,8 +58,8 @@ def folder(run_with_eval: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def test_folder_holds_config_heads_backbone_and_card(folder: Path) -> None:
     from safetensors.torch import load_file
 
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "backbone.safetensors", "config.json",
-                                                         "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".hpseg-output.json", "README.md", "backbone.safetensors",
+                                                         "config.json", "model.safetensors"]  # the marker is not pushed
     config = json.loads((folder / "config.json").read_text())
     assert config["format"] == "hpseg-hub" and config["cluster_to_class"] == MAPPING
     # A random backbone is not "official": its weights travel in safetensors.
@@ -93,7 +94,8 @@ def test_authors_checkpoint_exports_with_its_backbone(tmp_path: Path) -> None:
     torch.save(authors_payload(seed=2), authors)
     out = tmp_path / "hub"
     written = export_hub(authors, out)
-    assert sorted(p.name for p in written) == sorted(p.name for p in out.iterdir())
+    # Every file but the hidden output marker (--out rule, hpseg.files) is listed to the user.
+    assert sorted(p.name for p in written) == sorted(p.name for p in out.iterdir() if p.name != OUTPUT_MARKER)
     config = json.loads((out / "config.json").read_text())
     assert config["backbone"]["weights"] == "backbone.safetensors" and (out / "backbone.safetensors").is_file()
     assert config["checkpoint"]["selection"].startswith("imported from the authors'")

@@ -18,15 +18,14 @@ from hpseg.checkpoints.hf_names import HubName, parse_hub_name
 from hpseg.checkpoints.store import CheckpointError
 from hpseg.cli.main import main
 from hpseg.export.hub import export_hub
-from tests.test_api import one_thread, tiny_run  # noqa: F401 - one_thread: autouse fixture
 
 pytest.importorskip("huggingface_hub")
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def good(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("hub-good") / "hub"
-    export_hub(tiny_run(tmp_path_factory) / "checkpoints" / "last.pt", folder, mapping=None)
+    export_hub(tiny_run / "checkpoints" / "last.pt", folder, mapping=None)
     return folder
 
 

@@ -19,9 +19,7 @@ import torch.multiprocessing as mp
 from hpseg.checkpoints.payload import load_checkpoint
 from hpseg.runtime import COLLECTIVE_TIMEOUT_ENV, DistributedContext, collective_timeout
 from hpseg.training.lost_ranks import RankLostError, explain_lost_ranks
-from tests.helpers import synthetic_prepared, tiny_overrides
-from tests.test_distributed import free_port
-from tests.test_train import read_jsonl
+from tests.helpers import free_port, read_jsonl, synthetic_prepared, tiny_overrides
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 
@@ -107,5 +105,5 @@ def test_collective_timeout_from_the_environment(monkeypatch):
     assert collective_timeout().total_seconds() == 2.5
     for bad in ("0", "-3", "ten"):
         monkeypatch.setenv(COLLECTIVE_TIMEOUT_ENV, bad)
-        with pytest.raises(ValueError, match=f"{COLLECTIVE_TIMEOUT_ENV}='{bad}': expected a positive number"):
+        with pytest.raises(ValueError, match=f"{COLLECTIVE_TIMEOUT_ENV}='{bad}': expected a positive, finite number"):
             collective_timeout()

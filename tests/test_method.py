@@ -27,12 +27,7 @@ from hpseg.method.local_positives import row_quantile
 from hpseg.method.loss import HiddenPositiveLoss, LossBackend, dense_loss
 from hpseg.method.loss.backend import NAMES
 from hpseg.method.probes import centroid_scores
-from tests.helpers import clustered_batch
-
-
-def full_contrast(hw: int, n: int) -> SharedContrastPattern:
-    return SharedContrastPattern(torch.ones(hw, n, dtype=torch.bool))
-
+from tests.helpers import clustered_batch, full_contrast
 
 # ---------------------------------------------------------------- positives
 

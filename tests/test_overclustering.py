@@ -8,7 +8,7 @@ from hpseg.config import Config
 from hpseg.evaluation.metrics import SegmentationMetrics, hungarian_match, majority_match
 from hpseg.evaluation.protocol import evaluate_checkpoint
 from hpseg.training.trainer import train
-from tests.helpers import synthetic_prepared, tiny_config
+from tests.helpers import tiny_config
 
 # 3 clusters x 2 classes: confusion[p, c] = pixels of cluster p labelled c.
 CONFUSION = np.array([[5, 1], [0, 3], [4, 0]])
@@ -55,11 +55,6 @@ def test_extra_clusters_config_is_checked():
         Config().override(["method.extra_clusters=-1"])
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return synthetic_prepared(tmp_path_factory.mktemp("synthetic"))
-
-
 def test_over_clustered_probe_and_baseline_are_scored_both_ways(data_root, tmp_path):
     config = tiny_config(data_root, tmp_path, steps=6, extra=["method.extra_clusters=3", "train.label_free_crops=0"])
     run = train(config, run_dir=tmp_path / "run")
@@ -72,3 +67,11 @@ def test_over_clustered_probe_and_baseline_are_scored_both_ways(data_root, tmp_p
     assert report["baseline_majority"]["unsupervised_accuracy"] >= report["baseline"]["unsupervised_accuracy"]
     assert "K=7" in report["baseline_method"]
     assert len(report["cluster_to_class_majority"]) == 7 and -1 in report["cluster_to_class"]
+    # The majority-matched numbers are printed, not only written to results.json.
+    hp_text, baseline_text = report["text"].split("Baseline: ", 1)
+    for text, title, scores in ((hp_text, "HP over-clustered (K=7)", report["hp_majority"]),
+                                (baseline_text, "Baseline over-clustered (K=7)", report["baseline_majority"])):
+        section = text.split(title, 1)[1]
+        assert "many-to-one majority matching" in section.splitlines()[0]
+        for key in ("unsupervised_accuracy", "unsupervised_miou"):
+            assert f"  {key.replace('_', ' '):<24} {100 * scores[key]:6.2f}" in section

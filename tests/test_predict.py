@@ -18,12 +18,12 @@ import hpseg.inference.crf_numpy
 from hpseg.cli.main import main
 from hpseg.cli.predict import collect_images
 from hpseg.data import read_image
-from tests.test_api import one_thread, tiny_run  # noqa: F401 - one_thread: autouse fixture
+from hpseg.files import OUTPUT_MARKER
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_run(tmp_path_factory) / "checkpoints" / "last.pt"
+def checkpoint(tiny_run: Path) -> Path:
+    return tiny_run / "checkpoints" / "last.pt"
 
 
 def _save(path: Path, height: int, width: int, mode: str = "RGB", seed: int = 0) -> Path:
@@ -48,7 +48,8 @@ def inputs(tmp_path: Path) -> Path:
 
 
 def _outputs(out: Path) -> set[str]:
-    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    """The files predict wrote into ``out``, its marker (hpseg.files.OUTPUT_MARKER) left out."""
+    return {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != OUTPUT_MARKER}
 
 
 def test_predict_folder_mirrors_paths_at_input_size(inputs: Path, checkpoint: Path, tmp_path: Path,
@@ -85,7 +86,7 @@ def test_globs_files_and_the_linear_head(inputs: Path, checkpoint: Path, tmp_pat
     assert _outputs(out) >= {"labels/a/x.png", "labels/b/x.png", "labels/c.png", "overlays/a/x.png"}
     assert np.array(Image.open(out / "labels" / "c.png")).shape == (40, 30)
     summary = json.loads((out / "predictions.json").read_text())
-    assert summary["head"] == "linear" and summary["labels"][0]["name"] == "class 0 (stripes)"
+    assert summary["head"] == "linear" and summary["labels"][0]["name"] == "class 0 (red stripes)"
     assert summary["size"] == 0 and summary["window"] == 16
 
 
@@ -111,7 +112,7 @@ def test_mapping_from_an_evaluation_names_classes(inputs: Path, checkpoint: Path
                "--mapping", str(results), "--no-progress"])
     assert rc == 0
     summary = json.loads((out / "predictions.json").read_text())
-    assert summary["mapping"] == str(results) and summary["labels"][3]["name"] == "class 3 (gradient)"
+    assert summary["mapping"] == str(results) and summary["labels"][3]["name"] == "class 3 (violet gradient)"
 
 
 def test_nothing_readable_exits_nonzero(tmp_path: Path, checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -174,7 +175,7 @@ def test_a_failed_write_leaves_no_partial_output(inputs: Path, checkpoint: Path,
     out = tmp_path / "out"
     rc = main(["predict", str(inputs / "c.png"), "--checkpoint", str(checkpoint), "--out", str(out), "--no-progress"])
     assert rc == 2
-    assert not [p for p in out.rglob("*") if p.is_file()]
+    assert not _outputs(out)
 
 
 def test_predict_onnx_without_onnxruntime_says_how_to_install(inputs: Path, tmp_path: Path,
@@ -187,3 +188,12 @@ def test_predict_onnx_without_onnxruntime_says_how_to_install(inputs: Path, tmp_
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hpseg predict: error: onnxruntime is not installed"), lines
     assert 'pip install "hpseg[onnx]"' in lines[0]
+
+
+def test_predict_warns_about_a_random_backbone(checkpoint: Path, inputs: Path, tmp_path: Path, notices) -> None:
+    """The tiny run's backbone is a random initialisation, as the demo's: say that its segments of
+    real photos mean nothing, as the demo itself does."""
+    assert main(["predict", str(inputs), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out")]) == 0
+    warned = [m for m in notices.messages if "RANDOMLY INITIALISED" in m]
+    assert len(warned) == 1 and str(checkpoint) in warned[0] and "vit_tiny_p8" in warned[0]
+    assert hpseg.load(checkpoint, device="cpu").random_backbone

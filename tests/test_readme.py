@@ -1,5 +1,6 @@
-"""The README is tested: every ``hpseg`` command it shows parses with the real CLI (subcommand,
-flags, presets, config keys), and its Python example runs. A README that drifts is a bug."""
+"""The README and the documentation pages are tested: every ``hpseg`` command they show parses
+with the real CLI (subcommand, flags, presets, config keys), and README's Python example runs.
+Documentation that drifts is a bug."""
 
 from __future__ import annotations
 
@@ -11,15 +12,9 @@ from pathlib import Path
 import pytest
 
 from hpseg.cli.main import build_parser
-from tests.test_api import one_thread, tiny_run  # noqa: F401 - one_thread: autouse fixture
+from tests.helpers import DOCUMENTS, README, code_blocks
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 TEST_COMMAND = 'pip install -e ".[test,crf]" && HF_HUB_OFFLINE=1 python -m pytest -n 2'
-
-
-def code_blocks(text: str) -> list[tuple[str, str]]:
-    """(language, body) of every fenced code block."""
-    return [(m.group(1).strip(), m.group(2)) for m in re.finditer(r"^```([^\n]*)\n(.*?)^```", text, re.M | re.S)]
 
 
 def shell_commands(body: str) -> list[list[str]]:
@@ -43,10 +38,15 @@ def shell_commands(body: str) -> list[list[str]]:
     return commands
 
 
-def readme_commands() -> list[list[str]]:
-    blocks = code_blocks(README.read_text())
+def readme_commands(document: Path = README) -> list[list[str]]:
+    blocks = code_blocks(document.read_text())
     return [argv for language, body in blocks if language in ("", "bash", "sh", "shell", "console")
             for argv in shell_commands(body)]
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(file name, argv) of every command in README and the documentation pages."""
+    return [(document.name, argv) for document in DOCUMENTS for argv in readme_commands(document)]
 
 
 def test_readme_keeps_the_ci_test_command() -> None:
@@ -62,37 +62,58 @@ def test_quick_start_installs_and_runs_the_demo() -> None:
     assert commands[0] == "pip install -e . && hpseg demo" and commands[1] == TEST_COMMAND
 
 
+def test_test_command_note_gives_the_cpu_install() -> None:
+    """The note above the test command must not suggest the default (CUDA) wheels: the tests run
+    on the CPU, and README's own install advice for the CPU is the CPU index."""
+    note = README.read_text().split("## Quick start", 1)[1].split("<!-- test-command -->", 1)[0]
+    installs = re.findall(r"pip install torch[^`\n]*", note)
+    assert installs and all("--index-url https://download.pytorch.org/whl/cpu" in line for line in installs)
+
+
+def test_quick_start_mentions_offline_use() -> None:
+    quick = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "HF_HUB_OFFLINE=1" in quick.split("<!-- test-command -->", 1)[0]
+
+
 def test_readme_shows_every_subcommand() -> None:
     shown = {argv[0] for argv in readme_commands()}
     assert {"demo", "predict", "prepare", "train", "eval", "import-checkpoint"} <= shown
 
 
-@pytest.mark.parametrize("argv", readme_commands(), ids=lambda argv: " ".join(argv)[:60])
-def test_readme_command_parses(argv: list[str]) -> None:
+def test_docs_show_every_subcommand() -> None:
+    from hpseg.cli.main import build_parser
+
+    subcommands = set(next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices).choices)
+    shown = {argv[0] for _, argv in documented_commands()}
+    assert subcommands <= shown, f"commands no page shows: {sorted(subcommands - shown)}"
+
+
+@pytest.mark.parametrize(("document", "argv"), documented_commands(),
+                         ids=[f"{name}: {' '.join(argv)[:60]}" for name, argv in documented_commands()])
+def test_readme_command_parses(document: str, argv: list[str]) -> None:
     from hpseg.config import load_preset
 
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
-        pytest.fail(f"README command `hpseg {' '.join(argv)}` does not parse (exit {exit_.code})")
+        pytest.fail(f"{document}: command `hpseg {' '.join(argv)}` does not parse (exit {exit_.code})")
     if getattr(args, "preset", None):
         config = load_preset(args.preset)  # a shipped preset name
         config.override(list(getattr(args, "overrides", [])))  # every key=value is a real config key
 
 
-def test_readme_python_example_runs(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+def test_readme_python_example_runs(tiny_run: Path, data_root: Path, tmp_path: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The API example, on a checkpoint and an image placed where the example looks for them."""
     blocks = [body for language, body in code_blocks(README.read_text()) if language == "python"]
     example = next(body for body in blocks if "hpseg.load(" in body)
-    run = tiny_run(tmp_path_factory)
     checkpoint = tmp_path / "hpseg-demo" / "run" / "checkpoints" / "last.pt"
     checkpoint.parent.mkdir(parents=True)
-    shutil.copy(run / "checkpoints" / "last.pt", checkpoint)
+    shutil.copy(tiny_run / "checkpoints" / "last.pt", checkpoint)
     image = re.search(r'Image\.open\("([^"]+)"\)', example)
     assert image is not None
-    source = next((run.parent / "hpseg-tiny-data" / "data" / "val" / "images").glob("*.png"))
+    source = next((data_root / "val" / "images").glob("*.png"))
     (tmp_path / image.group(1)).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(source, tmp_path / image.group(1))
     monkeypatch.chdir(tmp_path)

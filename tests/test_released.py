@@ -39,9 +39,7 @@ from hpseg.checkpoints.released import (
 )
 from hpseg.cli.main import main
 from hpseg.data import CITYSCAPES27_CLASS_NAMES, load_cocostuff27_mapping
-from tests.helpers import Notices
-from tests.test_api import one_thread  # noqa: F401 - autouse fixture
-from tests.test_authors_checkpoint import authors_payload
+from tests.helpers import Notices, authors_payload, make_coco
 
 NAME = "hp/cocostuff27-vits8"
 FILE = "hp_cocostuff27_vits8.pth"
@@ -411,11 +409,9 @@ def test_paper_comparison_sets_the_papers_numbers_beside_the_evaluation() -> Non
 def test_eval_by_name_sets_the_papers_numbers_beside_its_own(server: Server, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str],
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_data import _make_coco
-
     server.routes[f"/{FILE}"] = serve_file(BODY)
     monkeypatch.chdir(tmp_path)  # a released model is evaluated into the current folder, not the cache
-    root = _make_coco(tmp_path / "cocostuff")
+    root = make_coco(tmp_path / "cocostuff")
     assert main(["eval", NAME, "--data-root", str(root), "--device", "cpu", "--max-images", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "paper vs this evaluation (COCO-Stuff-27 table of the paper (with CRF); this evaluation without CRF)" in out

@@ -1,6 +1,5 @@
 """`hpseg report`: mean ± std over seeds, refusals, CSV / Markdown / curves; `hpseg train --seeds`."""
 
-import copy
 import json
 import sys
 from pathlib import Path
@@ -13,30 +12,11 @@ from hpseg.cli.main import main
 from hpseg.config import Config
 from hpseg.evaluation.report import aggregate, collect_results, config_differences, write_report
 from hpseg.training.multi_seed import _train_in_processes, train_command
-from tests.helpers import synthetic_prepared, tiny_overrides
-
-
-def fake_results(seed: int, miou: float, *, crf: bool = False, config: Config | None = None, kind: str = "last",
-                 run=None) -> dict:
-    config = copy.deepcopy(config or Config())
-    config.train.seed = seed
-    return {
-        "checkpoint": str(run / "checkpoints" / f"{kind}.pt") if run else f"/nowhere/{kind}.pt",
-        "checkpoint_kind": kind, "selection": "last step", "selection_rule": kind, "step": 100, "seed": seed,
-        "crf": crf, "dataset": "folder", "backbone": "vit_tiny_p8", "n_images": 8,
-        "hp": {"unsupervised_accuracy": 0.8, "unsupervised_miou": miou, "linear_accuracy": 0.9, "linear_miou": 0.7},
-        "matching": {"hp": "hungarian"}, "config": config.to_dict(),
-    }
-
-
-def write(path, results):
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "results.json").write_text(json.dumps(results))
-    return path
+from tests.helpers import fake_results, synthetic_prepared, tiny_overrides, write_results
 
 
 def test_mean_std_min_max_by_hand(tmp_path):
-    paths = [write(tmp_path / f"s{seed}", fake_results(seed, miou)) for seed, miou in ((0, 0.5), (1, 0.6), (2, 0.7))]
+    paths = [write_results(tmp_path / f"s{seed}", fake_results(seed, miou)) for seed, miou in ((0, 0.5), (1, 0.6), (2, 0.7))]
     summary = write_report(paths, tmp_path / "report")
     (group,) = summary["groups"]
     row = next(r for r in group["rows"] if r["metric"] == "HP: unsupervised miou")
@@ -51,7 +31,7 @@ def test_mean_std_min_max_by_hand(tmp_path):
 
 
 def test_crf_on_and_off_are_separate_tables(tmp_path):
-    paths = [write(tmp_path / f"s{s}{crf}", fake_results(s, 0.5 + s / 10, crf=crf)) for s in (0, 1) for crf in (False, True)]
+    paths = [write_results(tmp_path / f"s{s}{crf}", fake_results(s, 0.5 + s / 10, crf=crf)) for s in (0, 1) for crf in (False, True)]
     summary = aggregate(collect_results(paths))
     assert [g["crf"] for g in summary["groups"]] == [False, True]
     assert all(g["seeds"] == [0, 1] for g in summary["groups"])
@@ -59,17 +39,17 @@ def test_crf_on_and_off_are_separate_tables(tmp_path):
 
 def test_refuses_configs_that_differ_beyond_the_seed(tmp_path):
     other = Config().override(["method.dim=64", "train.batch_size=8"])
-    paths = [write(tmp_path / "a", fake_results(0, 0.5)), write(tmp_path / "b", fake_results(1, 0.6, config=other))]
+    paths = [write_results(tmp_path / "a", fake_results(0, 0.5)), write_results(tmp_path / "b", fake_results(1, 0.6, config=other))]
     with pytest.raises(ValueError, match=r"method\.dim: 512, 64; train\.batch_size: 64, 8"):
         aggregate(collect_results(paths))
     assert config_differences([Config().to_dict(), other.to_dict()]) == ["method.dim", "train.batch_size"]
 
 
 def test_refuses_mixed_rules_and_repeated_seeds(tmp_path):
-    mixed = [write(tmp_path / "a", fake_results(0, 0.5)), write(tmp_path / "b", fake_results(1, 0.6, kind="best"))]
+    mixed = [write_results(tmp_path / "a", fake_results(0, 0.5)), write_results(tmp_path / "b", fake_results(1, 0.6, kind="best"))]
     with pytest.raises(ValueError, match="checkpoint_kind: best, last"):
         aggregate(collect_results(mixed))
-    twice = [write(tmp_path / "c", fake_results(0, 0.5)), write(tmp_path / "d", fake_results(0, 0.6))]
+    twice = [write_results(tmp_path / "c", fake_results(0, 0.5)), write_results(tmp_path / "d", fake_results(0, 0.6))]
     with pytest.raises(ValueError, match="seed 0 appears"):
         aggregate(collect_results(twice))
     (tmp_path / "empty").mkdir()
@@ -84,7 +64,7 @@ def test_curves_from_each_runs_metrics_log(tmp_path):
         (run / "checkpoints").mkdir(parents=True)
         log = [{"step": s, "validation": {"unsupervised_miou": 0.1 * s, "linear_miou": 0.2}} for s in (5, 10)]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [{"step": 1, "loss": 3.0}, *log]))
-        paths.append(write(run / "eval-last", fake_results(seed, 0.5, run=run)))
+        paths.append(write_results(run / "eval-last", fake_results(seed, 0.5, run=run)))
     summary = write_report([tmp_path / "run0", tmp_path / "run1"], tmp_path / "report")  # run folders: eval-*/ found
     pytest.importorskip("matplotlib")
     assert summary["curves"] and (tmp_path / "report" / "curves.png").stat().st_size > 1000
@@ -149,3 +129,19 @@ def test_train_command_trains_the_seed_on_its_device(tmp_path):
     assert main(command[3:]) == 0  # what `python -m hpseg` runs
     saved = load_checkpoint(run / "checkpoints" / "last.pt").config.train
     assert (saved.seed, saved.device) == (5, "cpu")
+
+
+def test_report_states_where_the_backbone_weights_came_from(tmp_path):
+    """A random backbone is not reported as pretrained (the demo's random network is saved to a
+    file, with backbone.pretrained=false)."""
+    random = Config().override(["backbone.name=vit_tiny_p8", "backbone.pretrained=false",
+                                "backbone.weights=/runs/backbone-vit_tiny_p8-random.safetensors"])
+    paths = [write_results(tmp_path / f"r{s}", fake_results(s, 0.5, config=random)) for s in (0, 1)]
+    markdown = write_report(paths, tmp_path / "random")["markdown"]
+    assert "randomly initialised weights, saved in /runs/backbone-vit_tiny_p8-random.safetensors" in markdown
+    assert "pretrained" not in markdown.split("\n\n")[1]
+    official = [write_results(tmp_path / f"o{s}", {**fake_results(s, 0.5), "backbone_weights": "official"}) for s in (0, 1)]
+    assert "(official pretrained weights)" in write_report(official, tmp_path / "official")["markdown"]
+    from_file = Config().override(["backbone.weights=/weights/dino.pth"])
+    files = [write_results(tmp_path / f"f{s}", fake_results(s, 0.5, config=from_file)) for s in (0, 1)]
+    assert "(weights from /weights/dino.pth)" in write_report(files, tmp_path / "file")["markdown"]

@@ -12,13 +12,7 @@ from hpseg.cli.main import main
 from hpseg.config import Config
 from hpseg.training.selection import label_free_scores
 from hpseg.training.trainer import train
-from tests.helpers import synthetic_prepared, tiny_config
-from tests.test_train import read_jsonl
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return synthetic_prepared(tmp_path_factory.mktemp("synthetic"))
+from tests.helpers import read_jsonl, tiny_config
 
 
 def test_last_rule_writes_no_label_chosen_checkpoint(data_root, tmp_path):

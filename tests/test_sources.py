@@ -26,8 +26,7 @@ from hpseg.cli import app
 from hpseg.cli.main import main
 from hpseg.export.hub import export_hub
 from hpseg.training.trainer import train
-from tests.helpers import synthetic_prepared, tiny_config
-from tests.test_authors_checkpoint import authors_payload
+from tests.helpers import authors_payload, synthetic_prepared, tiny_config
 
 pytest.importorskip("huggingface_hub")
 

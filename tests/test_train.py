@@ -28,16 +28,7 @@ from hpseg.training.trainer import (
     train,
     validates_after,
 )
-from tests.helpers import synthetic_prepared, tiny_config, tiny_overrides
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return synthetic_prepared(tmp_path_factory.mktemp("synthetic"))
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from tests.helpers import read_jsonl, synthetic_prepared, tiny_config, tiny_overrides
 
 
 def test_train_writes_run_and_checkpoints(data_root, tmp_path):

@@ -20,9 +20,7 @@ import torch.nn.functional as F
 from hpseg.method import IndependentContrastDraw, LossBackend, SharedContrastPattern, hidden_positive_loss
 from hpseg.method.loss import dense_loss, triton_kernels
 from hpseg.method.positives import PositiveInputs
-from tests.helpers import clustered_batch
-from tests.test_golden import GOLDEN, golden_id, load
-from tests.test_method import full_contrast
+from tests.helpers import GOLDEN, clustered_batch, full_contrast, golden_id, load_golden
 
 pytestmark = pytest.mark.skipif(not triton_kernels.AVAILABLE, reason="Triton is not installed")
 interpreted = pytest.mark.skipif(
@@ -130,7 +128,7 @@ def test_row_statistics_equal_brute_force():
 @interpreted
 @pytest.mark.parametrize("path", GOLDEN, ids=golden_id)
 def test_golden_values_through_the_kernels(path, monkeypatch):
-    g = load(path)
+    g = load_golden(path)
     calls = Calls(monkeypatch)
     args = (g["f"], g["s_ema"], g["pool_ag"], g["pool_sp"])
     kwargs = dict(

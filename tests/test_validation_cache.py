@@ -24,6 +24,8 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
+    """Its own dataset, not conftest's shared one: six validation images (cache identities over
+    different image subsets)."""
     return synthetic_prepared(tmp_path_factory.mktemp("synthetic_val_cache"), n_val=6)
 
 

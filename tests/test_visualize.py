@@ -83,12 +83,28 @@ def test_figure_grid_size():
     rows = [[img, label, np.zeros((8, 8, 3), dtype=np.uint8)], [img, None]]
     grid = figure_grid(rows, titles=["image", "ground truth", "HP"], cell=40)
     pad, title_h = 4, 22
-    assert grid.size == (3 * 40 + 4 * pad, title_h + 2 * 40 + 3 * pad)
-    assert figure_grid(rows, cell=40).size == (3 * 40 + 4 * pad, 2 * 40 + 3 * pad)
-    # a 64x48 image fits the 40px cell as 40x30, centred
-    arr = np.asarray(figure_grid([[img]], cell=40))
+    # Each 4:3 cell fits as 40x30, the square one as 40x40: row 0 is 40 tall (its square), row 1 30.
+    assert grid.size == (3 * 40 + 4 * pad, title_h + 40 + 30 + 3 * pad)
+    assert figure_grid(rows, cell=40).size == (3 * 40 + 4 * pad, 40 + 30 + 3 * pad)
+    square = [[np.zeros((8, 8, 3), dtype=np.uint8)] * 2] * 3
+    assert figure_grid(square, cell=40).size == (2 * 40 + 3 * pad, 3 * 40 + 4 * pad)
+    # in the square row the 64x48 image (40x30) is centred vertically: 5 px of background above it
+    arr = np.asarray(figure_grid(rows, cell=40))
     assert (arr[pad + 5 + 15, pad + 20] == (10, 20, 30)).all()
     assert (arr[pad + 1, pad + 20] == 255).all()
+
+
+def test_figure_of_a_landscape_image_has_no_blank_margins():
+    """A 4:1 panorama: the figure is as tall as the fitted image, not as the square cell."""
+    image = np.full((50, 200, 3), 90, np.uint8)
+    labels = np.zeros((50, 200), np.int64)
+    pad = 4
+    grid = figure_grid([[image, labels]], cell=384)
+    assert grid.size == (2 * 384 + 3 * pad, 96 + 2 * pad)
+    inside = np.asarray(grid)[pad:pad + 96, pad:pad + 384]
+    assert (inside == 90).all()  # the image fills its cell: no white band above or below
+    portrait = figure_grid([[image.transpose(1, 0, 2)]], cell=384)
+    assert portrait.size == (96 + 2 * pad, 384 + 2 * pad)
 
 
 def test_legend_squares_wrap_and_sit_below_the_image():

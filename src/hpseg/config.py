@@ -16,6 +16,8 @@ from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
+from hpseg.errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class Bounds:
@@ -37,16 +39,27 @@ class Bounds:
     def describe(self, dotted: str) -> str:
         """The range as an inequality, e.g. ``0 < method.rho <= 1``."""
         if self.high is None and self.low is not None:
-            return f"{dotted} {'>' if self.low_open else '>='} {self.low:g}"
-        low = f"{self.low:g} {'<' if self.low_open else '<='} " if self.low is not None else ""
-        high = f" {'<' if self.high_open else '<='} {self.high:g}" if self.high is not None else ""
+            return f"{dotted} {'>' if self.low_open else '>='} {_number(self.low)}"
+        low = f"{_number(self.low)} {'<' if self.low_open else '<='} " if self.low is not None else ""
+        high = f" {'<' if self.high_open else '<='} {_number(self.high)}" if self.high is not None else ""
         return f"{low}{dotted}{high}"
+
+
+def _number(value: float) -> str:
+    """A bound as written: whole numbers in full (a seed's 4294967295, not 4.29497e+09)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 #: The ranges most fields use.
 AT_LEAST_ONE, NON_NEGATIVE, POSITIVE = Bounds(1), Bounds(0), Bounds(0, low_open=True)
 #: [0, 1) and (0, 1].
 FRACTION_BELOW_ONE, FRACTION_ABOVE_ZERO = Bounds(0, 1, high_open=True), Bounds(0, 1, low_open=True)
+#: Classes and extra clusters: the (classes, clusters) confusion matrices and probes must fit in memory
+#: (a 2048 x 4096 int64 matrix is 64 MiB); the largest benchmarks have a few hundred classes.
+MAX_CLASSES = 2048
+#: Seeds: 0 .. 2**32 - 1, numpy's range; the RNG seeds derived from them (seed * 7919 + epoch, ...)
+#: stay within the 64 bits torch accepts.
+SEEDS = Bounds(0, 2**32 - 1)
 
 
 @dataclass
@@ -63,11 +76,22 @@ class DataConfig:
                                           "num_workers": NON_NEGATIVE}
     dataset: str = "cocostuff27"  # cocostuff27 | cityscapes27 | potsdam3 | folder
     root: str = ""
-    prepared_dir: str | None = None  # five-crop training set; default <root>/hpseg_prepared/train_<crop_size>
+    prepared_dir: str | None = None  # prepared training set; default <root>/hpseg_prepared/train_<crop_size>
     crop_size: int = 224
     val_size: int = 320
     num_workers: int = 2
     skip_bad_images: bool = False  # skip (and report) unreadable images instead of stopping
+    # [ref quirk] "jpeg": five-crop files as the authors' crop step wrote them (Pillow's defaults,
+    # quality 75, 4:2:0, each crop at its own size, resized when read); "png": lossless, stored at crop_size.
+    crop_format: Literal["jpeg", "png"] = "jpeg"
+    # [ref quirk] Potsdam-3's training set: "labelled_whole" = labelled_train.txt only, each whole tile
+    # resized (nearest, shorter side to crop_size) and centre-cropped (the authors'); "all_five_crops" =
+    # unlabelled_train.txt + labelled_train.txt, five-cropped.
+    potsdam_train: Literal["labelled_whole", "all_five_crops"] = "labelled_whole"
+    # [ref quirk] "normalized": the consistency loss's photometric view is applied to the normalised
+    # tensor (torchvision's float ops clip it to [0, 1]) and not normalised again (the authors');
+    # "uint8": applied to the 0..255 image, then normalised.
+    photometric_input: Literal["normalized", "uint8"] = "normalized"
     # Backbone feature cache (`hpseg cache`, hpseg.training.cache): None/"auto" = use
     # <prepared_dir>/feature_cache/<backbone> when it exists (it must then be valid); a path = that
     # cache (must be valid); "off" = always compute features with the backbone.
@@ -75,24 +99,33 @@ class DataConfig:
     # Validation features computed once per run (hpseg.training.validation_cache): "auto" = in
     # device memory when they fit, else memory-mapped beside the feature cache; "memory" | "disk" |
     # "off" (the backbone runs on the validation images at every validation).
-    val_feature_cache: str = "auto"
+    val_feature_cache: str = "auto"  # checked by Config.validate (val_feature_cache_setting)
+
+    def crop_rule(self) -> Literal["five", "whole"]:
+        """How ``hpseg prepare`` makes the training items: whole tiles for Potsdam-3 by default, else five crops."""
+        return "whole" if self.dataset == "potsdam3" and self.potsdam_train == "labelled_whole" else "five"
+
+    def potsdam_lists(self) -> Literal["labelled", "all"]:
+        """Potsdam-3's training lists (hpseg.data.build_raw_dataset)."""
+        return "labelled" if self.potsdam_train == "labelled_whole" else "all"
 
     def prepared_path(self) -> Path:
-        """Where ``hpseg prepare`` writes the five-crop training set and training reads it."""
+        """Where ``hpseg prepare`` writes the training set and training reads it."""
         if self.prepared_dir:
             return Path(self.prepared_dir)
         if not self.root:
-            raise ValueError("data.root is not set: pass --data-root DIR (or data.prepared_dir=DIR)")
+            raise InvalidInputError("data.root is not set: pass --data-root DIR (or data.prepared_dir=DIR)")
         return Path(self.root) / "hpseg_prepared" / f"train_{self.crop_size}"
 
 
 @dataclass
 class MethodConfig:
     RULES: ClassVar[dict[str, Bounds]] = {
-        "dim": AT_LEAST_ONE, "n_classes": AT_LEAST_ONE, "dropout": FRACTION_BELOW_ONE,
+        "dim": AT_LEAST_ONE, "n_classes": Bounds(1, MAX_CLASSES), "dropout": FRACTION_BELOW_ONE,
         "ema_momentum": FRACTION_BELOW_ONE, "pool_size": AT_LEAST_ONE, "renew_interval": AT_LEAST_ONE,
         "rho": FRACTION_ABOVE_ZERO, "tau": POSITIVE, "tau_base": POSITIVE, "warmup": NON_NEGATIVE,
-        "alpha": NON_NEGATIVE, "sigma": POSITIVE, "chunk_size": NON_NEGATIVE, "extra_clusters": NON_NEGATIVE,
+        "alpha": NON_NEGATIVE, "sigma": POSITIVE, "chunk_size": NON_NEGATIVE,
+        "extra_clusters": Bounds(0, MAX_CLASSES),
     }
     dim: int = 512  # D, segmentation feature width
     n_classes: int = 27  # K, clusters of the cluster probe and classes of the linear probe
@@ -144,7 +177,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     RULES: ClassVar[dict[str, Bounds]] = {
-        "batch_size": AT_LEAST_ONE, "epochs": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "seed": NON_NEGATIVE,
+        "batch_size": AT_LEAST_ONE, "epochs": NON_NEGATIVE, "max_steps": NON_NEGATIVE, "seed": SEEDS,
         "val_interval": AT_LEAST_ONE, "val_max_images": NON_NEGATIVE, "log_interval": AT_LEAST_ONE,
         "checkpoint_interval": AT_LEAST_ONE, "label_free_crops": NON_NEGATIVE,
     }
@@ -172,7 +205,7 @@ class TrainConfig:
     # the final weights; "unsupervised" the best label-free criterion below (no label used).
     selection: Literal["best", "last", "unsupervised"] = "best"
     # The criterion of selection=unsupervised (hpseg.training.selection): the silhouette tracked the
-    # validation mIoU best across checkpoints in README's measurements ("Label-free checkpoint selection").
+    # validation mIoU best across checkpoints in the measurements of docs/results.md ("Label-free checkpoint selection").
     unsupervised_criterion: Literal["probe_agreement", "stability", "silhouette"] = "silhouette"
     # Training crops whose head features the label-free criteria score at every validation step
     # (logged to metrics.jsonl for any rule); 0 = none, only allowed when selection is not unsupervised.
@@ -199,7 +232,7 @@ class Config:
         config = cls()
         for section, entries in values.items():
             if not hasattr(config, section) or not isinstance(entries, dict):
-                raise ValueError(f"unknown config section {section!r}; expected one of {_sections()}")
+                raise InvalidInputError(f"unknown config section {section!r}; expected one of {_sections()}")
             for key, value in entries.items():
                 _set_field(getattr(config, section), f"{section}.{key}", key, value)
         return config.validate()
@@ -208,13 +241,13 @@ class Config:
         """Apply ``section.field=value`` strings (values parsed as YAML scalars)."""
         for assignment in assignments:
             if "=" not in assignment:
-                raise ValueError(f"override {assignment!r} is not of the form section.field=value")
+                raise InvalidInputError(f"override {assignment!r} is not of the form section.field=value")
             dotted, raw = assignment.split("=", 1)
             if dotted.count(".") != 1:
-                raise ValueError(f"override key {dotted!r} must be section.field, e.g. train.batch_size")
+                raise InvalidInputError(f"override key {dotted!r} must be section.field, e.g. train.batch_size")
             section, key = dotted.split(".")
             if section not in _sections():
-                raise ValueError(f"unknown config section {section!r}; expected one of {_sections()}")
+                raise InvalidInputError(f"unknown config section {section!r}; expected one of {_sections()}")
             _set_field(getattr(self, section), dotted, key, _parse_value(assignment, raw))
         return self.validate()
 
@@ -227,12 +260,13 @@ class Config:
                 value = getattr(values, key)
                 if not bounds.allows(value):
                     dotted = f"{section}.{key}"
-                    raise ValueError(f"{dotted}={value!r} is out of range: allowed {bounds.describe(dotted)}")
+                    raise InvalidInputError(f"{dotted}={value!r} is out of range: allowed {bounds.describe(dotted)}")
+        val_feature_cache_setting(self.data.val_feature_cache)
         if self.train.selection == "unsupervised" and self.train.label_free_crops == 0:
-            raise ValueError("train.selection=unsupervised scores checkpoints on train.label_free_crops training "
+            raise InvalidInputError("train.selection=unsupervised scores checkpoints on train.label_free_crops training "
                              "crops: set train.label_free_crops to 1 or more (default 32)")
         if self.train.max_steps == 0 and self.train.epochs == 0:
-            raise ValueError("train.epochs=0 with train.max_steps=0 gives no training step: "
+            raise InvalidInputError("train.epochs=0 with train.max_steps=0 gives no training step: "
                              "set train.epochs >= 1 or train.max_steps >= 1")
         return self
 
@@ -245,13 +279,28 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+#: The settings of ``data.val_feature_cache`` (hpseg.training.validation_cache).
+VAL_FEATURE_CACHE_SETTINGS = ("auto", "memory", "disk", "off")
+
+
+def val_feature_cache_setting(value: str | None) -> str:
+    """``data.val_feature_cache`` as one of :data:`VAL_FEATURE_CACHE_SETTINGS` (empty = auto; YAML
+    reads ``off`` as false, so false / none / no mean off); ValueError naming the key otherwise."""
+    setting = (value or "auto").strip().lower()
+    if setting in ("false", "none", "no"):
+        return "off"
+    if setting not in VAL_FEATURE_CACHE_SETTINGS:
+        raise ValueError(f"data.val_feature_cache={value!r}: expected one of {', '.join(VAL_FEATURE_CACHE_SETTINGS)}")
+    return setting
+
+
 def _parse_value(assignment: str, raw: str) -> Any:
     """The YAML scalar of an override's value (None when empty)."""
     try:
         return yaml.safe_load(raw) if raw else None
     except yaml.YAMLError as error:
         problem = str(getattr(error, "problem", None) or error).strip()
-        raise ValueError(f"override {assignment!r}: the value {raw!r} is not valid YAML ({problem})") from None
+        raise InvalidInputError(f"override {assignment!r}: the value {raw!r} is not valid YAML ({problem})") from None
 
 
 def _sections() -> list[str]:
@@ -262,7 +311,7 @@ def _set_field(obj: Any, dotted: str, key: str, value: Any) -> None:
     hints = get_type_hints(type(obj))
     if key not in {f.name for f in dataclasses.fields(obj)}:  # not RULES, a class variable
         names = ", ".join(f.name for f in dataclasses.fields(obj))
-        raise ValueError(f"unknown config key {dotted!r}; known keys: {names}")
+        raise InvalidInputError(f"unknown config key {dotted!r}; known keys: {names}")
     setattr(obj, key, _coerce(dotted, hints[key], value))
 
 
@@ -270,17 +319,17 @@ def _coerce(dotted: str, hint: Any, value: Any) -> Any:
     origin = get_origin(hint)
     if origin is Literal:
         if value not in get_args(hint):
-            raise ValueError(f"{dotted}={value!r}: expected one of {list(get_args(hint))}")
+            raise InvalidInputError(f"{dotted}={value!r}: expected one of {list(get_args(hint))}")
         return value
     args = [a for a in get_args(hint) if a is not type(None)]
     if value is None:
         if type(None) in get_args(hint):
             return None
-        raise ValueError(f"{dotted} may not be empty")
+        raise InvalidInputError(f"{dotted} may not be empty")
     target = args[0] if args else hint
     if target is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{dotted}={value!r}: expected true or false")
+            raise InvalidInputError(f"{dotted}={value!r}: expected true or false")
         return value
     if target is float and isinstance(value, str):
         # YAML 1.1 reads "2e-3" (no dot) as a string; it is a float all the same.
@@ -294,7 +343,7 @@ def _coerce(dotted: str, hint: Any, value: Any) -> Any:
         return value
     if target is str:
         return str(value)
-    raise ValueError(f"{dotted}={value!r}: expected a value of type {getattr(target, '__name__', target)}")
+    raise InvalidInputError(f"{dotted}={value!r}: expected a value of type {getattr(target, '__name__', target)}")
 
 
 def preset_names() -> list[str]:
@@ -311,7 +360,7 @@ def load_preset(name_or_path: str) -> Config:
         text = path.read_text()
     else:
         if name_or_path not in preset_names():
-            raise ValueError(f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())}")
+            raise InvalidInputError(f"unknown preset {name_or_path!r}; shipped presets: {', '.join(preset_names())}")
         text = (resources.files("hpseg") / "presets" / f"{name_or_path}.yaml").read_text()
     try:
         values = yaml.safe_load(text) or {}
@@ -319,10 +368,10 @@ def load_preset(name_or_path: str) -> Config:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = str(getattr(error, "problem", None) or error).strip()
-        raise ValueError(f"config file {name_or_path} is not valid YAML{where}: {problem}") from None
+        raise InvalidInputError(f"config file {name_or_path} is not valid YAML{where}: {problem}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"preset {name_or_path}: expected a mapping of sections at the top level")
+        raise InvalidInputError(f"preset {name_or_path}: expected a mapping of sections at the top level")
     try:
         return Config.from_dict(values)
     except ValueError as error:
-        raise ValueError(f"config file {name_or_path}: {error}") from None
+        raise InvalidInputError(f"config file {name_or_path}: {error}") from None

@@ -6,6 +6,10 @@ and a crash, a kill or a full disk leaves the previous version (or nothing) in p
 temporary is created with mode 0o666 filtered by the umask, like any other file the user
 writes, so colleagues sharing a folder can read the outputs (``mkstemp``'s 0o600 would survive
 the rename).
+
+Output folders follow one rule (:class:`OutputFolder`, docs/outputs.md): a command writes into a
+new or empty folder or its own earlier output, marked by :data:`OUTPUT_MARKER`; anything else is
+refused naming the folder, before the work.
 """
 
 from __future__ import annotations
@@ -13,13 +17,16 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "is_temporary", "read_jsonl", "remove_stale_temporaries", "write_json_atomic",
-           "write_text_atomic"]
+from hpseg.errors import HpsegError
+
+__all__ = ["OUTPUT_MARKER", "OutputFolder", "OutputFolderError", "atomic_write", "claim_output_folder", "holds_only",
+           "is_temporary", "read_jsonl", "remove_stale_temporaries", "write_json_atomic", "write_text_atomic"]
 
 
 @contextmanager
@@ -97,3 +104,86 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> int:
             Path(directory, name).unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+# ---------------------------------------------------------------------------------------- output folders
+
+#: The file marking a folder as the output of one hpseg command (hidden: a hub folder pushed as it
+#: is leaves it out, and it does not clutter the user's listing).
+OUTPUT_MARKER = ".hpseg-output.json"
+
+
+class OutputFolderError(HpsegError, ValueError):
+    """An output folder hpseg may not write into (it holds files hpseg did not write)."""
+
+
+def _written_by(folder: Path) -> str | None:
+    """The command named by ``folder``'s marker; None without one. A marker that is not hpseg's
+    JSON counts as none (so the folder is refused, never overwritten)."""
+    try:
+        written_by = json.loads((folder / OUTPUT_MARKER).read_text()).get("written_by")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return written_by if isinstance(written_by, str) else None
+
+
+def holds_only(folder: Path, names: Iterable[str], required: str) -> bool:
+    """Whether ``folder`` holds ``required`` and nothing but entries named in ``names`` (temporaries
+    aside): the outputs of an hpseg that wrote no marker yet."""
+    entries = {name for name in os.listdir(folder) if not is_temporary(name)}
+    return required in entries and entries <= set(names)
+
+
+@dataclass(frozen=True)
+class OutputFolder:
+    """The output folder of one hpseg command and the one rule of every such folder (``predict``,
+    ``export --format hub``, ``eval``, ``demo``, ``clusters``, ``report``).
+
+    The folder may be new, empty, or an earlier output of the same ``command`` (its
+    :data:`OUTPUT_MARKER` says so, or ``earlier(path)``: the command's own files, written by an
+    hpseg from before the marker); anything else -- a file, the user's own folder, the output of
+    another command -- is refused with an :class:`OutputFolderError` naming the folder.
+    :meth:`check` before the work (nothing written), :meth:`claim` when the writing starts.
+    """
+
+    path: Path
+    command: str
+    earlier: Callable[[Path], bool] | None = None
+    option: str = "--out"
+
+    @property
+    def written_by(self) -> str:
+        return f"hpseg {self.command}"
+
+    def check(self) -> Path:
+        """The path if the command may write there; raises :class:`OutputFolderError` otherwise."""
+        folder, option = self.path, self.option
+        if folder.exists() and not folder.is_dir():
+            raise OutputFolderError(f"{option} {folder} is a file, not a folder: pick a new or empty {option} folder")
+        if not folder.is_dir():
+            return folder
+        previous = _written_by(folder)
+        entries = sorted(name for name in os.listdir(folder) if not is_temporary(name) and name != OUTPUT_MARKER)
+        if not entries or previous == self.written_by:
+            return folder
+        if previous is None and self.earlier is not None and self.earlier(folder):
+            return folder
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        whose = f"it is the output of {previous}" if previous else f"no {OUTPUT_MARKER} marks it as {self.written_by}'s"
+        raise OutputFolderError(
+            f"{option} {folder} already holds {shown} ({whose}): {self.written_by} writes only into a new or empty "
+            f"folder or its own earlier output; pick another {option} folder, or move those files away")
+
+    def claim(self) -> Path:
+        """:meth:`check`, then create the folder and mark it as the command's; returns the path."""
+        folder = self.check()
+        if _written_by(folder) != self.written_by:
+            write_json_atomic({"written_by": self.written_by,
+                               "note": f"{self.written_by} may write into this folder again, replacing its own outputs"},
+                              folder / OUTPUT_MARKER)
+        return folder
+
+
+def claim_output_folder(folder: str | os.PathLike[str], command: str, **rule: Any) -> Path:
+    """``OutputFolder(Path(folder), command, **rule).claim()``: for a command that writes at once."""
+    return OutputFolder(Path(folder), command, **rule).claim()

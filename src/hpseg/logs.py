@@ -49,9 +49,24 @@ def configure_logging(verbosity: int = 0) -> None:
     logger.propagate = False
 
 
+#: Seconds between redraws of a bar written to a file or a pipe (a log, not a screen).
+LOG_FILE_INTERVAL = 10.0
+
+
 def progress_bar(iterable: Iterable[T], logger: logging.Logger, **kwargs: Any) -> Iterable[T]:
-    """``tqdm(iterable, **kwargs)``, shown only when ``logger`` would emit INFO records."""
-    return tqdm(iterable, disable=not logger.isEnabledFor(logging.INFO), file=sys.stderr, **kwargs)
+    """``tqdm(iterable, **kwargs)``, shown only when ``logger`` would emit INFO records.
+
+    When stderr is not a terminal (redirected to a log file or a pipe), a transient bar
+    (``leave=False``) drawn while another bar runs is not shown: tqdm moves the cursor up to
+    redraw such a nested bar, and a file keeps those moves as ``ESC[A`` codes. The other bars
+    are redrawn at most every :data:`LOG_FILE_INTERVAL` seconds there.
+    """
+    to_screen = sys.stderr.isatty()
+    nested = kwargs.get("leave") is False and len(getattr(tqdm, "_instances", ())) > 0
+    if not to_screen:
+        kwargs.setdefault("mininterval", LOG_FILE_INTERVAL)
+    disable = not logger.isEnabledFor(logging.INFO) or (nested and not to_screen)
+    return tqdm(iterable, disable=disable, file=sys.stderr, **kwargs)
 
 
 def progress_counter(logger: logging.Logger, **kwargs: Any) -> tqdm:

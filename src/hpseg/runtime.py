@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hpseg.errors import InvalidInputError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks this rank's CUDA device when there is one, else the CPU."""
@@ -25,7 +27,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for but CUDA is not available on this machine")
+        raise InvalidInputError(f"device {name!r} was asked for but CUDA is not available on this machine")
     return device
 
 
@@ -35,11 +37,11 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         return None
     if amp in ("auto", "fp16"):
         if device.type != "cuda":
-            raise ValueError("amp=fp16 needs a CUDA device; use amp=bf16 or amp=none on the CPU")
+            raise InvalidInputError("amp=fp16 needs a CUDA device; use amp=bf16 or amp=none on the CPU")
         return torch.float16
     if amp == "bf16":
         return torch.bfloat16
-    raise ValueError(f"unknown amp setting {amp!r}; expected auto, fp16, bf16 or none")
+    raise InvalidInputError(f"unknown amp setting {amp!r}; expected auto, fp16, bf16 or none")
 
 
 # [ref quirk] the reference's GradScaler(init_scale=2048, growth_interval=1000); PyTorch's defaults
@@ -51,7 +53,7 @@ _GRAD_SCALER_SETTINGS = {"reference": {"init_scale": 2048.0, "growth_interval": 
 def make_grad_scaler(setting: str, device: torch.device, enabled: bool) -> torch.amp.GradScaler:
     """The loss scaler of float16 training: ``setting`` = "reference" or "pytorch" (``train.grad_scaler``)."""
     if setting not in _GRAD_SCALER_SETTINGS:
-        raise ValueError(f"unknown grad scaler setting {setting!r}; expected one of {sorted(_GRAD_SCALER_SETTINGS)}")
+        raise InvalidInputError(f"unknown grad scaler setting {setting!r}; expected one of {sorted(_GRAD_SCALER_SETTINGS)}")
     return torch.amp.GradScaler(device.type, enabled=enabled, **_GRAD_SCALER_SETTINGS[setting])
 
 
@@ -88,6 +90,9 @@ class DistributedContext:
 
 #: Seconds a collective waits for the other ranks before it fails (a rank that died or hangs).
 COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S = "HPSEG_COLLECTIVE_TIMEOUT", 600.0
+#: The longest timeout accepted (a year): torch keeps it in milliseconds, and "wait forever" is
+#: what the timeout exists to prevent.
+MAX_COLLECTIVE_TIMEOUT_S = 365 * 24 * 3600.0
 
 
 def collective_timeout() -> datetime.timedelta:
@@ -98,8 +103,9 @@ def collective_timeout() -> datetime.timedelta:
         seconds = float(text) if text else DEFAULT_COLLECTIVE_TIMEOUT_S
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
-        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV}={text!r}: expected a positive number of seconds")
+    if not 0 < seconds <= MAX_COLLECTIVE_TIMEOUT_S:  # nan and inf fail too
+        raise InvalidInputError(f"{COLLECTIVE_TIMEOUT_ENV}={text!r}: expected a positive, finite number of seconds "
+                         f"(at most {MAX_COLLECTIVE_TIMEOUT_S:.0f}, a year)")
     return datetime.timedelta(seconds=seconds)
 
 

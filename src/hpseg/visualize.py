@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from hpseg.errors import InvalidInputError
 from hpseg.files import atomic_write
 
 __all__ = [
@@ -132,7 +133,7 @@ def _format_for(path: str | os.PathLike[str]) -> str:
     ext = Path(path).suffix.lower()
     fmt = Image.registered_extensions().get(ext)
     if fmt is None:
-        raise ValueError(f"cannot tell the image format of {str(path)!r} from its extension")
+        raise InvalidInputError(f"cannot tell the image format of {str(path)!r} from its extension")
     return fmt
 
 
@@ -248,35 +249,36 @@ def figure_grid(
         rows: rows of cells; a cell is a PIL image, an ``(H, W, 3)`` array, an ``(H, W)``
             integer label map (colourised) or None (left blank). Rows may differ in length.
         titles: optional column titles drawn above the first row.
-        cell: each cell is fit (aspect kept, centred) into ``cell x cell`` pixels.
+        cell: each cell is fit (aspect kept, centred) into ``cell x cell`` pixels; a column is as
+            wide as its widest fitted cell and a row as tall as its tallest, so landscape or
+            portrait images leave no blank margins (an empty column or row keeps ``cell``).
         pad: gap between and around cells.
 
     Returns:
-        RGB image of width ``n_cols * cell + (n_cols + 1) * pad`` and height
-        ``n_rows * cell + (n_rows + 1) * pad`` (+ ``title_height`` with titles).
+        RGB image of width ``sum(column widths) + (n_cols + 1) * pad`` and height
+        ``sum(row heights) + (n_rows + 1) * pad`` (+ ``title_height`` with titles): for square
+        images ``n_cols * cell + (n_cols + 1) * pad`` by ``n_rows * cell + (n_rows + 1) * pad``.
     """
     n_rows = len(rows)
     n_cols = max([len(r) for r in rows] + [len(titles) if titles else 0])
     if n_rows == 0 or n_cols == 0:
         raise ValueError("figure_grid needs at least one cell")
+    cells = [[_cell_image(item, cell) for item in row] for row in rows]
+    widths = [max((r[j].width for r in cells if j < len(r) and r[j] is not None), default=cell) for j in range(n_cols)]
+    heights = [max((img.height for img in r if img is not None), default=cell) for r in cells]
+    lefts = [pad + sum(widths[:j]) + j * pad for j in range(n_cols)]
     top = title_height if titles else 0
-    width = n_cols * cell + (n_cols + 1) * pad
-    height = top + n_rows * cell + (n_rows + 1) * pad
-    canvas = Image.new("RGB", (width, height), background)
+    tops = [top + pad + sum(heights[:i]) + i * pad for i in range(n_rows)]
+    canvas = Image.new("RGB", (sum(widths) + (n_cols + 1) * pad, top + sum(heights) + (n_rows + 1) * pad), background)
     draw = ImageDraw.Draw(canvas)
     if titles:
         font = _font(max(8, title_height - 8))
         for j, title in enumerate(titles):
-            cx = pad + j * (cell + pad) + cell // 2
-            draw.text((cx, top // 2), str(title), fill=(0, 0, 0), font=font, anchor="mm")
-    for i, row in enumerate(rows):
-        for j, item in enumerate(row):
-            img = _cell_image(item, cell)
-            if img is None:
-                continue
-            x = pad + j * (cell + pad) + (cell - img.width) // 2
-            y = top + pad + i * (cell + pad) + (cell - img.height) // 2
-            canvas.paste(img, (x, y))
+            draw.text((lefts[j] + widths[j] // 2, top // 2), str(title), fill=(0, 0, 0), font=font, anchor="mm")
+    for i, row in enumerate(cells):
+        for j, img in enumerate(row):
+            if img is not None:
+                canvas.paste(img, (lefts[j] + (widths[j] - img.width) // 2, tops[i] + (heights[i] - img.height) // 2))
     return canvas
 
 

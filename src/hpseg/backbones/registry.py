@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hpseg.errors import InvalidInputError
+
 #: Per-channel mean / std of the ImageNet normalisation every registered backbone expects.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -176,7 +178,7 @@ def get_spec(name: str) -> BackboneSpec:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(_REGISTRY)
-        raise ValueError(f"unknown backbone {name!r}; known backbones: {known}") from None
+        raise InvalidInputError(f"unknown backbone {name!r}; known backbones: {known}") from None
 
 
 def format_backbone_table() -> str:

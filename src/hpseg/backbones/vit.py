@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from hpseg.errors import InvalidInputError
+
 from .registry import BackboneSpec
 
 
@@ -129,7 +131,7 @@ class Backbone(nn.Module):
         """(h, w) patch grid of an image of ``height`` × ``width`` pixels (ValueError if not multiples)."""
         p = self.patch_size
         if height % p or width % p:
-            raise ValueError(
+            raise InvalidInputError(
                 f"backbone {self.spec.name!r} needs image height and width that are multiples of its "
                 f"patch size {p}, got {height}x{width} (crop or resize to e.g. "
                 f"{max(p, height // p * p)}x{max(p, width // p * p)})"

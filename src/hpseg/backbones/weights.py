@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpseg.errors import HpsegError
+
 from .registry import BackboneSpec
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,7 @@ def strip_key_prefixes(key: str, prefixes: tuple[str, ...]) -> str:
     return key
 
 
-class BackboneWeightsError(RuntimeError):
+class BackboneWeightsError(HpsegError, RuntimeError):
     """Backbone weights could not be obtained or do not fit the backbone."""
 
 
@@ -308,8 +310,9 @@ def resolve_official_weights(spec: BackboneSpec) -> Path:
     """
     if not spec.has_official_weights:
         raise BackboneWeightsError(
-            f"backbone {spec.name!r} has no official pretrained weights: use pretrained=False for a "
-            "random initialisation, or pass a weights file with --weights FILE (Python: weights=FILE)"
+            f"backbone {spec.name!r} has no official pretrained weights: use --random-backbone for a random "
+            "initialisation (Python: pretrained=False, config: backbone.pretrained=false), or pass a weights "
+            "file with --weights FILE (Python: weights=FILE)"
         )
     if spec.download_url:
         return _resolve_url_weights(spec)
@@ -368,5 +371,6 @@ def _unavailable_message(spec: BackboneSpec, reason: str) -> str:
         f"cannot get pretrained weights for backbone {spec.name!r} ({spec.description}): {reason}. "
         f"It needs the file {spec.weights_file} from {spec.download_url or spec.weights_source}. "
         f"Download it where there is internet access and pass it with --weights FILE "
-        f"(Python: create_backbone({spec.name!r}, weights=FILE)), or use pretrained=False for random weights."
+        f"(Python: create_backbone({spec.name!r}, weights=FILE)), or use --random-backbone for random weights "
+        f"(Python: pretrained=False)."
     )

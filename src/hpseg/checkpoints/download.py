@@ -36,6 +36,7 @@ from http.cookiejar import CookieJar
 from pathlib import Path
 from typing import IO, Any
 
+from hpseg.errors import HpsegError
 from hpseg.logs import byte_progress
 
 __all__ = ["DownloadError", "download_file", "file_sha256", "is_torch_file"]
@@ -48,7 +49,7 @@ _CHUNK, _HTML_LIMIT = 1 << 20, 2 << 20
 _MAX_CONFIRMATIONS = 3
 
 
-class DownloadError(RuntimeError):
+class DownloadError(HpsegError, RuntimeError):
     """A file could not be downloaded, or what came is not the file (the message says which)."""
 
 

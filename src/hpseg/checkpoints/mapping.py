@@ -12,13 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hpseg.errors import HpsegError
+
 __all__ = ["MappingError", "check_mapping", "evaluation_dir", "find_mapping", "read_mapping"]
 
 #: The folder of a run's checkpoints (``<run>/checkpoints/last.pt``).
 RUN_CHECKPOINTS = "checkpoints"
 
 
-class MappingError(ValueError):
+class MappingError(HpsegError, ValueError):
     """A cluster -> class mapping file that cannot be used; the message names the file and why."""
 
 

@@ -46,6 +46,7 @@ from hpseg.backbones import get_spec
 from hpseg.backbones.weights import offline_mode
 from hpseg.checkpoints.download import DownloadError, download_file, file_sha256, is_torch_file
 from hpseg.data import dataset_class_names
+from hpseg.errors import HpsegError
 from hpseg.files import write_json_atomic
 from hpseg.visualize import palette
 
@@ -73,7 +74,7 @@ _DRIVE_PAGE = "https://drive.google.com/file/d/{}/view"
 _CODE_LICENCE = "MIT (github.com/hynnsk/HP, Copyright (c) 2023 Hyun Seok Seong)"
 
 
-class ReleasedModelError(RuntimeError):
+class ReleasedModelError(HpsegError, RuntimeError):
     """A released model cannot be had: unknown name, offline, download failed, file changed."""
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from hpseg.checkpoints.store import CheckpointError
+from hpseg.errors import InvalidInputError
 
 __all__ = ["RUN_CONFIG", "SELECTION_RULES", "is_run_folder", "rule_checkpoint", "selected_checkpoint",
            "selection_text"]
@@ -40,7 +41,7 @@ def selection_text(rule: str, criterion: str = "") -> str:
 def rule_checkpoint(run_dir: str | Path, rule: str) -> Path:
     """The checkpoint a run's selection ``rule`` designates: ``<run>/checkpoints/<rule>.pt``."""
     if rule not in SELECTION_RULES:
-        raise ValueError(f"train.selection={rule!r}: expected one of {', '.join(SELECTION_RULES)}")
+        raise InvalidInputError(f"train.selection={rule!r}: expected one of {', '.join(SELECTION_RULES)}")
     return Path(run_dir) / "checkpoints" / f"{rule}.pt"
 
 

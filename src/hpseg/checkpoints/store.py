@@ -12,13 +12,14 @@ from typing import Any
 import torch
 
 from hpseg.backbones.weights import short_error, unsupported_global
+from hpseg.errors import HpsegError
 from hpseg.files import atomic_write
 
 FORMAT = "hpseg-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(HpsegError, ValueError):
     """A checkpoint file that cannot be used; the message names the file and the problem."""
 
 

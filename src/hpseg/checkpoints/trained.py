@@ -254,6 +254,13 @@ class TrainedModel:
         return self.checkpoint.class_names
 
     @property
+    def random_backbone(self) -> bool:
+        """Whether the backbone is a random initialisation: rebuilt as such, recorded as not
+        pretrained (the demo saves its random network to a file), or one with no trained weights."""
+        return (self.weights_source == "random" or not self.config.backbone.pretrained
+                or self.backbone.spec.family == "random")
+
+    @property
     def n_clusters(self) -> int:
         return int(self.model.cluster_probe.centroids.shape[0])
 

@@ -13,9 +13,9 @@
 5. writes ``figure.png`` (validation image | ground truth | baseline | HP, clusters coloured as
    the classes they are matched to) and ``metrics.json``, and explains the numbers.
 
-Everything lands in ``--out``, marked as the demo's by ``hpseg-demo.json``
+Everything lands in ``--out``, marked as the demo's by ``.hpseg-output.json``
 (:mod:`hpseg.cli.demo_folder`: a later demo replaces only what the demo wrote, and refuses a
-folder holding the user's own ``run/`` or ``data/``): ``data/`` (dataset and crops), ``run/`` (checkpoints, metrics
+folder holding files of the user's own): ``data/`` (dataset and crops), ``run/`` (checkpoints, metrics
 log, TensorBoard events, ``eval-last/results.json``), ``figure.png``, ``metrics.json``.
 ``hpseg predict IMAGES --checkpoint <out>/run/checkpoints/last.pt --out DIR`` then segments
 other images with the demo's model.
@@ -65,7 +65,7 @@ RANDOM_WEIGHTS = "random initialisation"
 class DemoSettings:
     """Sizes of the demo run; the defaults fit in a few minutes on two CPU cores.
 
-    See ``hpseg demo --help``; the README's "demo" section reports what these give.
+    See ``hpseg demo --help``; README's demo table and docs/demo.md report what these give.
     """
 
     steps: int | None = None  # None: 300 on the tiny random ViT, 150 on DINO ViT-S/16 (slower per step)
@@ -76,7 +76,7 @@ class DemoSettings:
     n_val: int = 24
     n_classes: int = 6  # with 4 the classes differ by colour alone and k-means on raw features is hard to beat
     batch_size: int = 16
-    dim: int = 32  # D, segmentation feature width (half the tiny ViT's 64; see the README on how it was chosen)
+    dim: int = 32  # D, segmentation feature width (half the tiny ViT's 64; see docs/demo.md on how it was chosen)
     pool_size: int = 256
     warmup: int = 50
     renew_interval: int = 20
@@ -129,10 +129,13 @@ def _choose_backbone(out: Path, weights: str | None, backbone: str | None) -> tu
     return name, str(file.resolve()), False
 
 
-def _config(settings: DemoSettings, data: Path, prepared: Path, name: str, weights: str, out: Path) -> Config:
+def _config(settings: DemoSettings, data: Path, prepared: Path, name: str, weights: str, pretrained: bool,
+            out: Path) -> Config:
     s = settings
+    # The weights file is what every step loads; backbone.pretrained records whether it holds trained
+    # weights (false: the random initialisation saved to a file), which reports and the hub card state.
     return Config().override([
-        f"backbone.name={name}", f"backbone.weights={weights}", "backbone.pretrained=true",
+        f"backbone.name={name}", f"backbone.weights={weights}", f"backbone.pretrained={str(pretrained).lower()}",
         "data.dataset=folder", f"data.root={data}", f"data.prepared_dir={prepared}",
         f"data.crop_size={s.crop_size}", f"data.val_size={s.image_size}", "data.num_workers=0",
         f"method.dim={s.dim}", f"method.n_classes={s.n_classes}", f"method.pool_size={s.pool_size}",
@@ -273,7 +276,7 @@ def explain(metrics: dict[str, Any]) -> str:
         lines.append("    k-means on the same features does not have this failure.")
     if metrics["backbone_weights"] == RANDOM_WEIGHTS:
         lines.append("  The backbone is random here: the columns show what HP adds on top of the same features on toy")
-        lines.append("  data, not what it does on real photos (the README has the paper's numbers).")
+        lines.append("  data, not what it does on real photos (docs/paper.md has the paper's numbers).")
     return "\n".join(lines)
 
 
@@ -337,7 +340,7 @@ def _train(config: Config, run_dir: Path, settings: DemoSettings, torch_device: 
 def _run(out: Path, settings: DemoSettings, weights: str | None, backbone: str | None,
          torch_device: torch.device) -> dict[str, Any]:
     started = time.time()
-    claim_demo_folder(out)  # before anything is written: refuses a folder holding the user's own run/ or data/
+    claim_demo_folder(out)  # before anything is written: refuses a folder holding the user's own files
     timings: dict[str, float] = {}
     name, weights_file, pretrained = _choose_backbone(out, weights, backbone)
     patch = get_spec(name).patch_size
@@ -346,7 +349,7 @@ def _run(out: Path, settings: DemoSettings, weights: str | None, backbone: str |
     data, prepared = _synthetic_data(out, settings)
     timings["data_s"] = round(time.time() - started, 1)
 
-    config = _config(settings, data, prepared, name, weights_file, out)
+    config = _config(settings, data, prepared, name, weights_file, pretrained, out)
     config.train.device = str(torch_device)
     run_dir = out / "run"
     mark = time.time()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from hpseg.errors import HpsegError
+
 __all__ = ["UsageError"]
 
 
-class UsageError(ValueError):
+class UsageError(HpsegError, ValueError):
     """Arguments a command cannot work with; the message says which and what to do instead."""

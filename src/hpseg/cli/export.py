@@ -38,9 +38,10 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"hub folder written to {args.out} ({', '.join(p.name for p in written)}); "
               f"upload it with: hpseg push {args.out} OWNER/NAME")
         return 0
-    from hpseg.export.onnx import OPSET, export_onnx
+    from hpseg.export.onnx import OPSET, check_destination, export_onnx
     from hpseg.inference.segmenter import load  # torch: only when the command runs
 
+    check_destination(args.out)  # before loading and exporting (18-60 s): a refused --out costs nothing
     segmenter = load(args.checkpoint, device="cpu", weights=args.weights, mapping=mapping, size=args.size,
                      window=args.window)
     out = export_onnx(segmenter, args.out, checkpoint=args.checkpoint)

@@ -4,25 +4,27 @@ This module only parses arguments: each command imports what it runs inside its 
 function, so that ``hpseg --help`` and argument errors answer without importing torch (seconds).
 
 Output: a command's result goes to stdout; progress bars and notices go to stderr through the
-``hpseg`` logger (``--quiet``: warnings only, ``--verbose``: debug records too). Errors: hpseg's
-own errors (``CheckpointError``, ``BackboneWeightsError``, ``DatasetLayoutError``,
-``ImageReadError``, ...), the ``ValueError`` / ``RuntimeError`` hpseg raises about its inputs and
-the system's ``OSError`` print one line and exit with 2; anything else is unexpected and keeps
-its traceback (exit 1); ``--debug`` shows the traceback of every error.
+``hpseg`` logger (``--quiet``: warnings only, ``--verbose``: debug records too). Errors: the
+errors a user can fix (:class:`hpseg.errors.HpsegError`: ``CheckpointError``, ``DatasetLayoutError``,
+``UsageError``, ...) and the system's ``OSError`` (a missing file, a full disk) print one line and
+exit with 2; anything else is unexpected and keeps its traceback (exit 1); ``--debug`` shows the
+traceback of every error.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
 import traceback
 from pathlib import Path
-from types import TracebackType
 
 from hpseg import __version__
 from hpseg.cli import export as export_commands  # argparse only at import: the parser stays torch-free
 from hpseg.cli.errors import UsageError
+from hpseg.errors import HpsegError
 from hpseg.logs import configure_logging
 
 #: Exit status of a failure hpseg explains in one line, and of an unexpected one.
@@ -109,15 +111,24 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from hpseg.data import build_raw_dataset, prepare_five_crops
+    from hpseg.data import build_raw_dataset, prepare_training_set
+    from hpseg.data.prepare import MANIFEST_NAME
 
     config = _config_from(args)
+    data = config.data
     if args.out:
-        config.data.prepared_dir = args.out
-    raw = build_raw_dataset(config.data.dataset, config.data.root, "train", n_classes=config.method.n_classes,
-                            skip_bad_images=config.data.skip_bad_images)
-    out = prepare_five_crops(raw, config.data.prepared_path(), crop_size=config.data.crop_size)
-    print(f"five-crop training set of {len(raw)} images ready in {out}")
+        data.prepared_dir = args.out
+    raw = build_raw_dataset(data.dataset, data.root, "train", n_classes=config.method.n_classes,
+                            skip_bad_images=data.skip_bad_images, potsdam_lists=data.potsdam_lists())
+    rule = data.crop_rule()
+    out = prepare_training_set(raw, data.prepared_path(), crop_size=data.crop_size, crop_rule=rule,
+                               crop_format=data.crop_format)
+    skipped = len(json.loads((out / MANIFEST_NAME).read_text())["skipped"])
+    used = len(raw) - skipped
+    what = "five-crop" if rule == "five" else "whole-image"
+    print(f"{what} training set of {used} image{'s' * (used != 1)} ready in {out}"
+          + (f" ({skipped} unreadable image{'s' * (skipped != 1)} skipped: listed under \"skipped\" in "
+             f"{out / MANIFEST_NAME})" if skipped else ""))
     return 0
 
 
@@ -132,19 +143,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = resume(args.resume)
     else:
+        # The resolved config goes to <run>/config.yaml (and to --verbose), not to the screen: ~70
+        # lines that would bury a first error such as missing weights.
         config = _config_from(args)
-        if is_main:
-            print("resolved config:\n" + config.to_yaml())
+        logging.getLogger("hpseg.cli").debug("resolved config:\n%s", config.to_yaml())
         run_dir = train(config, run_dir=args.run_dir)
     if is_main:
         from hpseg.checkpoints.runs import selected_checkpoint
         from hpseg.checkpoints.store import CheckpointError
 
+        written = ", ".join(f"checkpoints/{path.name}" for path in sorted((run_dir / "checkpoints").glob("*.pt")))
         try:
-            chosen = f"the checkpoint train.selection chose: {selected_checkpoint(run_dir)}"
+            chosen = f"the checkpoint train.selection chose, which the run folder stands for: {selected_checkpoint(run_dir)}"
         except CheckpointError as error:
             chosen = str(error)
-        print(f"run written to {run_dir} (checkpoints/, metrics.jsonl); {chosen}")
+        print(f"run written to {run_dir} ({written or 'no checkpoint'}, metrics.jsonl, config.yaml); {chosen}")
     return 0
 
 
@@ -159,10 +172,18 @@ def _loader_workers(args: argparse.Namespace) -> int:
 
 
 def _train_seeds(args: argparse.Namespace) -> int:
+    from hpseg.config import SEEDS
     from hpseg.training.multi_seed import train_seeds
 
     if args.resume or not args.run_dir:
         raise UsageError("--seeds needs --run-dir DIR (one folder seed-<s>/ per seed inside it) and no --resume")
+    for seed in args.seeds:
+        if not SEEDS.allows(seed):
+            raise UsageError(f"--seeds {seed}: out of range, allowed {SEEDS.describe('seed')}")
+    if not args.no_eval:  # the report's folder, checked before hours of training rather than after
+        from hpseg.evaluation.report import report_folder
+
+        report_folder(Path(args.run_dir) / "report").check()
     result = train_seeds(_config_from(args), args.run_dir, args.seeds, evaluate=not args.no_eval, crf=args.crf)
     if result["report"]:
         print(result["report"]["markdown"])
@@ -183,8 +204,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_clusters(args: argparse.Namespace) -> int:
     from hpseg.evaluation.clusters import DEFAULT_CRITERION, parse_k_range, run_clusters
 
+    if args.max_images < 0:
+        raise UsageError(f"--max-images {args.max_images}: must be 0 (all images) or more")
     _fit_threads(args, 0)  # images are read in this process
-    report = run_clusters(args.source, args.data_root, parse_k_range(args.k), out_dir=args.out,
+    report = run_clusters(args.source, args.data_root, parse_k_range(args.k, args.max_patches), out_dir=args.out,
                           criterion=args.criterion or DEFAULT_CRITERION, max_patches=args.max_patches, seed=args.seed, split=args.split,
                           size=args.size, max_images=args.max_images, weights=args.weights,
                           random_backbone=args.random_backbone, device=args.device)
@@ -194,8 +217,8 @@ def cmd_clusters(args: argparse.Namespace) -> int:
         print(f"{row['k']:4d}  {row['silhouette']:10.3f}  {row['davies_bouldin']:14.3f}  {row['stability']:9.3f}  "
               f"{row['eigengap']:8.4f}")
     print(f"suggested K = {report['suggested_k']} (by {report['criterion']}; by each criterion: "
-          f"{report['suggested_k_by_criterion']}). How often this was right on data with known classes: README, "
-          "'How many clusters'.")
+          f"{report['suggested_k_by_criterion']}). How often this was right on data with known classes: "
+          "docs/results.md, 'How many clusters?'.")
     print(f"written to {args.out}/clusters.json" + (" and clusters.png" if report["plot"] else ""))
     return 0
 
@@ -206,8 +229,6 @@ def _other_rank() -> bool:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    import logging
-
     if _other_rank():
         return 0  # rank 0 builds the cache (its progress file resumes one writer), the others have nothing to do
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -372,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the authors' released models (hpseg predict --model NAME)")
     p.set_defaults(run=cmd_models)
 
-    p = sub.add_parser("prepare", help="cut the training set into five crops (offline step of the protocol)")
+    p = sub.add_parser("prepare", help="prepare the training set: five crops, or whole Potsdam tiles (offline step of the protocol)")
     _add_config_arguments(p)
     p.add_argument("--out", help="output directory (default: <data-root>/hpseg_prepared/train_<crop>)")
     _add_no_progress(p)
@@ -499,32 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _innermost_module(trace: TracebackType | None) -> str:
-    """The module of the function that raised (the last frame of the traceback)."""
-    if trace is None:
-        return ""
-    while trace.tb_next is not None:
-        trace = trace.tb_next
-    return str(trace.tb_frame.f_globals.get("__name__", ""))
-
-
-def _in_hpseg(module: str) -> bool:
-    return module == "hpseg" or module.startswith("hpseg.")
-
-
 def is_user_error(error: BaseException) -> bool:
-    """Whether ``error``'s message is written for users, so that one line says it all.
-
-    True for hpseg's own error classes, for a ``ValueError`` / ``RuntimeError`` raised by hpseg's
-    code (its checks of configs, arguments and files) and for the system's ``OSError`` (missing
-    file, full disk, permissions: the message names the file). False for anything else, e.g. a
-    ``RuntimeError`` raised inside torch or a ``KeyError``: a bug, whose traceback is needed.
-    """
-    if any(_in_hpseg(cls.__module__) for cls in type(error).__mro__):
-        return True
-    if isinstance(error, OSError):
-        return True
-    return isinstance(error, (ValueError, RuntimeError)) and _in_hpseg(_innermost_module(error.__traceback__))
+    """Whether ``error``'s message is written for users, so that one line says it all: an
+    :class:`~hpseg.errors.HpsegError`, or the system's ``OSError`` (its message names the file).
+    Anything else, e.g. a ``RuntimeError`` inside torch or a ``KeyError``, is a bug whose
+    traceback is needed."""
+    return isinstance(error, (HpsegError, OSError))
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

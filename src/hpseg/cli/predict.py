@@ -34,8 +34,8 @@ from hpseg.cli.errors import UsageError
 from hpseg.data import ImageReadError, read_image
 from hpseg.data.datasets import walk_files
 from hpseg.data.images import IMAGE_SUFFIXES
-from hpseg.export.runtime import OnnxSegmenter
-from hpseg.files import remove_stale_temporaries, write_json_atomic
+from hpseg.export.onnx_runner import OnnxRuntimeMissingError, OnnxSegmenter
+from hpseg.files import OutputFolder, holds_only, remove_stale_temporaries, write_json_atomic
 from hpseg.inference.crf import require_crf
 from hpseg.inference.segmenter import Segmenter, check_head, load
 from hpseg.logs import progress_bar
@@ -328,11 +328,14 @@ def predict_paths(
         crf_workers = default_crf_workers(0) if crf_workers is None else crf_workers
     out = Path(out_dir)
     jobs, skipped = _jobs_or_fail(inputs, out)
+    folder = OutputFolder(out, "predict",
+                          earlier=lambda path: holds_only(path, (*OUTPUT_FOLDERS, "predictions.json"), "predictions.json"))
+    folder.check()  # before loading the model
     _remove_stale_temporaries(out)
     segmenter: Segmenter | OnnxSegmenter
     if onnx:
-        segmenter = OnnxSegmenter(onnx, size=size, window=window, batch_size=batch_size,
-                                  use_mapping=mapping is not None)
+        segmenter = _onnx_segmenter(onnx, size=size, window=window, batch_size=batch_size,
+                                    use_mapping=mapping is not None)
         checkpoint = onnx
         head = head or "cluster"
     else:
@@ -342,14 +345,29 @@ def predict_paths(
         segmenter.crf_workers = crf_workers
         head = head or segmenter.default_head
     names = segmenter.label_names(head)
+    if getattr(segmenter, "random_backbone", False):  # an ONNX model does not record it
+        logger.warning("%s was trained on a RANDOMLY INITIALISED backbone (%s, e.g. the demo's): its features carry "
+                       "colour and a little texture, nothing semantic, so on real photos its segments are "
+                       "meaningless. Train on DINO weights (see `hpseg backbones`) for segments that mean something.",
+                       checkpoint, segmenter.backbone.spec.name)
     if head == "cluster" and segmenter.cluster_to_class is None:
         logger.info("labels are cluster ids 0..%d (no cluster->class mapping: run `hpseg eval` on this "
                     "checkpoint, or pass --mapping results.json, to get class names)", segmenter.n_clusters - 1)
+    folder.claim()
     fit_threads(crf_workers if crf and crf_workers else 0)  # once the model is there: an error stays one line
     records = _segment_all(segmenter, jobs, out, head, names, figure, alpha, skipped)
     summary = _summary(segmenter, checkpoint, head, names, records, skipped)
     write_json_atomic(summary, out / "predictions.json")
     return summary
+
+
+def _onnx_segmenter(path: str | Path, **settings: Any) -> OnnxSegmenter:
+    """The ONNX runner, its errors about the model (raised by the hpseg-free runtime as
+    ``ValueError`` / ``ImportError``) turned into :class:`UsageError`: one line on the command line."""
+    try:
+        return OnnxSegmenter(path, **settings)
+    except (OnnxRuntimeMissingError, ValueError) as error:
+        raise UsageError(str(error)) from error
 
 
 def run_cli(args: Any) -> int:

@@ -1,8 +1,9 @@
 """PyTorch datasets of the training crops and of the validation view.
 
-* :class:`TrainCrops` reads a directory written by :func:`~hpseg.data.prepare_five_crops`
-  and yields the normalised crop, its photometrically augmented twin (consistency loss,
-  spec §5) and its label.
+* :class:`TrainCrops` reads a directory written by :func:`~hpseg.data.prepare_training_set`
+  and yields the normalised training item (stored crops larger than the crop size are resized,
+  nearest, shorter side to it, and centre-cropped, as the authors' loader does), its
+  photometric view (consistency loss, spec §5) and its label.
 * :class:`ValCrops` wraps a :class:`~hpseg.data.RawDataset` and yields the validation view of
   spec §7 (shorter side resized to ``size``, centre ``size × size`` crop), plus the uint8 RGB
   crop for the CRF and figures.
@@ -19,33 +20,50 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hpseg.errors import InvalidInputError
+
 from .datasets import RawDataset
 from .images import read_image, read_label
-from .prepare import IGNORE_U8, load_manifest
-from .transforms import ImageInterpolation, normalize, photometric_augment, pil_to_uint8_tensor, val_view
+from .prepare import IGNORE_U8, image_suffix, load_manifest
+from .transforms import (
+    ImageInterpolation,
+    PhotometricInput,
+    label_view,
+    normalize,
+    photometric_pair,
+    pil_to_uint8_tensor,
+    val_view,
+)
 
 __all__ = ["TrainCrops", "ValCrops"]
 
 
 class TrainCrops(Dataset):
-    """Five-crop training set prepared offline.
+    """Training set prepared offline (five crops or whole images, see ``hpseg.data.prepare``).
 
-    ``TrainCrops(prepared_dir, with_augmented=True)``; attributes ``n_classes``,
-    ``class_names``, ``crop_size`` (S), ``has_labels``, ``manifest``, ``crops`` (stems).
+    ``TrainCrops(prepared_dir, with_augmented=True, photometric_input="normalized")``; attributes
+    ``n_classes``, ``class_names``, ``crop_size`` (S), ``has_labels``, ``manifest``, ``crops`` (stems).
 
     ``ds[i]`` -> dict:
       image:     (3, S, S) float32, ImageNet-normalised
-      image_aug: (3, S, S) float32, normalised photometric view (only with ``with_augmented``)
+      image_aug: (3, S, S) float32 photometric view (only with ``with_augmented``): of the
+                 normalised image, not normalised again **[ref quirk]**, or with
+                 ``photometric_input="uint8"`` of the 0..255 image, then normalised
       label:     (S, S) int64 class ids, −1 = ignore (all −1 when the dataset has no labels)
       index:     i
     The augmentation draws from torch's global RNG (seeded per DataLoader worker by torch).
     """
 
-    def __init__(self, prepared_dir: str | Path, with_augmented: bool = True) -> None:
+    def __init__(self, prepared_dir: str | Path, with_augmented: bool = True,
+                 photometric_input: PhotometricInput = "normalized") -> None:
+        if photometric_input not in ("normalized", "uint8"):
+            raise ValueError(f"photometric_input must be 'normalized' or 'uint8', got {photometric_input!r}")
         self.root = Path(prepared_dir)
         # Raises DatasetLayoutError ("run `hpseg prepare`") if missing or incomplete.
         self.manifest: dict[str, Any] = load_manifest(self.root)
         self.with_augmented = with_augmented
+        self.photometric_input: PhotometricInput = photometric_input
+        self.suffix = image_suffix(self.manifest)
         self.crops: list[str] = list(self.manifest["crops"])
         self.n_classes: int = int(self.manifest["n_classes"])
         self.class_names: list[str] = list(self.manifest["class_names"])
@@ -56,28 +74,41 @@ class TrainCrops(Dataset):
         return len(self.crops)
 
     def image_path(self, i: int) -> Path:
-        return self.root / "images" / f"{self.crops[i]}.png"
+        return self.root / "images" / f"{self.crops[i]}{self.suffix}"
+
+    def _stored_label(self, i: int) -> np.ndarray:
+        return read_label(self.root / "labels" / f"{self.crops[i]}.png")
+
+    @staticmethod
+    def _classes(stored: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.where(stored == IGNORE_U8, -1, stored).astype(np.int64))
 
     def label(self, i: int) -> torch.Tensor:
-        """(S, S) int64 class ids of crop ``i``, −1 = ignore (all −1 when the dataset has no labels)."""
+        """(S, S) int64 class ids of item ``i``, −1 = ignore (all −1 when the dataset has no labels)."""
         s = self.crop_size
         if not self.has_labels:
             return torch.full((s, s), -1, dtype=torch.int64)
-        stored = read_label(self.root / "labels" / f"{self.crops[i]}.png")
-        return torch.from_numpy(np.where(stored == IGNORE_U8, -1, stored).astype(np.int64))
+        return self._classes(label_view(self._stored_label(i), s))
+
+    def view(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, S, S) uint8 image and (S, S) int64 label of item ``i`` after the training geometry."""
+        image = read_image(self.image_path(i))
+        stored = self._stored_label(i) if self.has_labels else None
+        if stored is not None and stored.shape != (image.height, image.width):
+            raise InvalidInputError(f"{self.image_path(i)} and its label differ in size; re-prepare {self.root}")
+        image, stored = val_view(image, stored, self.crop_size)  # a no-op on items already at S
+        s = self.crop_size
+        label = torch.full((s, s), -1, dtype=torch.int64) if stored is None else self._classes(stored)
+        return pil_to_uint8_tensor(image), label
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        stem = self.crops[i]
-        rgb = pil_to_uint8_tensor(read_image(self.root / "images" / f"{stem}.png"))
-        s = self.crop_size
-        if tuple(rgb.shape[1:]) != (s, s):
-            raise ValueError(
-                f"crop {self.image_path(i)} is {tuple(rgb.shape[1:])}, expected {(s, s)}; re-prepare"
-            )
-        out: dict[str, Any] = {"image": normalize(rgb)}
+        rgb, label = self.view(i)
+        out: dict[str, Any] = {}
         if self.with_augmented:
-            out["image_aug"] = normalize(photometric_augment(rgb))
-        out["label"] = self.label(i)
+            out["image"], out["image_aug"] = photometric_pair(rgb, self.photometric_input)
+        else:
+            out["image"] = normalize(rgb)
+        out["label"] = label
         out["index"] = i
         return out
 
@@ -101,7 +132,7 @@ class ValCrops(Dataset):
         self, raw: RawDataset, size: int = 320, image_interpolation: ImageInterpolation = "nearest"
     ) -> None:
         if image_interpolation not in ("nearest", "bilinear"):
-            raise ValueError(
+            raise InvalidInputError(
                 f"image_interpolation must be 'nearest' or 'bilinear', got {image_interpolation!r}"
             )
         self.raw = raw

@@ -20,12 +20,16 @@ Datasets (``DATASETS``):
 ``potsdam3``
     The STEGO/IIC release: ``imgs/ID.mat`` (key ``img``, H×W×4 uint8 R, G, B, IR — the first three
     channels are used), ``gt/ID.mat`` (key ``gt``, int32 fine ids 0..5, 255 unlabeled) and split lists.
-    ``train`` = ``unlabelled_train.txt`` + ``labelled_train.txt`` (every training image: HP trains
-    without labels, so the unlabelled part is used too; the label maps of these images, where
-    present, only feed the linear probe), ``val`` = ``labelled_test.txt``. Images of
-    ``unlabelled_train.txt`` may lack a ``gt`` file: their label is all −1. Coarse map
-    {0, 4 → 0 roads and cars; 1, 5 → 1 buildings and clutter; 2, 3 → 2 trees and vegetation;
-    anything else → −1}.
+    ``train`` = ``labelled_train.txt`` **[ref quirk]** (the authors' training set), or with
+    ``potsdam_lists="all"`` ``unlabelled_train.txt`` + ``labelled_train.txt`` (every training
+    image: HP needs no labels; the label maps, where present, only feed the linear probe);
+    ``val`` = ``labelled_test.txt``. Images of ``unlabelled_train.txt`` may lack a ``gt`` file:
+    their label is all −1. Coarse map {0, 4 → 0 roads and cars; 1, 5 → 1 buildings and clutter;
+    2, 3 → 2 trees and vegetation; anything else → −1}.
+
+Label ids that a dataset's class table does not list (COCO fine ids 182–254, Potsdam ids other
+than 0–5 and 255) become −1 (ignored). The authors' code makes them class 0; real releases hold
+none, so the two agree on real data, and hpseg does not invent a class for ids it cannot name.
 ``folder``
     Users' own images: ``root/images/**`` (any nesting; any ending of ``IMAGE_SUFFIXES`` in any case),
     optional ``root/labels/**`` single-channel PNGs with the same relative stems (values = class
@@ -44,21 +48,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 from PIL import Image
 
+from hpseg.errors import InvalidInputError
+
 from .errors import DatasetLayoutError, ImageReadError
 from .images import IMAGE_SUFFIXES, array_to_rgb, read_image, read_label
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "CITYSCAPES27_CLASS_NAMES",
@@ -83,6 +91,8 @@ CITYSCAPES27_CLASS_NAMES = [
     "motorcycle", "bicycle",
 ]  # fmt: skip
 POTSDAM3_CLASS_NAMES = ["roads and cars", "buildings and clutter", "trees and vegetation"]
+#: Potsdam's training lists: "labelled" = labelled_train.txt [ref quirk]; "all" = + unlabelled_train.txt.
+PotsdamLists = Literal["labelled", "all"]
 
 
 @dataclass
@@ -196,7 +206,7 @@ class RawDataset:
         self.skip_bad_images = bool(skip_bad_images)
         self.skipped: list[Path] = []
         if len(self.class_names) != self.n_classes:
-            raise ValueError(f"{len(self.class_names)} class names for {self.n_classes} classes")
+            raise InvalidInputError(f"{len(self.class_names)} class names for {self.n_classes} classes")
         keys = [it.key for it in items]
         if len(set(keys)) != len(keys):
             seen: dict[str, Path] = {}
@@ -265,8 +275,8 @@ class RawDataset:
     def __getitem__(self, i: int) -> RawSample:
         """Item ``i`` as a RawSample.
 
-        With ``skip_bad_images`` an unreadable item is recorded in ``skipped`` (with one warning
-        per file) and the next readable item is returned instead, so that the length seen by
+        With ``skip_bad_images`` an unreadable item is recorded in ``skipped`` (with one logged
+        warning per file) and the next readable item is returned instead, so that the length seen by
         samplers stays fixed; without it the ImageReadError propagates.
         """
         if not self.skip_bad_images:
@@ -284,7 +294,9 @@ class RawDataset:
         """Record a skipped file, warning once per file."""
         if path not in self.skipped:
             self.skipped.append(path)
-            warnings.warn(f"skipping unreadable image {path}: {error}", RuntimeWarning, stacklevel=3)
+            # A log record, not warnings.warn: the hpseg command shows it as one line above its
+            # progress bar instead of a Python warning with its source line.
+            logger.warning("skipping unreadable image %s: %s", path, error)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -455,19 +467,25 @@ class Potsdam3(RawDataset):
     """ISPRS Potsdam, STEGO's preprocessed release, 3 coarse classes."""
 
     name = "potsdam3"
+    #: The split lists of each split; "train" by ``potsdam_lists``.
     _LISTS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "train": ("unlabelled_train.txt", "labelled_train.txt"),
+        "labelled": ("labelled_train.txt",),
+        "all": ("unlabelled_train.txt", "labelled_train.txt"),
         "val": ("labelled_test.txt",),
     }
     _OPTIONAL_LABELS: ClassVar[frozenset[str]] = frozenset({"unlabelled_train.txt"})
 
-    def __init__(self, root: str | Path, split: str, *, skip_bad_images: bool = False) -> None:
+    def __init__(self, root: str | Path, split: str, *, skip_bad_images: bool = False,
+                 potsdam_lists: PotsdamLists = "labelled") -> None:
         root = _resolve_root(Path(root), "imgs", "potsdam")
         img_dir, gt_dir = root / "imgs", root / "gt"
         for d in (root, img_dir, gt_dir):
             if not d.is_dir():
                 raise _layout_error("missing directory", d, _POTSDAM_LAYOUT)
-        lists = [(name, _read_id_list(root / name, _POTSDAM_LAYOUT)) for name in self._LISTS[split]]
+        if potsdam_lists not in ("labelled", "all"):
+            raise ValueError(f"potsdam_lists must be 'labelled' or 'all', got {potsdam_lists!r}")
+        list_names = self._LISTS[potsdam_lists if split == "train" else split]
+        lists = [(name, _read_id_list(root / name, _POTSDAM_LAYOUT)) for name in list_names]
         img_names, gt_names = _list_names(img_dir), _list_names(gt_dir)
         items, seen = [], set()
         for list_name, ids in lists:
@@ -581,7 +599,7 @@ def _report_left_out(left_out: list[tuple[Path, str]], skip: bool) -> None:
     if not skip:
         raise DatasetLayoutError(f"cannot read every folder of the dataset: {listing}; fix the permissions "
                                  "or links, or set data.skip_bad_images=true to leave them out", left_out[0][0])
-    warnings.warn(f"left out {len(left_out)} folder(s) of the dataset: {listing}", stacklevel=3)
+    logger.warning("left out %d folder(s) of the dataset: %s", len(left_out), listing)
 
 
 def _image_files(img_dir: Path, skip: bool) -> list[Path]:
@@ -620,7 +638,7 @@ def _class_names(root: Path, base: Path, n_classes: int | None) -> list[str] | N
         if not names:
             raise DatasetLayoutError(f"empty class list {candidate}", candidate)
         if n_classes is not None and n_classes != len(names):
-            raise ValueError(f"n_classes={n_classes} but {candidate} lists {len(names)} classes")
+            raise InvalidInputError(f"n_classes={n_classes} but {candidate} lists {len(names)} classes")
         return names
     return None
 
@@ -697,23 +715,26 @@ def build_raw_dataset(
     *,
     n_classes: int | None = None,
     skip_bad_images: bool = False,
+    potsdam_lists: PotsdamLists = "labelled",
 ) -> RawDataset:
     """Open dataset ``name`` (one of ``DATASETS``) at ``root`` for ``split`` ("train" | "val").
 
     ``n_classes`` is only needed by the folder dataset (without labels or classes.txt); for the
-    benchmarks it must match the fixed class count if given. Raises DatasetLayoutError on a bad
-    layout (before reading any image).
+    benchmarks it must match the fixed class count if given. ``potsdam_lists`` picks Potsdam's
+    training lists (module docstring). Raises DatasetLayoutError on a bad layout (before reading
+    any image).
     """
     if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise InvalidInputError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     cls = _REGISTRY[name]
     if cls is FolderDataset:
         if not split or "/" in split or split.startswith("."):
-            raise ValueError(f"invalid split name {split!r}")
+            raise InvalidInputError(f"invalid split name {split!r}")
         return FolderDataset(root, split, n_classes=n_classes, skip_bad_images=skip_bad_images)
     if split not in cls.SPLITS:
-        raise ValueError(f"split must be one of {', '.join(cls.SPLITS)} for {name}, got {split!r}")
-    ds = cls(root, split, skip_bad_images=skip_bad_images)
+        raise InvalidInputError(f"split must be one of {', '.join(cls.SPLITS)} for {name}, got {split!r}")
+    ds = (Potsdam3(root, split, skip_bad_images=skip_bad_images, potsdam_lists=potsdam_lists) if cls is Potsdam3
+          else cls(root, split, skip_bad_images=skip_bad_images))
     if n_classes is not None and n_classes != ds.n_classes:
-        raise ValueError(f"{name} has {ds.n_classes} classes, n_classes={n_classes} was given")
+        raise InvalidInputError(f"{name} has {ds.n_classes} classes, n_classes={n_classes} was given")
     return ds

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hpseg.errors import HpsegError
 
-class DatasetLayoutError(ValueError):
+
+class DatasetLayoutError(HpsegError, ValueError):
     """A dataset directory does not have the expected layout.
 
     Raised by dataset constructors before any work is done, and by
@@ -23,7 +25,7 @@ class DatasetLayoutError(ValueError):
         self.path = Path(path) if path is not None else None
 
 
-class ImageReadError(OSError):
+class ImageReadError(HpsegError, OSError):
     """An image or label file could not be read or decoded.
 
     The message names the file and the reason; ``path`` holds the file.

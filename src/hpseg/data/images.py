@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hpseg.errors import InvalidInputError
+
 from .errors import ImageReadError
 
 __all__ = ["array_to_rgb", "read_image", "read_label", "to_rgb"]
@@ -112,7 +114,7 @@ def array_to_rgb(a: np.ndarray) -> Image.Image:
         g = _scale_to_uint8(a)
         return Image.fromarray(np.stack([g, g, g], axis=-1), "RGB")
     if a.ndim != 3 or a.shape[2] < 2:
-        raise ValueError(f"expected an (H, W) or (H, W, C) image array, got shape {a.shape}")
+        raise InvalidInputError(f"expected an (H, W) or (H, W, C) image array, got shape {a.shape}")
     if a.shape[2] == 2:
         g = _scale_to_uint8(a[:, :, 0])
         return Image.fromarray(np.stack([g, g, g], axis=-1), "RGB")

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from hpseg.data.synthetic import _scene_labels
+from hpseg.errors import InvalidInputError
 from hpseg.files import write_text_atomic
 from hpseg.visualize import save_image_atomic
 
@@ -66,10 +67,10 @@ def make_texture_mosaic_dataset(out_dir: str | Path, *, n_train: int = 32, n_val
     ``n_train, n_val >= n_classes``). Deterministic for given arguments.
     """
     if not 2 <= n_classes <= len(TEXTURE_SOURCES):
-        raise ValueError(f"n_classes must be in [2, {len(TEXTURE_SOURCES)}] (one skimage.data image each), "
+        raise InvalidInputError(f"n_classes must be in [2, {len(TEXTURE_SOURCES)}] (one skimage.data image each), "
                          f"got {n_classes}")
     if size < 8:
-        raise ValueError(f"size must be at least 8, got {size}")
+        raise InvalidInputError(f"size must be at least 8, got {size}")
     out = Path(out_dir)
     sources = _sources(n_classes, size)
     write_text_atomic("\n".join(TEXTURE_SOURCES[:n_classes]) + "\n", out / "classes.txt")

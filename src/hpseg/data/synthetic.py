@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hpseg.errors import InvalidInputError
+
 __all__ = ["TEXTURES", "make_synthetic_dataset"]
 
 TEXTURES = ("stripes", "checker", "grain", "gradient", "dots")
@@ -66,6 +68,21 @@ def _class_styles(n_classes: int) -> list[_ClassStyle]:
         period = 4.0 + 2.0 * (variant % 3) + (k % 2)
         styles.append(_ClassStyle(colour=colour, texture=kind, angle=float(angle), period=period))
     return styles
+
+
+#: Hue names, one per twelfth of the colour wheel starting at red.
+_HUES = ("red", "orange", "yellow", "lime", "green", "spring green", "cyan", "azure", "blue", "violet",
+         "magenta", "rose")
+
+
+def class_names(styles: list[_ClassStyle]) -> list[str]:
+    """``class K (<hue> <texture>)``: textures repeat from the sixth class on, so the hue is what
+    tells two classes of one texture apart in a legend."""
+    names = []
+    for k, style in enumerate(styles):
+        hue = colorsys.rgb_to_hsv(*style.colour)[0]
+        names.append(f"class {k} ({_HUES[round(hue * len(_HUES)) % len(_HUES)]} {style.texture})")
+    return names
 
 
 def _texture(
@@ -166,20 +183,19 @@ def make_synthetic_dataset(
     """Write a synthetic folder-layout dataset to ``out_dir`` and return ``out_dir``.
 
     Images are ``size × size`` RGB PNGs, labels ``size × size`` uint8 PNGs with exact class
-    ids in ``[0, n_classes)``; ``classes.txt`` names the classes after their texture.
+    ids in ``[0, n_classes)``; ``classes.txt`` names the classes after their colour and texture.
     Read it back with ``build_raw_dataset("folder", out_dir, "train")``.
     """
     if not 1 <= n_classes <= 254:
-        raise ValueError(f"n_classes must be in [1, 254], got {n_classes}")
+        raise InvalidInputError(f"n_classes must be in [1, 254], got {n_classes}")
     if size < 8:
-        raise ValueError(f"size must be at least 8, got {size}")
+        raise InvalidInputError(f"size must be at least 8, got {size}")
     if n_train < 0 or n_val < 0:
-        raise ValueError("n_train and n_val must be non-negative")
+        raise InvalidInputError("n_train and n_val must be non-negative")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     styles = _class_styles(n_classes)
-    names = [f"class {k} ({st.texture})" for k, st in enumerate(styles)]
-    (out / "classes.txt").write_text("\n".join(names) + "\n")
+    (out / "classes.txt").write_text("\n".join(class_names(styles)) + "\n")
     # Independent streams per split: changing n_train does not change the validation images.
     train_seq, val_seq = np.random.SeedSequence(seed).spawn(2)
     _write_split(out / "train", n_train, size, styles, np.random.default_rng(train_seq))

@@ -15,7 +15,7 @@ without any label by:
 
 Which one makes the suggestion is the ``criterion`` argument; its default is the criterion that
 found the true number of classes most often on data with known classes
-(``benchmarks/cluster_count.py``, README "How many clusters").
+(``benchmarks/cluster_count.py``, docs/results.md "How many clusters?").
 
 All functions are pure and vectorised: features ``(N, C)`` float, labels ``(N,)`` int64.
 """
@@ -36,8 +36,9 @@ from hpseg.backbones import Backbone, create_backbone
 from hpseg.checkpoints.sources import names_a_source
 from hpseg.checkpoints.trained import load_trained
 from hpseg.data import ValCrops, build_raw_dataset
+from hpseg.errors import InvalidInputError
 from hpseg.evaluation.kmeans import kmeans
-from hpseg.files import atomic_write, write_json_atomic
+from hpseg.files import OutputFolder, atomic_write, holds_only, write_json_atomic
 from hpseg.logs import progress_bar
 from hpseg.runtime import resolve_device
 
@@ -58,7 +59,7 @@ __all__ = [
 
 #: criterion -> True when higher is better.
 CRITERIA: dict[str, bool] = {"silhouette": True, "davies_bouldin": False, "stability": True, "eigengap": True}
-#: The criterion that decides the suggestion by default (chosen on the measurements in README).
+#: The criterion that decides the suggestion by default (chosen on the measurements in docs/results.md).
 DEFAULT_CRITERION = "silhouette"
 
 
@@ -162,19 +163,29 @@ def laplacian_spectrum(features: Tensor, n_neighbours: int = 10) -> Tensor:
     return torch.linalg.eigvalsh(laplacian).clamp(min=0.0)
 
 
-def parse_k_range(text: str) -> list[int]:
-    """``"2..40"`` or ``"3,5,8"`` -> sorted distinct Ks (each >= 2)."""
+def parse_k_range(text: str, max_patches: int = 2000) -> list[int]:
+    """``"2..40"`` or ``"3,5,8"`` -> sorted distinct Ks, each in 2 .. ``max_patches`` - 1 (k-means
+    of the ``max_patches`` patches sampled needs fewer clusters than patches). ValueError naming
+    ``--k`` or ``--max-patches`` otherwise, before any list is built (``2..10**12`` is refused, not
+    allocated)."""
+    if max_patches < 3:
+        raise ValueError(f"--max-patches {max_patches}: at least 3 patches are needed to score K = 2 (default 2000)")
+    is_range = ".." in text
     try:
-        if ".." in text:
-            low, high = (int(v) for v in text.split(".."))
-            ks = list(range(low, high + 1))
-        else:
-            ks = sorted({int(v) for v in text.split(",") if v.strip()})
+        ks = [int(v) for v in (text.split("..") if is_range else text.split(",")) if v.strip()]
     except ValueError:
-        raise ValueError(f"--k {text!r}: expected a range LOW..HIGH (e.g. 2..40) or a list like 3,5,8") from None
-    if not ks or ks[0] < 2:
-        raise ValueError(f"--k {text!r}: every K must be at least 2 (a single cluster cannot be scored)")
-    return ks
+        ks = []
+    if not ks or (is_range and len(ks) != 2):
+        raise InvalidInputError(f"--k {text!r}: expected a range LOW..HIGH (e.g. 2..40) or a list like 3,5,8")
+    if is_range and ks[0] > ks[1]:
+        raise InvalidInputError(f"--k {text!r}: the range is reversed; write LOW..HIGH ({ks[1]}..{ks[0]})")
+    low, high = min(ks), max(ks)
+    if low < 2:
+        raise InvalidInputError(f"--k {text!r}: every K must be at least 2 (a single cluster cannot be scored)")
+    if high >= max_patches:
+        raise InvalidInputError(f"--k {text!r}: K = {high} needs more than the {max_patches} patches sampled "
+                         "(--max-patches): every K must be below --max-patches")
+    return list(range(low, high + 1)) if is_range else sorted(set(ks))
 
 
 def cluster_sweep(features: Tensor, ks: Sequence[int], *, seed: int = 0, max_patches: int = 2000,
@@ -192,7 +203,7 @@ def cluster_sweep(features: Tensor, ks: Sequence[int], *, seed: int = 0, max_pat
     features = features.float().cpu()
     too_many = [k for k in ks if k >= features.shape[0]]
     if too_many:
-        raise ValueError(f"K={too_many[0]} needs more than {features.shape[0]} patches: use fewer clusters or more images")
+        raise InvalidInputError(f"K={too_many[0]} needs more than {features.shape[0]} patches: use fewer clusters or more images")
     eigenvalues = laplacian_spectrum(features, n_neighbours)
     rows = []
     for k in ks:
@@ -215,11 +226,11 @@ def cluster_sweep(features: Tensor, ks: Sequence[int], *, seed: int = 0, max_pat
 def suggest_k(rows: Sequence[dict[str, Any]], criterion: str = DEFAULT_CRITERION) -> int:
     """The K of ``rows`` (from :func:`cluster_sweep`) that ``criterion`` rates best."""
     if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; expected one of {sorted(CRITERIA)}")
+        raise InvalidInputError(f"unknown criterion {criterion!r}; expected one of {sorted(CRITERIA)}")
     sign = 1.0 if CRITERIA[criterion] else -1.0
     scored = [r for r in rows if math.isfinite(r[criterion])]
     if not scored:
-        raise ValueError(f"no K could be scored by {criterion}")
+        raise InvalidInputError(f"no K could be scored by {criterion}")
     return int(max(scored, key=lambda r: sign * r[criterion])["k"])
 
 
@@ -300,16 +311,19 @@ def plot_sweep(rows: Sequence[dict[str, Any]], suggested: dict[str, int], path: 
 def run_clusters(source: str, data_root: str, ks: Sequence[int], *, out_dir: str, criterion: str = DEFAULT_CRITERION,
                  max_patches: int = 2000, seed: int = 0, **feature_options: Any) -> dict[str, Any]:
     """``hpseg clusters``: sweep K on the images' patch features; writes clusters.json and clusters.png."""
+    folder = OutputFolder(Path(out_dir), "clusters",
+                          earlier=lambda path: holds_only(path, ("clusters.json", "clusters.png"), "clusters.json"))
+    folder.check()  # before the features are computed
     features, description = image_patch_features(source, data_root, max_patches=max_patches, seed=seed,
                                                  **feature_options)
     rows = cluster_sweep(features, ks, seed=seed, max_patches=max_patches)
     suggested = {name: suggest_k(rows, name) for name in CRITERIA}
-    out = Path(out_dir)
+    out = folder.claim()
     report = {
         "features": description, "n_patches": int(features.shape[0]), "patches_scored": min(max_patches, features.shape[0]),
         "seed": seed, "k": list(ks), "criterion": criterion, "suggested_k": suggested[criterion],
         "suggested_k_by_criterion": suggested, "rows": rows,
-        "reliability": "see README 'How many clusters' for how often each criterion found the true K on known data",
+        "reliability": "see docs/results.md 'How many clusters?' for how often each criterion found the true K on known data",
     }
     write_json_atomic(report, out / "clusters.json")
     plot = plot_sweep(rows, suggested, out / "clusters.png", description)

@@ -20,12 +20,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from hpseg.backbones import Backbone
 from hpseg.checkpoints.released import paper_comparison
 from hpseg.checkpoints.trained import TrainedModel, load_trained
+from hpseg.config import MethodConfig
 from hpseg.data import TrainCrops, ValCrops, build_raw_dataset
 from hpseg.data.errors import DatasetLayoutError
+from hpseg.errors import InvalidInputError
 from hpseg.evaluation.evaluator import METRIC_KEYS, EvaluationResults, HeadScores, SegmentationEvaluator
 from hpseg.evaluation.kmeans import kmeans
 from hpseg.evaluation.loop import FeatureBatch, backbone_batches, inference_on_dataset
-from hpseg.files import write_json_atomic
+from hpseg.files import OutputFolder, holds_only, write_json_atomic
 from hpseg.inference.crf import require_crf
 from hpseg.inference.crf_pool import CRFPool
 from hpseg.inference.label_maps import KMeansPredictor, ModelPredictor
@@ -287,7 +289,12 @@ def _baseline_report(trained: TrainedModel, batches: Callable[[], DataLoader], c
     }
     if base.majority is not None:
         report["baseline_majority"] = _majority_section(base.majority)
+        report["baseline_n_clusters"] = k
     return report
+
+
+#: What an evaluation writes into its folder.
+EVALUATION_FILES = ("results.json", "confusion_unsupervised.png", "confusion_linear.png")
 
 
 def _write_results(report: dict[str, Any], results: EvaluationResults, class_names: list[str], out: Path) -> None:
@@ -331,14 +338,18 @@ def evaluate_checkpoint(
     Under ``torchrun`` the ranks share the validation images (every world_size-th) and sum
     their confusion matrices, so the results equal one process's; only rank 0 writes them.
     """
-    if extra_clusters is not None and extra_clusters < 0:
-        raise ValueError(f"extra_clusters={extra_clusters} (--extra-clusters): must be 0 or more")
+    rule = MethodConfig.RULES["extra_clusters"]
+    if extra_clusters is not None and not rule.allows(extra_clusters):
+        raise InvalidInputError(f"--extra-clusters {extra_clusters}: out of range, allowed {rule.describe('extra_clusters')}")
     if crf:
         require_crf()  # fail before any work when the extra is missing
     trained = load_trained(checkpoint, device, weights)
     if data_root:
         trained.config.data.root = data_root
     context = init_distributed(trained.device)
+    out = Path(out_dir) if out_dir else trained.checkpoint.evaluation_dir(crf)
+    folder = OutputFolder(out, "eval", earlier=lambda path: holds_only(path, EVALUATION_FILES, "results.json"))
+    folder.check()  # before the evaluation: a refused folder costs no work
     validation = _validation_set_or_hint(trained, moved_hint=not data_root)
     n_images = min(len(validation), max_images) if max_images else len(validation)
     loader_workers = trained.config.data.num_workers
@@ -370,13 +381,16 @@ def evaluate_checkpoint(
         if "baseline_majority" in report:
             report["matching"]["baseline_majority"] = "majority (many-to-one)"
         text.append(format_results(report["baseline"], "Baseline: k-means / linear probe on raw backbone features"))
+        if "baseline_majority" in report:
+            text.append(format_results(report["baseline_majority"],
+                                       f"Baseline over-clustered (K={report['baseline_n_clusters']}), many-to-one "
+                                       "majority matching"))
     released = trained.checkpoint.released
     if released is not None:  # the released model's published numbers, side by side
         report["paper"] = {"model": released.name, **dict(released.paper.items()), "note": released.paper.note}
         text.append(paper_comparison(released, report["hp"], crf))
-    out = Path(out_dir) if out_dir else trained.checkpoint.evaluation_dir(crf)
     if context.is_main:
-        _write_results(report, results, class_names, out)
+        _write_results(report, results, class_names, folder.claim())
     report["text"] = "\n".join(text)
     report["out_dir"] = str(out)
     return report

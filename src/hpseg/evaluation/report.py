@@ -17,6 +17,7 @@ the keys) or whose checkpoints were chosen by different rules, and writes:
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -24,10 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from hpseg.files import atomic_write, read_jsonl, write_text_atomic
+from hpseg.errors import InvalidInputError
+from hpseg.files import OutputFolder, atomic_write, holds_only, read_jsonl, write_text_atomic
 
-__all__ = ["aggregate", "collect_results", "config_differences", "write_report"]
+__all__ = ["aggregate", "collect_results", "config_differences", "report_folder", "write_report"]
 
+logger = logging.getLogger(__name__)
+
+#: What a report writes into its folder.
+REPORT_FILES = ("report.md", "report.csv", "curves.png")
 #: config keys allowed to differ between the seeds of one report.
 SEED_KEYS = frozenset({"train.seed", "train.run_name", "train.output_dir"})
 #: result sections holding metrics (name in the table, key in results.json).
@@ -56,11 +62,29 @@ def collect_results(paths: Iterable[str | Path]) -> list[tuple[Path, dict[str, A
         try:
             results = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path} is not readable JSON: {error}") from None
+            raise InvalidInputError(f"{path} is not readable JSON: {error}") from None
         if not isinstance(results, dict) or "hp" not in results or "config" not in results:
-            raise ValueError(f"{path} is not the results.json of `hpseg eval` (no 'hp' or 'config' key)")
+            raise InvalidInputError(f"{path} is not the results.json of `hpseg eval` (no 'hp' or 'config' key)")
+        _check_results(path, results)
         out.append((path, results))
     return out
+
+
+def _check_results(path: Path, results: dict[str, Any]) -> None:
+    """ValueError naming ``path`` and the entry when what the report reads is missing or mistyped."""
+    config = results["config"]
+    problems = []
+    if not isinstance(config, dict) or not all(isinstance(entries, dict) for entries in config.values()):
+        problems.append("'config' is not a mapping of sections")
+    else:
+        if not isinstance(config.get("backbone", {}).get("pretrained"), bool):
+            problems.append("no 'config.backbone.pretrained' (true or false)")
+        if not isinstance(config.get("method", {}).get("n_classes"), int):
+            problems.append("no integer 'config.method.n_classes'")
+    problems += [f"'{key}' is not a mapping of metrics" for _, key in SECTIONS
+                 if key in results and not isinstance(results[key], dict)]
+    if problems:
+        raise ValueError(f"{path}: {'; '.join(problems)} (hand-edited, or not written by `hpseg eval`)")
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
@@ -79,20 +103,20 @@ def _check_configs(evaluations: list[tuple[Path, dict[str, Any]]]) -> None:
     if differing:
         detail = "; ".join(f"{k}: " + ", ".join(sorted({json.dumps(_flatten(r['config']).get(k)) for _, r in evaluations}))
                            for k in differing)
-        raise ValueError(f"refusing to average runs whose configs differ in more than the seed: {detail}")
+        raise InvalidInputError(f"refusing to average runs whose configs differ in more than the seed: {detail}")
 
 
 def _check_group(group: list[tuple[Path, dict[str, Any]]]) -> None:
     for field in ("checkpoint_kind", "selection_rule"):
         values = {str(r.get(field)) for _, r in group}
         if len(values) > 1:
-            raise ValueError(f"refusing to average checkpoints chosen differently ({field}: {', '.join(sorted(values))}); "
+            raise InvalidInputError(f"refusing to average checkpoints chosen differently ({field}: {', '.join(sorted(values))}); "
                              "report each rule separately")
     seeds = [r.get("seed") for _, r in group]
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
         paths = ", ".join(str(p) for p, r in group if r.get("seed") in repeated)
-        raise ValueError(f"seed {repeated[0]} appears in several evaluations of the same CRF setting ({paths}): "
+        raise InvalidInputError(f"seed {repeated[0]} appears in several evaluations of the same CRF setting ({paths}): "
                          "pass one evaluation per seed")
 
 
@@ -111,7 +135,7 @@ def aggregate(evaluations: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
     Raises ValueError naming the differing keys when the evaluations are not seeds of one setup.
     """
     if not evaluations:
-        raise ValueError("no evaluations to report")
+        raise InvalidInputError("no evaluations to report")
     by_crf: dict[bool, list[tuple[Path, dict[str, Any]]]] = {}
     for path, results in evaluations:
         by_crf.setdefault(bool(results.get("crf")), []).append((path, results))
@@ -136,11 +160,23 @@ def aggregate(evaluations: list[tuple[Path, dict[str, Any]]]) -> dict[str, Any]:
         })
     config = evaluations[0][1]["config"]
     return {"groups": groups, "config": config, "dataset": evaluations[0][1].get("dataset"),
-            "backbone": evaluations[0][1].get("backbone"), "n_images": evaluations[0][1].get("n_images")}
+            "backbone": evaluations[0][1].get("backbone"), "n_images": evaluations[0][1].get("n_images"),
+            "backbone_weights": evaluations[0][1].get("backbone_weights")}
 
 
 def _pct(value: float) -> str:
     return "-" if not math.isfinite(value) else f"{100 * value:.1f}"
+
+
+def _weights_text(backbone: dict[str, Any], source: str | None) -> str:
+    """Where the backbone's weights came from, in words: the run's ``backbone`` config and the
+    evaluation's ``backbone_weights`` (``"official"``, ``"random"`` or a file)."""
+    if not backbone.get("pretrained", True) or source == "random":
+        saved = backbone.get("weights")
+        return "randomly initialised weights" + (f", saved in {saved}" if saved else "")
+    if backbone.get("weights") or source not in (None, "official"):
+        return f"weights from {backbone.get('weights') or source}"
+    return "official pretrained weights"
 
 
 def to_markdown(summary: dict[str, Any]) -> str:
@@ -148,7 +184,7 @@ def to_markdown(summary: dict[str, Any]) -> str:
     config = summary["config"]
     lines = ["# hpseg report", "",
              f"Dataset {summary['dataset']}, backbone {summary['backbone']} "
-             f"({'pretrained' if config['backbone']['pretrained'] else 'random'} weights), "
+             f"({_weights_text(config['backbone'], summary.get('backbone_weights'))}), "
              f"{config['method']['n_classes']} classes, {config['method']['n_classes'] + config['method'].get('extra_clusters', 0)} "
              f"clusters, {summary['n_images']} validation images. Configs are identical except the seed.", ""]
     for group in summary["groups"]:
@@ -178,16 +214,40 @@ def to_csv(summary: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _validation_records(log: Path) -> list[dict[str, Any]] | None:
+    """The validation records of a run's metrics.jsonl; None (with a warning naming the file, line
+    and what is missing) when one of them lacks its step or metrics: that run gets no curve."""
+    records, _ = read_jsonl(log)  # a torn last line (a crash mid-write) is left out, not fatal
+    validation = []
+    for number, _, record in records:
+        if "validation" not in record:
+            continue
+        if not isinstance(record.get("step"), int) or not isinstance(record["validation"], dict):
+            missing = "an integer 'step'" if not isinstance(record.get("step"), int) else "a 'validation' mapping"
+            logger.warning("%s line %d: a validation record without %s; the validation curve of this run is "
+                           "left out of the report", log, number, missing)
+            return None
+        validation.append(record)
+    return validation
+
+
 def validation_curves(evaluations: list[tuple[Path, dict[str, Any]]]) -> dict[int, dict[str, list[float]]]:
-    """seed -> {"step": [...], metric: [...]} from the metrics.jsonl of each evaluated run."""
+    """seed -> {"step": [...], metric: [...]} from the metrics.jsonl of each evaluated run.
+
+    A results.json without its ``checkpoint`` (older or hand-edited) or a metrics.jsonl with a
+    malformed validation record gives no curve for that run, with a warning naming the file."""
     curves: dict[int, dict[str, list[float]]] = {}
-    for _, results in evaluations:
-        run = Path(results["checkpoint"]).parent.parent
-        log = run / "metrics.jsonl"
+    for path, results in evaluations:
+        if not isinstance(results.get("checkpoint"), str):
+            logger.warning("%s has no 'checkpoint' entry, so its run's metrics.jsonl cannot be found: its "
+                           "validation curve is left out of the report (its metrics are reported)", path)
+            continue
+        log = Path(results["checkpoint"]).parent.parent / "metrics.jsonl"
         if results.get("seed") in curves or not log.is_file():
             continue
-        records, _ = read_jsonl(log)  # a torn last line (a crash mid-write) is left out, not fatal
-        validation = [record for _, _, record in records if "validation" in record]
+        validation = _validation_records(log)
+        if validation is None:
+            continue
         curve: dict[str, list[float]] = {"step": [r["step"] for r in validation]}
         for key in ("unsupervised_miou", "unsupervised_accuracy", "linear_miou", "linear_accuracy"):
             curve[key] = [r["validation"].get(key, float("nan")) for r in validation]
@@ -222,12 +282,19 @@ def plot_curves(curves: dict[int, dict[str, list[float]]], path: Path, rule: str
     return path
 
 
+def report_folder(out_dir: str | Path) -> OutputFolder:
+    """``out_dir`` under the rule of every output folder (:class:`hpseg.files.OutputFolder`), a
+    report folder of an earlier hpseg included."""
+    return OutputFolder(Path(out_dir), "report", earlier=lambda path: holds_only(path, REPORT_FILES, "report.md"))
+
+
 def write_report(paths: Iterable[str | Path], out_dir: str | Path) -> dict[str, Any]:
     """Aggregate the evaluations under ``paths`` into ``out_dir``/report.md, report.csv, curves.png."""
+    folder = report_folder(out_dir)
+    folder.check()
     evaluations = collect_results(paths)
     summary = aggregate(evaluations)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = folder.claim()
     markdown = to_markdown(summary)
     write_text_atomic(markdown, out / "report.md")
     write_text_atomic(to_csv(summary), out / "report.csv")

@@ -9,8 +9,10 @@ and onnx / huggingface_hub are optional extras.
 
 from __future__ import annotations
 
+from hpseg.errors import HpsegError
 
-class MissingExtraError(ImportError):
+
+class MissingExtraError(HpsegError, ImportError):
     """An optional extra (onnx, hub, app) is not installed; the message names the pip command."""
 
 

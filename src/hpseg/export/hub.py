@@ -32,7 +32,7 @@ from hpseg.checkpoints.hub_folder import (
 from hpseg.checkpoints.payload import CheckpointPayload
 from hpseg.checkpoints.trained import load_trained
 from hpseg.export import missing_extra
-from hpseg.files import atomic_write, write_json_atomic, write_text_atomic
+from hpseg.files import OutputFolder, atomic_write, holds_only, write_json_atomic, write_text_atomic
 from hpseg.inference.segmenter import Segmenter, from_trained
 from hpseg.visualize import palette
 
@@ -128,10 +128,14 @@ def export_hub(checkpoint: str | Path, out: str | Path, *, mapping: str | Path |
     ``mapping``: the cluster->class mapping to store ("auto": the evaluation found beside the
     run, as ``hpseg predict``, or a hub folder's own; a results.json; None: none).
     """
-    out = Path(out)
+    # Never over a user's own README.md / config.json.
+    folder = OutputFolder(Path(out), "export --format hub",
+                          earlier=lambda path: holds_only(path, (CONFIG, HEADS, BACKBONE, CARD), CONFIG) and is_hub_folder(path))
+    folder.check()
     trained = load_trained(checkpoint, device="cpu")
     segmenter = from_trained(trained, mapping=mapping)
     config = hub_config(segmenter, trained.payload, trained.weights_source)
+    out = folder.claim()
     _write_safetensors(segmenter.model.state_dict(), out / HEADS, metadata={"format": FORMAT})
     written = [out / CONFIG, out / HEADS]
     if config["backbone"]["weights"] == BACKBONE:

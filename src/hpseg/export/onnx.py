@@ -15,7 +15,7 @@ heads::
     linear_labels  (B, H, W) int64  argmax of linear_logits upsampled bilinearly to (H, W)
 
 Batch, H and W are dynamic. The resize / tiling / averaging of ``hpseg predict`` happens outside
-the graph (in :mod:`hpseg.export.runtime`, numpy only), from the patch logits; the label outputs
+the graph (in :mod:`hpseg.export.onnx_runner`, numpy only), from the patch logits; the label outputs
 are the single-pass maps of an image already at the wanted size. The contract, the tiling
 settings, class names, colours and the mapping are stored as JSON in the model's metadata
 (key ``hpseg``). The dense CRF is not part of the graph.
@@ -43,6 +43,8 @@ from hpseg.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone
 from hpseg.backbones import vit as vit_backbone
 from hpseg.data.transforms import normalize
 from hpseg.export import missing_extra
+from hpseg.export.onnx_runner import OnnxModelError, read_metadata
+from hpseg.files import OutputFolderError
 from hpseg.inference.segmenter import Segmenter
 from hpseg.method.probes import centroid_scores
 from hpseg.visualize import palette
@@ -138,11 +140,8 @@ def export_onnx(segmenter: Segmenter, out: str | Path, checkpoint: str | Path | 
 
     Returns the path written. Raises ImportError naming ``hpseg[onnx]`` without onnx.
     """
-    try:
-        import onnx  # lazy: an optional extra, and importing it costs time
-    except ImportError as error:
-        raise missing_extra("onnx", "onnx", error) from None
-    out = Path(out)
+    onnx = _import_onnx()
+    out = check_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     graph = SegmenterGraph(segmenter).to("cpu").eval()
     info = metadata(segmenter, checkpoint)
@@ -157,6 +156,42 @@ def export_onnx(segmenter: Segmenter, out: str | Path, checkpoint: str | Path | 
         onnx.save(model, str(final))
         os.replace(final, out)
     return out
+
+
+def _import_onnx() -> Any:
+    try:
+        import onnx  # lazy: an optional extra, and importing it costs time
+    except ImportError as error:
+        raise missing_extra("onnx", "onnx", error) from None
+    return onnx
+
+
+def check_destination(out: str | Path) -> Path:
+    """``out`` if :func:`export_onnx` may write it: a new file, or a model an earlier export wrote
+    (its ``hpseg`` metadata marks it) -- the rule of every hpseg output
+    (:func:`hpseg.files.claim_output_folder`) for the one file this export writes. Raises
+    :class:`hpseg.files.OutputFolderError` naming ``out`` otherwise, before the export runs."""
+    out = Path(out)
+    if out.is_dir():
+        raise OutputFolderError(f"--out {out} is a folder: --format onnx writes one file; give the file's name, "
+                                f"e.g. --out {out / 'model.onnx'}")
+    if out.exists() and not _exported_by_hpseg(out):
+        raise OutputFolderError(f"--out {out} exists and is not an ONNX model written by `hpseg export --format onnx` "
+                                "(no hpseg metadata): it would be replaced; pick another --out file, or move it away")
+    return out
+
+
+def _exported_by_hpseg(path: Path) -> bool:
+    """Whether ``path`` is an ONNX model whose hpseg metadata the runner's reader accepts."""
+    try:
+        model = _import_onnx().load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - onnx raises protobuf's and its own errors: not a model, not ours
+        return False
+    try:
+        read_metadata(path, {prop.key: prop.value for prop in model.metadata_props}.get(METADATA_KEY))
+    except OnnxModelError:
+        return False
+    return True
 
 
 def _set_metadata(model: Any, info: dict[str, Any]) -> None:

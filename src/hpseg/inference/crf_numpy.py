@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from hpseg.errors import HpsegError
+
 __all__ = [
     "BILATERAL_COMPAT",
     "BILATERAL_SRGB",
@@ -50,7 +52,7 @@ _INSTALL_HINT = (
 )
 
 
-class CRFUnavailableError(ImportError):
+class CRFUnavailableError(HpsegError, ImportError):
     """Raised when dense CRF is requested but ``pydensecrf`` cannot be imported."""
 
     def __init__(self, message: str = _INSTALL_HINT) -> None:

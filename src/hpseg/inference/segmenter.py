@@ -34,6 +34,7 @@ from hpseg.backbones import Backbone
 from hpseg.checkpoints.trained import TrainedModel, load_trained
 from hpseg.data.images import to_rgb
 from hpseg.data.transforms import normalize
+from hpseg.errors import InvalidInputError
 from hpseg.inference.crf import crf_probabilities
 from hpseg.inference.crf_numpy import dense_crf
 from hpseg.inference.crf_pool import CRFPool
@@ -77,14 +78,14 @@ def to_uint8_image(image: Any) -> torch.Tensor:
         if array.ndim == 2:
             array = array[:, :, None]
         if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-            raise ValueError(f"expected an (H, W, 3) image array, got shape {image.shape}")
+            raise InvalidInputError(f"expected an (H, W, 3) image array, got shape {image.shape}")
         tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
         if tensor.ndim == 2:
             tensor = tensor[None]
         if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
-            raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
+            raise InvalidInputError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
     else:
         raise TypeError(f"expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
     if tensor.shape[0] == 4:
@@ -92,25 +93,25 @@ def to_uint8_image(image: Any) -> torch.Tensor:
     if tensor.shape[0] == 1:
         tensor = tensor.expand(3, -1, -1)
     if tensor.shape[-2] < 1 or tensor.shape[-1] < 1:
-        raise ValueError(f"empty image of shape {tuple(tensor.shape)}")
+        raise InvalidInputError(f"empty image of shape {tuple(tensor.shape)}")
     if tensor.dtype == torch.uint8:
         return tensor.contiguous()
     if tensor.dtype == torch.bool:
         return tensor.to(torch.uint8).mul_(255).contiguous()
     if tensor.is_floating_point():
         return _float_to_uint8(tensor.float())
-    raise ValueError(f"image values of type {tensor.dtype}: expected uint8 (0..255) or float (0..1)")
+    raise InvalidInputError(f"image values of type {tensor.dtype}: expected uint8 (0..255) or float (0..1)")
 
 
 def _float_to_uint8(tensor: torch.Tensor) -> torch.Tensor:
     """A float image of values in [0, 1] as uint8; values outside (0..255 in a float array, NaN)
     are refused rather than clipped into a white image."""
     if not bool(torch.isfinite(tensor).all()):
-        raise ValueError("the float image holds NaN or infinite values: expected values in [0, 1]")
+        raise InvalidInputError("the float image holds NaN or infinite values: expected values in [0, 1]")
     low, high = float(tensor.min()), float(tensor.max())
     if low < 0.0 or high > 1.0:
         hint = " (0..255? pass a uint8 array, or divide by 255)" if high <= 255.0 and low >= 0.0 else ""
-        raise ValueError(f"float image values must lie in [0, 1], these range over [{low:g}, {high:g}]{hint}")
+        raise InvalidInputError(f"float image values must lie in [0, 1], these range over [{low:g}, {high:g}]{hint}")
     return (tensor * 255.0).round().to(torch.uint8).contiguous()
 
 
@@ -145,11 +146,12 @@ class Segmenter:
     the linear probe predicts), ``cluster_to_class`` (None, or the class of each cluster from an
     evaluation's Hungarian matching), ``n_clusters``, ``tiling`` (:class:`hpseg.inference.tiling.Tiling`),
     ``device``, ``batch_size`` (windows per forward pass), ``checkpoint``, ``crf`` (whether
-    :meth:`segment` refines with the dense CRF by default), ``crf_workers`` (processes that refine
-    the images of :meth:`segment_many` with the CRF; None: the cores available to this process,
-    0: in this process), ``default_head`` (the head :meth:`segment` uses when none is named:
-    ``"cluster"``, or ``"linear"`` for a released model, whose clusters have no class mapping
-    until an evaluation supplies one).
+    :meth:`segment` refines with the dense CRF by default), ``default_head`` (the head
+    :meth:`segment` uses when none is named: ``"cluster"``, or ``"linear"`` for a released model,
+    whose clusters have no class mapping until an evaluation supplies one), ``random_backbone``
+    (whether the backbone is a random initialisation, whose segments of real photos mean nothing),
+    ``crf_workers`` (processes that refine the images of :meth:`segment_many` with the CRF; None:
+    the cores available to this process, 0: in this process).
     """
 
     def __init__(
@@ -167,6 +169,7 @@ class Segmenter:
         batch_size: int = 8,
         crf: bool = False,
         default_head: str = "cluster",
+        random_backbone: bool = False,
         crf_workers: int | None = None,
     ) -> None:
         check_head(default_head)
@@ -181,10 +184,11 @@ class Segmenter:
         self.mapping_source = mapping_source
         self.checkpoint = checkpoint
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}: windows per forward pass must be at least 1")
+            raise InvalidInputError(f"batch_size={batch_size}: windows per forward pass must be at least 1")
         self.batch_size = batch_size
         self.crf = crf
         self.default_head = default_head
+        self.random_backbone = random_backbone
         self.crf_workers = crf_workers
 
     def __repr__(self) -> str:
@@ -257,7 +261,7 @@ class Segmenter:
         """
         check_head(head)
         if kind not in ("logits", "cosine", "segmentation"):
-            raise ValueError(f"kind must be 'logits', 'cosine' or 'segmentation', got {kind!r}")
+            raise InvalidInputError(f"kind must be 'logits', 'cosine' or 'segmentation', got {kind!r}")
         normalised, geometry = self._prepare(image)
         return tile_and_average(normalised, self.tiling, self._window_scores(head, kind), self.batch_size), geometry
 
@@ -373,9 +377,9 @@ def _label_kind(head: str, crf: bool) -> str:
 
 
 def check_head(head: str) -> None:
-    """Raise ``ValueError`` unless ``head`` is one of :data:`HEADS`."""
+    """Raise :class:`~hpseg.errors.InvalidInputError` (a ``ValueError``) unless ``head`` is one of :data:`HEADS`."""
     if head not in HEADS:
-        raise ValueError(f"head must be 'cluster' or 'linear', got {head!r}")
+        raise InvalidInputError(f"head must be 'cluster' or 'linear', got {head!r}")
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -446,4 +450,5 @@ def from_trained(trained: TrainedModel, *, mapping: str | Path | None = None, cr
         amp_dtype=trained.amp_dtype, cluster_to_class=cluster_to_class, mapping_source=source,
         checkpoint=released.name if released else trained.checkpoint.label, batch_size=batch_size, crf=crf,
         default_head="linear" if released else "cluster",
+        random_backbone=trained.random_backbone,
     )

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from hpseg.data.transforms import resized_shape
+from hpseg.errors import InvalidInputError
 
 __all__ = ["Tiling", "resample", "resample_argmax", "resized_shape", "tile_and_average", "tile_and_average_many",
            "window_starts"]
@@ -71,9 +72,9 @@ class Tiling:
 
     def __post_init__(self) -> None:
         if self.size < 0 or self.window < 0 or self.patch < 1:
-            raise ValueError(f"invalid tiling: size={self.size}, window={self.window}, patch={self.patch}")
+            raise InvalidInputError(f"invalid tiling: size={self.size}, window={self.window}, patch={self.patch}")
         if self.window % self.patch:
-            raise ValueError(f"window {self.window} must be a multiple of the patch size {self.patch}")
+            raise InvalidInputError(f"window {self.window} must be a multiple of the patch size {self.patch}")
 
     @classmethod
     def create(cls, size: int, window: int | None, patch: int) -> Tiling:

@@ -26,13 +26,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from hpseg.errors import InvalidInputError
 from hpseg.runtime import DistributedContext, broadcast_from_first
 
 
 def check_batch_split(batch_size: int, context: DistributedContext) -> int:
     """Images per rank of a global batch of ``batch_size``; an error when it does not divide."""
     if batch_size % context.world_size:
-        raise ValueError(
+        raise InvalidInputError(
             f"train.batch_size={batch_size} is the global batch and must divide evenly over the "
             f"{context.world_size} ranks of this job: pick a multiple of {context.world_size}"
         )

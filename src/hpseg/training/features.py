@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hpseg.backbones import Backbone, BackboneOutput
 from hpseg.data import TrainCrops
+from hpseg.data.transforms import PhotometricInput
 from hpseg.method.local_positives import attention_neighbour_weights
 from hpseg.runtime import autocast
 from hpseg.training.timers import PhaseTimers, timed_iteration
@@ -176,9 +177,10 @@ class BackboneFeatures(CropsSource):
         device: torch.device,
         amp_dtype: torch.dtype | None,
         num_workers: int = 0,
+        photometric_input: PhotometricInput = "normalized",
     ) -> None:
         self.backbone = backbone
-        self.dataset = TrainCrops(prepared_dir, with_augmented=with_augmented)
+        self.dataset = TrainCrops(prepared_dir, with_augmented=with_augmented, photometric_input=photometric_input)
         # The pool passes need no photometric view: a second reader skips that work.
         self.plain_dataset: Dataset = TrainCrops(prepared_dir, with_augmented=False) if with_augmented else self.dataset
         self.with_augmented = with_augmented

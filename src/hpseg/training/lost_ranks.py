@@ -25,10 +25,11 @@ from types import FrameType
 import torch.distributed as dist
 
 from hpseg.checkpoints.store import CheckpointError, read_torch_file
+from hpseg.errors import HpsegError
 from hpseg.runtime import DistributedContext
 
 
-class RankLostError(RuntimeError):
+class RankLostError(HpsegError, RuntimeError):
     """This rank can go on no longer: another rank of the job failed, hangs, or torchrun stopped the job."""
 
 

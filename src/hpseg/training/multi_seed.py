@@ -22,6 +22,7 @@ import torch
 
 from hpseg.checkpoints.payload import load_checkpoint
 from hpseg.config import Config
+from hpseg.errors import InvalidInputError
 from hpseg.evaluation.protocol import evaluate_checkpoint
 from hpseg.evaluation.report import write_report
 from hpseg.files import write_text_atomic
@@ -88,7 +89,7 @@ def train_seeds(config: Config, run_dir: str | Path, seeds: Sequence[int], *, ev
     :func:`hpseg.evaluation.report.write_report` or None}``.
     """
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds {' '.join(map(str, seeds))}: each seed once")
+        raise InvalidInputError(f"--seeds {' '.join(map(str, seeds))}: each seed once")
     run_dir = Path(run_dir)
     configs, runs = [], []
     for seed in seeds:

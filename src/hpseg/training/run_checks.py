@@ -3,6 +3,9 @@
 * :func:`check_class_count`: ``method.n_classes`` is the class count of the labelled data
   (training crops, validation set); otherwise the linear probe would silently ignore the labels
   of the classes past it, and validation would score a different problem.
+* :func:`check_prepared_recipe`: the prepared training set was made the way the run's config
+  asks (crop rule, crop file format, stored and crop size, as its manifest records them); a run,
+  or a resumed run (its config comes from its checkpoint), on items made otherwise is refused.
 
 What ``hpseg train --resume RUN_DIR`` checks before continuing a run:
 
@@ -24,9 +27,12 @@ from pathlib import Path
 from hpseg.checkpoints.store import CheckpointError
 from hpseg.checkpoints.trained import TrainedCheckpoint, read_trained, weight_mismatch_summary
 from hpseg.config import Config
+from hpseg.data import recipe_mismatches, training_recipe
+from hpseg.errors import InvalidInputError
 from hpseg.files import read_jsonl, write_text_atomic
 
-__all__ = ["check_class_count", "resumable_checkpoint", "training_state_errors", "truncate_metrics"]
+__all__ = ["check_class_count", "check_prepared_recipe", "resumable_checkpoint", "training_state_errors",
+           "truncate_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +41,20 @@ def check_class_count(config: Config, n_classes: int, source: str | Path) -> Non
     """Stop when the labelled data from ``source`` has ``n_classes`` classes and the config another count."""
     configured = config.method.n_classes
     if configured != n_classes:
-        raise ValueError(f"method.n_classes={configured} but the labelled data has {n_classes} classes ({source}): "
+        raise InvalidInputError(f"method.n_classes={configured} but the labelled data has {n_classes} classes ({source}): "
                          f"set method.n_classes={n_classes} (more clusters than classes: method.extra_clusters)")
+
+
+def check_prepared_recipe(config: Config, manifest: dict[str, object], prepared_dir: str | Path) -> None:
+    """Stop when the prepared set in ``prepared_dir`` (its ``manifest``) was made otherwise than
+    ``config.data`` asks, naming what differs."""
+    data = config.data
+    diff = recipe_mismatches(manifest, training_recipe(data.crop_rule(), data.crop_format, data.crop_size))
+    if diff:
+        raise InvalidInputError(
+            f"{prepared_dir} holds training items made otherwise than this run's config asks ({'; '.join(diff)}): "
+            "run `hpseg prepare` with this config into another data.prepared_dir, or set data.crop_format / "
+            "data.potsdam_train / data.crop_size to what it holds")
 
 
 def resumable_checkpoint(run_dir: Path) -> TrainedCheckpoint:

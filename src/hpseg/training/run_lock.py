@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hpseg.errors import HpsegError
 from hpseg.files import remove_stale_temporaries
 
 __all__ = ["LOCK_NAME", "RunLockedError", "run_lock"]
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 LOCK_NAME = ".hpseg-train.lock"
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(HpsegError, RuntimeError):
     """Another process is writing the run folder."""
 
 

@@ -12,7 +12,7 @@ are scored without any label by:
 * ``silhouette``: the cosine silhouette of the probe's clusters.
 
 Under ``unsupervised`` the checkpoint of the highest ``train.unsupervised_criterion`` is kept.
-README ("Label-free checkpoint selection") reports how well each tracks the validation mIoU.
+docs/results.md ("Label-free checkpoint selection") reports how well each tracks the validation mIoU.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ run with :class:`NonFiniteLossError` (the step, the value, the last good checkpo
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -33,6 +34,7 @@ from hpseg.checkpoints.runs import selection_text
 from hpseg.checkpoints.store import CheckpointError, save_atomic
 from hpseg.config import Config
 from hpseg.data import DatasetLayoutError, ValCrops, build_raw_dataset
+from hpseg.errors import HpsegError, InvalidInputError
 from hpseg.evaluation.evaluator import EvaluationResults
 from hpseg.evaluation.protocol import (
     evaluate_features,
@@ -51,6 +53,7 @@ from hpseg.training.lost_ranks import explain_lost_ranks
 from hpseg.training.pools import ThresholdPools, collect_pool, pool_batches
 from hpseg.training.run_checks import (
     check_class_count,
+    check_prepared_recipe,
     resumable_checkpoint,
     training_state_errors,
     truncate_metrics,
@@ -67,7 +70,7 @@ _other_ranks = logging.getLogger(f"{__name__}.other_ranks")
 _other_ranks.setLevel(logging.WARNING)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(HpsegError, RuntimeError):
     """The loss of a step is NaN or infinite: training stops before that step changes any weight."""
 
 
@@ -130,6 +133,9 @@ class Trainer:
         self.class_names: list[str] = list(self.features.class_names)
         if self.features.has_labels:
             check_class_count(config, len(self.class_names), config.data.prepared_path() / "manifest.json")
+        crops = getattr(self.features, "dataset", None)
+        if hasattr(crops, "manifest"):  # a run (or a resumed one) on items made otherwise is refused
+            check_prepared_recipe(config, crops.manifest, config.data.prepared_path())
         self.learner = build_learner(config, self.backbone.embed_dim, self.device, self.amp_dtype, self.context)
         self.model, self.optimizers, self.scaler = self.learner.model, self.learner.optimizers, self.learner.scaler
         self._seed_ranks()
@@ -138,12 +144,19 @@ class Trainer:
 
         self.steps_per_epoch = len(self.features) // config.train.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{len(self.features)} training crops in {config.data.prepared_path()} are fewer than one batch "
                 f"of {config.train.batch_size} (train.batch_size, the global batch): lower train.batch_size"
             )
         self.total_steps = config.train.max_steps or config.train.epochs * self.steps_per_epoch
         self.validation = self._validation_set()
+        if self.validation is None and config.train.selection == "best":
+            # "best" ranks checkpoints by labelled validation metrics: without them it would keep
+            # no checkpoint at all. The final weights are the label-free choice that needs nothing.
+            self._notice("train.selection=best needs labelled validation images, which this dataset lacks: "
+                         "keeping the final weights instead (train.selection=last, checkpoints/last.pt)")
+            self.config = config = copy.deepcopy(config)
+            config.train.selection = "last"
         self.label_free_batches = label_free_batches(len(self.features), config.train.label_free_crops,
                                                      config.train.batch_size, config.train.seed + 3)
         self.validation_features: ValidationFeatures | None = None  # built at the first validation
@@ -166,11 +179,12 @@ class Trainer:
         cached = open_feature_cache(
             config.data.feature_cache, prepared, self.backbone, sigma=config.method.sigma,
             with_augmented=with_augmented, device=self.device, amp_dtype=self.amp_dtype,
-            num_workers=config.data.num_workers,
+            num_workers=config.data.num_workers, photometric_input=config.data.photometric_input,
         )
         return cached or BackboneFeatures(
             self.backbone, str(prepared), with_augmented=with_augmented, sigma=config.method.sigma,
             device=self.device, amp_dtype=self.amp_dtype, num_workers=config.data.num_workers,
+            photometric_input=config.data.photometric_input,
         )
 
     def _validation_set(self) -> ValCrops | None:
@@ -201,7 +215,10 @@ class Trainer:
         batches = pool_batches(len(self.features), train.batch_size, pool_size, self.state.pool_generator,
                                self.context.world_size)
         shares = [distributed.rank_share(batch, self.context) for batch in batches]
-        maps = (maps_of(f) for f in self.features.feature_maps(shares))
+        # A bar of its own: on a CPU the backbone passes of the first pools take close to a minute.
+        feature_maps = progress_bar(self.features.feature_maps(shares), logger if self.context.is_main else _other_ranks,
+                                    total=len(shares), desc="threshold pools", unit="batch", leave=False)
+        maps = (maps_of(f) for f in feature_maps)
         pool = collect_pool(maps, [len(b) for b in batches], pool_size, self.state.pool_generator, self.context)
         return pool.to(self.device)
 
@@ -485,7 +502,7 @@ def train(config: Config, *, run_dir: str | Path | None = None, backbone: Backbo
         trainer = Trainer(config, run_dir, backbone=backbone, feature_source=feature_source, device=device,
                           context=context)
         if context.is_main:
-            (run_dir / "config.yaml").write_text(config.to_yaml())
+            (run_dir / "config.yaml").write_text(trainer.config.to_yaml())
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         trainer.fit()
     return run_dir

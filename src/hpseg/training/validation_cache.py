@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from hpseg.backbones import Backbone
+from hpseg.config import val_feature_cache_setting
 from hpseg.data import ValCrops
 from hpseg.files import write_json_atomic
 from hpseg.runtime import autocast
@@ -52,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "hpseg-validation-features"
 VERSION = 1
-SETTINGS = ("auto", "memory", "disk", "off")
 _SAMPLED_IMAGES = 8
 _CHECKED = [
     *FORMAT_AND_BACKBONE_CHECKED,
@@ -204,11 +204,9 @@ def validation_features(
     batch_size: int = 16,
 ) -> ValidationFeatures | None:
     """The validation features ``setting`` (module docstring) asks for; None for ``off``."""
-    setting = (setting or "auto").strip().lower()
-    if setting in ("off", "false", "none", "no"):
+    setting = val_feature_cache_setting(setting)
+    if setting == "off":
         return None
-    if setting not in SETTINGS:
-        raise ValueError(f"data.val_feature_cache={setting!r}: expected one of {', '.join(SETTINGS)}")
     identity = validation_identity(backbone, dataset, indices)
     layout = _layout(identity)
     nbytes = sum(int(np.prod(e["shape"])) * np.dtype(e["dtype"]).itemsize for e in layout.values())

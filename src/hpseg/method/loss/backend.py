@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hpseg.errors import InvalidInputError
 from hpseg.method.loss.dense import DenseFunctions
 from hpseg.method.loss.terms import LossSettings
 from hpseg.method.loss.torch_path import torch_loss_and_gradients
@@ -60,7 +61,7 @@ class LossBackend:
 
     def __post_init__(self) -> None:
         if self.name not in NAMES:
-            raise ValueError(f"unknown loss backend {self.name!r}; known: {', '.join(NAMES)}")
+            raise InvalidInputError(f"unknown loss backend {self.name!r}; known: {', '.join(NAMES)}")
         self.dense_functions = DenseFunctions(self.compile)
 
     def sparse_density_limit(self, device: torch.device) -> float:
@@ -77,7 +78,7 @@ class LossBackend:
         if self.name == "triton":
             reason = _why_not_triton(inputs, matmul_dtype)
             if reason:
-                raise ValueError(f"loss backend 'triton': {reason}")
+                raise InvalidInputError(f"loss backend 'triton': {reason}")
             return True
         return self.name == "auto" and not self.triton_failed and not _why_not_triton(inputs, matmul_dtype)
 

@@ -14,6 +14,7 @@ import torch
 
 from hpseg.backbones import Backbone
 from hpseg.data import TrainCrops
+from hpseg.errors import InvalidInputError
 from hpseg.files import write_json_atomic
 from hpseg.logs import progress_bar
 from hpseg.runtime import autocast
@@ -92,9 +93,9 @@ def build_feature_cache(
         ``cache_dir``.
     """
     if dtype not in FEATURE_FILES:
-        raise ValueError(f"dtype must be one of {sorted(FEATURE_FILES)}, got {dtype!r}")
+        raise InvalidInputError(f"dtype must be one of {sorted(FEATURE_FILES)}, got {dtype!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise InvalidInputError(f"batch_size must be positive, got {batch_size}")
     device = torch.device(device)
     backbone.to(device)
     crops = TrainCrops(prepared_dir, with_augmented=False)

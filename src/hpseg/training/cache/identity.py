@@ -16,6 +16,7 @@ import torch
 
 from hpseg.backbones import Backbone
 from hpseg.data import TrainCrops
+from hpseg.errors import HpsegError
 from hpseg.training.features import CLAMP_QUANTILES
 
 CACHE_FORMAT = "hpseg-feature-cache"
@@ -36,7 +37,7 @@ OLD_VERSIONS = {
 }
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(HpsegError, ValueError):
     """A feature cache that cannot be built or used; the message names the directory and the fix."""
 
 
@@ -76,6 +77,9 @@ def _dataset_identity(crops: TrainCrops) -> dict[str, Any]:
     return {
         "dataset": manifest["dataset"],
         "split": manifest["split"],
+        "crop_rule": manifest["crop_rule"],
+        "crop_format": manifest["crop_format"],
+        "stored_size": manifest["stored_size"],
         "n_crops": n,
         "crops_sha256": names,
         "images_sample_sha256": sample.hexdigest(),
@@ -115,10 +119,23 @@ _CHECKED = [
     (("lhp", "clamp_quantiles"), "LHP clamp percentiles"),
     (("data", "dataset"), "dataset"),
     (("data", "split"), "split"),
+    (("data", "crop_rule"), "crop rule"),
+    (("data", "crop_format"), "crop image format"),
+    (("data", "stored_size"), "stored crop size"),
     (("data", "n_crops"), "number of training crops"),
     (("data", "crops_sha256"), "crop names (hash)"),
     (("data", "images_sample_sha256"), "crop image bytes (hash of a sample)"),
 ]
+
+
+def with_recipe(meta: dict[str, Any]) -> dict[str, Any]:
+    """A cache's record with the crop recipe filled in for caches built before it was recorded:
+    they were all built on five PNG crops stored at the crop size."""
+    data = meta.get("data")
+    if not isinstance(data, dict) or "crop_rule" in data:
+        return meta
+    old = {"crop_rule": "five", "crop_format": "png", "stored_size": meta.get("crop_size")}
+    return {**meta, "data": {**old, **data}}
 
 
 def lookup(record: dict[str, Any], keys: tuple[str, ...]) -> Any:

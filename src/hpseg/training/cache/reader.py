@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 
 from hpseg.backbones import Backbone
 from hpseg.data import TrainCrops
+from hpseg.data.transforms import PhotometricInput
 from hpseg.training.cache.identity import (
     CACHE_FORMAT,
     CACHE_VERSION,
@@ -29,6 +30,7 @@ from hpseg.training.cache.identity import (
     lookup,
     open_arrays,
     read_json,
+    with_recipe,
 )
 from hpseg.training.features import CropsSource, StepInputs, augmented_features, make_loader
 
@@ -52,7 +54,7 @@ def validate_cache(
     cache_dir = Path(cache_dir)
     meta = _complete_meta(cache_dir)
     identity = cache_identity(backbone, TrainCrops(prepared_dir, with_augmented=False), sigma, fingerprint)
-    problems = identity_mismatches(meta, identity)
+    problems = identity_mismatches(with_recipe(meta), identity)
     if meta.get("format") == CACHE_FORMAT and meta.get("version") != CACHE_VERSION:
         problems = [OLD_VERSIONS.get(meta.get("version"), f"format version {meta.get('version')!r}, "
                                      f"this hpseg reads version {CACHE_VERSION}")]
@@ -148,6 +150,7 @@ class CachedFeatures(CropsSource):
         meta: dict[str, Any] | None = None,
         backbone: Backbone | None = None,
         amp_dtype: torch.dtype | None = None,
+        photometric_input: PhotometricInput = "normalized",
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.meta = meta if meta is not None else read_json(self.cache_dir / META_NAME)
@@ -155,7 +158,7 @@ class CachedFeatures(CropsSource):
             raise FeatureCacheError(f"no feature cache in {self.cache_dir}: build it with `hpseg cache`")
         if with_augmented and backbone is None:
             raise ValueError("with_augmented=True needs the backbone for the photometric view's features")
-        self.dataset = TrainCrops(prepared_dir, with_augmented=with_augmented)
+        self.dataset = TrainCrops(prepared_dir, with_augmented=with_augmented, photometric_input=photometric_input)
         if len(self.dataset) != int(self.meta["data"]["n_crops"]):
             raise FeatureCacheError(
                 f"feature cache {self.cache_dir} holds {self.meta['data']['n_crops']} crops, "
@@ -209,6 +212,7 @@ def open_feature_cache(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
     num_workers: int = 0,
+    photometric_input: PhotometricInput = "normalized",
 ) -> CachedFeatures | None:
     """The feature source the rule of ``data.feature_cache = setting`` picks (package docstring),
     or None for "compute with the backbone". Raises FeatureCacheError for a cache that is there
@@ -224,4 +228,5 @@ def open_feature_cache(
     meta = validate_cache(cache_dir, backbone, prepared_dir, sigma)
     logger.info(f"training from the feature cache {cache_dir} ({meta['features']['dtype']} features)")
     return CachedFeatures(cache_dir, prepared_dir, with_augmented=with_augmented, device=device,
-                          num_workers=num_workers, meta=meta, backbone=backbone, amp_dtype=amp_dtype)
+                          num_workers=num_workers, meta=meta, backbone=backbone, amp_dtype=amp_dtype,
+                          photometric_input=photometric_input)

@@ -1,6 +1,7 @@
 """Run an exported hpseg ONNX model with onnxruntime, numpy and Pillow only -- no PyTorch.
 
-    from hpseg.export.runtime import OnnxSegmenter
+    from hpseg.export.onnx_runner import OnnxSegmenter   # or, this file copied beside a script:
+    from onnx_runner import OnnxSegmenter                # (hpseg itself not installed)
     model = OnnxSegmenter("model.onnx")
     labels = model.segment(Image.open("photo.jpg"))        # (H, W) int64, as `hpseg predict`
 
@@ -12,7 +13,9 @@ take the argmax (then the cluster->class mapping stored in the model, if any). T
 ``size`` and ``window`` come from the model's metadata.
 
 This file imports nothing from hpseg or torch, so it can be copied beside a script and used
-where only ``numpy``, ``Pillow`` and ``onnxruntime`` are installed.
+where only ``numpy``, ``Pillow`` and ``onnxruntime`` are installed (README's example is tested
+that way). Every ONNX file is read through :func:`read_metadata`, which checks the model's
+``hpseg`` metadata (types and ranges) and names the file in every message.
 """
 
 from __future__ import annotations
@@ -27,16 +30,76 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["OnnxRuntimeMissingError", "OnnxSegmenter", "OnnxTiling"]
+__all__ = ["OnnxModelError", "OnnxRuntimeMissingError", "OnnxSegmenter", "OnnxTiling", "read_metadata"]
 
 
 class OnnxRuntimeMissingError(ImportError):
     """onnxruntime is not installed; the message names the pip command.
 
     Defined here rather than taken from :mod:`hpseg.export` so that this file imports nothing from
-    hpseg; ``hpseg predict --onnx`` reports it in one line with the usage-error status, as it does
-    every error class of an ``hpseg.*`` module.
+    hpseg (so it is no :class:`hpseg.errors.HpsegError`); ``hpseg predict --onnx`` turns it, and
+    the ``ValueError`` about an unloadable model, into a ``UsageError`` printed in one line.
     """
+
+
+class OnnxModelError(ValueError):
+    """An ONNX file that is not a model of ``hpseg export --format onnx`` or whose ``hpseg``
+    metadata is malformed; the message names the file and what is wrong."""
+
+
+#: The graph's input and the outputs the runner reads.
+INPUT, OUTPUTS = "image", ("cluster_logits", "linear_logits")
+
+
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(name, str) for name in value)
+
+
+def _metadata_problems(info: dict[str, Any]) -> list[str]:
+    """What is missing or mistyped in the ``hpseg`` metadata ``info`` (empty when all is well)."""
+    problems = []
+    tiling = info.get("tiling")
+    if not isinstance(tiling, dict):
+        problems.append("no 'tiling' mapping (size, window, patch)")
+    else:
+        problems += [f"'tiling.{key}' is {tiling.get(key)!r}, expected an integer >= {low}"
+                     for key, low in (("patch", 1), ("size", 0), ("window", 0)) if not _is_int(tiling.get(key), low)]
+    if not _is_int(info.get("n_clusters"), 1):
+        problems.append(f"'n_clusters' is {info.get('n_clusters')!r}, expected an integer >= 1")
+    if not _is_names(info.get("class_names")):
+        problems.append("'class_names' is not a list of names")
+    labels = info.get("label_names")
+    if not isinstance(labels, dict) or not all(_is_names(labels.get(head)) for head in ("cluster", "linear")):
+        problems.append("'label_names' is not a mapping of 'cluster' and 'linear' to lists of names")
+    mapping, n_clusters, classes = info.get("cluster_to_class"), info.get("n_clusters"), info.get("class_names")
+    if mapping is not None and not (isinstance(mapping, list) and len(mapping) == n_clusters and isinstance(classes, list)
+                                    and all(isinstance(c, int) and -1 <= c < len(classes) for c in mapping)):
+        problems.append("'cluster_to_class' is not a list of one class id (or -1) per cluster")
+    if not isinstance(info.get("mapping_source"), (str, type(None))):
+        problems.append("'mapping_source' is not a text")
+    return problems
+
+
+def read_metadata(path: str | Path, text: str | None) -> dict[str, Any]:
+    """The ``hpseg`` metadata of the ONNX file ``path`` (``text``: its JSON, None when absent),
+    checked field by field; :class:`OnnxModelError` naming the file and the field otherwise."""
+    if text is None:
+        raise OnnxModelError(f"{path} has no 'hpseg' metadata: not exported by `hpseg export --format onnx`")
+    try:
+        info = json.loads(text)
+    except ValueError as error:
+        raise OnnxModelError(f"{path}: its 'hpseg' metadata is not valid JSON ({error})") from None
+    if not isinstance(info, dict):
+        raise OnnxModelError(f"{path}: its 'hpseg' metadata is not a JSON object")
+    problems = _metadata_problems(info)
+    if problems:
+        raise OnnxModelError(f"{path}: its 'hpseg' metadata is damaged: {'; '.join(problems)} (written by an "
+                             "edited or foreign exporter? export the checkpoint again)")
+    return info
 
 
 @dataclass(frozen=True)
@@ -154,11 +217,13 @@ class OnnxSegmenter:
         try:
             self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as error:  # onnxruntime raises its own exception types
-            raise ValueError(f"{path} is not a loadable ONNX model: {error}") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if "hpseg" not in meta:
-            raise ValueError(f"{path} has no 'hpseg' metadata: not exported by `hpseg export --format onnx`")
-        self.info: dict[str, Any] = json.loads(meta["hpseg"])
+            raise OnnxModelError(f"{path} is not a loadable ONNX model: {error}") from None
+        self.info: dict[str, Any] = read_metadata(path, self.session.get_modelmeta().custom_metadata_map.get("hpseg"))
+        inputs = [node.name for node in self.session.get_inputs()]
+        outputs = {node.name for node in self.session.get_outputs()}
+        if inputs != [INPUT] or not outputs.issuperset(OUTPUTS):
+            raise OnnxModelError(f"{path}: the graph's input is {inputs} and its outputs {sorted(outputs)}; an hpseg "
+                                 f"model has the input {INPUT!r} and the outputs {', '.join(OUTPUTS)}")
         tiling = self.info["tiling"]
         p = int(tiling["patch"])
         size = int(tiling["size"] if size is None else size)
@@ -169,7 +234,7 @@ class OnnxSegmenter:
         self.n_clusters = int(self.info["n_clusters"])
         # use_mapping=False (predict --no-mapping): raw cluster ids even when a mapping is stored.
         self.cluster_to_class = self.info["cluster_to_class"] if use_mapping else None
-        self.mapping_source = self.info["mapping_source"] if self.cluster_to_class is not None else None
+        self.mapping_source = self.info.get("mapping_source") if self.cluster_to_class is not None else None
         self.checkpoint = str(path)
         self.batch_size = batch_size
         self.crf = False  # the dense CRF is not part of the graph
