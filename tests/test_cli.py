@@ -94,7 +94,7 @@ def test_every_hpseg_error_class_derives_from_hpseg_error() -> None:
     assert issubclass(classes["hpseg.checkpoints.store.CheckpointError"], ValueError)
     assert issubclass(classes["hpseg.data.errors.ImageReadError"], OSError)
     assert issubclass(classes["hpseg.backbones.weights.BackboneWeightsError"], RuntimeError)
-    assert issubclass(classes["hpseg.inference.crf.CRFUnavailableError"], ImportError)
+    assert issubclass(classes["hpseg.inference.crf_numpy.CRFUnavailableError"], ImportError)
 
 
 def test_a_bad_setting_is_one_line_through_the_real_command(capsys: pytest.CaptureFixture[str]) -> None:

@@ -29,6 +29,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+from hpseg.errors import HpsegError
 from hpseg.inference.crf_numpy import refine_labels
 from hpseg.logs import progress_bar
 
@@ -39,8 +40,9 @@ logger = logging.getLogger(__name__)
 Meta = TypeVar("Meta")
 
 
-class CRFWorkerError(RuntimeError):
-    """A CRF worker process died (killed, or out of memory); the pool was shut down."""
+class CRFWorkerError(HpsegError, RuntimeError):
+    """A CRF worker process died (killed, or out of memory); the pool was shut down. The user can
+    act on it (fewer workers, or none), so the command says it in one line."""
 
 
 def _ignore_interrupts() -> None:
