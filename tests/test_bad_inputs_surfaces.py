@@ -26,7 +26,7 @@ from tests.helpers import fake_results, refused, run, snapshot, tiny_overrides, 
 pytestmark = pytest.mark.usefixtures("hpseg_logger")  # main() configures the hpseg logger
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def trained(tiny_run: Path) -> Path:
     """The tiny trained run of conftest.py (read-only)."""
     return tiny_run

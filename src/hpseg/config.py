@@ -290,7 +290,7 @@ def val_feature_cache_setting(value: str | None) -> str:
     if setting in ("false", "none", "no"):
         return "off"
     if setting not in VAL_FEATURE_CACHE_SETTINGS:
-        raise ValueError(f"data.val_feature_cache={value!r}: expected one of {', '.join(VAL_FEATURE_CACHE_SETTINGS)}")
+        raise InvalidInputError(f"data.val_feature_cache={value!r}: expected one of {', '.join(VAL_FEATURE_CACHE_SETTINGS)}")
     return setting
 
 

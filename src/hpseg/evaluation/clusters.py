@@ -169,7 +169,7 @@ def parse_k_range(text: str, max_patches: int = 2000) -> list[int]:
     ``--k`` or ``--max-patches`` otherwise, before any list is built (``2..10**12`` is refused, not
     allocated)."""
     if max_patches < 3:
-        raise ValueError(f"--max-patches {max_patches}: at least 3 patches are needed to score K = 2 (default 2000)")
+        raise InvalidInputError(f"--max-patches {max_patches}: at least 3 patches are needed to score K = 2 (default 2000)")
     is_range = ".." in text
     try:
         ks = [int(v) for v in (text.split("..") if is_range else text.split(",")) if v.strip()]

@@ -84,7 +84,7 @@ def _check_results(path: Path, results: dict[str, Any]) -> None:
     problems += [f"'{key}' is not a mapping of metrics" for _, key in SECTIONS
                  if key in results and not isinstance(results[key], dict)]
     if problems:
-        raise ValueError(f"{path}: {'; '.join(problems)} (hand-edited, or not written by `hpseg eval`)")
+        raise InvalidInputError(f"{path}: {'; '.join(problems)} (hand-edited, or not written by `hpseg eval`)")
 
 
 def _flatten(config: dict[str, Any]) -> dict[str, Any]:
