@@ -312,7 +312,7 @@ def test_non_finite_loss_stops_training_with_step_value_and_last_checkpoint(data
     message = str(caught.value)
     assert "step 7: the loss is nan" in message and "hp nan" in message
     assert f"{run / 'checkpoints' / 'last.pt'} (step 4)" in message and f"--resume {run}" in message
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 4
+    assert load_checkpoint(run / "checkpoints" / "last.pt").step == 4
     assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
 
 
