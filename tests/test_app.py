@@ -78,10 +78,9 @@ def _rect(driver: object, element: object) -> dict[str, float]:
 @pytest.mark.slow
 @pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
-def test_app_in_headless_chromium(segmenter: hpseg.Segmenter, tmp_path_factory: pytest.TempPathFactory,
-                                  tmp_path: Path) -> None:
+def test_app_in_headless_chromium(segmenter: hpseg.Segmenter, data_root: Path, tmp_path: Path) -> None:
     """Upload an image in a real browser, wait for the overlay, check it is hpseg's, screenshot."""
-    photo = sorted((tmp_path_factory.getbasetemp() / "hpseg-tiny-data" / "data" / "val" / "images").glob("*.png"))[0]
+    photo = sorted((data_root / "val" / "images").glob("*.png"))[0]  # a validation image of the tiny run
     pytest.importorskip("gradio")
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.common.by import By
