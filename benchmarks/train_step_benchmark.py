@@ -248,7 +248,7 @@ def main() -> None:
     parser.add_argument("--alphas", default="0.05,0", help="consistency weights to measure (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
-    parser.add_argument("--images", type=int, default=4, help="synthetic training images (x5 crops)")
+    parser.add_argument("--images", type=int, default=8, help="synthetic training images (x5 crops; 8 gives 40, one batch of 32)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time = compute time)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", help="work directory (default: a temporary one)")
